@@ -1,0 +1,271 @@
+"""End to end conversion: tfrecords.build on generated folders, as a function and as a program."""
+
+import json
+from pathlib import Path
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import tensorflow as tf
+
+from tfrecords import build
+from tfrecords import demo_images
+from tfrecords import folder
+from tfrecords import schema
+from tfrecords import writer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ["circle", "square", "triangle"]
+NUM_PER_CLASS = 12
+MANIFEST_KEYS = [
+    "format_version",
+    "input_dir",
+    "layout",
+    "seed",
+    "validation_fraction",
+    "test_fraction",
+    "image_format",
+    "classes",
+    "splits",
+    "skipped",
+]
+# Files the converter must skip, with the start of the reason it must give.
+BAD_FILES = {
+    "circle/notes.jpg": "not an image",
+    "square/empty.jpg": "empty file",
+    "triangle/cut_in_half.jpg": "truncated or corrupt image",
+}
+
+
+def _build(input_dir, output_dir, **overrides) -> dict:
+    settings = {
+        "validation_fraction": 0.2,
+        "test_fraction": 0.1,
+        "num_shards": 2,
+        "target_shard_mb": 100,
+        "seed": 42,
+        "overwrite": False,
+    }
+    settings.update(overrides)
+    return build.build(input_dir=str(input_dir), output_dir=str(output_dir), **settings)
+
+
+def _read_examples(output_dir: Path, shard_file: str) -> list:
+    dataset = tf.data.TFRecordDataset(str(output_dir / shard_file)).map(schema.parse_example)
+    return list(dataset)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """A demo folder of 3 classes x 12 images, plus three bad files and a top-level LICENSE.txt."""
+    root = tmp_path_factory.mktemp("images")
+    demo_images.write_demo_images(str(root), num_per_class=NUM_PER_CLASS, seed=0)
+    (root / "circle" / "notes.jpg").write_text("not an image\n")
+    (root / "square" / "empty.jpg").write_bytes(b"")
+    real_jpeg = (root / "triangle" / "triangle_000.jpg").read_bytes()
+    (root / "triangle" / "cut_in_half.jpg").write_bytes(real_jpeg[: len(real_jpeg) // 2])
+    (root / "LICENSE.txt").write_text("ignored: a plain file at the top level\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def built(image_dir, tmp_path_factory) -> tuple:
+    output_dir = tmp_path_factory.mktemp("tfrecords")
+    return _build(image_dir, output_dir), output_dir
+
+
+def test_manifest_structure(built, image_dir):
+    manifest, output_dir = built
+    assert list(manifest) == MANIFEST_KEYS
+    assert json.loads((output_dir / schema.MANIFEST_FILE).read_text()) == manifest
+    assert manifest["format_version"] == 1
+    assert manifest["input_dir"] == str(image_dir)
+    assert manifest["layout"] == "class_folders"
+    assert (manifest["seed"], manifest["validation_fraction"], manifest["test_fraction"]) == (42, 0.2, 0.1)
+    assert manifest["image_format"] == "jpeg"
+    assert manifest["classes"] == CLASSES
+    assert list(manifest["splits"]) == ["train", "validation", "test"]
+    for split in manifest["splits"].values():
+        assert list(split) == ["num_examples", "class_counts", "shards"]
+        assert list(split["class_counts"]) == CLASSES
+        assert sum(split["class_counts"].values()) == split["num_examples"]
+    assert (output_dir / schema.LABELS_FILE).read_text() == "circle\nsquare\ntriangle\n"
+
+
+def test_skipped_files_are_listed_with_reasons(built):
+    manifest, _ = built
+    assert [entry["path"] for entry in manifest["skipped"]] == sorted(BAD_FILES)
+    for entry in manifest["skipped"]:
+        assert entry["reason"].startswith(BAD_FILES[entry["path"]])
+    converted = sum(split["num_examples"] for split in manifest["splits"].values())
+    assert converted == len(CLASSES) * NUM_PER_CLASS
+
+
+def test_shards_exist_are_balanced_and_decode(built, image_dir):
+    manifest, output_dir = built
+    sources = set()
+    for split_name, split in manifest["splits"].items():
+        assert [shard["file"] for shard in split["shards"]] == [
+            schema.shard_name(split_name, index, 2) for index in range(2)
+        ]
+        sizes = [shard["num_examples"] for shard in split["shards"]]
+        assert sum(sizes) == split["num_examples"]
+        assert max(sizes) - min(sizes) <= 1
+        for shard in split["shards"]:
+            examples = _read_examples(output_dir, shard["file"])
+            assert len(examples) == shard["num_examples"]
+            for example in examples:
+                class_name = example["image/class/text"].numpy().decode()
+                source = example["image/source"].numpy().decode()
+                assert int(example["image/class/label"]) == CLASSES.index(class_name)
+                assert source.startswith(f"{class_name}/")
+                image = tf.io.decode_jpeg(example["image/encoded"], channels=3)
+                assert image.shape == (int(example["image/height"]), int(example["image/width"]), 3)
+                # The split of each file is the documented hash of seed and path.
+                assert split_name == folder.assign_split(
+                    relative_path=source, seed=42, validation_fraction=0.2, test_fraction=0.1
+                )
+                sources.add(source)
+    expected = {p.relative_to(image_dir).as_posix() for p in image_dir.glob("*/*")} - set(BAD_FILES)
+    assert sources == expected
+    assert not list(output_dir.glob("*.incomplete"))
+
+
+def test_splits_are_stable_whatever_the_listing(image_dir, tmp_path):
+    larger_dir = tmp_path / "larger"
+    shutil.copytree(image_dir, larger_dir)
+    demo_images.write_demo_images(str(larger_dir / "more"), num_per_class=3, seed=1)
+
+    def splits_by_path(input_dir, seed):
+        listing = folder.list_images(
+            input_dir=str(input_dir), validation_fraction=0.2, test_fraction=0.1, seed=seed
+        )
+        return {source_file.relative_path: source_file.split for source_file in listing.files}
+
+    original = splits_by_path(image_dir, seed=42)
+    larger = splits_by_path(larger_dir, seed=42)
+    assert {path: larger[path] for path in original} == original
+    assert splits_by_path(image_dir, seed=7) != original
+
+    # The example order inside shards does not depend on the order files were listed in either.
+    listing = folder.list_images(
+        input_dir=str(image_dir), validation_fraction=0.2, test_fraction=0.1, seed=42
+    )
+    shuffled = list(listing.files)
+    random.Random(0).shuffle(shuffled)
+    assert writer.order_files(files=shuffled, seed=42) == writer.order_files(files=listing.files, seed=42)
+
+
+def test_automatic_shard_count(image_dir):
+    listing = folder.list_images(
+        input_dir=str(image_dir), validation_fraction=0.0, test_fraction=0.0, seed=42
+    )
+    files = listing.files
+    assert writer.count_shards(files=files, num_shards=0, target_shard_mb=100) == 1
+    total_bytes = sum(Path(source_file.path).stat().st_size for source_file in files)
+    target_shard_mb = total_bytes / 4.5 / 2**20
+    assert writer.count_shards(files=files, num_shards=0, target_shard_mb=target_shard_mb) == 5
+    assert writer.count_shards(files=files, num_shards=3, target_shard_mb=100) == 3
+    # Never more shards than files: no shard is empty on purpose.
+    assert writer.count_shards(files=files[:2], num_shards=10, target_shard_mb=100) == 2
+
+
+def test_pre_split_layout(tmp_path):
+    input_dir = tmp_path / "images"
+    for split_folder, num_per_class, seed in [("train", 4, 0), ("val", 2, 1), ("test", 1, 2)]:
+        demo_images.write_demo_images(str(input_dir / split_folder), num_per_class=num_per_class, seed=seed)
+    manifest = _build(input_dir, tmp_path / "output", num_shards=0)
+    assert manifest["layout"] == "pre_split"
+    assert manifest["classes"] == CLASSES
+    counts = {name: split["num_examples"] for name, split in manifest["splits"].items()}
+    assert counts == {"train": 12, "validation": 6, "test": 3}
+    assert manifest["splits"]["validation"]["shards"][0]["file"] == "validation-00000-of-00001.tfrecord"
+    examples = _read_examples(tmp_path / "output", "validation-00000-of-00001.tfrecord")
+    assert all(example["image/source"].numpy().startswith(b"val/") for example in examples)
+
+
+def test_refuses_to_overwrite_and_replaces_with_overwrite(image_dir, tmp_path):
+    output_dir = tmp_path / "output"
+    _build(image_dir, output_dir, num_shards=2)
+    with pytest.raises(ValueError, match=r"--output_dir .* already holds a conversion .* pass --overwrite"):
+        _build(image_dir, output_dir, num_shards=1)
+    assert (output_dir / "train-00001-of-00002.tfrecord").exists()
+
+    manifest = _build(image_dir, output_dir, num_shards=1, overwrite=True)
+    assert manifest["splits"]["train"]["shards"][0]["file"] == "train-00000-of-00001.tfrecord"
+    # Shards of the earlier conversion are gone, so a glob of the folder finds only the new ones.
+    assert sorted(path.name for path in output_dir.glob("*.tfrecord")) == [
+        "test-00000-of-00001.tfrecord",
+        "train-00000-of-00001.tfrecord",
+        "validation-00000-of-00001.tfrecord",
+    ]
+
+
+def test_folder_of_only_bad_files_gives_no_splits(tmp_path):
+    for class_name in ("cats", "dogs"):
+        (tmp_path / "images" / class_name).mkdir(parents=True)
+        (tmp_path / "images" / class_name / "readme.jpg").write_text("not an image\n")
+    manifest = _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
+    assert manifest["splits"] == {}
+    assert len(manifest["skipped"]) == 2
+    assert not list((tmp_path / "output").glob("*.tfrecord*"))
+
+
+def _run_build(*flags) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tfrecords.build", *flags],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_program_converts_and_prints_summary(image_dir, tmp_path):
+    output_dir = tmp_path / "output"
+    result = _run_build(f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--num_shards=1")
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((output_dir / schema.MANIFEST_FILE).read_text())
+    counts = ", ".join(f"{name} {split['num_examples']}" for name, split in manifest["splits"].items())
+    converted = len(CLASSES) * NUM_PER_CLASS
+    summary = f"converted {converted}, skipped 3 (see {output_dir}/manifest.json): {counts}"
+    assert result.stdout.strip() == summary
+    assert f"--input_dir={image_dir}\n" in (output_dir / "flags.txt").read_text()
+
+
+def _make_missing(tmp_path):
+    return tmp_path / "missing"
+
+
+def _make_empty(tmp_path):
+    (tmp_path / "empty").mkdir()
+    return tmp_path / "empty"
+
+
+def _make_single_class(tmp_path):
+    demo_images.write_demo_images(str(tmp_path / "all"), num_per_class=1)
+    shutil.rmtree(tmp_path / "all" / "square")
+    shutil.rmtree(tmp_path / "all" / "triangle")
+    return tmp_path / "all"
+
+
+@pytest.mark.parametrize(
+    "make_input_dir, message",
+    [
+        (_make_missing, "does not exist or is not a folder"),
+        (_make_empty, "has no class subfolders"),
+        (_make_single_class, "has only one class folder ('circle')"),
+    ],
+    ids=["missing", "empty", "single_class"],
+)
+def test_program_input_errors_exit_2_with_one_line(tmp_path, make_input_dir, message):
+    input_dir = make_input_dir(tmp_path)
+    result = _run_build(f"--input_dir={input_dir}", f"--output_dir={tmp_path / 'output'}")
+    assert result.returncode == 2
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1
+    assert error_lines[0].startswith(f"error: --input_dir {str(input_dir)!r} {message}")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "output").exists()

@@ -1,0 +1,188 @@
+"""Listing of image folders: layouts, ignored files, split assignment and input errors."""
+
+import hashlib
+
+import pytest
+
+from tfrecords import folder
+
+
+def _touch(root, relative_path: str, content: bytes = b"x") -> None:
+    path = root / relative_path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+
+
+def _list(input_dir, **overrides):
+    settings = {"validation_fraction": 0.2, "test_fraction": 0.1, "seed": 42}
+    settings.update(overrides)
+    return folder.list_images(input_dir=str(input_dir), **settings)
+
+
+def test_class_folders_recursive_and_ignores_hidden_files(tmp_path):
+    for relative_path in [
+        "dogs/1.jpg",
+        "dogs/nested/deeper/2.png",
+        "cats/1.jpg",
+        "cats/no_extension",
+        "LICENSE.txt",  # top-level plain file: ignored
+        "cats/.DS_Store",  # hidden file: ignored
+        "cats/.ipynb_checkpoints/3.jpg",  # hidden folder: ignored
+        "dogs/__MACOSX/4.jpg",  # macOS zip debris: ignored
+        "__MACOSX/dogs/5.jpg",
+        ".hidden_class/6.jpg",
+    ]:
+        _touch(tmp_path, relative_path)
+
+    listing = _list(tmp_path)
+
+    assert listing.layout == folder.LAYOUT_CLASS_FOLDERS
+    assert listing.classes == ["cats", "dogs"]
+    assert [source_file.relative_path for source_file in listing.files] == [
+        "cats/1.jpg",
+        "cats/no_extension",
+        "dogs/1.jpg",
+        "dogs/nested/deeper/2.png",
+    ]
+    assert [source_file.label for source_file in listing.files] == [0, 0, 1, 1]
+    assert listing.files[3].path == f"{tmp_path}/dogs/nested/deeper/2.png"
+    assert listing.files[3].class_name == "dogs"
+
+
+def test_pre_split_layout_keeps_splits_and_unions_classes(tmp_path):
+    for relative_path in [
+        "train/cats/1.jpg",
+        "train/dogs/1.jpg",
+        "train/birds/1.jpg",  # a class found only in train still gets a label
+        "val/cats/2.jpg",
+        "val/dogs/2.jpg",
+        "test/dogs/3.jpg",
+        "LICENSE.txt",
+    ]:
+        _touch(tmp_path, relative_path)
+
+    listing = _list(tmp_path)
+
+    assert listing.layout == folder.LAYOUT_PRE_SPLIT
+    assert listing.classes == ["birds", "cats", "dogs"]
+    found = {(f.relative_path, f.split, f.class_name, f.label) for f in listing.files}
+    assert found == {
+        ("train/birds/1.jpg", "train", "birds", 0),
+        ("train/cats/1.jpg", "train", "cats", 1),
+        ("train/dogs/1.jpg", "train", "dogs", 2),
+        ("val/cats/2.jpg", "validation", "cats", 1),
+        ("val/dogs/2.jpg", "validation", "dogs", 2),
+        ("test/dogs/3.jpg", "test", "dogs", 2),
+    }
+
+
+def test_train_folder_alone_is_a_class_not_a_split(tmp_path):
+    _touch(tmp_path, "train/1.jpg")
+    _touch(tmp_path, "other/1.jpg")
+    assert _list(tmp_path).layout == folder.LAYOUT_CLASS_FOLDERS
+
+
+def test_assign_split_follows_the_documented_hash():
+    for index in range(200):
+        relative_path = f"cats/{index}.jpg"
+        digest = hashlib.sha256(f"7:{relative_path}".encode()).digest()
+        fraction = int.from_bytes(digest[:8], "big") / 2**64
+        expected = "test" if fraction < 0.1 else "validation" if fraction < 0.3 else "train"
+        split = folder.assign_split(
+            relative_path=relative_path, seed=7, validation_fraction=0.2, test_fraction=0.1
+        )
+        assert split == expected
+
+
+def test_split_fractions_are_roughly_respected_and_depend_on_seed():
+    paths = [f"cats/{index}.jpg" for index in range(3000)]
+
+    def splits(seed):
+        return [
+            folder.assign_split(relative_path=path, seed=seed, validation_fraction=0.2, test_fraction=0.1)
+            for path in paths
+        ]
+
+    seed_42 = splits(42)
+    assert 0.65 < seed_42.count("train") / len(paths) < 0.75
+    assert 0.17 < seed_42.count("validation") / len(paths) < 0.23
+    assert 0.08 < seed_42.count("test") / len(paths) < 0.12
+    assert splits(42) == seed_42
+    assert splits(43) != seed_42
+
+
+def test_zero_fractions_put_everything_in_train(tmp_path):
+    for index in range(20):
+        _touch(tmp_path, f"cats/{index}.jpg")
+        _touch(tmp_path, f"dogs/{index}.jpg")
+    listing = _list(tmp_path, validation_fraction=0.0, test_fraction=0.0)
+    assert {source_file.split for source_file in listing.files} == {"train"}
+
+
+def _make_missing(tmp_path):
+    return tmp_path / "does_not_exist"
+
+
+def _make_empty(tmp_path):
+    return tmp_path
+
+
+def _make_only_top_level_files(tmp_path):
+    _touch(tmp_path, "1.jpg")
+    return tmp_path
+
+
+def _make_one_class(tmp_path):
+    _touch(tmp_path, "cats/1.jpg")
+    return tmp_path
+
+
+def _make_empty_class_folders(tmp_path):
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "dogs" / ".hidden").mkdir(parents=True)
+    _touch(tmp_path, "dogs/.hidden/1.jpg")
+    return tmp_path
+
+
+def _make_both_validation_folders(tmp_path):
+    for relative_path in ["train/cats/1.jpg", "validation/cats/1.jpg", "val/cats/1.jpg"]:
+        _touch(tmp_path, relative_path)
+    return tmp_path
+
+
+def _make_pre_split_without_classes(tmp_path):
+    for relative_path in ["train/1.jpg", "val/cats/1.jpg", "val/dogs/1.jpg"]:
+        _touch(tmp_path, relative_path)
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "make_folder, message",
+    [
+        (_make_missing, r"--input_dir '.*does_not_exist' does not exist"),
+        (_make_empty, r"--input_dir .* has no class subfolders; expected <input_dir>/<class>/<image files>"),
+        (_make_only_top_level_files, r"--input_dir .* has no class subfolders"),
+        (_make_one_class, r"--input_dir .* has only one class folder \('cats'\)"),
+        (_make_empty_class_folders, r"--input_dir .* has class folders but no files in them"),
+        (_make_both_validation_folders, r"both 'validation' and 'val' folders"),
+        (_make_pre_split_without_classes, r"looks pre-split but 'train/' has no class subfolders"),
+    ],
+)
+def test_folder_errors(tmp_path, make_folder, message):
+    with pytest.raises(ValueError, match=message):
+        _list(make_folder(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "validation_fraction, test_fraction, message",
+    [
+        (-0.1, 0.1, r"--validation_fraction=-0.1 is negative"),
+        (0.2, -0.5, r"--test_fraction=-0.5 is negative"),
+        (0.6, 0.4, r"--validation_fraction=0.6 plus --test_fraction=0.4 is 1, which leaves nothing"),
+    ],
+)
+def test_fraction_errors(tmp_path, validation_fraction, test_fraction, message):
+    _touch(tmp_path, "cats/1.jpg")
+    _touch(tmp_path, "dogs/1.jpg")
+    with pytest.raises(ValueError, match=message):
+        _list(tmp_path, validation_fraction=validation_fraction, test_fraction=test_fraction)

@@ -1,0 +1,247 @@
+"""Lists an image folder: which files there are, their class, and their split.
+
+Two layouts are accepted:
+
+    class_folders   <input_dir>/<class>/<files>              files may be nested deeper in a class folder
+    pre_split       <input_dir>/train/<class>/<files>
+                    <input_dir>/validation/<class>/<files>   (or val/)
+                    <input_dir>/test/<class>/<files>         (optional)
+
+The pre-split layout (like cats_and_dogs_filtered) is detected when both a `train` folder and a
+`validation` or `val` folder exist; its splits are kept as given. In the class-folder layout each file
+gets a split from a hash of the seed and its relative path, so a file keeps its split whatever the
+listing order, and adding files never moves the others.
+
+Ignored on purpose: hidden files and folders (names starting with "."; e.g. .DS_Store, .ipynb_checkpoints),
+`__MACOSX` folders (debris of zips made on macOS), and plain files at the top level (LICENSE.txt,
+README). Every other regular file inside a class folder is a candidate: its format is detected from its
+bytes later (`tfrecords.images`), not from its extension, and files that are not images are skipped then.
+
+All paths go through tf.io.gfile, so input_dir may be local or gs://.
+"""
+
+import dataclasses
+import hashlib
+
+from absl import logging
+import tensorflow as tf
+
+LAYOUT_CLASS_FOLDERS = "class_folders"
+LAYOUT_PRE_SPLIT = "pre_split"
+TRAIN_FOLDER = "train"
+VALIDATION_FOLDERS = ("validation", "val")
+TEST_FOLDER = "test"
+IGNORED_NAMES = ("__MACOSX",)
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFile:
+    """One candidate image file.
+
+    Attributes:
+        path: full path to read the file from (input_dir joined with relative_path).
+        relative_path: path relative to input_dir, with "/" separators; stored in each example.
+        class_name: name of the class folder.
+        label: index of class_name in the sorted class names.
+        split: one of schema.SPLITS.
+    """
+
+    path: str
+    relative_path: str
+    class_name: str
+    label: int
+    split: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """Everything found in an input folder.
+
+    Attributes:
+        layout: LAYOUT_CLASS_FOLDERS or LAYOUT_PRE_SPLIT.
+        classes: sorted class names; the label id of a class is its index.
+        files: all candidate files, sorted by relative_path.
+    """
+
+    layout: str
+    classes: list[str]
+    files: list[SourceFile]
+
+
+def stable_fraction(*, seed: int, relative_path: str) -> float:
+    """Returns a number in [0, 1) that depends only on the seed and the path.
+
+    Python's hash() is salted per process, so it would give a different split on every run.
+    """
+    digest = hashlib.sha256(f"{seed}:{relative_path}".encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_split(*, relative_path: str, seed: int, validation_fraction: float, test_fraction: float) -> str:
+    """Returns the split ("train", "validation" or "test") of one file in the class-folder layout."""
+    fraction = stable_fraction(seed=seed, relative_path=relative_path)
+    if fraction < test_fraction:
+        return "test"
+    if fraction < test_fraction + validation_fraction:
+        return "validation"
+    return "train"
+
+
+def list_images(*, input_dir: str, validation_fraction: float, test_fraction: float, seed: int) -> Listing:
+    """Lists the candidate image files of input_dir, with class, label and split.
+
+    Args:
+        input_dir: local or gs:// folder in one of the two layouts of this module's docstring.
+        validation_fraction: share of files for validation (class-folder layout only).
+        test_fraction: share of files for test (class-folder layout only).
+        seed: seed of the split assignment (class-folder layout only).
+
+    Returns:
+        A Listing.
+
+    Raises:
+        ValueError: the folder is missing, has fewer than two classes or no files, or the fractions
+            are out of range.
+    """
+    _check_fractions(validation_fraction=validation_fraction, test_fraction=test_fraction)
+    if not tf.io.gfile.isdir(input_dir):
+        raise ValueError(
+            f"--input_dir {input_dir!r} does not exist or is not a folder; "
+            "expected <input_dir>/<class>/<image files>"
+        )
+    top_folders = _subfolders(input_dir)
+    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
+    if TRAIN_FOLDER in top_folders and validation_folders:
+        if len(validation_folders) > 1:
+            raise ValueError(
+                f"--input_dir {input_dir!r} has both 'validation' and 'val' folders; keep only one"
+            )
+        split_folders = {"train": TRAIN_FOLDER, "validation": validation_folders[0]}
+        if TEST_FOLDER in top_folders:
+            split_folders["test"] = TEST_FOLDER
+        for name in sorted(set(top_folders) - set(split_folders.values())):
+            logging.warning("Ignoring folder %r of pre-split --input_dir %r", name, input_dir)
+        return _list_pre_split(input_dir=input_dir, split_folders=split_folders)
+    return _list_class_folders(
+        input_dir=input_dir,
+        class_names=top_folders,
+        validation_fraction=validation_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+
+
+def _check_fractions(*, validation_fraction: float, test_fraction: float) -> None:
+    for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
+        if value < 0:
+            raise ValueError(f"--{name}={value} is negative; use a fraction in [0, 1), e.g. 0.2")
+    if validation_fraction + test_fraction >= 1:
+        raise ValueError(
+            f"--validation_fraction={validation_fraction} plus --test_fraction={test_fraction} is "
+            f"{validation_fraction + test_fraction:g}, which leaves nothing for training; "
+            "make their sum less than 1 (e.g. 0.2 and 0.1)"
+        )
+
+
+def _list_class_folders(
+    *, input_dir: str, class_names: list, validation_fraction: float, test_fraction: float, seed: int
+) -> Listing:
+    _check_classes(class_names=class_names, input_dir=input_dir)
+    files = []
+    for label, class_name in enumerate(class_names):
+        for relative_path in _files_under(input_dir, class_name):
+            split = assign_split(
+                relative_path=relative_path,
+                seed=seed,
+                validation_fraction=validation_fraction,
+                test_fraction=test_fraction,
+            )
+            files.append(_source_file(input_dir, relative_path, class_name, label, split))
+    _check_has_files(files=files, input_dir=input_dir)
+    return Listing(
+        layout=LAYOUT_CLASS_FOLDERS, classes=class_names, files=sorted(files, key=_by_path)
+    )
+
+
+def _list_pre_split(*, input_dir: str, split_folders: dict) -> Listing:
+    classes_by_split = {}
+    for split, split_folder in split_folders.items():
+        classes_by_split[split] = _subfolders(tf.io.gfile.join(input_dir, split_folder))
+        if not classes_by_split[split]:
+            raise ValueError(
+                f"--input_dir {input_dir!r} looks pre-split but {split_folder + '/'!r} has no class "
+                f"subfolders; expected <input_dir>/{split_folder}/<class>/<image files>"
+            )
+    class_names = sorted(set().union(*classes_by_split.values()))
+    _check_classes(class_names=class_names, input_dir=input_dir)
+    files = []
+    for split, split_folder in split_folders.items():
+        for class_name in classes_by_split[split]:
+            label = class_names.index(class_name)
+            for relative_path in _files_under(input_dir, f"{split_folder}/{class_name}"):
+                files.append(_source_file(input_dir, relative_path, class_name, label, split))
+    _check_has_files(files=files, input_dir=input_dir)
+    return Listing(layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path))
+
+
+def _check_classes(*, class_names: list, input_dir: str) -> None:
+    if not class_names:
+        raise ValueError(
+            f"--input_dir {input_dir!r} has no class subfolders; expected <input_dir>/<class>/<image files>"
+        )
+    if len(class_names) == 1:
+        raise ValueError(
+            f"--input_dir {input_dir!r} has only one class folder ({class_names[0]!r}); a classifier needs "
+            "at least two: <input_dir>/<class>/<image files>"
+        )
+
+
+def _check_has_files(*, files: list, input_dir: str) -> None:
+    if not files:
+        raise ValueError(
+            f"--input_dir {input_dir!r} has class folders but no files in them; "
+            "expected <input_dir>/<class>/<image files>"
+        )
+
+
+def _source_file(input_dir: str, relative_path: str, class_name: str, label: int, split: str) -> SourceFile:
+    return SourceFile(
+        path=tf.io.gfile.join(input_dir, relative_path),
+        relative_path=relative_path,
+        class_name=class_name,
+        label=label,
+        split=split,
+    )
+
+
+def _by_path(source_file: SourceFile) -> str:
+    return source_file.relative_path
+
+
+def _is_ignored(name: str) -> bool:
+    return name.startswith(".") or name in IGNORED_NAMES
+
+
+def _subfolders(folder: str) -> list:
+    """Returns the sorted names of the non-ignored subfolders of folder."""
+    names = []
+    for entry in tf.io.gfile.listdir(folder):
+        # gfile lists gs:// folders with a trailing "/".
+        name = entry.rstrip("/")
+        if not _is_ignored(name) and tf.io.gfile.isdir(tf.io.gfile.join(folder, name)):
+            names.append(name)
+    return sorted(names)
+
+
+def _files_under(input_dir: str, relative_folder: str) -> list:
+    """Returns the relative paths of all non-ignored files under input_dir/relative_folder, recursively."""
+    relative_paths = []
+    top = tf.io.gfile.join(input_dir, relative_folder)
+    for folder, subfolders, file_names in tf.io.gfile.walk(top):
+        # Pruning in place stops walk() from descending into ignored folders.
+        subfolders[:] = [name for name in subfolders if not _is_ignored(name.rstrip("/"))]
+        prefix = relative_folder + folder[len(top):].rstrip("/")
+        for name in file_names:
+            if not _is_ignored(name):
+                relative_paths.append(f"{prefix}/{name}")
+    return sorted(relative_paths)
