@@ -1,0 +1,36 @@
+"""Shared fixtures: a small generated image folder converted to TFRecords, and ../shared paths."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DIR = REPO_ROOT.parent / "shared"
+FLOWERS_DIR = SHARED_DIR / "data" / "flowers_small"
+LITE0_BACKBONE = SHARED_DIR / "models" / "efficientnet_lite0_imagenet_notop.keras"
+
+
+@pytest.fixture(scope="session")
+def demo_image_dir(tmp_path_factory) -> Path:
+    """A generated class-folder image tree: 3 classes x 20 images (JPEG and PNG, 48-120 px)."""
+    from tfrecords import demo_images
+
+    folder = tmp_path_factory.mktemp("demo_images")
+    demo_images.write_demo_images(str(folder), num_per_class=20, seed=0)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def demo_data_dir(demo_image_dir, tmp_path_factory) -> Path:
+    """demo_image_dir converted by tfrecords.build: train/validation/test splits, 2 shards each."""
+    from tfrecords import build
+
+    output_dir = tmp_path_factory.mktemp("demo_tfrecords")
+    build.build(
+        input_dir=str(demo_image_dir), output_dir=str(output_dir), validation_fraction=0.2,
+        test_fraction=0.2, num_shards=2, target_shard_mb=100, seed=42, overwrite=True,
+    )
+    return output_dir

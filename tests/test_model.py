@@ -1,0 +1,175 @@
+"""trainer/model.py: every backbone builds, preprocessing matches each backbone's own, fine-tuning cuts."""
+
+import importlib
+
+import keras
+import numpy as np
+import pytest
+
+from tests.conftest import LITE0_BACKBONE
+from trainer import model as model_lib
+
+TINY_SIZE = 75  # the smallest size every backbone accepts (InceptionV3 needs 75)
+
+# The keras.applications module whose preprocess_input each backbone must match.
+PREPROCESS_MODULES = {
+    "densenet121": "densenet",
+    "efficientnet_b0": "efficientnet",
+    "inception_v3": "inception_v3",
+    "mobilenet_v2": "mobilenet_v2",
+    "mobilenet_v3_small": "mobilenet_v3",
+    "nasnet_large": "nasnet",
+    "resnet50": "resnet50",
+    "vgg19": "vgg19",
+    "xception": "xception",
+}
+
+
+def test_every_backbone_has_a_preprocess_reference():
+    assert sorted(PREPROCESS_MODULES) == sorted(model_lib.BACKBONES)
+
+
+@pytest.mark.parametrize("backbone", sorted(model_lib.BACKBONES))
+def test_backbone_builds_and_predicts_probabilities(backbone):
+    model = model_lib.build_model(
+        backbone=backbone, num_classes=3, image_size=TINY_SIZE, weights="none",
+        preprocess=model_lib.resolve_preprocess(backbone, "auto"), dropout=0.1,
+    )
+    images = np.random.default_rng(0).uniform(0, 255, (2, TINY_SIZE, TINY_SIZE, 3)).astype("float32")
+    probabilities = keras.ops.convert_to_numpy(model(images, training=False))
+    assert probabilities.shape == (2, 3)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert not model_lib.get_backbone(model).trainable
+    assert len(model.trainable_weights) == 2  # the classifier's kernel and bias only
+
+
+@pytest.mark.parametrize("backbone", sorted(model_lib.BACKBONES))
+def test_preprocess_layer_matches_the_backbones_own_preprocess_input(backbone):
+    module = importlib.import_module(f"keras.applications.{PREPROCESS_MODULES[backbone]}")
+    images = np.random.default_rng(1).uniform(0, 255, (2, 8, 8, 3)).astype("float32")
+    expected = module.preprocess_input(images.copy())
+    layer = model_lib.Preprocess(model_lib.resolve_preprocess(backbone, "auto"))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(images)), expected, rtol=1e-5, atol=1e-4)
+
+
+def test_default_image_sizes():
+    assert model_lib.default_image_size("inception_v3") == 299
+    assert model_lib.default_image_size("mobilenet_v2") == 224
+    assert model_lib.default_image_size("nasnet_large") == 331
+    assert model_lib.default_image_size("some/backbone.keras") == 224
+
+
+def test_unknown_backbone_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"--backbone 'resnet5' is not a known backbone.*mobilenet_v2"):
+        model_lib.check_backbone_name("resnet5")
+
+
+def test_backbone_file_needs_an_explicit_preprocess():
+    with pytest.raises(ValueError, match="--preprocess=auto cannot know"):
+        model_lib.resolve_preprocess("my_backbone.keras", "auto")
+    assert model_lib.resolve_preprocess("my_backbone.keras", "torch") == "torch"
+
+
+def test_missing_backbone_file_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        model_lib.make_backbone(str(tmp_path / "missing.keras"), image_size=32, weights="imagenet")
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    return model_lib.build_model(
+        backbone="mobilenet_v2", num_classes=3, image_size=32, weights="none", preprocess="tf", dropout=0.0
+    )
+
+
+def test_fine_tune_at_accepts_index_fraction_and_name(small_model):
+    backbone = model_lib.get_backbone(small_model)
+    num_layers = len(backbone.layers)
+    assert model_lib.resolve_fine_tune_at(backbone, "100") == 100
+    assert model_lib.resolve_fine_tune_at(backbone, "-10") == num_layers - 10
+    assert model_lib.resolve_fine_tune_at(backbone, "0.5") == round(0.5 * num_layers)
+    assert model_lib.resolve_fine_tune_at(backbone, "0") == 0
+    assert model_lib.resolve_fine_tune_at(backbone, "block_16_expand") == [
+        layer.name for layer in backbone.layers
+    ].index("block_16_expand")
+    with pytest.raises(ValueError, match="--fine_tune_at 'no_such_layer' is not a layer"):
+        model_lib.resolve_fine_tune_at(backbone, "no_such_layer")
+    with pytest.raises(ValueError, match="outside the backbone"):
+        model_lib.resolve_fine_tune_at(backbone, str(num_layers + 1))
+    with pytest.raises(ValueError, match="within"):
+        model_lib.resolve_fine_tune_at(backbone, "1.5")
+
+
+def test_unfreeze_keeps_batchnorm_and_the_bottom_frozen():
+    model = model_lib.build_model(
+        backbone="mobilenet_v2", num_classes=3, image_size=32, weights="none", preprocess="tf", dropout=0.0
+    )
+    start = model_lib.unfreeze_backbone(model, "0.5")
+    backbone = model_lib.get_backbone(model)
+    for index, layer in enumerate(backbone.layers):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            assert not layer.trainable, layer.name
+        elif layer.weights:
+            assert layer.trainable == (index >= start), layer.name
+    assert any(layer.trainable for layer in backbone.layers)
+
+
+def save_tiny_backbone(path) -> str:
+    """Saves a small Conv-BatchNorm backbone as a .keras file (a stand-in for a pretrained one)."""
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, name="conv1")(inputs)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, 3, name="conv2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    keras.Model(inputs, x, name="tiny_backbone").save(path)
+    return str(path)
+
+
+def test_fine_tuning_never_changes_batchnorm_statistics(tmp_path):
+    backbone_file = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
+    model = model_lib.build_model(
+        backbone=backbone_file, num_classes=3, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0
+    )
+    model_lib.unfreeze_backbone(model, "0")
+    model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
+    backbone = model_lib.get_backbone(model)
+    statistics = [backbone.get_layer(name).moving_mean for name in ("bn1", "bn2")]
+    statistics += [backbone.get_layer(name).moving_variance for name in ("bn1", "bn2")]
+    before = [keras.ops.convert_to_numpy(variable) for variable in statistics]
+    kernel_before = keras.ops.convert_to_numpy(backbone.get_layer("conv2").kernel)
+    rng = np.random.default_rng(0)
+    model.fit(rng.uniform(0, 255, (16, 32, 32, 3)), rng.integers(0, 3, 16), epochs=1, batch_size=8, verbose=0)
+    for first, variable in zip(before, statistics):
+        np.testing.assert_array_equal(first, keras.ops.convert_to_numpy(variable))
+    # ...while the unfrozen convolutions did train.
+    assert not np.allclose(kernel_before, keras.ops.convert_to_numpy(backbone.get_layer("conv2").kernel))
+
+
+def test_backbone_from_a_keras_file(tmp_path):
+    path = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
+    model = model_lib.build_model(
+        backbone=path, num_classes=2, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0
+    )
+    assert model.output_shape == (None, 2)
+    with pytest.raises(ValueError, match="carries its own weights"):
+        model_lib.make_backbone(path, image_size=32, weights="none")
+
+
+def test_saved_keras_model_loads_in_safe_mode(tmp_path, small_model):
+    path = tmp_path / "model.keras"
+    small_model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    images = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(small_model(images)), rtol=1e-5
+    )
+
+
+@pytest.mark.skipif(not LITE0_BACKBONE.exists(), reason="../shared/models is not beside this checkout")
+def test_pretrained_backbone_file_from_shared():
+    model = model_lib.build_model(
+        backbone=str(LITE0_BACKBONE), num_classes=5, image_size=96, weights="imagenet", preprocess="tf", dropout=0.2
+    )
+    assert model.output_shape == (None, 5)
+    assert len(model_lib.get_backbone(model).layers) == 150
