@@ -1,0 +1,170 @@
+"""The real CLIs as subprocesses: image folder -> tfrecords.build -> trainer.train -> SavedModel -> predict."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+from tests.conftest import FLOWERS_DIR, LITE0_BACKBONE, REPO_ROOT
+from trainer import export
+
+ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
+TINY_TRAINING = [
+    "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
+    "--epochs=1", "--fine_tune_epochs=1", "--steps_per_epoch=2",
+]
+
+
+def run_cli(module: str, *arguments: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, "-m", module, *arguments], cwd=REPO_ROOT, env=ENVIRONMENT,
+        capture_output=True, text=True, timeout=600,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"{module} exited {result.returncode}:\n{result.stdout}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def converted(demo_image_dir, tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("e2e") / "tfrecords"
+    result = run_cli("tfrecords.build", f"--input_dir={demo_image_dir}", f"--output_dir={output_dir}", "--num_shards=2")
+    assert "converted 60, skipped 0" in result.stdout
+    return output_dir
+
+
+def test_converter_output(converted):
+    manifest = json.loads((converted / "manifest.json").read_text())
+    assert manifest["classes"] == ["circle", "square", "triangle"]
+    assert (converted / "labels.txt").read_text().split() == manifest["classes"]
+    total = 0
+    for split, info in manifest["splits"].items():
+        names = sorted(shard["file"] for shard in info["shards"])
+        assert names == [f"{split}-00000-of-00002.tfrecord", f"{split}-00001-of-00002.tfrecord"]
+        records = sum(1 for name in names for _ in tf.data.TFRecordDataset(str(converted / name)))
+        assert records == info["num_examples"] == sum(info["class_counts"].values())
+        total += records
+    assert total == 60
+
+
+def serve_file(model_dir: Path, image: Path) -> str:
+    serve = export.load_serving_function(str(model_dir / export.SAVED_MODEL_DIR))
+    outputs = serve(image_bytes=tf.constant([image.read_bytes()]))
+    return outputs["class_names"].numpy()[0].decode()
+
+
+def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    command = [f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING]
+    first = run_cli("trainer.train", *command)
+    assert "test accuracy" in first.stdout
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["evaluated_split"] == "test" and metrics["num_replicas"] == 1
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["history"]["phase1"]["epoch"] == [1] and metrics["history"]["phase2"]["epoch"] == [2]
+    assert (model_dir / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
+    assert "--backbone=mobilenet_v2" in (model_dir / "flags.txt").read_text()
+    assert (model_dir / "model.keras").exists() and (model_dir / "checkpoints" / "best.weights.h5").exists()
+    assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+
+    image = sorted((demo_image_dir / "square").glob("*.jpg"))[0]
+    assert serve_file(model_dir, image) in ["circle", "square", "triangle"]
+    predicted = run_cli("trainer.predict", f"--model_dir={model_dir}", str(image), str(demo_image_dir / "circle"))
+    lines = predicted.stdout.strip().splitlines()
+    assert len(lines) == 1 + 20
+    path, class_name, probability = lines[0].split("\t")
+    assert path == str(image) and class_name in ["circle", "square", "triangle"] and 0 < float(probability) <= 1
+
+    # The same command again: both phases are finished, so nothing is retrained.
+    second = run_cli("trainer.train", *command)
+    assert "phase1 already finished" in second.stderr and "phase2 already finished" in second.stderr
+    assert "Epoch" not in second.stdout
+    assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_mirrored_over_two_logical_cpus(converted, tmp_path):
+    model_dir = tmp_path / "model"
+    run_cli(
+        "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING,
+        "--strategy=mirrored", "--num_cpu_devices=2",
+    )
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2
+    assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
+
+
+def test_killed_run_resumes_at_its_last_epoch(converted, tmp_path):
+    model_dir = tmp_path / "model"
+    command = [
+        sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}",
+        "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
+        "--epochs=30", "--fine_tune_epochs=0", "--steps_per_epoch=1",
+    ]
+    metadata = model_dir / "backup" / "phase1" / "training_metadata.json"
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            try:
+                if json.loads(metadata.read_text())["epoch"] >= 3:
+                    break
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
+    assert not (model_dir / "state" / "phase1.weights.h5").exists()
+
+    resumed = run_cli(*command[2:3], *command[3:])
+    first_epoch = int(re.search(r"Epoch (\d+)/30", resumed.stdout).group(1))
+    assert first_epoch >= 4, resumed.stdout[:2000]
+    assert json.loads((model_dir / "metrics.json").read_text())["history"]["phase1"]["epoch"][-1] == 30
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--data_dir={empty}", "--model_dir={model}"], r"--data_dir '.*' has no manifest.json"),
+        (["--data_dir={data}", "--model_dir={model}", "--backbone=resnet5"], r"--backbone 'resnet5' is not a known"),
+        (
+            ["--data_dir={data}", "--model_dir={model}", "--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
+            r"--batch_size 7 must be a positive multiple of the 2 replicas",
+        ),
+        (["--data_dir={data}", "--model_dir={model}", "--weights=/no/such/file.h5"], r"--weights '/no/such/file.h5'"),
+    ],
+)
+def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):
+    values = {"empty": tmp_path, "data": converted, "model": tmp_path / "model"}
+    result = run_cli("trainer.train", *[argument.format(**values) for argument in arguments], check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and re.search(message, last_line), result.stderr[-2000:]
+    assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.skipif(
+    not (FLOWERS_DIR.exists() and LITE0_BACKBONE.exists()), reason="../shared data and models are not beside this checkout"
+)
+def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
+    data_dir, model_dir = tmp_path / "flowers_tfrecords", tmp_path / "flowers_model"
+    run_cli("tfrecords.build", f"--input_dir={FLOWERS_DIR}", f"--output_dir={data_dir}", "--num_shards=2")
+    run_cli(
+        "trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}", f"--backbone={LITE0_BACKBONE}",
+        "--preprocess=tf", "--image_size=96", "--batch_size=32", "--epochs=3", "--steps_per_epoch=8",
+        "--fine_tune_epochs=1", "--augment_rotation=0", "--augment_zoom=0",
+    )
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    # 5 classes: chance is 0.2. Random-initialised features stay near it; ImageNet features do not.
+    assert metrics["accuracy"] >= 0.45, metrics
+    daisy = sorted((FLOWERS_DIR / "daisy").glob("*.jpg"))[0]
+    assert serve_file(model_dir, daisy) in ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
