@@ -1,0 +1,41 @@
+"""Transfer-learning image classification at scale: image folder -> TFRecords -> fine-tuned Keras model."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="imagefolder-transfer",
+    version="0.1.0",
+    description="Image folder to sharded TFRecords to two-phase transfer learning under tf.distribute, "
+    "with export and prediction.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["tfrecords", "trainer", "launch"]),
+    install_requires=[
+        "tensorflow>=2.21,<3",
+        "keras>=3.15,<4",
+        "tensorflow-datasets>=4.9.10",
+        "absl-py>=2.1",
+        "google-cloud-storage>=2.18",
+        "tensorboard>=2.21",
+        "Pillow>=10.4",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        "profile": ["tensorboard-plugin-profile>=2.19"],
+    },
+    entry_points={
+        "console_scripts": [
+            "tfrecords-build=tfrecords.build:run",
+            "trainer-train=trainer.train:run",
+            "trainer-predict=trainer.predict:run",
+        ],
+    },
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "License :: OSI Approved :: Apache Software License",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
