@@ -36,7 +36,10 @@ def test_evaluation_dataset_reads_every_example_once_in_order(demo_data_dir):
         assert all(images.shape == (4, 40, 40, 3) for images, _, _ in batches)  # the last one padded
         weights = np.concatenate([batch_weights.numpy() for _, _, batch_weights in batches])
         labels = np.concatenate([batch_labels.numpy() for _, batch_labels, _ in batches])
-        assert weights.sum() == expected and (weights[:expected] == 1).all() and (weights[expected:] == 0).all()
+        padded = len(weights)
+        assert padded == -(-expected // 4) * 4
+        np.testing.assert_allclose(weights[:expected], padded / expected)
+        assert (weights[expected:] == 0).all()
         passes.append(labels[:expected])
     np.testing.assert_array_equal(passes[0], passes[1])
     counts = np.bincount(passes[0], minlength=len(manifest["classes"]))
@@ -89,3 +92,25 @@ def test_decode_and_resize_eagerly_and_in_tf_data(image_format):
 def test_manifest_is_what_the_converter_wrote(demo_data_dir):
     with open(demo_data_dir / "manifest.json") as file:
         assert data.read_manifest(str(demo_data_dir)) == json.load(file)
+
+
+def test_padded_evaluation_gives_exact_loss_and_accuracy(demo_data_dir):
+    """Loss and accuracy over padded batches equal those over the real examples alone."""
+    import keras
+
+    manifest = data.read_manifest(str(demo_data_dir))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((16, 16, 3))
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(keras.layers.Dense(8)(x)))
+    model.compile(loss="sparse_categorical_crossentropy", weighted_metrics=["accuracy"])
+    results = {}
+    for batch_size in (1, 7):  # 1: no padding at all
+        dataset = data.make_dataset(
+            data_dir=str(demo_data_dir), manifest=manifest, split="validation", image_size=16,
+            batch_size=batch_size, training=False,
+        )
+        results[batch_size] = model.evaluate(dataset, return_dict=True, verbose=0)
+    assert manifest["splits"]["validation"]["num_examples"] % 7 != 0
+    assert results[7]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
+    assert results[7]["accuracy"] == pytest.approx(results[1]["accuracy"], rel=1e-6)

@@ -49,14 +49,17 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
 
 
 def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_size: int, image_size: int):
-    """Adds a weight to each (image, label) and appends zero-weight examples up to a whole batch.
+    """Adds a sample weight to each (image, label) and zero-weight padding up to a whole batch.
 
     An evaluation pass must see every example, but a short last batch would leave some replicas an
     empty batch, which Keras 3 cannot run under MirroredStrategy, and a TPU needs static shapes.
-    Padding examples weigh 0, so accuracy (a weighted metric) counts only real images.
+    Padding weighs 0. Real examples weigh padded_count / num_examples rather than 1: Keras averages
+    the loss over whole batches (padding included), and this constant makes both the loss and the
+    weighted accuracy come out exactly as over the real examples alone.
     """
     num_padding = -num_examples % batch_size
-    dataset = dataset.map(lambda image, label: (image, label, tf.constant(1.0)))
+    real_weight = (num_examples + num_padding) / num_examples
+    dataset = dataset.map(lambda image, label: (image, label, tf.constant(real_weight, tf.float32)))
     padding = tf.data.Dataset.from_tensors(
         (tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32), tf.constant(0.0))
     )
