@@ -89,11 +89,11 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
 
 
-def test_mirrored_over_two_logical_cpus(converted, tmp_path):
+def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):
     model_dir = tmp_path / "model"
     run_cli(
         "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING,
-        "--strategy=mirrored", "--num_cpu_devices=2",
+        "--strategy=mirrored", "--num_cpu_devices=2", "--precision=mixed_bfloat16",
     )
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2

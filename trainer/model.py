@@ -144,7 +144,8 @@ def build_model(
     feature_extractor = make_backbone(backbone, image_size=image_size, weights=weights)
     feature_extractor.trainable = False
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    x = Preprocess(preprocess, name="preprocess")(inputs)
+    # float32 even under mixed precision: ImageNet mean subtraction in bfloat16 would round pixels.
+    x = Preprocess(preprocess, name="preprocess", dtype="float32")(inputs)
     x = feature_extractor(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)
