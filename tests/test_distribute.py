@@ -1,5 +1,8 @@
 """trainer/distribute.py: strategy selection and batch checks (multi-replica runs: test_end_to_end.py)."""
 
+import os
+import types
+
 import pytest
 import tensorflow as tf
 
@@ -20,9 +23,28 @@ def test_unknown_strategy():
         distribute.make_strategy("horovod")
 
 
-def test_multi_worker_is_refused_clearly_for_now():
-    with pytest.raises(ValueError, match="--strategy=multi_worker is not supported yet"):
-        distribute.make_strategy("multi_worker")
+def strategy_with(task_type, task_id, jobs):
+    """A stand-in with the one attribute is_chief reads: a real cluster resolver."""
+    cluster = tf.train.ClusterSpec({job: [f"127.0.0.1:{2000 + i}" for i in range(count)] for job, count in jobs.items()})
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(cluster, task_type=task_type, task_id=task_id)
+    return types.SimpleNamespace(cluster_resolver=resolver)
+
+
+def test_chief_is_worker_zero_unless_there_is_a_chief_job():
+    assert distribute.is_chief(distribute.make_strategy("default"))
+    assert distribute.is_chief(strategy_with("worker", 0, {"worker": 2}))
+    assert not distribute.is_chief(strategy_with("worker", 1, {"worker": 2}))
+    assert distribute.is_chief(strategy_with("chief", 0, {"chief": 1, "worker": 2}))
+    assert not distribute.is_chief(strategy_with("worker", 0, {"chief": 1, "worker": 2}))
+
+
+def test_only_the_chief_writes_to_the_real_directory(tmp_path):
+    chief, other = strategy_with("worker", 0, {"worker": 2}), strategy_with("worker", 1, {"worker": 2})
+    assert distribute.write_dir(str(tmp_path / "out"), chief) == str(tmp_path / "out")
+    temporary = distribute.write_dir(str(tmp_path / "out"), other)
+    assert temporary != str(tmp_path / "out")
+    distribute.remove_write_dir(temporary, other)
+    assert not os.path.exists(temporary)
 
 
 @pytest.mark.parametrize("tpu", ["", "local"])

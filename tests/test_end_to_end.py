@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -68,7 +69,8 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["evaluated_split"] == "test" and metrics["num_replicas"] == 1
     assert 0.0 <= metrics["accuracy"] <= 1.0
-    assert metrics["history"]["phase1"]["epoch"] == [1] and metrics["history"]["phase2"]["epoch"] == [2]
+    assert [(entry["epoch"], entry["phase"]) for entry in metrics["history"]] == [(1, "phase1"), (2, "phase2")]
+    assert all(0.0 <= entry["input_wait_fraction"] <= 1.0 for entry in metrics["history"])
     assert (model_dir / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
     assert "--backbone=mobilenet_v2" in (model_dir / "flags.txt").read_text()
     assert (model_dir / "model.keras").exists() and (model_dir / "checkpoints" / "best.weights.h5").exists()
@@ -84,7 +86,7 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
 
     # The same command again: both phases are finished, so nothing is retrained.
     second = run_cli("trainer.train", *command)
-    assert "phase1 already finished" in second.stderr and "phase2 already finished" in second.stderr
+    assert "phase2 already finished" in second.stderr
     assert "Epoch" not in second.stdout
     assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
 
@@ -100,34 +102,94 @@ def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):
     assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
 
 
-def test_killed_run_resumes_at_its_last_epoch(converted, tmp_path):
-    model_dir = tmp_path / "model"
-    command = [
-        sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}",
-        "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
-        "--epochs=30", "--fine_tune_epochs=0", "--steps_per_epoch=1",
-    ]
-    metadata = model_dir / "backup" / "phase1" / "training_metadata.json"
-    process = subprocess.Popen(command, cwd=REPO_ROOT, env=ENVIRONMENT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and process.poll() is None:
-            try:
-                if json.loads(metadata.read_text())["epoch"] >= 3:
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-    finally:
-        process.wait()
-    assert process.returncode == -signal.SIGKILL, "training finished before it could be interrupted"
-    assert not (model_dir / "state" / "phase1.weights.h5").exists()
+LONG_TRAINING = [
+    "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
+    "--epochs=30", "--fine_tune_epochs=0", "--steps_per_epoch=2",
+]
 
-    resumed = run_cli(*command[2:3], *command[3:])
+
+def start_training(converted, model_dir) -> subprocess.Popen:
+    command = [sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *LONG_TRAINING]
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_epochs(process: subprocess.Popen, model_dir: Path, count: int) -> None:
+    """Waits until history.json lists `count` epochs (the process must still be running)."""
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        try:
+            if len(json.loads((model_dir / "history.json").read_text())) >= count:
+                return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"training ended or stalled before {count} epochs: {process.poll()}")
+
+
+def resume_and_check(converted, model_dir: Path) -> int:
+    """Reruns the same command; checks it resumed and ended with one history entry per epoch."""
+    resumed = run_cli("trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *LONG_TRAINING)
     first_epoch = int(re.search(r"Epoch (\d+)/30", resumed.stdout).group(1))
-    assert first_epoch >= 4, resumed.stdout[:2000]
-    assert json.loads((model_dir / "metrics.json").read_text())["history"]["phase1"]["epoch"][-1] == 30
+    assert first_epoch > 1, resumed.stdout[:2000]
+    assert "restored" in resumed.stderr
+    history = json.loads((model_dir / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == list(range(1, 31))
+    return first_epoch
+
+
+def test_killed_run_resumes_where_it_stopped(converted, tmp_path):
+    model_dir = tmp_path / "model"
+    process = start_training(converted, model_dir)
+    try:
+        wait_for_epochs(process, model_dir, 3)
+    finally:
+        process.kill()
+        process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert resume_and_check(converted, model_dir) >= 3
+
+
+def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path):
+    model_dir = tmp_path / "model"
+    process = start_training(converted, model_dir)
+    try:
+        wait_for_epochs(process, model_dir, 2)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 75, stderr[-2000:]
+    assert "preempted:" in stderr and "rerun the same command to resume" in stderr
+    assert resume_and_check(converted, model_dir) >= 3
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_multi_worker_with_two_local_processes(converted, tmp_path):
+    model_dir = tmp_path / "model"
+    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    processes = []
+    for index in range(2):
+        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}",
+             *TINY_TRAINING, "--strategy=multi_worker"],
+            cwd=REPO_ROOT, env={**ENVIRONMENT, "TF_CONFIG": json.dumps(tf_config)},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        ))
+    outputs = [process.communicate(timeout=600) for process in processes]
+    for process, (_, stderr) in zip(processes, outputs):
+        assert process.returncode == 0, stderr[-3000:]
+    fingerprints = [re.search(r"weights fingerprint (\w+)", stderr).group(1) for _, stderr in outputs]
+    assert fingerprints[0] == fingerprints[1]
+    assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]  # the chief reports
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert metrics["num_replicas"] == 2 and len(metrics["history"]) == 2
+    assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize(

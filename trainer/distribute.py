@@ -1,5 +1,7 @@
 """tf.distribute strategy selection, one branch per supported strategy."""
 
+import tempfile
+
 import tensorflow as tf
 
 STRATEGIES = ("default", "mirrored", "multi_worker", "tpu")
@@ -32,12 +34,9 @@ def make_strategy(name: str, *, tpu: str = "") -> tf.distribute.Strategy:
         devices = gpus or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
     if name == "multi_worker":
-        # Keras 3 fit() breaks under MultiWorkerMirroredStrategy (keras-team/keras#20585, and
-        # ../shared/FINDINGS.md): refuse clearly instead of failing deep inside fit().
-        raise ValueError(
-            "--strategy=multi_worker is not supported yet: Keras 3 fit() fails under "
-            "MultiWorkerMirroredStrategy (keras-team/keras#20585); use mirrored on one host for now"
-        )
+        # Reads the cluster from TF_CONFIG (set by Vertex AI, Kubernetes TFJob and launch.local);
+        # without TF_CONFIG it is a single worker.
+        return tf.distribute.MultiWorkerMirroredStrategy()
     if name == "tpu":
         try:
             resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu or None)
@@ -57,3 +56,31 @@ def check_batch_size(batch_size: int, num_replicas: int) -> None:
             f"--batch_size {batch_size} must be a positive multiple of the {num_replicas} replicas "
             f"of the strategy (e.g. {num_replicas * max(1, round(max(batch_size, 1) / num_replicas))})"
         )
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """True for the one process that writes shared outputs: logs, metrics, best weights, exports."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    has_chief = "chief" in resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
+
+
+def write_dir(directory: str, strategy: tf.distribute.Strategy) -> str:
+    """Where this process writes a checkpoint or export of `directory`.
+
+    Under MultiWorkerMirroredStrategy every worker must take part in saving, but only the chief's
+    copy is kept: the others write into a local temporary folder that remove_write_dir deletes.
+    """
+    if is_chief(strategy):
+        return directory
+    return tempfile.mkdtemp(prefix="non_chief_worker_")
+
+
+def remove_write_dir(directory: str, strategy: tf.distribute.Strategy) -> None:
+    """Deletes a non-chief worker's temporary copy (see write_dir)."""
+    if not is_chief(strategy) and tf.io.gfile.exists(directory):
+        tf.io.gfile.rmtree(directory)

@@ -5,11 +5,12 @@ r"""Two-phase transfer learning on the converter's shards, then evaluation and e
 
 Phase 1 trains a new head on the frozen backbone; phase 2 unfreezes the backbone from --fine_tune_at
 (BatchNormalization stays in inference mode) and continues at a lower learning rate, with the epoch count
-continuing so TensorBoard shows one curve per metric. Re-running the same command after an interruption
-resumes: finished phases are loaded from <model_dir>/state, an unfinished one restarts at its last
-completed epoch (keras.callbacks.BackupAndRestore).
+continuing so TensorBoard shows one curve per metric. Both run in trainer/loop.py, the same loop under
+every strategy. Re-running the same command after an interruption resumes from the latest checkpoint in
+<model_dir>/checkpoints (mid-epoch); a SIGTERM (preemption) saves one and exits with code 75.
 """
 
+import hashlib
 import json
 import sys
 
@@ -17,15 +18,11 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import data, distribute, export, model as model_lib
+from trainer import data, distribute, export, loop, model as model_lib
 
 FLAGS = flags.FLAGS
 
-STATE_DIR = "state"
-BACKUP_DIR = "backup"
-LOG_DIR = "logs"
-BEST_CHECKPOINT = "checkpoints/best.weights.h5"
-PHASES = ("phase1", "phase2")
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
 
 
 def write_text(path: str, text: str) -> None:
@@ -36,77 +33,37 @@ def write_text(path: str, text: str) -> None:
     tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
-def make_callbacks(*, model_dir: str, phase: str, best_checkpoint, early_stopping_patience: int, profile_batches: str):
-    """Returns the callbacks of one phase. `best_checkpoint` is shared so "best" spans both phases."""
-    callbacks = [
-        keras.callbacks.TerminateOnNaN(),
-        keras.callbacks.BackupAndRestore(tf.io.gfile.join(model_dir, BACKUP_DIR, phase)),
-        keras.callbacks.TensorBoard(
-            log_dir=tf.io.gfile.join(model_dir, LOG_DIR),
-            profile_batch=profile_batches if (profile_batches and phase == PHASES[0]) else 0,
-        ),
-        best_checkpoint,
-    ]
-    if early_stopping_patience > 0:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=early_stopping_patience))
-    return callbacks
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short digest of every weight's bytes: equal on all workers when they are in sync."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()[:16]
 
 
-def run_phase(
-    *,
-    model: keras.Model,
-    phase: str,
-    model_dir: str,
-    train_dataset: tf.data.Dataset,
-    validation_dataset: tf.data.Dataset,
-    initial_epoch: int,
-    epochs: int,
-    steps_per_epoch: int,
-    validation_steps: int | None,
-    callbacks: list,
-) -> dict:
-    """Fits one phase, or loads it when an earlier run already finished it. Returns its history."""
-    weights_path = tf.io.gfile.join(model_dir, STATE_DIR, f"{phase}.weights.h5")
-    history_path = tf.io.gfile.join(model_dir, STATE_DIR, f"{phase}.history.json")
-    if tf.io.gfile.exists(weights_path):
-        logging.info("%s already finished in an earlier run: loading %s (delete --model_dir to retrain)", phase, weights_path)
-        if not model.optimizer.built:
-            # The file holds this phase's optimizer state too; building first makes it load cleanly.
-            model.optimizer.build(model.trainable_variables)
-        model.load_weights(weights_path)
-        with tf.io.gfile.GFile(history_path, "r") as file:
-            return json.load(file)
-    logging.info("%s: epochs %d to %d, %d trainable weights", phase, initial_epoch + 1, epochs, len(model.trainable_weights))
-    history = model.fit(
-        train_dataset,
-        validation_data=validation_dataset,
-        initial_epoch=initial_epoch,
-        epochs=epochs,
-        steps_per_epoch=steps_per_epoch,
-        validation_steps=validation_steps,
-        callbacks=callbacks,
-        shuffle=False,  # the dataset shuffles itself; Keras cannot shuffle a tf.data.Dataset
-        verbose=1 if sys.stdout.isatty() else 2,
-    )
-    history_dict = {name: [float(value) for value in values] for name, values in history.history.items()}
-    history_dict["epoch"] = [int(epoch) + 1 for epoch in history.epoch]
-    # Weights first, history last: the weights file only counts as "phase finished" once both exist.
-    tf.io.gfile.makedirs(tf.io.gfile.join(model_dir, STATE_DIR))
-    temporary = weights_path.replace(".weights.h5", ".incomplete.weights.h5")
-    model.save_weights(temporary)
-    write_text(history_path, json.dumps(history_dict, indent=2))
-    tf.io.gfile.rename(temporary, weights_path, overwrite=True)
-    return history_dict
+def make_optimizer(learning_rate: float, precision: str, model: keras.Model):
+    """Adam for the model's trainable weights; wrapped for loss scaling under mixed_float16.
+
+    Call inside strategy.scope(). The optimizer's variables are created here, not lazily in the first
+    step: creating variables inside a replicated tf.function fails, and a checkpoint needs them to
+    exist to be restored into.
+    """
+    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
+    if precision == "mixed_float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    optimizer.build(model.trainable_variables)
+    return optimizer
 
 
-def compile_model(model: keras.Model, learning_rate: float) -> None:
-    """Compiles for one phase; call it inside strategy.scope(), again after changing `trainable`."""
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-        loss=keras.losses.SparseCategoricalCrossentropy(),
-        # Weighted, so the zero-weight padding of the last evaluation batch is not counted.
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
-    )
+def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset, *, training: bool):
+    """Places a global-batch dataset on the strategy's replicas."""
+    if not training:
+        # Every worker evaluates the whole split: the summed ratios stay exact, and no worker can
+        # end up with a different number of batches than the others (which would hang collectives).
+        options = tf.data.Options()
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+        dataset = dataset.with_options(options)
+    return strategy.experimental_distribute_dataset(dataset)
 
 
 def train_and_export(
@@ -128,87 +85,94 @@ def train_and_export(
     fine_tune_at: str,
     dropout: float,
     steps_per_epoch: int,
-    validation_steps: int,
     shuffle_buffer: int,
     augmentation,
     early_stopping_patience: int,
-    profile_batches: str,
+    profile_steps: tuple[int, int] | None,
+    checkpoint_every_steps: int,
     seed: int,
 ) -> dict:
     """Runs both phases, evaluates, exports, and returns the metrics written to metrics.json.
 
     Args: as the flags of the same names; `preprocess` is already resolved, `augmentation` is built by
     data.make_augmentation, `fine_tune_learning_rate` is already defaulted.
+
+    Raises:
+        loop.Preempted: a SIGTERM stopped training after saving a checkpoint.
     """
     class_names = manifest["classes"]
     num_train = manifest["splits"]["train"]["num_examples"]
     steps_per_epoch = steps_per_epoch or max(1, num_train // batch_size)
     eval_split = "test" if "test" in manifest["splits"] else "validation"
+    chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(precision)
 
     def dataset(split, training):
-        return data.make_dataset(
+        return distribute_dataset(strategy, data.make_dataset(
             data_dir=data_dir, manifest=manifest, split=split, image_size=image_size, batch_size=batch_size,
             training=training, augmentation=augmentation, shuffle_buffer=shuffle_buffer, seed=seed,
-        )
-
-    train_dataset = dataset("train", training=True)
-    validation_dataset = dataset("validation", training=False)
+        ), training=training)
 
     with strategy.scope():
         model = model_lib.build_model(
             backbone=backbone, num_classes=len(class_names), image_size=image_size,
             weights=weights, preprocess=preprocess, dropout=dropout,
         )
-        compile_model(model, learning_rate)
-    best_checkpoint = keras.callbacks.ModelCheckpoint(
-        tf.io.gfile.join(model_dir, BEST_CHECKPOINT), monitor="val_accuracy", mode="max",
-        save_best_only=True, save_weights_only=True,
-    )
+    history = loop.History(model_dir, chief)
+    preemption = loop.PreemptionWatcher()
     phase_arguments = dict(
-        model=model, model_dir=model_dir, train_dataset=train_dataset, validation_dataset=validation_dataset,
-        steps_per_epoch=steps_per_epoch, validation_steps=validation_steps or None,
+        model=model, strategy=strategy, model_dir=model_dir, train_dataset=dataset("train", training=True),
+        validation_dataset=dataset("validation", training=False), global_batch_size=batch_size,
+        steps_per_epoch=steps_per_epoch, history=history, early_stopping_patience=early_stopping_patience,
+        checkpoint_every_steps=checkpoint_every_steps, preemption=preemption,
     )
+    try:
+        # A phase-2 checkpoint holds the whole model: phase 1 is then over and need not be restored.
+        if not tf.train.latest_checkpoint(tf.io.gfile.join(model_dir, loop.CHECKPOINT_DIR, "phase2")):
+            with strategy.scope():
+                optimizer = make_optimizer(learning_rate, precision, model)
+            loop.train_phase(
+                phase="phase1", optimizer=optimizer, initial_epoch=0, epochs=epochs, profile_steps=profile_steps,
+                **phase_arguments,
+            )
+        if fine_tune_epochs > 0:
+            with strategy.scope():
+                frozen = model_lib.unfreeze_backbone(model, fine_tune_at)
+                # A fresh optimizer at the lower rate, for the new set of trainable weights: large early
+                # updates would overwrite the pretrained features.
+                optimizer = make_optimizer(fine_tune_learning_rate, precision, model)
+            logging.info("phase2: backbone layers %d and up unfrozen (BatchNormalization stays frozen)", frozen)
+            loop.train_phase(
+                phase="phase2", optimizer=optimizer, initial_epoch=epochs, epochs=epochs + fine_tune_epochs,
+                profile_steps=None, **phase_arguments,
+            )
+    finally:
+        preemption.close()
 
-    def callbacks(phase):
-        return make_callbacks(
-            model_dir=model_dir, phase=phase, best_checkpoint=best_checkpoint,
-            early_stopping_patience=early_stopping_patience, profile_batches=profile_batches,
-        )
-
-    histories = {"phase1": run_phase(phase="phase1", initial_epoch=0, epochs=epochs, callbacks=callbacks("phase1"), **phase_arguments)}
-    if fine_tune_epochs > 0:
-        with strategy.scope():
-            frozen = model_lib.unfreeze_backbone(model, fine_tune_at)
-            # Recompile: Keras reads `trainable` at compile time, and the lower rate keeps the
-            # pretrained features from being overwritten by large early updates.
-            compile_model(model, fine_tune_learning_rate)
-        logging.info("phase2: backbone layers %d and up unfrozen (BatchNormalization stays frozen)", frozen)
-        histories["phase2"] = run_phase(
-            phase="phase2", initial_epoch=epochs, epochs=epochs + fine_tune_epochs, callbacks=callbacks("phase2"),
-            **phase_arguments,
-        )
-
-    results = model.evaluate(dataset(eval_split, training=False), return_dict=True, verbose=0)
+    results = loop.evaluate(loop.make_evaluation_step(model=model, strategy=strategy), dataset(eval_split, training=False))
     metrics = {
         "evaluated_split": eval_split,
         "num_examples": manifest["splits"][eval_split]["num_examples"],
-        **{name: float(value) for name, value in results.items()},
+        **results,
         "backbone": backbone,
         "image_size": image_size,
         "num_classes": len(class_names),
         "num_replicas": strategy.num_replicas_in_sync,
-        "history": histories,
+        "history": history.epochs,
     }
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
-    write_text(tf.io.gfile.join(model_dir, "metrics.json"), json.dumps(metrics, indent=2))
-    write_text(tf.io.gfile.join(model_dir, "labels.txt"), "".join(name + "\n" for name in class_names))
-    model.save(tf.io.gfile.join(model_dir, export.KERAS_MODEL_FILE))
-    export.export_saved_model(
-        model=model, class_names=class_names, image_size=image_size,
-        export_dir=tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR),
-    )
+    # Every worker logs this; under multi_worker they must agree (the tests compare them).
+    logging.info("weights fingerprint %s", weights_fingerprint(model))
+    export_dir = tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)
+    # Every worker exports (saving may need collectives); only the chief's copy is kept.
+    export_write_dir = distribute.write_dir(export_dir, strategy)
+    export.export_saved_model(model=model, class_names=class_names, image_size=image_size, export_dir=export_write_dir)
+    distribute.remove_write_dir(export_write_dir, strategy)
+    if chief:
+        write_text(tf.io.gfile.join(model_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        write_text(tf.io.gfile.join(model_dir, "labels.txt"), "".join(name + "\n" for name in class_names))
+        model.save(tf.io.gfile.join(model_dir, export.KERAS_MODEL_FILE))
     return metrics
 
 
@@ -261,14 +225,33 @@ def define_flags() -> None:
     )
     flags.DEFINE_float("dropout", 0.2, "Dropout rate before the classifier.")
     flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch; 0 = one pass over the train split.")
-    flags.DEFINE_integer("validation_steps", 0, "Validation batches per epoch; 0 = the whole validation split.")
     flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
     flags.DEFINE_bool("augment_flip", True, "Random horizontal flips (keras.layers.RandomFlip).")
     flags.DEFINE_float("augment_rotation", 0.1, "RandomRotation factor, a fraction of a full turn; 0 = off.")
     flags.DEFINE_float("augment_zoom", 0.1, "RandomZoom factor; 0 = off.")
     flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
-    flags.DEFINE_string("profile_batches", "", "Profile these batches, e.g. '10,20', into the TensorBoard logs; '' = off.")
+    flags.DEFINE_string(
+        "profile_batches", "",
+        "Trace these phase-1 training steps (from 1), e.g. '10,20', for TensorBoard's profiler; '' = off.",
+    )
+    flags.DEFINE_integer(
+        "checkpoint_every_steps", 0,
+        "Also checkpoint every N steps within an epoch (resume then loses at most N steps); 0 = per epoch.",
+    )
     flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
+
+
+def parse_profile_steps(text: str) -> tuple[int, int] | None:
+    """Parses --profile_batches ("10,20", or "" for off) into (first, last) steps, counted from 1."""
+    if not text.strip():
+        return None
+    parts = text.split(",")
+    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
+        raise ValueError(f"--profile_batches {text!r} must be 'FIRST,LAST' step numbers, e.g. '10,20'")
+    first, last = (int(part) for part in parts)
+    if not 1 <= first <= last:
+        raise ValueError(f"--profile_batches {text!r} needs 1 <= FIRST <= LAST")
+    return first, last
 
 
 def main(argv: list[str]) -> None:
@@ -283,6 +266,7 @@ def main(argv: list[str]) -> None:
         preprocess = model_lib.resolve_preprocess(FLAGS.backbone, FLAGS.preprocess)
         if FLAGS.weights not in ("imagenet", "none") and not tf.io.gfile.exists(FLAGS.weights):
             raise ValueError(f"--weights {FLAGS.weights!r} is neither imagenet, none nor an existing weights file")
+        profile_steps = parse_profile_steps(FLAGS.profile_batches)
         manifest = data.read_manifest(FLAGS.data_dir)
         if len(manifest["classes"]) < 2:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
@@ -295,43 +279,51 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
     image_size = FLAGS.image_size or model_lib.default_image_size(FLAGS.backbone)
-    tf.io.gfile.makedirs(FLAGS.model_dir)
     flags_text = own_flags_text()
     logging.info("flags:\n%s", flags_text)
-    write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
-
-    metrics = train_and_export(
-        strategy=strategy,
-        data_dir=FLAGS.data_dir,
-        manifest=manifest,
-        model_dir=FLAGS.model_dir,
-        backbone=FLAGS.backbone,
-        weights=FLAGS.weights,
-        preprocess=preprocess,
-        image_size=image_size,
-        batch_size=FLAGS.batch_size,
-        precision=FLAGS.precision,
-        epochs=FLAGS.epochs,
-        fine_tune_epochs=FLAGS.fine_tune_epochs,
-        learning_rate=FLAGS.learning_rate,
-        fine_tune_learning_rate=FLAGS.fine_tune_learning_rate or FLAGS.learning_rate / 10,
-        fine_tune_at=FLAGS.fine_tune_at,
-        dropout=FLAGS.dropout,
-        steps_per_epoch=FLAGS.steps_per_epoch,
-        validation_steps=FLAGS.validation_steps,
-        shuffle_buffer=FLAGS.shuffle_buffer,
-        augmentation=data.make_augmentation(
-            flip=FLAGS.augment_flip, rotation=FLAGS.augment_rotation, zoom=FLAGS.augment_zoom, seed=FLAGS.seed
-        ),
-        early_stopping_patience=FLAGS.early_stopping_patience,
-        profile_batches=FLAGS.profile_batches,
-        seed=FLAGS.seed,
-    )
-    print(
-        f"{metrics['evaluated_split']} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
-        f"model in {FLAGS.model_dir} (SavedModel: {tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR)})"
-    )
+    if distribute.is_chief(strategy):
+        tf.io.gfile.makedirs(FLAGS.model_dir)
+        write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
+    try:
+        metrics = train_and_export(
+            strategy=strategy,
+            data_dir=FLAGS.data_dir,
+            manifest=manifest,
+            model_dir=FLAGS.model_dir,
+            backbone=FLAGS.backbone,
+            weights=FLAGS.weights,
+            preprocess=preprocess,
+            image_size=image_size,
+            batch_size=FLAGS.batch_size,
+            precision=FLAGS.precision,
+            epochs=FLAGS.epochs,
+            fine_tune_epochs=FLAGS.fine_tune_epochs,
+            learning_rate=FLAGS.learning_rate,
+            fine_tune_learning_rate=FLAGS.fine_tune_learning_rate or FLAGS.learning_rate / 10,
+            fine_tune_at=FLAGS.fine_tune_at,
+            dropout=FLAGS.dropout,
+            steps_per_epoch=FLAGS.steps_per_epoch,
+            shuffle_buffer=FLAGS.shuffle_buffer,
+            augmentation=data.make_augmentation(
+                flip=FLAGS.augment_flip, rotation=FLAGS.augment_rotation, zoom=FLAGS.augment_zoom, seed=FLAGS.seed
+            ),
+            early_stopping_patience=FLAGS.early_stopping_patience,
+            profile_steps=profile_steps,
+            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            seed=FLAGS.seed,
+        )
+    except loop.Preempted as stop:
+        print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except FloatingPointError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+    if distribute.is_chief(strategy):
+        print(
+            f"{metrics['evaluated_split']} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
+            f"model in {FLAGS.model_dir} (SavedModel: {tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR)})"
+        )
 
 
 def run() -> None:
