@@ -36,7 +36,7 @@ def test_train_step_learns_and_reports_sums(tmp_path, precision):
     model_lib.unfreeze_backbone(model, "0")
     optimizer = train.make_optimizer(1e-2, precision, model)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
-    step = loop.make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8)
+    step, _ = loop.make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8)
     images, labels = separable_batches(40)
     losses = []
     for batch_images, batch_labels in zip(images, labels):
@@ -112,3 +112,23 @@ def test_parse_profile_steps():
     for bad in ("10", "a,b", "0,3", "5,2"):
         with pytest.raises(ValueError, match="--profile_batches"):
             train.parse_profile_steps(bad)
+
+
+@pytest.mark.parametrize("steps_per_execution, jit_compile", [(3, False), (1, True)])
+def test_in_graph_steps_and_xla_compilation(tmp_path, steps_per_execution, jit_compile):
+    images, labels = separable_batches(12)
+    train_dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    validation = tf.data.Dataset.from_tensor_slices((images[:2], labels[:2], np.ones((2, 8), "float32")))
+    history = loop.History(str(tmp_path / "run"), chief=True)
+    model = tiny_model(tmp_path)
+    loop.train_phase(
+        phase="phase1", model=model, optimizer=train.make_optimizer(1e-2, "float32", model),
+        strategy=tf.distribute.get_strategy(), model_dir=str(tmp_path / "run"), train_dataset=train_dataset,
+        validation_dataset=validation, global_batch_size=8, initial_epoch=0, epochs=3, steps_per_epoch=4,
+        history=history, early_stopping_patience=0, profile_steps=None, checkpoint_every_steps=2,
+        preemption=loop.PreemptionWatcher(), steps_per_execution=steps_per_execution, jit_compile=jit_compile,
+    )
+    assert [entry["epoch"] for entry in history.epochs] == [1, 2, 3]
+    waits = [entry["input_wait_fraction"] for entry in history.epochs]
+    assert all(wait is None for wait in waits) if steps_per_execution > 1 else all(0 <= wait <= 1 for wait in waits)
+    assert history.epochs[-1]["loss"] < history.epochs[0]["loss"]

@@ -19,19 +19,22 @@ def split_cpu(num_devices: int) -> None:
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * num_devices)
 
 
-def make_strategy(name: str, *, tpu: str = "") -> tf.distribute.Strategy:
+def make_strategy(name: str, *, tpu: str = "", num_gpus: int = 0) -> tf.distribute.Strategy:
     """Returns the tf.distribute strategy called `name`.
 
     Args:
         name: "default" (one device), "mirrored" (all local GPUs, else all logical CPUs),
             "multi_worker" (hosts listed in TF_CONFIG) or "tpu".
         tpu: TPU name or grpc address for "tpu" ("local" on a TPU VM).
+        num_gpus: for "mirrored", use only the first this many GPUs; 0 = all.
     """
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
         gpus = tf.config.list_logical_devices("GPU")
-        devices = gpus or tf.config.list_logical_devices("CPU")
+        if num_gpus > len(gpus):
+            raise ValueError(f"--num_gpus {num_gpus} is more than the {len(gpus)} GPUs this machine has")
+        devices = gpus[:num_gpus or None] or tf.config.list_logical_devices("CPU")
         return tf.distribute.MirroredStrategy(devices=[device.name for device in devices])
     if name == "multi_worker":
         # Reads the cluster from TF_CONFIG (set by Vertex AI, Kubernetes TFJob and launch.local);

@@ -33,13 +33,20 @@ class Preempted(Exception):
     """Raised after a SIGTERM: the current step finished and a checkpoint was saved."""
 
 
-def make_train_step(*, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, global_batch_size: int):
-    """Returns a tf.function running one distributed training step on a batch from a distributed iterator.
+def make_train_step(
+    *, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, global_batch_size: int, jit_compile: bool = False
+):
+    """Returns (train_step, train_steps), tf.functions of distributed training.
 
-    It returns the step's [summed loss, correct predictions, examples] over all replicas.
+    train_step(images, labels) runs one step on a batch already taken from a distributed iterator (so
+    the caller can time the wait for it); train_steps(iterator, num_steps) runs num_steps steps inside
+    one tf.function, sparing the host a round trip per step (what TPUs need). Both return the steps'
+    [summed loss, correct predictions, examples] over all replicas.
     """
     loss_function = keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
+    # XLA compiles the per-replica step, as Keras does with jit_compile; strategy.run stays outside.
+    @tf.function(jit_compile=jit_compile)
     def replica_step(images, labels):
         with tf.GradientTape() as tape:
             probabilities = model(images, training=True)
@@ -57,7 +64,14 @@ def make_train_step(*, model: keras.Model, optimizer, strategy: tf.distribute.St
         sums = strategy.run(replica_step, args=(images, labels))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
 
-    return train_step
+    @tf.function
+    def train_steps(iterator, num_steps):
+        totals = tf.zeros([3])
+        for _ in tf.range(num_steps):
+            totals += strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=next(iterator)), axis=None)
+        return totals
+
+    return train_step, train_steps
 
 
 def make_evaluation_step(*, model: keras.Model, strategy: tf.distribute.Strategy):
@@ -160,6 +174,8 @@ def train_phase(
     profile_steps: tuple[int, int] | None,
     checkpoint_every_steps: int,
     preemption: PreemptionWatcher,
+    steps_per_execution: int = 1,
+    jit_compile: bool = False,
 ) -> None:
     """Trains one phase from its latest checkpoint (if any) up to epoch `epochs`.
 
@@ -180,6 +196,8 @@ def train_phase(
             TensorBoard profiler; None = off.
         checkpoint_every_steps: also checkpoint within an epoch every this many steps; 0 = per epoch only.
         preemption: the SIGTERM watcher.
+        steps_per_execution: training steps per tf.function call; above 1 the input wait is not timed.
+        jit_compile: XLA-compile the per-replica training step.
 
     Raises:
         Preempted: after SIGTERM, once the checkpoint is saved.
@@ -207,7 +225,9 @@ def train_phase(
         manager.save()
         distribute.remove_write_dir(manager.directory, strategy)
 
-    train_step = make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size)
+    train_step, train_steps = make_train_step(
+        model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size, jit_compile=jit_compile
+    )
     evaluation_step = make_evaluation_step(model=model, strategy=strategy)
     writers = {
         name: tf.summary.create_file_writer(tf.io.gfile.join(model_dir, LOG_DIR, name)) if chief
@@ -219,22 +239,29 @@ def train_phase(
     while int(epoch) < epochs:
         totals, input_wait, started = tf.zeros([3]), 0.0, time.perf_counter()
         while int(step) < steps_per_epoch:
-            if profile_steps and chief and phase_step + 1 == profile_steps[0]:
+            if profile_steps and chief and not profiling and phase_step < profile_steps[0] <= phase_step + steps_per_execution:
                 tf.profiler.experimental.start(tf.io.gfile.join(model_dir, LOG_DIR))
                 profiling = True
-            fetch_started = time.perf_counter()
-            images, labels = next(iterator)
-            input_wait += time.perf_counter() - fetch_started
-            totals += train_step(images, labels)
-            step.assign_add(1)
-            phase_step += 1
-            if profiling and phase_step == profile_steps[1]:
+            num_steps = min(steps_per_execution, steps_per_epoch - int(step))
+            if num_steps == 1:
+                fetch_started = time.perf_counter()
+                images, labels = next(iterator)
+                if input_wait is not None:
+                    input_wait += time.perf_counter() - fetch_started
+                totals += train_step(images, labels)
+            else:
+                # The batches are taken inside the tf.function: their wait cannot be timed apart.
+                input_wait = None
+                totals += train_steps(iterator, tf.constant(num_steps))
+            step.assign_add(num_steps)
+            phase_step += num_steps
+            if profiling and phase_step >= profile_steps[1]:
                 tf.profiler.experimental.stop()
                 profiling = False
             if preemption.requested:
                 save_checkpoint()
                 raise Preempted(f"{phase} stopped by SIGTERM at epoch {int(epoch) + 1}, step {int(step)}")
-            if checkpoint_every_steps and int(step) % checkpoint_every_steps == 0 and int(step) < steps_per_epoch:
+            if checkpoint_every_steps and int(step) % checkpoint_every_steps < num_steps and int(step) < steps_per_epoch:
                 save_checkpoint()
         elapsed = time.perf_counter() - started
         loss_sum, correct, count = totals.numpy().tolist()
@@ -255,7 +282,7 @@ def train_phase(
             "learning_rate": float(keras.ops.convert_to_numpy(optimizer.learning_rate)),
             "images_per_second": count / elapsed if elapsed > 0 else 0.0,
             # Time this process spent blocked in next(iterator) over the epoch's training time.
-            "input_wait_fraction": input_wait / elapsed if elapsed > 0 else 0.0,
+            "input_wait_fraction": None if input_wait is None else input_wait / max(elapsed, 1e-9),  # None: not timed
         }
         improved = validation["accuracy"] > history.best_validation_accuracy()
         history.append(entry)
@@ -284,7 +311,8 @@ def write_summaries(writers: dict, entry: dict) -> None:
     """Writes an epoch's scalars with Keras' names, so TensorBoard shows both phases as one run."""
     with writers["train"].as_default(step=entry["epoch"]):
         for name in ("loss", "accuracy", "learning_rate", "images_per_second", "input_wait_fraction"):
-            tf.summary.scalar(f"epoch_{name}", entry[name])
+            if entry[name] is not None:
+                tf.summary.scalar(f"epoch_{name}", entry[name])
     with writers["validation"].as_default(step=entry["epoch"]):
         tf.summary.scalar("epoch_loss", entry["val_loss"])
         tf.summary.scalar("epoch_accuracy", entry["val_accuracy"])
@@ -296,7 +324,11 @@ def format_epoch(entry: dict, epochs: int, steps: int, elapsed: float) -> str:
     """One console line per epoch, like Keras' verbose=2."""
     return (
         f"Epoch {entry['epoch']}/{epochs} ({entry['phase']}) - {steps} steps - {elapsed:.1f}s - "
-        f"{entry['images_per_second']:.0f} img/s - input wait {100 * entry['input_wait_fraction']:.0f}% - "
+        f"{entry['images_per_second']:.0f} img/s - input wait {format_fraction(entry['input_wait_fraction'])} - "
         f"loss: {entry['loss']:.4f} - accuracy: {entry['accuracy']:.4f} - "
         f"val_loss: {entry['val_loss']:.4f} - val_accuracy: {entry['val_accuracy']:.4f}"
     )
+
+
+def format_fraction(fraction: float | None) -> str:
+    return "n/a (steps_per_execution > 1)" if fraction is None else f"{100 * fraction:.0f}%"

@@ -90,6 +90,8 @@ def train_and_export(
     early_stopping_patience: int,
     profile_steps: tuple[int, int] | None,
     checkpoint_every_steps: int,
+    steps_per_execution: int,
+    jit_compile: bool,
     seed: int,
 ) -> dict:
     """Runs both phases, evaluates, exports, and returns the metrics written to metrics.json.
@@ -126,6 +128,7 @@ def train_and_export(
         validation_dataset=dataset("validation", training=False), global_batch_size=batch_size,
         steps_per_epoch=steps_per_epoch, history=history, early_stopping_patience=early_stopping_patience,
         checkpoint_every_steps=checkpoint_every_steps, preemption=preemption,
+        steps_per_execution=steps_per_execution, jit_compile=jit_compile,
     )
     try:
         # A phase-2 checkpoint holds the whole model: phase 1 is then over and need not be restored.
@@ -235,6 +238,19 @@ def define_flags() -> None:
         "Trace these phase-1 training steps (from 1), e.g. '10,20', for TensorBoard's profiler; '' = off.",
     )
     flags.DEFINE_integer(
+        "steps_per_execution", 1,
+        "Training steps per tf.function call. TPUs want many (e.g. 50) to avoid a host round trip per step; "
+        "above 1 the per-epoch input-wait share cannot be measured.",
+    )
+    flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (helps GPUs; slow on CPUs; TPUs always compile).")
+    flags.DEFINE_integer("num_gpus", 0, "With --strategy=mirrored, use only the first N GPUs; 0 = all.")
+    flags.DEFINE_enum(
+        "learning_rate_scaling", "none", ["none", "linear"],
+        "linear: multiply both learning rates by --batch_size / --base_batch_size (Goyal et al. 2017), so a "
+        "recipe tuned at one batch size carries over when more replicas bring a larger global batch.",
+    )
+    flags.DEFINE_integer("base_batch_size", 32, "The batch size the learning rates are given for (see --learning_rate_scaling).")
+    flags.DEFINE_integer(
         "checkpoint_every_steps", 0,
         "Also checkpoint every N steps within an epoch (resume then loses at most N steps); 0 = per epoch.",
     )
@@ -272,13 +288,21 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
         for split in ("train", "validation"):
             data.shard_paths(FLAGS.data_dir, manifest, split)
-        strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu)
+        if FLAGS.steps_per_execution < 1:
+            raise ValueError(f"--steps_per_execution {FLAGS.steps_per_execution} must be at least 1")
+        strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus)
         distribute.check_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
 
     image_size = FLAGS.image_size or model_lib.default_image_size(FLAGS.backbone)
+    learning_rate = FLAGS.learning_rate
+    fine_tune_learning_rate = FLAGS.fine_tune_learning_rate or learning_rate / 10
+    if FLAGS.learning_rate_scaling == "linear":
+        learning_rate *= FLAGS.batch_size / FLAGS.base_batch_size
+        fine_tune_learning_rate *= FLAGS.batch_size / FLAGS.base_batch_size
+    logging.info("learning rates: %g (phase 1), %g (phase 2)", learning_rate, fine_tune_learning_rate)
     flags_text = own_flags_text()
     logging.info("flags:\n%s", flags_text)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
@@ -299,8 +323,8 @@ def main(argv: list[str]) -> None:
             precision=FLAGS.precision,
             epochs=FLAGS.epochs,
             fine_tune_epochs=FLAGS.fine_tune_epochs,
-            learning_rate=FLAGS.learning_rate,
-            fine_tune_learning_rate=FLAGS.fine_tune_learning_rate or FLAGS.learning_rate / 10,
+            learning_rate=learning_rate,
+            fine_tune_learning_rate=fine_tune_learning_rate,
             fine_tune_at=FLAGS.fine_tune_at,
             dropout=FLAGS.dropout,
             steps_per_epoch=FLAGS.steps_per_epoch,
@@ -311,6 +335,8 @@ def main(argv: list[str]) -> None:
             early_stopping_patience=FLAGS.early_stopping_patience,
             profile_steps=profile_steps,
             checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            steps_per_execution=FLAGS.steps_per_execution,
+            jit_compile=FLAGS.jit_compile,
             seed=FLAGS.seed,
         )
     except loop.Preempted as stop:
