@@ -21,6 +21,8 @@ setup(
         "tensorboard>=2.21",
         "Pillow>=10.4",
         "numpy>=1.26",
+        "tqdm>=4.66",
+        "google-crc32c>=1.5",
     ],
     extras_require={
         "test": ["pytest>=8"],

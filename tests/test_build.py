@@ -13,8 +13,9 @@ import tensorflow as tf
 from tfrecords import build
 from tfrecords import demo_images
 from tfrecords import folder
+from tfrecords import plan
 from tfrecords import schema
-from tfrecords import writer
+from tfrecords import verify
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -26,10 +27,12 @@ MANIFEST_KEYS = [
     "seed",
     "validation_fraction",
     "test_fraction",
+    "max_side",
     "image_format",
     "classes",
     "splits",
     "skipped",
+    "label_conflicts",
 ]
 # Files the converter must skip, with the start of the reason it must give.
 BAD_FILES = {
@@ -47,6 +50,7 @@ def _build(input_dir, output_dir, **overrides) -> dict:
         "target_shard_mb": 100,
         "seed": 42,
         "overwrite": False,
+        "max_skipped_fraction": 1.0,
     }
     settings.update(overrides)
     return build.build(input_dir=str(input_dir), output_dir=str(output_dir), **settings)
@@ -91,6 +95,9 @@ def test_manifest_structure(built, image_dir):
         assert list(split) == ["num_examples", "class_counts", "shards"]
         assert list(split["class_counts"]) == CLASSES
         assert sum(split["class_counts"].values()) == split["num_examples"]
+        for shard in split["shards"]:
+            assert list(shard) == ["file", "num_examples", "sha256", "size_bytes"]
+            assert shard["size_bytes"] == (output_dir / shard["file"]).stat().st_size
     assert (output_dir / schema.LABELS_FILE).read_text() == "circle\nsquare\ntriangle\n"
 
 
@@ -112,7 +119,8 @@ def test_shards_exist_are_balanced_and_decode(built, image_dir):
         ]
         sizes = [shard["num_examples"] for shard in split["shards"]]
         assert sum(sizes) == split["num_examples"]
-        assert max(sizes) - min(sizes) <= 1
+        # Shards are assigned before decoding: a skipped file leaves its shard one example shorter.
+        assert max(sizes) - min(sizes) <= 1 + len(BAD_FILES)
         for shard in split["shards"]:
             examples = _read_examples(output_dir, shard["file"])
             assert len(examples) == shard["num_examples"]
@@ -131,6 +139,8 @@ def test_shards_exist_are_balanced_and_decode(built, image_dir):
     expected = {p.relative_to(image_dir).as_posix() for p in image_dir.glob("*/*")} - set(BAD_FILES)
     assert sources == expected
     assert not list(output_dir.glob("*.incomplete"))
+    assert not (output_dir / "_progress").exists()
+    assert verify.verify(data_dir=str(output_dir)) == ([], 6, len(sources))
 
 
 def test_splits_are_stable_whatever_the_listing(image_dir, tmp_path):
@@ -155,21 +165,20 @@ def test_splits_are_stable_whatever_the_listing(image_dir, tmp_path):
     )
     shuffled = list(listing.files)
     random.Random(0).shuffle(shuffled)
-    assert writer.order_files(files=shuffled, seed=42) == writer.order_files(files=listing.files, seed=42)
+    assert plan.order_files(files=shuffled, seed=42) == plan.order_files(files=listing.files, seed=42)
 
 
-def test_automatic_shard_count(image_dir):
-    listing = folder.list_images(
-        input_dir=str(image_dir), validation_fraction=0.0, test_fraction=0.0, seed=42
-    )
-    files = listing.files
-    assert writer.count_shards(files=files, num_shards=0, target_shard_mb=100) == 1
-    total_bytes = sum(Path(source_file.path).stat().st_size for source_file in files)
-    target_shard_mb = total_bytes / 4.5 / 2**20
-    assert writer.count_shards(files=files, num_shards=0, target_shard_mb=target_shard_mb) == 5
-    assert writer.count_shards(files=files, num_shards=3, target_shard_mb=100) == 3
+def test_automatic_shard_count():
+    def count(num_files, total_mb, num_shards=0):
+        return plan.count_shards(
+            num_files=num_files, total_bytes=int(total_mb * 2**20), num_shards=num_shards, target_shard_mb=100
+        )
+
+    assert count(36, 1) == 1
+    assert count(36, 450) == 5
+    assert count(36, 450, num_shards=3) == 3
     # Never more shards than files: no shard is empty on purpose.
-    assert writer.count_shards(files=files[:2], num_shards=10, target_shard_mb=100) == 2
+    assert count(2, 1, num_shards=10) == 2
 
 
 def test_pre_split_layout(tmp_path):
@@ -206,7 +215,13 @@ def test_refuses_to_overwrite_and_replaces_with_overwrite(image_dir, tmp_path):
 def test_folder_of_only_bad_files_gives_no_splits(tmp_path):
     for class_name in ("cats", "dogs"):
         (tmp_path / "images" / class_name).mkdir(parents=True)
+        # Identical text files: one is skipped as unreadable, the other as its duplicate.
+        # Identical text files: one is skipped as undecodable, the other as its duplicate.
         (tmp_path / "images" / class_name / "readme.jpg").write_text("not an image\n")
+    with pytest.raises(build.TooManySkippedError, match=r"1 of 2 files \(50.0%\) could not be decoded"):
+        _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0,
+               max_skipped_fraction=0.01)
+    assert not (tmp_path / "output" / schema.MANIFEST_FILE).exists()
     manifest = _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
     assert manifest["splits"] == {}
     assert len(manifest["skipped"]) == 2
@@ -225,7 +240,9 @@ def _run_build(*flags) -> subprocess.CompletedProcess:
 
 def test_program_converts_and_prints_summary(image_dir, tmp_path):
     output_dir = tmp_path / "output"
-    result = _run_build(f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--num_shards=1")
+    result = _run_build(
+        f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--num_shards=1", "--max_skipped_fraction=0.1"
+    )
     assert result.returncode == 0, result.stderr
     manifest = json.loads((output_dir / schema.MANIFEST_FILE).read_text())
     counts = ", ".join(f"{name} {split['num_examples']}" for name, split in manifest["splits"].items())
@@ -269,3 +286,135 @@ def test_program_input_errors_exit_2_with_one_line(tmp_path, make_input_dir, mes
     assert error_lines[0].startswith(f"error: --input_dir {str(input_dir)!r} {message}")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "output").exists()
+
+
+def test_tfds_source_with_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        manifest = build.build(
+            input_dir=None, output_dir=str(tmp_path / "output"), validation_fraction=0.2, test_fraction=0.1,
+            num_shards=2, target_shard_mb=100, seed=42, overwrite=False, tfds_name="tf_flowers", max_side=16,
+        )
+    assert manifest["layout"] == "tfds" and manifest["tfds_name"] == "tf_flowers"
+    assert manifest["tfds_splits"] == {"train": "train[30%:]", "validation": "train[10%:30%]", "test": "train[:10%]"}
+    assert manifest["classes"] == ["dandelion", "daisy", "tulips", "sunflowers", "roses"]
+    # The mock ignores slicing: each of the 2 shards of each split gets the 6 mock examples.
+    assert {name: split["num_examples"] for name, split in manifest["splits"].items()} == {
+        "train": 12, "validation": 12, "test": 12
+    }
+    problems, num_shards, num_examples = verify.verify(data_dir=str(tmp_path / "output"))
+    assert (problems, num_shards, num_examples) == ([], 6, 36)
+    for serialized in tf.data.TFRecordDataset(str(tmp_path / "output" / "train-00000-of-00002.tfrecord")):
+        assert max(int(schema.parse_example(serialized)["image/height"]), 1) <= 16
+
+
+def test_duplicates_are_skipped_and_label_conflicts_reported(image_dir, tmp_path):
+    input_dir = tmp_path / "images"
+    shutil.copytree(image_dir, input_dir)
+    original = (input_dir / "circle" / "circle_000.jpg").read_bytes()
+    (input_dir / "circle" / "copy_of_000.jpg").write_bytes(original)  # same class
+    (input_dir / "square" / "also_000.jpg").write_bytes(original)  # another class
+    manifest = _build(input_dir, tmp_path / "output")
+    reasons = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
+    # The first copy by relative path is kept, whatever the listing order.
+    assert reasons["circle/copy_of_000.jpg"] == "duplicate of circle/circle_000.jpg"
+    assert reasons["square/also_000.jpg"] == "duplicate of circle/circle_000.jpg"
+    assert manifest["label_conflicts"] == [
+        {"paths": ["circle/circle_000.jpg", "square/also_000.jpg"], "classes": ["circle", "square"]}
+    ]
+    assert sum(split["num_examples"] for split in manifest["splits"].values()) == len(CLASSES) * NUM_PER_CLASS
+
+
+def test_labels_csv(image_dir, tmp_path):
+    rows = ["path,label"] + [f"circle/circle_{index:03d}.jpg,round" for index in range(6)]
+    rows += [f"square/square_{index:03d}.jpg,angular" for index in range(6)] + ["missing.jpg,angular"]
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    manifest = _build(image_dir, tmp_path / "output", labels_csv=str(tmp_path / "labels.csv"), num_shards=1)
+    assert manifest["layout"] == "labels_csv"
+    assert manifest["classes"] == ["angular", "round"]
+    assert sum(split["num_examples"] for split in manifest["splits"].values()) == 12
+    assert [entry["path"] for entry in manifest["skipped"]] == ["missing.jpg"]
+    assert manifest["skipped"][0]["reason"].startswith("cannot read file")
+    (tmp_path / "bad.csv").write_text("../outside.jpg,round\n")
+    with pytest.raises(ValueError, match=r"path '../outside.jpg' leaves --input_dir"):
+        _build(image_dir, tmp_path / "other", labels_csv=str(tmp_path / "bad.csv"))
+
+
+def test_max_side_downscales_keeping_aspect(image_dir, tmp_path):
+    manifest = _build(image_dir, tmp_path / "output", max_side=40)
+    assert manifest["max_side"] == 40
+    for split in manifest["splits"].values():
+        for example in _read_examples(tmp_path / "output", split["shards"][0]["file"]):
+            height, width = int(example["image/height"]), int(example["image/width"])
+            assert max(height, width) <= 40
+            assert tf.io.decode_jpeg(example["image/encoded"]).shape[:2] == (height, width)
+
+
+ODD_IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "odd_images"
+
+
+@pytest.mark.skipif(not ODD_IMAGES_DIR.is_dir(), reason=f"{ODD_IMAGES_DIR} is absent")
+def test_every_odd_image_is_converted_or_skipped_with_a_reason(tmp_path):
+    # tests/test_images.py says what each file becomes; here they go through the whole converter.
+    from tests.test_images import CONVERTED, KEPT, ODD_IMAGES
+
+    for index, name in enumerate(sorted(ODD_IMAGES)):
+        (tmp_path / "images" / ("a", "b")[index % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(ODD_IMAGES_DIR / name, tmp_path / "images" / ("a", "b")[index % 2] / name)
+    manifest = _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
+    skipped = {entry["path"].split("/")[1]: entry["reason"] for entry in manifest["skipped"]}
+    expected_skipped = {name: reason for name, reason in ODD_IMAGES.items() if reason not in (KEPT, CONVERTED)}
+    assert sorted(skipped) == sorted(expected_skipped)
+    assert all(skipped[name].startswith(reason) for name, reason in expected_skipped.items())
+    assert manifest["splits"]["train"]["num_examples"] == len(ODD_IMAGES) - len(expected_skipped)
+    assert verify.verify(data_dir=str(tmp_path / "output"))[0] == []
+
+
+def test_ram_filesystem_input_and_output(image_dir):
+    # ram:// goes through the same tf.io.gfile calls as gs://, without a network.
+    for path in image_dir.glob("*/*.*"):
+        relative = path.relative_to(image_dir).as_posix()
+        tf.io.gfile.makedirs(f"ram://images/{relative.split('/')[0]}")
+        tf.io.gfile.copy(str(path), f"ram://images/{relative}", overwrite=True)
+    manifest = _build("ram://images", "ram://output", num_shards=1)
+    assert sum(split["num_examples"] for split in manifest["splits"].values()) == len(CLASSES) * NUM_PER_CLASS
+    assert tf.io.gfile.exists("ram://output/manifest.json")
+    assert verify.verify(data_dir="ram://output")[0] == []
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--max_side=-1", "error: --max_side=-1 is negative"),
+        ("--num_workers=-2", "error: --num_workers=-2 is negative"),
+        ("--max_skipped_fraction=2", "error: --max_skipped_fraction=2.0 is not in [0, 1]"),
+        ("--num_shards=-1", "error: --num_shards=-1 is negative"),
+    ],
+)
+def test_program_flag_errors_exit_2_and_keep_earlier_output(built, image_dir, flag, message):
+    _, output_dir = built
+    before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
+    result = _run_build(f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--overwrite", flag)
+    assert result.returncode == 2
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+        line for line in result.stderr.splitlines() if line.startswith(message)
+    ] != []
+    assert "Traceback" not in result.stderr
+    assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
+
+
+def test_verify_program_finds_a_corrupt_shard(image_dir, tmp_path):
+    output_dir = tmp_path / "output"
+    _build(image_dir, output_dir)
+    command = [sys.executable, "-m", "tfrecords.verify", f"--data_dir={output_dir}"]
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith(": OK")
+    shard = output_dir / "train-00000-of-00002.tfrecord"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert "problem: train-00000-of-00002.tfrecord: sha256 differs from the manifest" in result.stdout
+    assert "FAILED" in result.stdout.splitlines()[-1]

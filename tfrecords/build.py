@@ -9,10 +9,18 @@ validation and test by a stable hash of each file's path) or already split folde
 (`<input_dir>/train/<class>/...`, `<input_dir>/validation/<class>/...` or `val/`, optional `test/`).
 See tfrecords/folder.py for what is listed and what is ignored.
 
+Or a CSV of `path,label` rows (--labels_csv), or a TFDS dataset (--tfds_name, tfrecords/tfds_source.py).
+
 The output folder (local or gs://) receives `<split>-%05d-of-%05d.tfrecord` shards in the format of
 tfrecords/schema.py, `labels.txt` (one class name per line, line i is label id i), `flags.txt`, and
-`manifest.json`, written last, which lists the shards, the counts per class and every skipped file with
-the reason. Files that are not decodable images are skipped, never fatal.
+`manifest.json`, written last, which lists the shards (with sha256), the counts per class and every
+skipped file with the reason. Files that are not decodable images, and exact duplicates, are skipped;
+more undecodable files than --max_skipped_fraction fails the run (exit 1, no manifest).
+
+Stages: folder.py lists, plan.py hashes, deduplicates and assigns files to shards, shards.py writes one
+shard (resumably), writer.py runs the workers and writes labels and manifest. A rerun of an interrupted
+conversion (no manifest yet) with the same flags keeps the complete shards; check a finished one with
+`python -m tfrecords.verify --data_dir=<output_dir>`.
 """
 
 import sys
@@ -23,6 +31,8 @@ from absl import logging
 import tensorflow as tf
 
 from tfrecords import folder
+from tfrecords import plan
+from tfrecords import progress
 from tfrecords import schema
 from tfrecords import writer
 
@@ -39,7 +49,8 @@ def define_flags() -> None:
         "input_dir",
         None,
         "Image folder, local or gs://: <input_dir>/<class>/<image files>, or pre-split "
-        "<input_dir>/{train,validation|val,test}/<class>/<image files>.",
+        "<input_dir>/{train,validation|val,test}/<class>/<image files>, or any files listed by "
+        "--labels_csv. Not used with --tfds_name.",
     )
     flags.DEFINE_string(
         "output_dir",
@@ -81,7 +92,50 @@ def define_flags() -> None:
         "Replace an earlier conversion in --output_dir. Without it, an --output_dir that already has a "
         "manifest.json is refused.",
     )
-    flags.mark_flag_as_required("input_dir")
+    flags.DEFINE_integer(
+        "num_workers",
+        0,
+        "Processes that decode and write shards (each writes whole shards). 0 uses all cores. The "
+        "output is byte-identical whatever the number.",
+    )
+    flags.DEFINE_integer(
+        "max_side",
+        0,
+        "If positive, downscale images whose longer side is larger, keeping the aspect, before storing "
+        "(e.g. 320 when training at 160-299 px). 0 keeps the original size.",
+    )
+    flags.DEFINE_float(
+        "max_skipped_fraction",
+        0.01,
+        "Fail (exit 1, no manifest) when more than this share of the files cannot be decoded: that "
+        "usually means a wrong folder. Duplicates do not count. 1 never fails.",
+    )
+    flags.DEFINE_string(
+        "labels_csv",
+        None,
+        "CSV file (local or gs://) of `path,label` rows, path relative to --input_dir, for datasets "
+        "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
+        "folders.",
+    )
+    flags.DEFINE_string(
+        "tfds_name",
+        None,
+        "Convert a TensorFlow Datasets dataset instead of --input_dir, e.g. tf_flowers, "
+        "oxford_flowers102, cassava (optionally name:version).",
+    )
+    flags.DEFINE_string(
+        "tfds_data_dir",
+        None,
+        "TFDS data folder (local or gs://); default ~/tensorflow_datasets. Downloaded and prepared there "
+        "if missing.",
+    )
+    flags.DEFINE_string(
+        "tfds_splits",
+        "",
+        "With --tfds_name: comma-separated <our split>=<TFDS split> pairs, e.g. "
+        "train=train[:80%],validation=train[80%:]. Empty uses the dataset's train/validation/test splits, "
+        "and splits a dataset that has only `train` by --validation_fraction and --test_fraction.",
+    )
     flags.mark_flag_as_required("output_dir")
 
 
@@ -89,9 +143,13 @@ class InputError(ValueError):
     """A problem with the flags or the input folder, found before anything is written."""
 
 
+class TooManySkippedError(RuntimeError):
+    """More files than --max_skipped_fraction allows could not be decoded; no manifest was written."""
+
+
 def build(
     *,
-    input_dir: str,
+    input_dir: str | None,
     output_dir: str,
     validation_fraction: float,
     test_fraction: float,
@@ -99,71 +157,105 @@ def build(
     target_shard_mb: float,
     seed: int,
     overwrite: bool,
+    num_workers: int = 1,
+    max_side: int = 0,
+    max_skipped_fraction: float = 0.01,
+    labels_csv: str | None = None,
+    tfds_name: str | None = None,
+    tfds_data_dir: str | None = None,
+    tfds_splits: str = "",
 ) -> dict:
-    """Converts input_dir into TFRecord shards, labels.txt and manifest.json in output_dir.
+    """Converts input_dir (or a TFDS dataset) into TFRecord shards, labels.txt and manifest.json.
 
     Args:
         input_dir: image folder, local or gs://, in one of the layouts of tfrecords/folder.py.
         output_dir: output folder, local or gs://; created if missing.
-        validation_fraction: share of files for validation (class-folder layout only).
-        test_fraction: share of files for test (class-folder layout only).
+        validation_fraction: share of files for validation (hash-split layouts only).
+        test_fraction: share of files for test (hash-split layouts only).
         num_shards: shards per split; 0 picks the number from target_shard_mb.
         target_shard_mb: automatic shard size, in MiB of source files.
         seed: seed of the split assignment and of the example order.
-        overwrite: replace an earlier conversion in output_dir instead of refusing.
+        overwrite: replace a finished conversion in output_dir instead of refusing.
+        num_workers: processes writing shards; 0 means all cores.
+        max_side: downscale so the longer side is at most this; 0 keeps the size.
+        max_skipped_fraction: fail when a larger share of the files cannot be decoded.
+        labels_csv: optional CSV of path,label rows (paths relative to input_dir).
+        tfds_name: convert this TFDS dataset instead of input_dir.
+        tfds_data_dir: TFDS data folder.
+        tfds_splits: mapping of our splits to TFDS splits, "train=train[:80%],...".
 
     Returns:
         The manifest dict, as written to manifest.json.
 
     Raises:
-        InputError: (a ValueError) the flags or the input folder are unusable; nothing was written.
+        InputError: (a ValueError) the flags or the input are unusable; nothing was written.
+        TooManySkippedError: too many undecodable files; shards were written, the manifest was not.
     """
     # Only this validation step turns ValueErrors into InputError: a ValueError raised while writing
     # is a bug and must keep its traceback.
     try:
         _check_output_dir(output_dir=output_dir, overwrite=overwrite)
-        _check_shard_settings(num_shards=num_shards, target_shard_mb=target_shard_mb)
-        listing = folder.list_images(
-            input_dir=input_dir,
-            validation_fraction=validation_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
+        _check_settings(
+            num_shards=num_shards, target_shard_mb=target_shard_mb, num_workers=num_workers,
+            max_side=max_side, max_skipped_fraction=max_skipped_fraction,
         )
+        num_workers = num_workers or progress.default_num_workers()
+        if tfds_name:
+            if input_dir or labels_csv:
+                raise ValueError(f"--tfds_name={tfds_name!r} replaces --input_dir and --labels_csv; pass only one source")
+            # Imported here: tensorflow_datasets takes seconds to import and is only needed for this source.
+            from tfrecords import tfds_source
+
+            classes, tasks, source = tfds_source.plan_tfds(
+                name=tfds_name, data_dir=tfds_data_dir, splits=tfds_splits, num_shards=num_shards,
+                validation_fraction=validation_fraction, test_fraction=test_fraction, max_side=max_side or None,
+            )
+            shard_plan = plan.Plan(tasks=tasks, skipped=[], label_conflicts=[])
+            num_sources = None
+        else:
+            if not input_dir:
+                raise ValueError("--input_dir is missing; pass an image folder (or --tfds_name)")
+            listing = folder.list_images(
+                input_dir=input_dir, validation_fraction=validation_fraction, test_fraction=test_fraction,
+                seed=seed, labels_csv=labels_csv,
+            )
+            classes = listing.classes
+            source = {
+                "input_dir": input_dir, "layout": listing.layout, "seed": seed,
+                "validation_fraction": validation_fraction, "test_fraction": test_fraction,
+            }
+            shard_plan = None
+            num_sources = len(listing.files)
     except ValueError as error:
         raise InputError(str(error)) from error
 
     tf.io.gfile.makedirs(output_dir)
-    if overwrite:
-        writer.remove_previous_output(output_dir=output_dir)
-    splits = {}
-    skipped = []
-    for split in schema.SPLITS:
-        split_files = [source_file for source_file in listing.files if source_file.split == split]
-        if not split_files:
-            continue
-        logging.info("Writing %d files of split %r", len(split_files), split)
-        splits[split], split_skipped = writer.write_split(
-            split=split,
-            files=split_files,
-            classes=listing.classes,
-            output_dir=output_dir,
-            num_shards=num_shards,
-            target_shard_mb=target_shard_mb,
-            seed=seed,
+    if shard_plan is None:
+        shard_plan = plan.make_plan(
+            files=listing.files, classes=classes, num_shards=num_shards, target_shard_mb=target_shard_mb,
+            seed=seed, max_side=max_side or None, num_workers=num_workers,
         )
-        skipped.extend(split_skipped)
-    writer.write_labels(output_dir=output_dir, classes=listing.classes)
+    writer.prepare_output_dir(
+        output_dir=output_dir, overwrite=overwrite, planned_files=[task.file for task in shard_plan.tasks]
+    )
+    records = writer.write_shards(
+        tasks=shard_plan.tasks, output_dir=output_dir, max_side=max_side or None, classes=classes,
+        num_workers=num_workers,
+    )
+    skipped = shard_plan.skipped + [entry for record in records for entry in record["skipped"]]
+    _check_skipped(skipped=skipped, num_sources=num_sources, records=records, max_skipped_fraction=max_skipped_fraction)
+    writer.write_labels(output_dir=output_dir, classes=classes)
+    splits = writer.summarize_splits(tasks=shard_plan.tasks, records=records, classes=classes)
+    writer.remove_empty_splits(output_dir=output_dir, tasks=shard_plan.tasks, splits=splits)
     manifest = writer.make_manifest(
-        input_dir=input_dir,
-        layout=listing.layout,
-        seed=seed,
-        validation_fraction=validation_fraction,
-        test_fraction=test_fraction,
-        classes=listing.classes,
+        source={**source, "max_side": max_side},
+        classes=classes,
         splits=splits,
-        skipped=sorted(skipped, key=lambda entry: entry["path"]),
+        skipped=skipped,
+        label_conflicts=shard_plan.label_conflicts,
     )
     writer.write_manifest(output_dir=output_dir, manifest=manifest)
+    writer.remove_progress(output_dir=output_dir)
     return manifest
 
 
@@ -178,6 +270,24 @@ def summarize(*, manifest: dict, output_dir: str) -> str:
     )
 
 
+def _check_skipped(*, skipped: list, num_sources: int | None, records: list, max_skipped_fraction: float) -> None:
+    """Raises TooManySkippedError when too many files could not be decoded (duplicates do not count)."""
+    unreadable = [entry for entry in skipped if not entry["reason"].startswith("duplicate of")]
+    if num_sources is None:
+        num_sources = len(unreadable) + sum(record["num_examples"] for record in records)
+    if not unreadable or len(unreadable) <= max_skipped_fraction * num_sources:
+        return
+    reasons = {}
+    for entry in unreadable:
+        reasons.setdefault(entry["reason"].split(":")[0], entry["path"])
+    examples = "; ".join(f"{reason} (e.g. {path})" for reason, path in sorted(reasons.items())[:3])
+    raise TooManySkippedError(
+        f"{len(unreadable)} of {num_sources} files ({len(unreadable) / num_sources:.1%}) could not be "
+        f"decoded, more than --max_skipped_fraction={max_skipped_fraction}: {examples}. Check --input_dir; "
+        "if these files are expected, rerun with a larger --max_skipped_fraction (written shards are kept)"
+    )
+
+
 def _check_output_dir(*, output_dir: str, overwrite: bool) -> None:
     manifest_path = tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)
     if not overwrite and tf.io.gfile.exists(manifest_path):
@@ -187,36 +297,43 @@ def _check_output_dir(*, output_dir: str, overwrite: bool) -> None:
         )
 
 
-def _check_shard_settings(*, num_shards: int, target_shard_mb: float) -> None:
+def _check_settings(
+    *, num_shards: int, target_shard_mb: float, num_workers: int, max_side: int, max_skipped_fraction: float
+) -> None:
     if num_shards < 0:
         raise ValueError(f"--num_shards={num_shards} is negative; use 0 (automatic) or a positive count")
     if num_shards == 0 and target_shard_mb <= 0:
         raise ValueError(
             f"--target_shard_mb={target_shard_mb} must be positive when --num_shards=0; e.g. 100"
         )
+    if num_workers < 0:
+        raise ValueError(f"--num_workers={num_workers} is negative; use 0 (all cores) or a positive count")
+    if max_side < 0:
+        raise ValueError(f"--max_side={max_side} is negative; use 0 (keep the size) or e.g. 320")
+    if not 0 <= max_skipped_fraction <= 1:
+        raise ValueError(f"--max_skipped_fraction={max_skipped_fraction} is not in [0, 1]; e.g. 0.01")
 
 
 def main(argv: list) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    settings = {
-        "input_dir": FLAGS.input_dir,
-        "output_dir": FLAGS.output_dir,
-        "validation_fraction": FLAGS.validation_fraction,
-        "test_fraction": FLAGS.test_fraction,
-        "num_shards": FLAGS.num_shards,
-        "target_shard_mb": FLAGS.target_shard_mb,
-        "seed": FLAGS.seed,
-        "overwrite": FLAGS.overwrite,
-    }
+    names = [
+        "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb",
+        "seed", "overwrite", "num_workers", "max_side", "max_skipped_fraction", "labels_csv", "tfds_name",
+        "tfds_data_dir", "tfds_splits",
+    ]
+    settings = {name: FLAGS[name].value for name in names}
     # In --flagfile syntax, so a run can be repeated with --flagfile=<output_dir>/flags.txt.
-    flags_text = "".join(f"--{name}={value}\n" for name, value in settings.items())
+    flags_text = "".join(f"--{name}={value}\n" for name, value in settings.items() if value is not None)
     logging.info("Resolved flags:\n%s", flags_text)
     try:
         manifest = build(**settings)
     except InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except TooManySkippedError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     with tf.io.gfile.GFile(tf.io.gfile.join(FLAGS.output_dir, "flags.txt"), "w") as flags_file:
         flags_file.write(flags_text)
     print(summarize(manifest=manifest, output_dir=FLAGS.output_dir))

@@ -12,6 +12,13 @@ The pre-split layout (like cats_and_dogs_filtered) is detected when both a `trai
 gets a split from a hash of the seed and its relative path, so a file keeps its split whatever the
 listing order, and adding files never moves the others.
 
+With `labels_csv`, the files are the `path,label` rows of that CSV instead (paths relative to
+input_dir, which need not be class folders), split by the same hash as class folders.
+
+Class names must be usable as label names: a name with a line break or another control character is
+refused (labels.txt has one name per line). Any other name, including spaces, non-ASCII letters and
+characters that are awkward in paths, is kept as it is: it is only stored, never used as a path.
+
 Ignored on purpose: hidden files and folders (names starting with "."; e.g. .DS_Store, .ipynb_checkpoints),
 `__MACOSX` folders (debris of zips made on macOS), and plain files at the top level (LICENSE.txt,
 README). Every other regular file inside a class folder is a candidate: its format is detected from its
@@ -20,14 +27,18 @@ bytes later (`tfrecords.images`), not from its extension, and files that are not
 All paths go through tf.io.gfile, so input_dir may be local or gs://.
 """
 
+import csv
 import dataclasses
 import hashlib
+import io
 
 from absl import logging
 import tensorflow as tf
 
 LAYOUT_CLASS_FOLDERS = "class_folders"
 LAYOUT_PRE_SPLIT = "pre_split"
+LAYOUT_LABELS_CSV = "labels_csv"
+CSV_HEADER = ["path", "label"]
 TRAIN_FOLDER = "train"
 VALIDATION_FOLDERS = ("validation", "val")
 TEST_FOLDER = "test"
@@ -87,7 +98,9 @@ def assign_split(*, relative_path: str, seed: int, validation_fraction: float, t
     return "train"
 
 
-def list_images(*, input_dir: str, validation_fraction: float, test_fraction: float, seed: int) -> Listing:
+def list_images(
+    *, input_dir: str, validation_fraction: float, test_fraction: float, seed: int, labels_csv: str | None = None
+) -> Listing:
     """Lists the candidate image files of input_dir, with class, label and split.
 
     Args:
@@ -95,6 +108,7 @@ def list_images(*, input_dir: str, validation_fraction: float, test_fraction: fl
         validation_fraction: share of files for validation (class-folder layout only).
         test_fraction: share of files for test (class-folder layout only).
         seed: seed of the split assignment (class-folder layout only).
+        labels_csv: optional CSV of path,label rows; replaces the folder layouts.
 
     Returns:
         A Listing.
@@ -108,6 +122,11 @@ def list_images(*, input_dir: str, validation_fraction: float, test_fraction: fl
         raise ValueError(
             f"--input_dir {input_dir!r} does not exist or is not a folder; "
             "expected <input_dir>/<class>/<image files>"
+        )
+    if labels_csv:
+        return _list_labels_csv(
+            input_dir=input_dir, labels_csv=labels_csv, validation_fraction=validation_fraction,
+            test_fraction=test_fraction, seed=seed,
         )
     top_folders = _subfolders(input_dir)
     validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
@@ -184,7 +203,49 @@ def _list_pre_split(*, input_dir: str, split_folders: dict) -> Listing:
     return Listing(layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path))
 
 
+def _list_labels_csv(
+    *, input_dir: str, labels_csv: str, validation_fraction: float, test_fraction: float, seed: int
+) -> Listing:
+    if not tf.io.gfile.exists(labels_csv):
+        raise ValueError(f"--labels_csv {labels_csv!r} does not exist; expected a CSV of path,label rows")
+    with tf.io.gfile.GFile(labels_csv, "r") as csv_file:
+        rows = [row for row in csv.reader(io.StringIO(csv_file.read())) if row]
+    if rows and [cell.strip() for cell in rows[0]] == CSV_HEADER:
+        rows = rows[1:]
+    labels_by_path = {}
+    for line_number, row in enumerate(rows, start=1):
+        if len(row) != 2 or not row[0].strip() or not row[1].strip():
+            raise ValueError(f"--labels_csv {labels_csv!r} row {line_number} is {row!r}; expected path,label")
+        relative_path, label_name = row[0].strip(), row[1].strip()
+        if relative_path.startswith("/") or ".." in relative_path.split("/"):
+            raise ValueError(
+                f"--labels_csv {labels_csv!r} row {line_number} path {relative_path!r} leaves --input_dir; "
+                "use paths relative to --input_dir"
+            )
+        if labels_by_path.setdefault(relative_path, label_name) != label_name:
+            raise ValueError(
+                f"--labels_csv {labels_csv!r} gives {relative_path!r} two labels "
+                f"({labels_by_path[relative_path]!r} and {label_name!r}); keep one"
+            )
+    class_names = sorted(set(labels_by_path.values()))
+    _check_classes(class_names=class_names, input_dir=input_dir)
+    files = []
+    for relative_path, class_name in labels_by_path.items():
+        split = assign_split(
+            relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
+            test_fraction=test_fraction,
+        )
+        files.append(_source_file(input_dir, relative_path, class_name, class_names.index(class_name), split))
+    return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path))
+
+
 def _check_classes(*, class_names: list, input_dir: str) -> None:
+    for name in class_names:
+        if any(not character.isprintable() for character in name):
+            raise ValueError(
+                f"--input_dir {input_dir!r} has a class named {name!r}, with a line break or control "
+                "character; rename it (labels.txt holds one class name per line)"
+            )
     if not class_names:
         raise ValueError(
             f"--input_dir {input_dir!r} has no class subfolders; expected <input_dir>/<class>/<image files>"

@@ -1,9 +1,18 @@
 """Turns the bytes of any image file into JPEG bytes that TensorFlow can decode, or says why not.
 
-An RGB JPEG without EXIF rotation is stored as it came (no quality loss, no time spent). Everything else
-(PNG, GIF, BMP, WebP, TIFF, grayscale, 16-bit, palette, CMYK, EXIF-rotated, with alpha) is decoded,
-rotated upright, converted to 8-bit RGB and re-encoded as JPEG, so the trainer needs one decoder only.
+The format comes from the bytes, never from the file name. Accepted: JPEG, PNG, GIF, BMP and WebP; any
+other format Pillow recognises (TIFF, ICO, ...) is skipped as "unsupported format".
+
+An RGB JPEG without EXIF rotation and within `max_side` is stored as it came (no quality loss), after a
+full decode that proves every pixel is there. Everything else (PNG, GIF, BMP, WebP, grayscale, 16-bit,
+palette, CMYK/YCCK, EXIF-rotated, with alpha, larger than `max_side`) is decoded, rotated upright,
+converted to 8-bit RGB, downscaled if needed and re-encoded as JPEG, so the trainer needs one decoder.
 Animated images keep their first frame.
+
+Speed: JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (Pillow's `Image.draft()`). A kept
+JPEG is validated at 1/8 scale, and a JPEG to be downscaled is decoded at the smallest such scale that
+is still at least the target size. Every block of the file is still entropy-decoded either way, so
+truncated or corrupt files fail exactly as with a full-size decode.
 """
 
 import io
@@ -17,6 +26,9 @@ from PIL import UnidentifiedImageError
 JPEG_QUALITY = 95
 BACKGROUND_COLOR = (255, 255, 255, 255)
 EXIF_ORIENTATION_TAG = 0x0112
+ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
+# EXIF orientations 5 to 8 swap width and height.
+TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)
 
 # What Pillow raises on malformed input (its fuzzing tests accept the same set). UnidentifiedImageError
 # is an OSError; DecompressionBombError is none of these, so it is listed.
@@ -35,17 +47,20 @@ class ImageError(ValueError):
     """A file that cannot be used as an image; the message is a short reason for the skipped list."""
 
 
-def load_image(data: bytes) -> tuple[bytes, int, int]:
-    """Decodes an image file fully and returns it as JPEG.
+def load_image(data: bytes, max_side: int | None = None) -> tuple[bytes, int, int]:
+    """Decodes an image file fully and returns it as an upright RGB JPEG.
 
     Args:
-        data: the bytes of the file, in any format Pillow reads.
+        data: the bytes of the file.
+        max_side: if set, images whose longer side exceeds it are downscaled (aspect kept) so that the
+            longer side is max_side.
 
     Returns:
-        (jpeg_bytes, height, width) of the upright 8-bit RGB image.
+        (jpeg_bytes, height, width) of the stored image.
 
     Raises:
-        ImageError: the file is empty, not an image, truncated, corrupt or too large.
+        ImageError: the file is empty, not an image, of an unsupported format, truncated, corrupt or
+            too large to decode safely.
     """
     if ImageFile.LOAD_TRUNCATED_IMAGES:
         # Some other module switched this global on; with it, truncated files would decode as grey.
@@ -57,29 +72,70 @@ def load_image(data: bytes) -> tuple[bytes, int, int]:
         raise ImageError("empty file")
     try:
         image = Image.open(io.BytesIO(data))
-        # open() reads only the header and verify() passes truncated JPEGs: load() decodes every pixel.
-        image.load()
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as error:
         raise ImageError(f"image too large: {error}") from None
     except PILLOW_ERRORS as error:
         raise ImageError(f"truncated or corrupt image: {error}") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageError(f"unsupported format {image.format} (accepted: {', '.join(ACCEPTED_FORMATS)})")
+
+    width, height = image.size
+    target_size = _target_size(width=width, height=height, max_side=max_side)
+    # JPEG headers carry EXIF, so the header alone says whether the file is kept; then a 1/8-scale
+    # decode validates it.
+    keep_bytes = (
+        image.format == "JPEG"
+        and image.mode == "RGB"
+        and target_size is None
+        and _exif_orientation(image) in (None, 1)
+    )
+    try:
+        if image.format == "JPEG":
+            draft_size = (max(1, width // 8), max(1, height // 8)) if keep_bytes else target_size
+            if draft_size is not None:
+                image.draft(image.mode, draft_size)
+        # open() reads only the header and verify() passes truncated JPEGs: load() decodes every pixel.
+        image.load()
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image too large: {error}") from None
+    except PILLOW_ERRORS as error:
+        raise ImageError(f"truncated or corrupt image: {error}") from None
 
     # Read EXIF only after load(): on some broken PNGs getexif() first hides the error load() raises.
+    if keep_bytes:
+        return data, height, width
     orientation = _exif_orientation(image)
-    if image.format == "JPEG" and image.mode == "RGB" and orientation in (None, 1):
-        return data, image.height, image.width
 
     try:
         if orientation not in (None, 1):
             image = ImageOps.exif_transpose(image)
         image = _to_rgb(image)
+        if max_side is not None and max(image.size) > max_side:
+            upright_width, upright_height = (
+                (height, width) if orientation in TRANSPOSED_ORIENTATIONS else (width, height)
+            )
+            image = image.resize(
+                _target_size(width=upright_width, height=upright_height, max_side=max_side),
+                Image.Resampling.BILINEAR,
+            )
         output = io.BytesIO()
         image.save(output, format="JPEG", quality=JPEG_QUALITY)
     except PILLOW_ERRORS as error:
         raise ImageError(f"cannot convert image to RGB JPEG: {error}") from None
     return output.getvalue(), image.height, image.width
+
+
+def _target_size(*, width: int, height: int, max_side: int | None) -> tuple[int, int] | None:
+    """Returns the (width, height) to downscale to, or None when the image already fits."""
+    if max_side is None or max(width, height) <= max_side:
+        return None
+    scale = max_side / max(width, height)
+    # The longer side becomes exactly max_side; the shorter one keeps the aspect, at least 1 px.
+    if width >= height:
+        return max_side, max(1, round(height * scale))
+    return max(1, round(width * scale)), max_side
 
 
 def _exif_orientation(image: Image.Image):
