@@ -67,6 +67,12 @@ def test_augmentation_layers_follow_the_flags():
     assert names == ["RandomFlip", "RandomRotation", "RandomZoom"]
     names = [type(layer).__name__ for layer in data.make_augmentation(flip=False, rotation=0.2, zoom=0).layers]
     assert names == ["RandomRotation"]
+    every = data.make_augmentation(flip=True, rotation=0.1, zoom=0.1, translation=0.1, contrast=0.2, brightness=0.2)
+    assert [type(layer).__name__ for layer in every.layers] == [
+        "RandomFlip", "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomBrightness"
+    ]
+    with pytest.raises(ValueError, match=r"--augment_rotation 1.5 must be within \[0, 1\]"):
+        data.make_augmentation(rotation=1.5)
 
 
 def encode(image: np.ndarray, image_format: str) -> bytes:
@@ -114,3 +120,231 @@ def test_padded_evaluation_gives_exact_loss_and_accuracy(demo_data_dir):
     assert manifest["splits"]["validation"]["num_examples"] % 7 != 0
     assert results[7]["loss"] == pytest.approx(results[1]["loss"], rel=1e-5)
     assert results[7]["accuracy"] == pytest.approx(results[1]["accuracy"], rel=1e-6)
+
+
+AUGMENTATIONS = {
+    "flip": dict(flip=True),
+    "rotation": dict(flip=False, rotation=0.2),
+    "zoom": dict(flip=False, zoom=0.2),
+    "translation": dict(flip=False, translation=0.2),
+    "contrast": dict(flip=False, contrast=0.5),
+    "brightness": dict(flip=False, brightness=0.3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTATIONS))
+def test_each_augmentation_changes_batches_eagerly_and_in_tf_data(name):
+    images = np.random.default_rng(0).uniform(0, 255, (4, 16, 16, 3)).astype(np.float32)
+    augmentation = data.make_augmentation(**AUGMENTATIONS[name], seed=1)
+    eager = augmentation(images, training=True).numpy()
+    dataset = tf.data.Dataset.from_tensors(images).map(lambda batch: augmentation(batch, training=True))
+    in_graph = next(iter(dataset)).numpy()
+    for output in (eager, in_graph):
+        assert output.shape == images.shape and output.dtype == np.float32
+        assert not np.allclose(output, images)
+        assert output.min() >= -1e-3 and output.max() <= 255 + 1e-3
+    np.testing.assert_array_equal(augmentation(images, training=False).numpy(), images)
+
+
+def test_jpeg_evaluation_decode_equals_full_decode_then_central_crop():
+    image = np.random.default_rng(1).integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    encoded = encode(image, "JPEG")
+    fused = data.decode_and_resize(tf.constant(encoded), 24).numpy()
+    decoded = tf.io.decode_jpeg(encoded, channels=3)
+    crop_height, crop_width = round(37 * data.EVAL_CROP_FRACTION), round(53 * data.EVAL_CROP_FRACTION)
+    cropped = tf.image.crop_to_bounding_box(
+        decoded, (37 - crop_height) // 2, (53 - crop_width) // 2, crop_height, crop_width
+    )
+    expected = tf.image.resize(cropped, [24, 24]).numpy()
+    np.testing.assert_allclose(fused, expected, atol=1e-3)
+    whole = data.decode_and_resize(tf.constant(encoded), 24, crop_fraction=1.0).numpy()
+    expected = tf.image.resize(decoded, [24, 24], antialias=True).numpy()  # 53 px > 2 x 24: antialiased
+    np.testing.assert_allclose(whole, np.clip(expected, 0, 255), atol=1e-3)
+
+
+def test_large_images_are_shrunk_with_antialiasing():
+    stripes = np.zeros((200, 200, 3), np.uint8)
+    stripes[:, ::2] = 255  # one-pixel stripes: plain bilinear at 10x would alias them
+    resized = data.decode_and_resize(tf.constant(encode(stripes, "PNG")), 20, crop_fraction=1.0).numpy()
+    np.testing.assert_allclose(resized[:, 1:-1], 127.5, atol=1)
+
+
+@pytest.mark.parametrize("image_format", ["JPEG", "PNG", "GIF"])
+def test_random_crop_eagerly_and_in_tf_data(image_format):
+    image = np.random.default_rng(2).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    encoded = tf.constant(encode(image, image_format))
+    seed = tf.constant([7, 3], tf.int64)
+    eager = data.decode_random_crop(encoded, 20, min_area=0.3, seed=seed).numpy()
+    dataset = tf.data.Dataset.from_tensors(encoded).map(lambda x: data.decode_random_crop(x, 20, min_area=0.3, seed=seed))
+    np.testing.assert_array_equal(eager, next(iter(dataset)).numpy())  # stateless: same seed, same crop
+    assert eager.shape == (20, 20, 3) and eager.dtype == np.float32
+    assert 0 <= eager.min() and eager.max() <= 255
+    crops = {data.decode_random_crop(encoded, 20, min_area=0.3).numpy().tobytes() for _ in range(5)}
+    assert len(crops) > 1  # without a seed, crops differ
+    whole = data.decode_random_crop(encoded, 20, min_area=1.0).numpy()
+    np.testing.assert_array_equal(whole, data.decode_and_resize(encoded, 20, crop_fraction=1.0).numpy())
+
+
+def training_dataset(demo_data_dir, **kwargs):
+    manifest = data.read_manifest(str(demo_data_dir))
+    arguments = dict(
+        data_dir=str(demo_data_dir), manifest=manifest, split="train", image_size=16, batch_size=4, training=True,
+    )
+    return data.make_dataset(**{**arguments, **kwargs})
+
+
+def first_batches(dataset, count=3):
+    return [tuple(part.numpy() for part in batch) for batch in dataset.take(count)]
+
+
+def test_deterministic_with_a_seed_repeats_exactly(demo_data_dir):
+    dataset = training_dataset(demo_data_dir, deterministic=True, seed=5)
+    assert dataset.options().deterministic
+    # A rerun with the same seed: a new dataset (one dataset object reshuffles on each iteration).
+    first, second = first_batches(dataset), first_batches(training_dataset(demo_data_dir, deterministic=True, seed=5))
+    for (images_a, labels_a), (images_b, labels_b) in zip(first, second):
+        np.testing.assert_array_equal(images_a, images_b)
+        np.testing.assert_array_equal(labels_a, labels_b)
+    assert not training_dataset(demo_data_dir).options().deterministic
+    other_seed = first_batches(training_dataset(demo_data_dir, deterministic=True, seed=6))
+    assert any(not np.array_equal(a[0], b[0]) for a, b in zip(first, other_seed))
+
+
+def test_options_reach_the_dataset(demo_data_dir):
+    options = training_dataset(demo_data_dir, ram_budget_gb=0.5, private_threads=2).options()
+    assert options.autotune.enabled and options.autotune.ram_budget == 2**29
+    assert options.threading.private_threadpool_size == 2 and options.threading.max_intra_op_parallelism == 1
+    assert options.experimental_optimization.map_parallelization
+
+
+@pytest.mark.parametrize("cache", ["memory", "file"])
+def test_cache_keeps_random_crops_new_each_epoch(demo_data_dir, tmp_path, cache):
+    manifest = data.read_manifest(str(demo_data_dir))
+    num_examples = manifest["splits"]["train"]["num_examples"]
+    cache = str(tmp_path / "cache") if cache == "file" else cache
+    dataset = training_dataset(demo_data_dir, batch_size=num_examples, cache=cache, seed=3, deterministic=True)
+    (epoch_1_images, epoch_1_labels), (epoch_2_images, epoch_2_labels) = first_batches(dataset, 2)
+    np.testing.assert_array_equal(np.sort(epoch_1_labels), np.sort(epoch_2_labels))  # same examples
+    assert not np.array_equal(np.sort(epoch_1_images.sum(axis=(1, 2, 3))), np.sort(epoch_2_images.sum(axis=(1, 2, 3))))
+    if cache != "memory":
+        assert any(name.startswith("train") for name in (tmp_path / "cache").iterdir() for name in [name.name])
+    evaluation = data.make_dataset(
+        data_dir=str(demo_data_dir), manifest=manifest, split="validation", image_size=16, batch_size=4,
+        training=False, cache=cache,
+    )
+    first, second = list(evaluation), list(evaluation)  # the second pass reads the cache
+    for batch_a, batch_b in zip(first, second):
+        np.testing.assert_array_equal(batch_a[0].numpy(), batch_b[0].numpy())
+
+
+def image_keys(dataset, count):
+    keys = []
+    for images, _ in dataset.take(count):
+        keys.extend(image.tobytes() for image in images.numpy())
+    return keys
+
+
+@pytest.mark.parametrize("num_pipelines", [2, 3])  # 2 shards: one each; 3: more pipelines than shards
+def test_input_context_shards_training_data_and_batches_per_replica(demo_data_dir, num_pipelines):
+    manifest = data.read_manifest(str(demo_data_dir))
+    shards = manifest["splits"]["train"]["shards"]
+    assert len(shards) == 2
+    num_examples = manifest["splits"]["train"]["num_examples"]
+    keys = []
+    for pipeline_id in range(num_pipelines):
+        context = tf.distribute.InputContext(
+            num_input_pipelines=num_pipelines, input_pipeline_id=pipeline_id, num_replicas_in_sync=num_pipelines
+        )
+        dataset = training_dataset(
+            demo_data_dir, batch_size=num_pipelines, input_context=context, crop_min_area=1.0, flip=False,
+            seed=0, shuffle_buffer=1, deterministic=True,
+        )
+        assert dataset.element_spec[0].shape == (1, 16, 16, 3)  # per-replica batch: 3 global / 3 replicas
+        if num_pipelines == 2:
+            epoch = shards[pipeline_id]["num_examples"]
+        else:
+            epoch = len(range(pipeline_id, num_examples, num_pipelines))
+        keys.extend(image_keys(dataset, epoch))
+    assert len(keys) == len(set(keys)) == num_examples  # disjoint shares that cover the split
+
+
+def test_input_context_splits_evaluation_evenly_and_exactly(demo_data_dir):
+    manifest = data.read_manifest(str(demo_data_dir))
+    num_examples = manifest["splits"]["validation"]["num_examples"]
+    labels, weights, lengths = [], [], []
+    for pipeline_id in range(2):
+        context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=pipeline_id, num_replicas_in_sync=4)
+        dataset = data.make_dataset(
+            data_dir=str(demo_data_dir), manifest=manifest, split="validation", image_size=16, batch_size=8,
+            training=False, input_context=context,
+        )
+        batches = list(dataset)
+        assert int(dataset.cardinality()) == len(batches)
+        assert all(batch[0].shape[0] == 2 for batch in batches)
+        lengths.append(len(batches))
+        labels.extend(label for batch in batches for label in batch[1].numpy())
+        weights.extend(weight for batch in batches for weight in batch[2].numpy())
+    assert lengths[0] == lengths[1] and len(weights) == -(-num_examples // 8) * 8
+    real = np.array(weights) > 0
+    assert real.sum() == num_examples and np.sum(weights) == pytest.approx(len(weights))
+    counts = np.bincount(np.array(labels)[real], minlength=len(manifest["classes"]))
+    assert counts.tolist() == [manifest["splits"]["validation"]["class_counts"][name] for name in manifest["classes"]]
+
+
+@pytest.fixture(scope="module")
+def data_service_address():
+    dispatcher = tf.data.experimental.service.DispatchServer()
+    dispatcher_address = dispatcher.target.split("://")[1]
+    worker = tf.data.experimental.service.WorkerServer(
+        tf.data.experimental.service.WorkerConfig(dispatcher_address=dispatcher_address)
+    )
+    yield dispatcher.target
+    worker.stop()
+    dispatcher.stop()
+
+
+@pytest.mark.parametrize("mode", ["parallel_epochs", "distributed_epoch"])
+def test_tf_data_service_runs_the_training_pipeline(demo_data_dir, data_service_address, mode):
+    manifest = data.read_manifest(str(demo_data_dir))
+    augmentation = data.make_augmentation(flip=True, rotation=0.1, seed=0)
+    dataset = training_dataset(demo_data_dir, augmentation=augmentation, data_service=data_service_address,
+                               data_service_mode=mode)
+    for images, labels in dataset.take(4):
+        assert images.shape == (4, 16, 16, 3) and images.dtype == tf.float32
+        assert set(labels.numpy()) <= set(range(len(manifest["classes"])))
+
+
+def test_bad_arguments_are_refused_with_the_flag_name(demo_data_dir):
+    with pytest.raises(ValueError, match="--tf_data_service_mode 'sometimes'"):
+        training_dataset(demo_data_dir, data_service="grpc://localhost:1", data_service_mode="sometimes")
+    with pytest.raises(ValueError, match=r"--crop_min_area 0 must be within \(0, 1\]"):
+        training_dataset(demo_data_dir, crop_min_area=0)
+
+
+@pytest.mark.parametrize("min_area", [1.0, 0.5])
+def test_flip_in_the_decode_mirrors_some_images(min_area):
+    image = np.random.default_rng(4).integers(0, 256, (24, 24, 3), dtype=np.uint8)
+    encoded = tf.constant(encode(image, "PNG"))
+    plain = data.decode_random_crop(encoded, 24, min_area=1.0).numpy()
+    outputs = [
+        data.decode_random_crop(encoded, 24, min_area=min_area, flip=True, seed=tf.constant([0, index], tf.int64))
+        for index in range(8)
+    ]
+    dataset = tf.data.Dataset.range(8).map(
+        lambda index: data.decode_random_crop(encoded, 24, min_area=min_area, flip=True, seed=tf.stack([0, index]))
+    )
+    for eager, in_graph in zip(outputs, dataset):
+        np.testing.assert_array_equal(eager.numpy(), in_graph.numpy())
+    if min_area == 1.0:
+        mirrored = [np.array_equal(output.numpy(), plain[:, ::-1]) for output in outputs]
+        kept = [np.array_equal(output.numpy(), plain) for output in outputs]
+        assert all(a or b for a, b in zip(mirrored, kept)) and any(mirrored) and any(kept)
+    unseeded = {data.decode_random_crop(encoded, 24, min_area=1.0, flip=True).numpy().tobytes() for _ in range(12)}
+    assert len(unseeded) == 2
+
+
+def test_training_without_flip_or_crop_gives_whole_images(demo_data_dir):
+    dataset = training_dataset(demo_data_dir, crop_min_area=1.0, flip=False, seed=0, deterministic=True)
+    evaluation_like = training_dataset(demo_data_dir, crop_min_area=1.0, flip=False, seed=0, deterministic=True)
+    for (images_a, _), (images_b, _) in zip(first_batches(dataset, 2), first_batches(evaluation_like, 2)):
+        np.testing.assert_array_equal(images_a, images_b)

@@ -173,3 +173,30 @@ def test_pretrained_backbone_file_from_shared():
     )
     assert model.output_shape == (None, 5)
     assert len(model_lib.get_backbone(model).layers) == 150
+
+
+def test_device_augmentation_acts_in_training_only_and_saves(tmp_path):
+    from trainer import data
+
+    augmentation = data.make_augmentation(flip=True, rotation=0.2, contrast=0.3, seed=0)
+    model = model_lib.build_model(
+        backbone="mobilenet_v2", num_classes=3, image_size=32, weights="none", preprocess="tf", dropout=0.0,
+        augmentation=augmentation,
+    )
+    names = [layer.name for layer in model.layers]
+    assert names.index("preprocess") == 1 + len(augmentation.layers)  # input, augmentation, preprocess
+    assert model_lib.get_backbone(model) is not None  # still exactly one nested model
+    images = np.random.default_rng(3).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
+    plain = model_lib.build_model(
+        backbone="mobilenet_v2", num_classes=3, image_size=32, weights="none", preprocess="tf", dropout=0.0
+    )
+    plain.set_weights(model.get_weights())
+    inference = keras.ops.convert_to_numpy(model(images, training=False))
+    np.testing.assert_allclose(inference, keras.ops.convert_to_numpy(plain(images, training=False)), rtol=1e-5)
+    augmented_input = keras.Model(model.input, model.get_layer("preprocess").input)
+    assert not np.allclose(keras.ops.convert_to_numpy(augmented_input(images, training=True)), images)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(augmented_input(images, training=False)), images)
+    path = tmp_path / "augmented.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images)), inference, rtol=1e-5)

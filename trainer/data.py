@@ -1,8 +1,12 @@
 """tf.data pipelines over the converter's shards, and the manifest that describes them.
 
 One function per dataset, in the canonical order:
-list shards -> interleave -> shuffle -> repeat -> map(parse + decode + resize) -> batch -> augment -> prefetch.
+list shards -> interleave -> [cache] -> shuffle -> repeat -> map(parse + decode + crop + resize) -> batch
+-> augment -> [tf.data service] -> prefetch.
 Images leave the pipeline as float32 RGB in [0, 255]; scaling for the backbone happens inside the model.
+
+Training decodes a random resized crop straight from the JPEG bytes (tf.io.decode_and_crop_jpeg only
+decodes the window it keeps); evaluation and serving take a central crop (decode_and_resize).
 """
 
 import json
@@ -13,6 +17,13 @@ import tensorflow as tf
 from tfrecords import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
+# Evaluation and serving keep the central 87.5% of each side (the Inception / TF-slim convention):
+# training crops cover on average about that much of the image, so both see objects at similar scales.
+EVAL_CROP_FRACTION = 0.875
+# Random resized crop: aspect ratios of the window (it is then resized to a square) and tries per image.
+CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
+CROP_MAX_ATTEMPTS = 10
+MAX_INTERLEAVE_FILES = 16
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -37,15 +48,105 @@ def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
     return [tf.io.gfile.join(data_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
-def decode_and_resize(encoded: tf.Tensor, image_size: int) -> tf.Tensor:
-    """Decodes JPEG/PNG/GIF/BMP bytes to a float32 [image_size, image_size, 3] image in [0, 255].
+def _decode_window(encoded: tf.Tensor, offset_height, offset_width, height, width) -> tf.Tensor:
+    """Decodes one window of an encoded image to uint8 RGB; for JPEG only that window is decoded."""
+    window = tf.stack([offset_height, offset_width, height, width])
 
-    The exported model's serving signature uses this same function, so a served image is
-    prepared exactly as the evaluation images were.
-    """
-    image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-    image = tf.image.resize(image, [image_size, image_size], antialias=True)
+    def decode_jpeg_window():
+        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+
+    def decode_any_then_crop():
+        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
+        return tf.image.crop_to_bounding_box(image, offset_height, offset_width, height, width)
+
+    return tf.cond(tf.io.is_jpeg(encoded), decode_jpeg_window, decode_any_then_crop)
+
+
+def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
+    """Returns [height, width] of an encoded image, reading only the header for JPEG."""
+
+    def decode_any_shape():
+        return tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2]
+
+    return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.extract_jpeg_shape(encoded)[:2], decode_any_shape)
+
+
+def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    # Antialiasing costs as much as the decode itself, and only matters when shrinking by more than 2x
+    # (bilinear then skips pixels); below that, plain bilinear already reads every source pixel.
+    shrinks_a_lot = tf.reduce_max(tf.shape(image)[:2]) > 2 * image_size
+    image = tf.cond(
+        shrinks_a_lot,
+        lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
+        lambda: tf.image.resize(image, [image_size, image_size]),
+    )
     return tf.clip_by_value(image, 0.0, 255.0)
+
+
+def decode_and_resize(encoded: tf.Tensor, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+    """Decodes JPEG/PNG/GIF/BMP bytes, keeps the central crop, resizes to float32 [image_size, image_size, 3].
+
+    This is the evaluation path, and the exported model's serving signature uses this same function, so a
+    served image is prepared exactly as the evaluation images were. Works eagerly and in-graph.
+
+    Args:
+        encoded: scalar string tensor of encoded image bytes.
+        image_size: output height and width.
+        crop_fraction: share of each side kept around the centre (1.0: the whole image).
+
+    Returns:
+        float32 [image_size, image_size, 3] pixels in [0, 255].
+    """
+    shape = _image_shape(encoded)
+    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * crop_fraction), tf.int32), 1)
+    offset = (shape - crop) // 2
+    image = _decode_window(encoded, offset[0], offset[1], crop[0], crop[1])
+    return _resize(image, image_size)
+
+
+def decode_random_crop(
+    encoded: tf.Tensor, image_size: int, *, min_area: float, flip: bool = False, seed: tf.Tensor | None = None
+) -> tf.Tensor:
+    """Decodes a random resized crop (the Inception crop) to float32 [image_size, image_size, 3] in [0, 255].
+
+    The window covers `min_area` to all of the image with an aspect ratio in CROP_ASPECT_RATIO_RANGE; for
+    JPEG bytes only the window is decoded (tf.io.decode_and_crop_jpeg), other formats decode then crop.
+
+    Args:
+        encoded: scalar string tensor of encoded image bytes.
+        image_size: output height and width.
+        min_area: smallest share of the image area a crop may cover (1.0: no crop, the whole image).
+        flip: also flip left-right at random, on the small uint8 crop: about twice as fast in tf.data as
+            keras.layers.RandomFlip on float batches (benchmarks/pipeline.py).
+        seed: an int [2] tensor for a reproducible crop and flip (stateless), or None for random ones.
+    """
+    shape = _image_shape(encoded)
+    if min_area >= 1.0:
+        image = _decode_window(encoded, 0, 0, shape[0], shape[1])
+        return _resize(_random_flip(image, seed) if flip else image, image_size)
+    image_shape = tf.concat([shape, [3]], axis=0)
+    whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
+    arguments = dict(
+        bounding_boxes=whole_image,
+        min_object_covered=min_area,
+        aspect_ratio_range=CROP_ASPECT_RATIO_RANGE,
+        area_range=(min_area, 1.0),
+        max_attempts=CROP_MAX_ATTEMPTS,
+        use_image_if_no_bounding_boxes=True,
+    )
+    if seed is None:
+        begin, size, _ = tf.image.sample_distorted_bounding_box(image_shape, **arguments)
+    else:
+        begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(image_shape, seed=seed, **arguments)
+    image = _decode_window(encoded, begin[0], begin[1], size[0], size[1])
+    return _resize(_random_flip(image, seed) if flip else image, image_size)
+
+
+def _random_flip(image: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:
+    if seed is None:
+        return tf.image.random_flip_left_right(image)
+    # A seed of its own: the crop's seed would tie the flip to the crop's size.
+    return tf.image.stateless_random_flip_left_right(image, seed=seed + tf.constant([0, 1], seed.dtype) * 2**31)
 
 
 def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_size: int, image_size: int):
@@ -66,25 +167,89 @@ def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_siz
     return dataset.concatenate(padding.repeat(num_padding))
 
 
-def make_augmentation(*, flip: bool, rotation: float, zoom: float, seed: int | None = None):
+def make_augmentation(
+    *,
+    flip: bool = True,
+    rotation: float = 0.0,
+    zoom: float = 0.0,
+    translation: float = 0.0,
+    contrast: float = 0.0,
+    brightness: float = 0.0,
+    seed: int | None = None,
+):
     """Returns a Keras preprocessing-layer pipeline for training batches, or None when all are off.
+
+    The layers work on float [0, 255] batches, only when called with training=True, so the same object
+    can run in tf.data (make_dataset's `augmentation`) or at the front of the model
+    (model.build_model's `augmentation`). For the model, create it inside `strategy.scope()`.
 
     Args:
         flip: random horizontal flips.
         rotation: RandomRotation factor, a fraction of a full turn (0.1 = up to +-36 degrees); 0 = off.
         zoom: RandomZoom factor (0.1 = up to 10% in or out); 0 = off.
+        translation: RandomTranslation factor, a fraction of height and width; 0 = off.
+        contrast: RandomContrast factor (0.2 = contrast scaled by 0.8 to 1.2); 0 = off.
+        brightness: RandomBrightness factor, a fraction of the value range added or removed; 0 = off.
         seed: seed for reproducible augmentation.
     """
+    for name, value in dict(rotation=rotation, zoom=zoom, translation=translation, contrast=contrast,
+                            brightness=brightness).items():
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"--augment_{name} {value!r} must be within [0, 1] (0 turns it off)")
+    # float32 even under mixed precision: rotating or shifting pixels in bfloat16 would round them.
+    common = dict(seed=seed, dtype="float32")
     augment_layers = []
     if flip:
-        augment_layers.append(keras.layers.RandomFlip("horizontal", seed=seed))
+        augment_layers.append(keras.layers.RandomFlip("horizontal", **common))
     if rotation > 0:
-        augment_layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", seed=seed))
+        augment_layers.append(keras.layers.RandomRotation(rotation, fill_mode="reflect", **common))
     if zoom > 0:
-        augment_layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", seed=seed))
+        augment_layers.append(keras.layers.RandomZoom(zoom, fill_mode="reflect", **common))
+    if translation > 0:
+        augment_layers.append(keras.layers.RandomTranslation(translation, translation, fill_mode="reflect", **common))
+    if contrast > 0:
+        augment_layers.append(keras.layers.RandomContrast(contrast, value_range=(0, 255), **common))
+    if brightness > 0:
+        augment_layers.append(keras.layers.RandomBrightness(brightness, value_range=(0, 255), **common))
     if not augment_layers:
         return None
     return keras.Sequential(augment_layers, name="augmentation")
+
+
+def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_threads: int = 0) -> tf.data.Options:
+    """The tf.data options every dataset of make_dataset gets.
+
+    Args:
+        deterministic: keep element order fixed (slower: a slow element holds up the ones behind it).
+        ram_budget_gb: memory AUTOTUNE may spend on buffers; 0 keeps TensorFlow's default (half the RAM).
+        private_threads: size of a thread pool of the pipeline's own; 0 shares TensorFlow's inter-op pool.
+    """
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    options.autotune.enabled = True
+    if ram_budget_gb > 0:
+        options.autotune.ram_budget = int(ram_budget_gb * 2**30)
+    optimization = options.experimental_optimization
+    optimization.map_parallelization = True
+    optimization.parallel_batch = True
+    optimization.inject_prefetch = True
+    # One thread per op: parallelism comes from the parallel map over images, and intra-op threads
+    # would only contend with those (and with the training step) for the same cores.
+    options.threading.max_intra_op_parallelism = 1
+    if private_threads > 0:
+        options.threading.private_threadpool_size = private_threads
+    return options
+
+
+def _cache(dataset: tf.data.Dataset, cache: str, split: str, input_context) -> tf.data.Dataset:
+    if not cache:
+        return dataset
+    if cache == "memory":
+        return dataset.cache()
+    pipeline = "" if input_context is None else f"-{input_context.input_pipeline_id}"
+    # tf.data.Dataset.cache writes <path>.index and <path>.data-*; one file set per split and pipeline.
+    tf.io.gfile.makedirs(cache)
+    return dataset.cache(tf.io.gfile.join(cache, f"{split}{pipeline}"))
 
 
 def make_dataset(
@@ -98,62 +263,135 @@ def make_dataset(
     augmentation=None,
     shuffle_buffer: int = 1000,
     seed: int | None = None,
+    deterministic: bool = False,
+    cache: str = "",
+    crop_min_area: float = 0.25,
+    flip: bool = True,
+    ram_budget_gb: float = 0.0,
+    private_threads: int = 0,
+    input_context: tf.distribute.InputContext | None = None,
+    data_service: str = "",
+    data_service_mode: str = "parallel_epochs",
 ) -> tf.data.Dataset:
     """Builds the (images, labels) dataset of one split.
+
+    Use it directly for one input pipeline, or as
+    `strategy.distribute_datasets_from_function(lambda context: make_dataset(..., input_context=context))`.
 
     Args:
         data_dir: the converter's output folder (local or gs://).
         manifest: its manifest (read_manifest).
         split: "train", "validation" or "test".
         image_size: output height and width.
-        batch_size: global batch size.
-        training: shuffle, repeat forever, drop the last partial batch and augment; otherwise one
-            pass in a fixed order with the last partial batch kept.
-        augmentation: a Keras layer applied to training batches (make_augmentation), or None.
+        batch_size: global batch size (with input_context, each replica's batch is its share).
+        training: shuffle, repeat forever, random-crop, drop the last partial batch and augment; otherwise
+            one pass in a fixed order, central crop, the last batch padded.
+        augmentation: a Keras layer applied to training batches in tf.data (make_augmentation), or None
+            (no augmentation, or augmentation in the model).
         shuffle_buffer: examples in the shuffle buffer.
-        seed: shuffle seed (None: different every run).
+        seed: seed of the shuffles and the random crops (None: different every run).
+        deterministic: force a fixed element order in training too (evaluation always has one).
+        cache: "" (none), "memory", or a local folder for cache files. The encoded bytes are cached, before
+            the random crop, so every epoch still gets new crops.
+        crop_min_area: smallest share of the image a training crop covers; 1.0 turns random crops off.
+        flip: random left-right flips of training images, done in the decode (see decode_random_crop);
+            leave RandomFlip out of `augmentation` then.
+        ram_budget_gb: see dataset_options.
+        private_threads: see dataset_options.
+        input_context: from distribute_datasets_from_function: this pipeline reads its share of the
+            files (of the examples when there are fewer files than pipelines) in per-replica batches.
+        data_service: "grpc://host:port" of a tf.data service dispatcher that runs the training pipeline
+            on its workers; "" runs it here. Evaluation always runs here.
+        data_service_mode: "parallel_epochs" (every worker runs the whole pipeline) or
+            "distributed_epoch" (the workers split the files between them).
 
     Returns:
         For training, a dataset of (float32 [batch, image_size, image_size, 3] images, int32 [batch]
         labels); otherwise (images, labels, float32 [batch] sample weights), the weights being 0 for
         the padding that fills the last batch (see pad_with_zero_weights).
     """
+    if data_service_mode not in ("parallel_epochs", "distributed_epoch"):
+        raise ValueError(f"--tf_data_service_mode {data_service_mode!r} is not parallel_epochs or distributed_epoch")
+    if not 0.0 < crop_min_area <= 1.0:
+        raise ValueError(f"--crop_min_area {crop_min_area!r} must be within (0, 1]; 1 turns random crops off")
     files = shard_paths(data_dir, manifest, split)
+    num_examples = manifest["splits"][split]["num_examples"]
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    ordered = deterministic or not training
+    # Each pipeline reads its own files when there are enough; otherwise (and always for evaluation,
+    # whose padded pass must split evenly) all read every file and keep every num_pipelines-th example.
+    shard_files = training and num_pipelines > 1 and len(files) >= num_pipelines
+    if shard_files:
+        files = files[pipeline_id::num_pipelines]
     dataset = tf.data.Dataset.from_tensor_slices(files)
     if training:
         dataset = dataset.shuffle(len(files), seed=seed)
-    # Several shards are read at once so one slow file (or GCS object) does not stall the stream;
-    # order only matters for evaluation, where it is kept deterministic.
+    # Several shards are read at once so one slow file (or GCS object) does not stall the stream.
     dataset = dataset.interleave(
         tf.data.TFRecordDataset,
-        cycle_length=min(len(files), 16),
+        cycle_length=min(len(files), MAX_INTERLEAVE_FILES),
         num_parallel_calls=AUTOTUNE,
-        deterministic=not training,
+        # Example-level sharding below needs the same order in every pipeline.
+        deterministic=ordered or (num_pipelines > 1 and not shard_files),
     )
+    if training and num_pipelines > 1 and not shard_files:
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+    # Cache the still-encoded records, before the random crop, so later epochs get new crops; and
+    # before shuffle so the cache holds each example once.
+    dataset = _cache(dataset, cache, split, input_context)
     if training:
         # Shuffle before repeat so each epoch sees every example once.
         dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
+        # A per-example seed makes the crops reproducible when a seed is given.
+        dataset = dataset.enumerate()
 
-    def parse(serialized):
-        features = schema.parse_example(serialized)
-        image = decode_and_resize(features["image/encoded"], image_size)
-        return image, tf.cast(features["image/class/label"], tf.int32)
+        def parse(index, serialized):
+            features = schema.parse_example(serialized)
+            crop_seed = None if seed is None else tf.stack([tf.constant(seed, tf.int64), index])
+            image = decode_random_crop(
+                features["image/encoded"], image_size, min_area=crop_min_area, flip=flip, seed=crop_seed
+            )
+            return image, tf.cast(features["image/class/label"], tf.int32)
 
-    dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE)
+    else:
+
+        def parse(serialized):
+            features = schema.parse_example(serialized)
+            image = decode_and_resize(features["image/encoded"], image_size)
+            return image, tf.cast(features["image/class/label"], tf.int32)
+
+    dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if not training:
-        dataset = pad_with_zero_weights(dataset, manifest["splits"][split]["num_examples"], batch_size, image_size)
+        # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
+        # the same number of whole per-replica batches, so replicas stay in step to the end of the pass.
+        dataset = pad_with_zero_weights(dataset, num_examples, batch_size, image_size)
+        if num_pipelines > 1:
+            dataset = dataset.shard(num_pipelines, pipeline_id)
     # Every batch is full (training drops the remainder, evaluation pads it): batches then split
     # evenly across replicas and keep static shapes, which TPUs need.
-    dataset = dataset.batch(batch_size, drop_remainder=True)
+    dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if not training:
         # Interleaving hides the length; stating it lets Keras show progress and end the pass
         # without an "input ran out of data" warning.
-        num_examples = manifest["splits"][split]["num_examples"]
-        dataset = dataset.apply(tf.data.experimental.assert_cardinality(-(-num_examples // batch_size)))
+        padded_examples = -(-num_examples // batch_size) * batch_size
+        dataset = dataset.apply(
+            tf.data.experimental.assert_cardinality(padded_examples // num_pipelines // local_batch_size)
+        )
     if training and augmentation is not None:
         # Augment whole batches: one vectorised op per batch is far cheaper than one per image.
         dataset = dataset.map(
             lambda images, labels: (augmentation(images, training=True), labels),
             num_parallel_calls=AUTOTUNE,
+            deterministic=ordered,
+        )
+    dataset = dataset.with_options(
+        dataset_options(deterministic=ordered, ram_budget_gb=ram_budget_gb, private_threads=private_threads)
+    )
+    if training and data_service:
+        # Everything above runs on the service's workers; only the finished batches travel here.
+        dataset = dataset.apply(
+            tf.data.experimental.service.distribute(processing_mode=data_service_mode, service=data_service)
         )
     return dataset.prefetch(AUTOTUNE)

@@ -125,6 +125,7 @@ def build_model(
     weights: str,
     preprocess: str,
     dropout: float,
+    augmentation: keras.Sequential | None = None,
 ) -> keras.Model:
     """Builds the phase-1 classifier: frozen backbone, new trainable head.
 
@@ -137,6 +138,9 @@ def build_model(
         weights: see make_backbone.
         preprocess: a mode of PREPROCESS_MODES, already resolved (see resolve_preprocess).
         dropout: dropout rate before the classifier.
+        augmentation: Keras preprocessing layers (data.make_augmentation) to run on the accelerator,
+            right after the input; they act only in training and pass images through at inference.
+            None: no augmentation in the model (it happens in tf.data, or not at all).
 
     Returns:
         An uncompiled functional model taking float RGB [0, 255] images and returning probabilities.
@@ -145,7 +149,12 @@ def build_model(
     feature_extractor.trainable = False
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     # float32 even under mixed precision: ImageNet mean subtraction in bfloat16 would round pixels.
-    x = Preprocess(preprocess, name="preprocess", dtype="float32")(inputs)
+    x = inputs
+    if augmentation is not None:
+        # Its layers one by one rather than the Sequential: the backbone stays the one nested model.
+        for layer in augmentation.layers:
+            x = layer(x)
+    x = Preprocess(preprocess, name="preprocess", dtype="float32")(x)
     x = feature_extractor(x, training=False)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     x = layers.Dropout(dropout, name="dropout")(x)

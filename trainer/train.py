@@ -55,15 +55,15 @@ def make_optimizer(learning_rate: float, precision: str, model: keras.Model):
     return optimizer
 
 
-def distribute_dataset(strategy: tf.distribute.Strategy, dataset: tf.data.Dataset, *, training: bool):
-    """Places a global-batch dataset on the strategy's replicas."""
-    if not training:
-        # Every worker evaluates the whole split: the summed ratios stay exact, and no worker can
-        # end up with a different number of batches than the others (which would hang collectives).
-        options = tf.data.Options()
-        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-        dataset = dataset.with_options(options)
-    return strategy.experimental_distribute_dataset(dataset)
+def distribute_dataset(strategy: tf.distribute.Strategy, make_dataset):
+    """Builds the dataset once per input pipeline (per worker), each reading its own files, and batching
+    per replica: the same code feeds one GPU, a multi-GPU host and many hosts.
+
+    Args:
+        strategy: the tf.distribute strategy.
+        make_dataset: a function of a tf.distribute.InputContext returning that pipeline's dataset.
+    """
+    return strategy.distribute_datasets_from_function(make_dataset)
 
 
 def train_and_export(
@@ -85,8 +85,9 @@ def train_and_export(
     fine_tune_at: str,
     dropout: float,
     steps_per_epoch: int,
-    shuffle_buffer: int,
-    augmentation,
+    augment_on: str,
+    augmentation_factors: dict,
+    dataset_arguments: dict,
     early_stopping_patience: int,
     profile_steps: tuple[int, int] | None,
     checkpoint_every_steps: int,
@@ -96,8 +97,11 @@ def train_and_export(
 ) -> dict:
     """Runs both phases, evaluates, exports, and returns the metrics written to metrics.json.
 
-    Args: as the flags of the same names; `preprocess` is already resolved, `augmentation` is built by
-    data.make_augmentation, `fine_tune_learning_rate` is already defaulted.
+    Args: as the flags of the same names; `preprocess` is already resolved, `fine_tune_learning_rate`
+    already defaulted. `augmentation_factors` holds data.make_augmentation's layer factors (rotation,
+    zoom, translation, contrast, brightness); `augment_on` says whether those layers run in tf.data
+    ("host") or as the model's first layers ("device"). `dataset_arguments` holds the remaining keyword
+    arguments of data.make_dataset (flip, crop_min_area, shuffle_buffer, cache, ...).
 
     Raises:
         loop.Preempted: a SIGTERM stopped training after saving a checkpoint.
@@ -110,16 +114,23 @@ def train_and_export(
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(precision)
 
+    def augmentation():
+        return data.make_augmentation(flip=False, seed=seed, **augmentation_factors)  # flips happen in decode
+
+    host_augmentation = augmentation() if augment_on == "host" else None
+
     def dataset(split, training):
-        return distribute_dataset(strategy, data.make_dataset(
+        return distribute_dataset(strategy, lambda input_context: data.make_dataset(
             data_dir=data_dir, manifest=manifest, split=split, image_size=image_size, batch_size=batch_size,
-            training=training, augmentation=augmentation, shuffle_buffer=shuffle_buffer, seed=seed,
-        ), training=training)
+            training=training, augmentation=host_augmentation, seed=seed, input_context=input_context,
+            **dataset_arguments,
+        ))
 
     with strategy.scope():
         model = model_lib.build_model(
             backbone=backbone, num_classes=len(class_names), image_size=image_size,
             weights=weights, preprocess=preprocess, dropout=dropout,
+            augmentation=augmentation() if augment_on == "device" else None,
         )
     history = loop.History(model_dir, chief)
     preemption = loop.PreemptionWatcher()
@@ -229,9 +240,36 @@ def define_flags() -> None:
     flags.DEFINE_float("dropout", 0.2, "Dropout rate before the classifier.")
     flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch; 0 = one pass over the train split.")
     flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
-    flags.DEFINE_bool("augment_flip", True, "Random horizontal flips (keras.layers.RandomFlip).")
-    flags.DEFINE_float("augment_rotation", 0.1, "RandomRotation factor, a fraction of a full turn; 0 = off.")
-    flags.DEFINE_float("augment_zoom", 0.1, "RandomZoom factor; 0 = off.")
+    flags.DEFINE_bool("augment", True, "Random crops, flips and the --augment_* layers on training images; --noaugment turns all off.")
+    flags.DEFINE_enum(
+        "augment_on", "host", ["host", "device"],
+        "Where the --augment_* Keras layers run: host (in tf.data) or device (first layers of the model, on the "
+        "GPU/TPU, inactive at inference).",
+    )
+    flags.DEFINE_bool("augment_flip", True, "Random horizontal flips (done in the decode, on the host).")
+    flags.DEFINE_float(
+        "augment_rotation", 0.0,
+        "RandomRotation factor, a fraction of a full turn; 0 = off. Costly on a CPU host: prefer --augment_on=device.",
+    )
+    flags.DEFINE_float("augment_zoom", 0.0, "RandomZoom factor; 0 = off.")
+    flags.DEFINE_float("augment_translation", 0.0, "RandomTranslation factor, a fraction of height and width; 0 = off.")
+    flags.DEFINE_float("augment_contrast", 0.0, "RandomContrast factor; 0 = off.")
+    flags.DEFINE_float("augment_brightness", 0.0, "RandomBrightness factor, a fraction of 255; 0 = off.")
+    flags.DEFINE_float("crop_min_area", 0.25, "Smallest share of an image a random training crop covers; 1 = no random crop.")
+    flags.DEFINE_bool("deterministic", False, "Fixed element order in training (slower); with --seed, runs repeat exactly.")
+    flags.DEFINE_string("cache", "", "Cache the encoded examples: '' (none), 'memory', or a local folder for cache files.")
+    flags.DEFINE_float(
+        "autotune_ram_budget_gb", 0.0, "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM)."
+    )
+    flags.DEFINE_integer("data_threads", 0, "Size of a private tf.data thread pool; 0 = TensorFlow's shared pool.")
+    flags.DEFINE_string(
+        "tf_data_service", "",
+        "grpc://host:port of a tf.data service dispatcher to run the training pipeline on (extra CPU hosts); '' = here.",
+    )
+    flags.DEFINE_enum(
+        "tf_data_service_mode", "parallel_epochs", ["parallel_epochs", "distributed_epoch"],
+        "parallel_epochs: every service worker runs the whole pipeline; distributed_epoch: workers split the files.",
+    )
     flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
     flags.DEFINE_string(
         "profile_batches", "",
@@ -278,11 +316,20 @@ def main(argv: list[str]) -> None:
     try:
         if not FLAGS.data_dir or not FLAGS.model_dir:
             raise ValueError("--data_dir and --model_dir are required")
+        # First TensorFlow work of the run: multi-worker collectives must be configured before any other.
+        strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus)
         model_lib.check_backbone_name(FLAGS.backbone)
         preprocess = model_lib.resolve_preprocess(FLAGS.backbone, FLAGS.preprocess)
         if FLAGS.weights not in ("imagenet", "none") and not tf.io.gfile.exists(FLAGS.weights):
             raise ValueError(f"--weights {FLAGS.weights!r} is neither imagenet, none nor an existing weights file")
         profile_steps = parse_profile_steps(FLAGS.profile_batches)
+        augmentation_factors = {
+            name: getattr(FLAGS, f"augment_{name}") if FLAGS.augment else 0.0
+            for name in ("rotation", "zoom", "translation", "contrast", "brightness")
+        }
+        data.make_augmentation(**augmentation_factors)  # raises ValueError naming a bad --augment_* value
+        if not 0.0 < FLAGS.crop_min_area <= 1.0:
+            raise ValueError(f"--crop_min_area {FLAGS.crop_min_area} must be in (0, 1]")
         manifest = data.read_manifest(FLAGS.data_dir)
         if len(manifest["classes"]) < 2:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
@@ -290,7 +337,6 @@ def main(argv: list[str]) -> None:
             data.shard_paths(FLAGS.data_dir, manifest, split)
         if FLAGS.steps_per_execution < 1:
             raise ValueError(f"--steps_per_execution {FLAGS.steps_per_execution} must be at least 1")
-        strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus)
         distribute.check_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -328,9 +374,18 @@ def main(argv: list[str]) -> None:
             fine_tune_at=FLAGS.fine_tune_at,
             dropout=FLAGS.dropout,
             steps_per_epoch=FLAGS.steps_per_epoch,
-            shuffle_buffer=FLAGS.shuffle_buffer,
-            augmentation=data.make_augmentation(
-                flip=FLAGS.augment_flip, rotation=FLAGS.augment_rotation, zoom=FLAGS.augment_zoom, seed=FLAGS.seed
+            augment_on=FLAGS.augment_on,
+            augmentation_factors=augmentation_factors,
+            dataset_arguments=dict(
+                flip=FLAGS.augment and FLAGS.augment_flip,
+                crop_min_area=FLAGS.crop_min_area if FLAGS.augment else 1.0,
+                shuffle_buffer=FLAGS.shuffle_buffer,
+                deterministic=FLAGS.deterministic,
+                cache=FLAGS.cache,
+                ram_budget_gb=FLAGS.autotune_ram_budget_gb,
+                private_threads=FLAGS.data_threads,
+                data_service=FLAGS.tf_data_service,
+                data_service_mode=FLAGS.tf_data_service_mode,
             ),
             early_stopping_patience=FLAGS.early_stopping_patience,
             profile_steps=profile_steps,

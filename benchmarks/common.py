@@ -1,0 +1,78 @@
+"""What both benchmarks share: converting the image folder once, and timing a stream of batches."""
+
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import tensorflow as tf
+from PIL import Image
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_IMAGE_DIR = os.path.join(os.path.dirname(REPO_ROOT), "shared", "data", "flowers_small")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+def _converter_has_max_side() -> bool:
+    help_text = subprocess.run(
+        [sys.executable, "-m", "tfrecords.build", "--helpfull"], cwd=REPO_ROOT, capture_output=True, text=True
+    ).stdout
+    return "--max_side" in help_text
+
+
+def _resized_copy(image_dir: str, output_dir: str, max_side: int) -> None:
+    """Copies the image folder with every image shrunk to at most max_side (for converters without --max_side)."""
+    for root, _, names in os.walk(image_dir):
+        for name in names:
+            if not name.lower().endswith(IMAGE_EXTENSIONS):
+                continue
+            destination = os.path.join(output_dir, os.path.relpath(root, image_dir), os.path.splitext(name)[0] + ".jpg")
+            os.makedirs(os.path.dirname(destination), exist_ok=True)
+            with Image.open(os.path.join(root, name)) as image:
+                image = image.convert("RGB")
+                image.thumbnail((max_side, max_side), Image.BILINEAR)
+                image.save(destination, quality=90)
+
+
+def convert(image_dir: str, output_dir: str, max_side: int = 0) -> str:
+    """Converts image_dir (all of it into the train split) with `python -m tfrecords.build`, once."""
+    if os.path.exists(os.path.join(output_dir, "manifest.json")):
+        return output_dir
+    command = [
+        sys.executable, "-m", "tfrecords.build", f"--output_dir={output_dir}", "--validation_fraction=0",
+        "--test_fraction=0", "--num_shards=4", "--overwrite",
+    ]
+    if max_side and _converter_has_max_side():
+        command.append(f"--max_side={max_side}")
+    elif max_side:
+        resized_dir = output_dir + "_images"
+        _resized_copy(image_dir, resized_dir, max_side)
+        image_dir = resized_dir
+    subprocess.run(command + [f"--input_dir={image_dir}"], cwd=REPO_ROOT, check=True, capture_output=True)
+    return output_dir
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(dataset: tf.data.Dataset, *, batch_size: int, num_batches: int, warmup_batches: int, repeats: int = 3):
+    """Returns (median images/s, images per CPU-second of this process) over `repeats` timed runs.
+
+    Images per CPU-second is the per-core rate: it does not depend on how many cores were free.
+    """
+    iterator = iter(dataset)
+    for _ in range(warmup_batches):
+        next(iterator)
+    rates, cpu_rates = [], []
+    for _ in range(repeats):
+        start, cpu_start = time.perf_counter(), _cpu_seconds()
+        for _ in range(num_batches):
+            next(iterator)
+        images = num_batches * batch_size
+        rates.append(images / (time.perf_counter() - start))
+        cpu_rates.append(images / max(_cpu_seconds() - cpu_start, 1e-9))
+    return statistics.median(rates), statistics.median(cpu_rates)

@@ -1,0 +1,115 @@
+"""Input pipeline throughput: ours against what users do today, on the same JPEGs, in one process.
+
+    python -m benchmarks.pipeline --image_dir=../shared/data/flowers_small
+
+Rows (all at --image_size, --batch_size, images/s and the ratio to row 1 measured in this same run):
+1. keras.utils.image_dataset_from_directory + RandomFlip('horizontal') + RandomRotation(0.2) mapped on
+   batches + prefetch (the Keras tutorial pipeline);
+2. trainer.data.make_dataset with exactly that augmentation (random crop off);
+3. trainer.data.make_dataset with the default policy (random resized crop + flip, both in the decode);
+4. read + decode + resize from the original files, nothing else (the decode ceiling).
+Rows 2 and 3 run on the folder converted as is and with --max_side. The last table turns images per
+CPU-second into how many host cores feed an accelerator at a given rate.
+"""
+
+import math
+import os
+
+import keras
+import tensorflow as tf
+from absl import app, flags
+
+from benchmarks import common
+from trainer import data
+
+FLAGS = flags.FLAGS
+ACCELERATOR_RATES = (1_000, 3_500, 10_000)
+
+
+def baseline(image_dir: str, image_size: int, batch_size: int, augment: bool) -> tf.data.Dataset:
+    dataset = keras.utils.image_dataset_from_directory(
+        image_dir, image_size=(image_size, image_size), batch_size=batch_size, seed=0, verbose=False
+    ).repeat()
+    if augment:
+        augmentation = keras.Sequential([keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2)])
+        dataset = dataset.map(lambda images, labels: (augmentation(images, training=True), labels),
+                              num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def decode_ceiling(image_dir: str, image_size: int, batch_size: int) -> tf.data.Dataset:
+    pattern = os.path.join(image_dir, "*", "*")
+    files = [path for path in tf.io.gfile.glob(pattern) if path.lower().endswith(common.IMAGE_EXTENSIONS)]
+
+    def decode(path):
+        image = tf.io.decode_jpeg(tf.io.read_file(path), channels=3)
+        return tf.image.resize(image, [image_size, image_size])
+
+    dataset = tf.data.Dataset.from_tensor_slices(files).repeat().map(decode, num_parallel_calls=tf.data.AUTOTUNE)
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs) -> tf.data.Dataset:
+    augmentation = None
+    if policy == "baseline augmentation":
+        # The same flip + rotation(0.2); the flip runs in the decode (make_dataset's flip=True).
+        augmentation = data.make_augmentation(flip=False, rotation=0.2)
+        kwargs.setdefault("crop_min_area", 1.0)
+    elif policy == "keras flip":
+        kwargs["flip"] = False
+        augmentation = data.make_augmentation(flip=True)
+    return data.make_dataset(
+        data_dir=data_dir, manifest=data.read_manifest(data_dir), split="train", image_size=image_size,
+        batch_size=batch_size, training=True, augmentation=augmentation, **kwargs,
+    )
+
+
+def main(argv):
+    del argv
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    converted = {
+        "as is": common.convert(FLAGS.image_dir, FLAGS.converted_dir or os.path.join(FLAGS.work_dir, "full")),
+        f"max_side {FLAGS.max_side}": common.convert(
+            FLAGS.image_dir, FLAGS.converted_max_side_dir or os.path.join(FLAGS.work_dir, f"max_side_{FLAGS.max_side}"),
+            max_side=FLAGS.max_side,
+        ),
+    }
+    timing = dict(batch_size=batch, num_batches=FLAGS.num_batches, warmup_batches=FLAGS.warmup_batches)
+    rows = [("1. baseline: image_dataset_from_directory + flip + rotation(0.2)",
+             baseline(FLAGS.image_dir, size, batch, augment=True))]
+    rows.append(("   baseline without augmentation", baseline(FLAGS.image_dir, size, batch, augment=False)))
+    for name, data_dir in converted.items():
+        rows.append((f"2. ours, flip + rotation(0.2), TFRecords {name}", ours(data_dir, size, batch, "baseline augmentation")))
+    for name, data_dir in converted.items():
+        rows.append((f"3. ours, default policy (crop + flip), TFRecords {name}", ours(data_dir, size, batch, "default policy")))
+    rows.append(("   ours, crop + keras RandomFlip on batches, max_side",
+                 ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "keras flip")))
+    rows.append(("   ours, default policy, cache=memory, max_side",
+                 ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "default policy", cache="memory")))
+    rows.append(("4. decode ceiling: read + decode + resize, original files", decode_ceiling(FLAGS.image_dir, size, batch)))
+
+    results = []
+    print(f"\nimage_size={size} batch_size={batch} images={FLAGS.image_dir} cores={os.cpu_count()}")
+    print(f"{'pipeline':<64} {'images/s':>9} {'ratio':>6} {'img/CPU-s':>10}")
+    for name, dataset in rows:
+        rate, per_core = common.measure(dataset, **timing)
+        results.append((name, rate, per_core))
+        print(f"{name:<64} {rate:>9.0f} {rate / results[0][1]:>5.2f}x {per_core:>10.0f}", flush=True)
+
+    print("\nHost cores needed to feed an accelerator (from images per CPU-second above):")
+    print(f"{'pipeline':<64} " + " ".join(f"{rate:>8,}/s" for rate in ACCELERATOR_RATES))
+    for name, _, per_core in results:
+        print(f"{name:<64} " + " ".join(f"{math.ceil(rate / per_core):>10}" for rate in ACCELERATOR_RATES))
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("image_dir", common.DEFAULT_IMAGE_DIR, "Folder of class subfolders of JPEGs.")
+    flags.DEFINE_string("work_dir", "/tmp/pipeline_benchmark", "Where the converted copies are written (once).")
+    flags.DEFINE_string("converted_dir", "", "Use this converted copy of --image_dir instead of converting.")
+    flags.DEFINE_string("converted_max_side_dir", "", "Use this converted --max_side copy instead of converting.")
+    flags.DEFINE_integer("max_side", 256, "Longest side of the images in the second converted copy.")
+    flags.DEFINE_integer("image_size", 160, "Output height and width.")
+    flags.DEFINE_integer("batch_size", 32, "Images per batch.")
+    flags.DEFINE_integer("num_batches", 60, "Batches per timed run (3 runs, median reported).")
+    flags.DEFINE_integer("warmup_batches", 15, "Batches read before timing.")
+    app.run(main)
