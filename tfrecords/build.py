@@ -18,11 +18,13 @@ skipped file with the reason. Files that are not decodable images, and exact dup
 more undecodable files than --max_skipped_fraction fails the run (exit 1, no manifest).
 
 Stages: folder.py lists, plan.py hashes, deduplicates and assigns files to shards, shards.py writes one
-shard (resumably), writer.py runs the workers and writes labels and manifest. A rerun of an interrupted
+shard (resumably), writer.py runs the workers and writes labels and manifest; tfrecords/beam_build.py
+runs the same plan as an Apache Beam (Dataflow) pipeline, with the same output. A rerun of an interrupted
 conversion (no manifest yet) with the same flags keeps the complete shards; check a finished one with
 `python -m tfrecords.verify --data_dir=<output_dir>`.
 """
 
+import dataclasses
 import sys
 
 from absl import app
@@ -45,6 +47,36 @@ def define_flags() -> None:
     Called by run(), not at import: tests and trainer code import build() next to trainer.train, which
     defines its own --seed, and absl refuses a flag name defined twice.
     """
+    define_conversion_flags()
+    flags.DEFINE_integer(
+        "num_workers",
+        0,
+        "Processes that decode and write shards (each writes whole shards). 0 uses all cores. The "
+        "output is byte-identical whatever the number.",
+    )
+    flags.DEFINE_string(
+        "tfds_name",
+        None,
+        "Convert a TensorFlow Datasets dataset instead of --input_dir, e.g. tf_flowers, "
+        "oxford_flowers102, cassava (optionally name:version).",
+    )
+    flags.DEFINE_string(
+        "tfds_data_dir",
+        None,
+        "TFDS data folder (local or gs://); default ~/tensorflow_datasets. Downloaded and prepared there "
+        "if missing.",
+    )
+    flags.DEFINE_string(
+        "tfds_splits",
+        "",
+        "With --tfds_name: comma-separated <our split>=<TFDS split> pairs, e.g. "
+        "train=train[:80%],validation=train[80%:]. Empty uses the dataset's train/validation/test splits, "
+        "and splits a dataset that has only `train` by --validation_fraction and --test_fraction.",
+    )
+
+
+def define_conversion_flags() -> None:
+    """Defines the flags shared with tfrecords/beam_build.py (which has no --num_workers: Beam owns it)."""
     flags.DEFINE_string(
         "input_dir",
         None,
@@ -93,12 +125,6 @@ def define_flags() -> None:
         "manifest.json is refused.",
     )
     flags.DEFINE_integer(
-        "num_workers",
-        0,
-        "Processes that decode and write shards (each writes whole shards). 0 uses all cores. The "
-        "output is byte-identical whatever the number.",
-    )
-    flags.DEFINE_integer(
         "max_side",
         0,
         "If positive, downscale images whose longer side is larger, keeping the aspect, before storing "
@@ -117,25 +143,6 @@ def define_flags() -> None:
         "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
         "folders.",
     )
-    flags.DEFINE_string(
-        "tfds_name",
-        None,
-        "Convert a TensorFlow Datasets dataset instead of --input_dir, e.g. tf_flowers, "
-        "oxford_flowers102, cassava (optionally name:version).",
-    )
-    flags.DEFINE_string(
-        "tfds_data_dir",
-        None,
-        "TFDS data folder (local or gs://); default ~/tensorflow_datasets. Downloaded and prepared there "
-        "if missing.",
-    )
-    flags.DEFINE_string(
-        "tfds_splits",
-        "",
-        "With --tfds_name: comma-separated <our split>=<TFDS split> pairs, e.g. "
-        "train=train[:80%],validation=train[80%:]. Empty uses the dataset's train/validation/test splits, "
-        "and splits a dataset that has only `train` by --validation_fraction and --test_fraction.",
-    )
     flags.mark_flag_as_required("output_dir")
 
 
@@ -145,6 +152,23 @@ class InputError(ValueError):
 
 class TooManySkippedError(RuntimeError):
     """More files than --max_skipped_fraction allows could not be decoded; no manifest was written."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Conversion:
+    """What prepare() decided before any image is decoded; finish() makes the manifest from it.
+
+    Attributes:
+        classes: class names in label order.
+        source: the manifest's description of the input (input_dir or tfds_name, layout, seed, ...).
+        plan: the plan.Plan: shard tasks, and files skipped before decoding.
+        num_sources: files listed (None for TFDS), the base of --max_skipped_fraction.
+    """
+
+    classes: list
+    source: dict
+    plan: plan.Plan
+    num_sources: int | None
 
 
 def build(
@@ -176,7 +200,7 @@ def build(
         target_shard_mb: automatic shard size, in MiB of source files.
         seed: seed of the split assignment and of the example order.
         overwrite: replace a finished conversion in output_dir instead of refusing.
-        num_workers: processes writing shards; 0 means all cores.
+        num_workers: processes hashing files and writing shards; 0 means all cores.
         max_side: downscale so the longer side is at most this; 0 keeps the size.
         max_skipped_fraction: fail when a larger share of the files cannot be decoded.
         labels_csv: optional CSV of path,label rows (paths relative to input_dir).
@@ -190,6 +214,39 @@ def build(
     Raises:
         InputError: (a ValueError) the flags or the input are unusable; nothing was written.
         TooManySkippedError: too many undecodable files; shards were written, the manifest was not.
+    """
+    conversion = prepare(
+        input_dir=input_dir, output_dir=output_dir, validation_fraction=validation_fraction,
+        test_fraction=test_fraction, num_shards=num_shards, target_shard_mb=target_shard_mb, seed=seed,
+        overwrite=overwrite, num_workers=num_workers, max_side=max_side, max_skipped_fraction=max_skipped_fraction,
+        labels_csv=labels_csv, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, tfds_splits=tfds_splits,
+    )
+    records = writer.write_shards(
+        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, classes=conversion.classes,
+        num_workers=num_workers or progress.default_num_workers(),
+    )
+    return finish(
+        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side,
+        max_skipped_fraction=max_skipped_fraction,
+    )
+
+
+def prepare(
+    *, input_dir: str | None, output_dir: str, validation_fraction: float, test_fraction: float, num_shards: int,
+    target_shard_mb: float, seed: int, overwrite: bool, num_workers: int, max_side: int,
+    max_skipped_fraction: float, labels_csv: str | None, tfds_name: str | None = None,
+    tfds_data_dir: str | None = None, tfds_splits: str = "",
+) -> Conversion:
+    """Checks the settings, lists, hashes and plans the input, and readies output_dir for the shards.
+
+    The first half of build() (arguments as there; num_workers processes hash), shared with
+    tfrecords/beam_build.py, so both converters write the same shards from the same plan.
+
+    Returns:
+        A Conversion.
+
+    Raises:
+        InputError: (a ValueError) the flags or the input are unusable; nothing was written.
     """
     # Only this validation step turns ValueErrors into InputError: a ValueError raised while writing
     # is a bug and must keep its traceback.
@@ -238,21 +295,38 @@ def build(
     writer.prepare_output_dir(
         output_dir=output_dir, overwrite=overwrite, planned_files=[task.file for task in shard_plan.tasks]
     )
-    records = writer.write_shards(
-        tasks=shard_plan.tasks, output_dir=output_dir, max_side=max_side or None, classes=classes,
-        num_workers=num_workers,
+    return Conversion(classes=classes, source=source, plan=shard_plan, num_sources=num_sources)
+
+
+def finish(
+    *, conversion: Conversion, records: list, output_dir: str, max_side: int, max_skipped_fraction: float
+) -> dict:
+    """Checks the skipped share, writes labels.txt and manifest.json from the shard records; returns the manifest.
+
+    Args:
+        conversion: from prepare().
+        records: shards.write_shard's record of every task of conversion.plan, in plan order.
+        output_dir: the output folder.
+        max_side: the --max_side value (recorded in the manifest).
+        max_skipped_fraction: fail when a larger share of the files cannot be decoded.
+
+    Raises:
+        TooManySkippedError: too many undecodable files; the manifest was not written.
+    """
+    tasks = conversion.plan.tasks
+    skipped = conversion.plan.skipped + [entry for record in records for entry in record["skipped"]]
+    _check_skipped(
+        skipped=skipped, num_sources=conversion.num_sources, records=records, max_skipped_fraction=max_skipped_fraction
     )
-    skipped = shard_plan.skipped + [entry for record in records for entry in record["skipped"]]
-    _check_skipped(skipped=skipped, num_sources=num_sources, records=records, max_skipped_fraction=max_skipped_fraction)
-    writer.write_labels(output_dir=output_dir, classes=classes)
-    splits = writer.summarize_splits(tasks=shard_plan.tasks, records=records, classes=classes)
-    writer.remove_empty_splits(output_dir=output_dir, tasks=shard_plan.tasks, splits=splits)
+    writer.write_labels(output_dir=output_dir, classes=conversion.classes)
+    splits = writer.summarize_splits(tasks=tasks, records=records, classes=conversion.classes)
+    writer.remove_empty_splits(output_dir=output_dir, tasks=tasks, splits=splits)
     manifest = writer.make_manifest(
-        source={**source, "max_side": max_side},
-        classes=classes,
+        source={**conversion.source, "max_side": max_side},
+        classes=conversion.classes,
         splits=splits,
         skipped=skipped,
-        label_conflicts=shard_plan.label_conflicts,
+        label_conflicts=conversion.plan.label_conflicts,
     )
     writer.write_manifest(output_dir=output_dir, manifest=manifest)
     writer.remove_progress(output_dir=output_dir)

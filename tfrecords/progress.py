@@ -63,6 +63,8 @@ def map_items(function, items: list, *, num_workers: int, description: str, unit
             while not pending.ready():
                 pending.wait(POLL_SECONDS)
                 display.set(counter.value)
+            # Again after the loop: short jobs can finish before the loop's first check.
+            display.set(counter.value)
             return pending.get()
     finally:
         _report = None
