@@ -25,14 +25,24 @@ setup(
         "google-crc32c>=1.5",
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).
+        "test": ["pytest>=8", "PyYAML>=6", "gcp-storage-emulator>=2024.8"],
         "profile": ["tensorboard-plugin-profile>=2.19"],
+        # tfrecords/beam_build.py; [gcp] brings the DataflowRunner and Cloud Storage IO.
+        "beam": ["apache-beam[gcp]>=2.77,<3"],
     },
     entry_points={
         "console_scripts": [
             "tfrecords-build=tfrecords.build:run",
+            "tfrecords-beam-build=tfrecords.beam_build:run",
+            "tfrecords-verify=tfrecords.verify:run",
             "trainer-train=trainer.train:run",
             "trainer-predict=trainer.predict:run",
+            "launch-local=launch.local:run",
+            "launch-vertex=launch.vertex:run",
+            "launch-tpu-vm=launch.tpu_vm:run",
+            "launch-kubernetes=launch.kubernetes:run",
+            "launch-staging=launch.staging:run",
         ],
     },
     classifiers=[

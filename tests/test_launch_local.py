@@ -1,0 +1,119 @@
+"""launch/local.py: TF_CONFIG and commands, exit codes, signal forwarding (with stand-in workers), and one real
+two-worker training run on tiny data."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from launch import local
+from tests.conftest import REPO_ROOT
+
+
+def test_tf_config_and_commands():
+    workers = local.make_worker_commands(num_workers=2, trainer_flags=["--data_dir=d"], ports=[1001, 1002], python="py")
+    assert [tf_config for tf_config, _ in workers] == [
+        {"cluster": {"worker": ["127.0.0.1:1001", "127.0.0.1:1002"]}, "task": {"type": "worker", "index": index}}
+        for index in (0, 1)
+    ]
+    assert workers[0][1] == workers[1][1] == ["py", "-m", "trainer.train", "--data_dir=d", "--strategy=multi_worker"]
+    kept = local.make_worker_commands(num_workers=1, trainer_flags=["--strategy", "multi_worker"], ports=[1], python="py")
+    assert kept[0][1] == ["py", "-m", "trainer.train", "--strategy", "multi_worker"]
+
+
+@pytest.mark.parametrize("num_workers, flags, message", [
+    (0, [], "--num_workers 0 must be at least 1"),
+    (2, ["--strategy=mirrored"], "trainer flag --strategy=mirrored conflicts"),
+])
+def test_invalid_arguments(num_workers, flags, message):
+    with pytest.raises(ValueError, match=message):
+        local.make_worker_commands(num_workers=num_workers, trainer_flags=flags, ports=[1] * max(num_workers, 0))
+
+
+def test_free_ports_are_distinct():
+    ports = local.pick_free_ports(4)
+    assert len(set(ports)) == 4 and all(port > 0 for port in ports)
+
+
+@pytest.mark.parametrize("codes, signalled, expected", [
+    ([0, 0], False, 0),
+    ([75, 75], True, 75),
+    ([75, 1], False, 75),      # preempted first: the other failed because of it
+    ([1, 75], False, 1),       # a real failure stays one
+    ([1, 75], True, 75),       # the launcher itself was stopped
+    ([0, -9], False, 137),
+    ([2, -15], False, 2),
+])
+def test_combine_exit_codes(codes, signalled, expected):
+    assert local.combine_exit_codes(codes, stopped_by_launcher=signalled) == expected
+
+
+# Stand-in worker: prints its TF_CONFIG index, then sleeps until SIGTERM, which it answers like the trainer.
+PREEMPTIBLE = """
+import json, os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: (print("checkpoint saved", flush=True), sys.exit(75)))
+print("ready", json.loads(os.environ["TF_CONFIG"])["task"]["index"], flush=True)
+time.sleep(60)
+"""
+
+
+def stand_ins(*scripts):
+    workers = local.make_worker_commands(num_workers=len(scripts), trainer_flags=[], ports=list(range(1, len(scripts) + 1)))
+    return [(tf_config, [sys.executable, "-c", script]) for (tf_config, _), script in zip(workers, scripts)]
+
+
+def test_sigterm_is_forwarded_and_preemption_exits_75(capfd):
+    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        code = local.run_workers(workers=stand_ins(PREEMPTIBLE, PREEMPTIBLE), grace_period_seconds=20)
+    finally:
+        timer.cancel()
+    output = capfd.readouterr().out
+    assert code == 75
+    assert "[worker 0] ready 0" in output and "[worker 1] ready 1" in output
+    assert output.count("checkpoint saved") == 2
+
+
+def test_a_failed_worker_stops_the_others_and_its_code_wins(capfd):
+    stuck = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
+    failing = "import sys, time\ntime.sleep(0.5)\nprint('bad input', file=sys.stderr)\nsys.exit(3)\n"
+    code = local.run_workers(workers=stand_ins(stuck, failing), grace_period_seconds=1)
+    assert code == 3
+    errors = capfd.readouterr().err
+    assert "[worker 1] bad input" in errors and "worker 1 exited with 3" in errors and "killing them" in errors
+
+
+def run_cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "launch.local", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=timeout)
+
+
+def test_dry_run_and_errors():
+    result = run_cli("--num_workers=3", "--dry_run", "--", "--data_dir=/tmp/a b")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[2].startswith("TF_CONFIG='{") and lines[2].endswith("'--data_dir=/tmp/a b' --strategy=multi_worker")
+    refused = run_cli("--", "--strategy=mirrored")
+    assert refused.returncode == 2 and refused.stderr.startswith("error: trainer flag --strategy=mirrored conflicts")
+    assert run_cli("--num_workers=-1").stderr == "error: --num_workers -1 must be at least 1\n"
+
+
+def test_two_real_workers_train_in_sync(demo_data_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    result = run_cli(
+        "--num_workers=2", "--", f"--data_dir={demo_data_dir}", f"--model_dir={model_dir}", "--backbone=mobilenet_v2",
+        "--weights=none", "--image_size=32", "--batch_size=8", "--epochs=1", "--fine_tune_epochs=1",
+        "--steps_per_epoch=2", timeout=500,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (model_dir / "metrics.json").exists()
+    assert json.loads((model_dir / "metrics.json").read_text())["num_replicas"] == 2
+    fingerprints = dict(re.findall(r"\[worker (\d)\] .*weights fingerprint ([0-9a-f]+)", result.stderr))
+    assert set(fingerprints) == {"0", "1"} and fingerprints["0"] == fingerprints["1"]
+    assert re.search(r"^\[worker 0\] test accuracy", result.stdout, re.MULTILINE)
