@@ -4,7 +4,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -161,35 +160,6 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
     assert process.returncode == 75, stderr[-2000:]
     assert "preempted:" in stderr and "rerun the same command to resume" in stderr
     assert resume_and_check(converted, model_dir) >= 3
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def test_multi_worker_with_two_local_processes(converted, tmp_path):
-    model_dir = tmp_path / "model"
-    workers = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    processes = []
-    for index in range(2):
-        tf_config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}",
-             *TINY_TRAINING, "--strategy=multi_worker"],
-            cwd=REPO_ROOT, env={**ENVIRONMENT, "TF_CONFIG": json.dumps(tf_config)},
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        ))
-    outputs = [process.communicate(timeout=600) for process in processes]
-    for process, (_, stderr) in zip(processes, outputs):
-        assert process.returncode == 0, stderr[-3000:]
-    fingerprints = [re.search(r"weights fingerprint (\w+)", stderr).group(1) for _, stderr in outputs]
-    assert fingerprints[0] == fingerprints[1]
-    assert "test accuracy" in outputs[0][0] and "test accuracy" not in outputs[1][0]  # the chief reports
-    metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert metrics["num_replicas"] == 2 and len(metrics["history"]) == 2
-    assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
 
 
 @pytest.mark.parametrize(
