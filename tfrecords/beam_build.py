@@ -225,17 +225,7 @@ def main(argv: list) -> int:
     except build.TooManySkippedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    with tf.io.gfile.GFile(tf.io.gfile.join(FLAGS.output_dir, "flags.txt"), "w") as flags_file:
-        flags_file.write(flags_text)
-    print(build.summarize(manifest=manifest, output_dir=FLAGS.output_dir))
-    if not manifest["splits"]:
-        print(
-            f"error: none of the files in --input_dir {FLAGS.input_dir!r} could be read as an image; "
-            "the reasons are in the manifest's 'skipped' list",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return build.report(manifest=manifest, flags_text=flags_text, output_dir=FLAGS.output_dir, input_dir=FLAGS.input_dir)
 
 
 def run() -> None:

@@ -408,12 +408,17 @@ def main(argv: list) -> int:
     except TooManySkippedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    with tf.io.gfile.GFile(tf.io.gfile.join(FLAGS.output_dir, "flags.txt"), "w") as flags_file:
+    return report(manifest=manifest, flags_text=flags_text, output_dir=FLAGS.output_dir, input_dir=FLAGS.input_dir)
+
+
+def report(*, manifest: dict, flags_text: str, output_dir: str, input_dir: str) -> int:
+    """Writes flags.txt, prints the summary line, and returns the exit code of a finished conversion."""
+    with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "flags.txt"), "w") as flags_file:
         flags_file.write(flags_text)
-    print(summarize(manifest=manifest, output_dir=FLAGS.output_dir))
+    print(summarize(manifest=manifest, output_dir=output_dir))
     if not manifest["splits"]:
         print(
-            f"error: none of the files in --input_dir {FLAGS.input_dir!r} could be read as an image; "
+            f"error: none of the files in --input_dir {input_dir!r} could be read as an image; "
             "the reasons are in the manifest's 'skipped' list",
             file=sys.stderr,
         )
