@@ -22,8 +22,6 @@ shared storage, e.g. gs://).
 
 import json
 import re
-import subprocess
-import sys
 
 from absl import app
 from absl import flags
@@ -187,11 +185,7 @@ def main(argv: list[str]) -> int:
     if FLAGS.dry_run:
         print(text, end="")
         return 0
-    try:
-        return subprocess.run(["kubectl", "apply", "-f", "-"], input=text, text=True, check=False).returncode
-    except FileNotFoundError:
-        print("error: kubectl not found; install it or use --dry_run", file=sys.stderr)
-        return 1
+    return trainer_args.run_tool(["kubectl", "apply", "-f", "-"], install_hint="install it", input_text=text)
 
 
 def run() -> None:

@@ -22,7 +22,6 @@ preempted (the trainer saved a checkpoint): run this again with --nocreate --noi
 
 import re
 import shlex
-import subprocess
 import sys
 
 from absl import app
@@ -158,11 +157,7 @@ def main(argv: list[str]) -> int:
         print(shlex.join(command), file=sys.stdout if FLAGS.dry_run else sys.stderr, flush=True)
         if FLAGS.dry_run:
             continue
-        try:
-            code = subprocess.run(command, check=False).returncode
-        except FileNotFoundError:
-            print("error: gcloud not found; install the Google Cloud CLI or use --dry_run", file=sys.stderr)
-            return 1
+        code = trainer_args.run_tool(command, install_hint="install the Google Cloud CLI")
         if code != 0:
             return code
     return 0

@@ -9,9 +9,10 @@ when absent and refuses a conflicting value, and leaves every other flag untouch
 --flagfile is not seen here; the trainer then uses whichever comes last on its command line.
 
 Also the command-line boundary shared by the launchers' entry modules: absl flag errors become one
-`error: ...` line with exit code 2.
+`error: ...` line with exit code 2, and run_tool runs a cloud CLI (gcloud, kubectl).
 """
 
+import subprocess
 import sys
 
 from absl import flags
@@ -79,3 +80,15 @@ def require(value, flag_name: str) -> None:
     """Exits with `error: --<flag_name> is required` when value is empty."""
     if value in (None, "", []):
         fail(f"--{flag_name} is required")
+
+
+def run_tool(command: list[str], *, install_hint: str, input_text: str | None = None) -> int:
+    """Runs a CLI tool from an argument list (never a shell) and returns its exit code.
+
+    A missing tool is one `error: <tool> not found; <install_hint> or use --dry_run` line and code 1.
+    """
+    try:
+        return subprocess.run(command, input=input_text, text=input_text is not None, check=False).returncode
+    except FileNotFoundError:
+        print(f"error: {command[0]} not found; {install_hint} or use --dry_run", file=sys.stderr)
+        return 1

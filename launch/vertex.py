@@ -27,7 +27,6 @@ import json
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 
@@ -66,7 +65,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("spot", False, "Run on Spot VMs (cheaper, preemptible; the job restarts and resumes from checkpoints).")
     flags.DEFINE_bool("restart_job_on_worker_restart", True, "scheduling.restartJobOnWorkerRestart: restart all replicas when one restarts.")
     flags.DEFINE_integer("timeout_hours", 0, "scheduling.timeout in hours; 0 = Vertex AI's default (7 days).")
-    flags.DEFINE_string("spec_file", "", f"Write the spec here; '' = print it (--dry_run) or use a temporary file.")
+    flags.DEFINE_string("spec_file", "", "Write the spec here; '' = print it (--dry_run) or use a temporary file.")
     flags.DEFINE_bool("dry_run", False, "Print the spec and the gcloud command, submit nothing.")
 
 
@@ -208,11 +207,7 @@ def main(argv: list[str]) -> int:
     command = make_gcloud_command(project=FLAGS.project, region=FLAGS.region, display_name=FLAGS.display_name,
                                   spec_file=spec_file)
     print(shlex.join(command), file=sys.stderr)
-    try:
-        return subprocess.run(command, check=False).returncode
-    except FileNotFoundError:
-        print("error: gcloud not found; install the Google Cloud CLI or use --dry_run", file=sys.stderr)
-        return 1
+    return trainer_args.run_tool(command, install_hint="install the Google Cloud CLI")
 
 
 def run() -> None:

@@ -1,5 +1,7 @@
 """launch/trainer_args.py: finding, adding and refusing the trainer flags a launcher decides."""
 
+import sys
+
 import pytest
 
 from launch import trainer_args
@@ -29,3 +31,13 @@ def test_with_flag_adds_keeps_or_refuses():
 def test_with_default_flag_keeps_the_users_value():
     assert trainer_args.with_default_flag([], "precision", "mixed_bfloat16") == ["--precision=mixed_bfloat16"]
     assert trainer_args.with_default_flag(["--precision=float32"], "precision", "mixed_bfloat16") == ["--precision=float32"]
+
+
+def test_run_tool_returns_the_exit_code_or_reports_a_missing_tool(capsys):
+    assert trainer_args.run_tool([sys.executable, "-c", "import sys; sys.exit(3)"], install_hint="unused") == 3
+    assert trainer_args.run_tool(
+        [sys.executable, "-c", "import sys; sys.exit(sys.stdin.read() != 'spec')"], install_hint="unused",
+        input_text="spec",
+    ) == 0
+    assert trainer_args.run_tool(["no-such-cloud-cli-xyz", "apply"], install_hint="install it") == 1
+    assert capsys.readouterr().err == "error: no-such-cloud-cli-xyz not found; install it or use --dry_run\n"

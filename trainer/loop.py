@@ -114,6 +114,14 @@ def evaluate(evaluation_step, distributed_dataset) -> dict:
     return {"loss": loss_sum / max(count, 1e-12), "accuracy": correct / max(count, 1e-12)}
 
 
+def write_text(path: str, text: str) -> None:
+    """Writes a small text file through tf.io.gfile (temporary name, then rename: never half-written)."""
+    temporary = path + ".incomplete"
+    with tf.io.gfile.GFile(temporary, "w") as file:
+        file.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
 class History:
     """Per-epoch metrics of both phases in <model_dir>/history.json, kept consistent with checkpoints."""
 
@@ -132,10 +140,7 @@ class History:
     def append(self, entry: dict) -> None:
         self.epochs.append(entry)
         if self.chief:
-            temporary = self.path + ".incomplete"
-            with tf.io.gfile.GFile(temporary, "w") as file:
-                json.dump(self.epochs, file, indent=2)
-            tf.io.gfile.rename(temporary, self.path, overwrite=True)
+            write_text(self.path, json.dumps(self.epochs, indent=2))
 
     def best_validation_accuracy(self) -> float:
         return max((entry["val_accuracy"] for entry in self.epochs), default=-math.inf)

@@ -25,14 +25,6 @@ FLAGS = flags.FLAGS
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
 
 
-def write_text(path: str, text: str) -> None:
-    """Writes a small text file through tf.io.gfile (temporary name, then rename: never half-written)."""
-    temporary = path + ".incomplete"
-    with tf.io.gfile.GFile(temporary, "w") as file:
-        file.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
-
-
 def weights_fingerprint(model: keras.Model) -> str:
     """A short digest of every weight's bytes: equal on all workers when they are in sync."""
     digest = hashlib.sha256()
@@ -184,8 +176,8 @@ def train_and_export(
     export.export_saved_model(model=model, class_names=class_names, image_size=image_size, export_dir=export_write_dir)
     distribute.remove_write_dir(export_write_dir, strategy)
     if chief:
-        write_text(tf.io.gfile.join(model_dir, "metrics.json"), json.dumps(metrics, indent=2))
-        write_text(tf.io.gfile.join(model_dir, "labels.txt"), "".join(name + "\n" for name in class_names))
+        loop.write_text(tf.io.gfile.join(model_dir, "metrics.json"), json.dumps(metrics, indent=2))
+        loop.write_text(tf.io.gfile.join(model_dir, "labels.txt"), "".join(name + "\n" for name in class_names))
         model.save(tf.io.gfile.join(model_dir, export.KERAS_MODEL_FILE))
     return metrics
 
@@ -354,7 +346,7 @@ def main(argv: list[str]) -> None:
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     if distribute.is_chief(strategy):
         tf.io.gfile.makedirs(FLAGS.model_dir)
-        write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
+        loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
     try:
         metrics = train_and_export(
             strategy=strategy,
