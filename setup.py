@@ -23,6 +23,9 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.66",
         "google-crc32c>=1.5",
+        # Evaluation reports: the classification metrics and the PNG plots.
+        "scikit-learn>=1.5",
+        "matplotlib>=3.9",
     ],
     extras_require={
         # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).
@@ -38,6 +41,7 @@ setup(
             "tfrecords-verify=tfrecords.verify:run",
             "trainer-train=trainer.train:run",
             "trainer-predict=trainer.predict:run",
+            "trainer-evaluate=trainer.evaluate:run",
             "launch-local=launch.local:run",
             "launch-vertex=launch.vertex:run",
             "launch-tpu-vm=launch.tpu_vm:run",

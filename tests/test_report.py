@@ -1,0 +1,213 @@
+"""trainer/report.py: metrics checked against numbers worked out by hand, the text table, and the PNG plots."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from trainer import report
+
+CLASS_NAMES = ["cat", "dog", "fox", "owl"]  # owl never occurs and is never predicted
+# True labels and probabilities; the predicted class (argmax) is in the comment, then the top-2 classes.
+LABELS = np.array([0, 0, 0, 1, 1, 2, 2, 2])
+PROBABILITIES = np.array([
+    [0.70, 0.10, 0.10, 0.10],  # cat  right; top-2 {cat, .}  hit
+    [0.60, 0.30, 0.05, 0.05],  # cat  right; top-2 hit
+    [0.30, 0.50, 0.10, 0.10],  # dog  wrong; top-2 {dog, cat} hit
+    [0.10, 0.80, 0.05, 0.05],  # dog  right; top-2 hit
+    [0.50, 0.10, 0.15, 0.25],  # cat  wrong; top-2 {cat, owl} miss
+    [0.10, 0.10, 0.70, 0.10],  # fox  right; top-2 hit
+    [0.40, 0.35, 0.20, 0.05],  # cat  wrong; top-2 {cat, dog} miss
+    [0.20, 0.10, 0.60, 0.10],  # fox  right; top-2 hit
+])
+# By hand: rows = true class, columns = predicted class.
+CONFUSION_MATRIX = [
+    [2, 1, 0, 0],
+    [1, 1, 0, 0],
+    [1, 0, 2, 0],
+    [0, 0, 0, 0],
+]
+# precision = diagonal / column sum, recall = diagonal / row sum, F1 = 2PR / (P + R); 0 where undefined.
+PRECISION = [2 / 4, 1 / 2, 2 / 2, 0.0]
+RECALL = [2 / 3, 1 / 2, 2 / 3, 0.0]
+F1 = [4 / 7, 1 / 2, 4 / 5, 0.0]
+SUPPORT = [3, 2, 3, 0]
+
+
+@pytest.fixture(scope="module")
+def hand_made_report():
+    return report.classification_report(
+        labels=LABELS, probabilities=PROBABILITIES, class_names=CLASS_NAMES, top_k=2
+    )
+
+
+def test_report_matches_hand_computed_metrics(hand_made_report):
+    result = hand_made_report
+    assert result["num_examples"] == 8
+    assert result["confusion_matrix"] == CONFUSION_MATRIX
+    assert result["accuracy"] == pytest.approx(5 / 8)
+    assert result["top_k"] == 2
+    assert result["top_k_accuracy"] == pytest.approx(6 / 8)
+    assert [row["class"] for row in result["per_class"]] == CLASS_NAMES
+    assert [row["precision"] for row in result["per_class"]] == pytest.approx(PRECISION)
+    assert [row["recall"] for row in result["per_class"]] == pytest.approx(RECALL)
+    assert [row["f1"] for row in result["per_class"]] == pytest.approx(F1)
+    assert [row["support"] for row in result["per_class"]] == SUPPORT
+    # Macro: plain mean over all 4 classes, the absent owl included.
+    assert result["macro_avg"] == pytest.approx(
+        {"precision": 2 / 4, "recall": (2 / 3 + 1 / 2 + 2 / 3) / 4, "f1": (4 / 7 + 1 / 2 + 4 / 5) / 4, "support": 8}
+    )
+    # Weighted by support 3, 2, 3, 0 over 8 (weighted recall is the accuracy).
+    assert result["weighted_avg"] == pytest.approx({
+        "precision": (3 * 0.5 + 2 * 0.5 + 3 * 1.0) / 8,
+        "recall": 5 / 8,
+        "f1": (3 * 4 / 7 + 2 * 1 / 2 + 3 * 4 / 5) / 8,
+        "support": 8,
+    })
+    assert result["class_names"] == CLASS_NAMES
+
+
+def test_report_is_json_serialisable(hand_made_report):
+    import json
+
+    assert json.loads(json.dumps(hand_made_report)) == hand_made_report
+
+
+def test_top_k_is_capped_at_the_number_of_classes():
+    result = report.classification_report(labels=LABELS, probabilities=PROBABILITIES, class_names=CLASS_NAMES)
+    assert result["top_k"] == 4 and result["top_k_accuracy"] == 1.0
+
+
+def test_two_classes():
+    labels = np.array([0, 1, 1, 0, 1])
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7], [0.45, 0.55]])
+    result = report.classification_report(
+        labels=labels, probabilities=probabilities, class_names=["no", "yes"], top_k=1
+    )
+    assert result["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert result["accuracy"] == result["top_k_accuracy"] == pytest.approx(3 / 5)
+    assert [row["precision"] for row in result["per_class"]] == pytest.approx([1 / 2, 2 / 3])
+    wide = report.classification_report(labels=labels, probabilities=probabilities, class_names=["no", "yes"])
+    assert wide["top_k"] == 2 and wide["top_k_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (dict(class_names=["cat", "dog"]), "2 class names"),
+        (dict(top_k=0), "--top_k 0 must be at least 1"),
+        (dict(labels=np.array([0, 1])), r"labels have shape \(2,\); expected \[8\]"),
+        (dict(labels=LABELS - 1), r"labels range over \[-1, 1\]"),
+        (dict(labels=np.array([0, 1, 2, 3, 4, 0, 1, 2])), r"expected class ids in \[0, 4\)"),
+    ],
+)
+def test_report_rejects_bad_input(arguments, message):
+    with pytest.raises(ValueError, match=message):
+        report.classification_report(
+            **{"labels": LABELS, "probabilities": PROBABILITIES, "class_names": CLASS_NAMES, **arguments}
+        )
+
+
+def test_format_report_lists_classes_averages_and_matrix(hand_made_report):
+    text = report.format_report(hand_made_report)
+    for expected in [*CLASS_NAMES, "precision", "accuracy", "top-2 accuracy", "macro avg", "weighted avg",
+                     "confusion matrix", "0.6250", "0.7500"]:
+        assert expected in text
+    lines = text.splitlines()
+    cat_row = next(line for line in lines if line.strip().startswith("cat ") and "0.5000" in line)
+    assert cat_row.split() == ["cat", "0.5000", "0.6667", "0.5714", "3"]
+    matrix_rows = lines[lines.index("confusion matrix (rows: true class, columns: predicted class)") + 2:]
+    assert [row.split() for row in matrix_rows] == [[name, *map(str, counts)] for name, counts in
+                                                      zip(CLASS_NAMES, CONFUSION_MATRIX)]
+
+
+def read_png(path) -> Image.Image:
+    image = Image.open(io.BytesIO(path.read_bytes()))
+    image.load()
+    assert image.format == "PNG"
+    return image
+
+
+def test_plot_confusion_matrix_scales_with_classes(tmp_path, hand_made_report):
+    report.plot_confusion_matrix(
+        matrix=hand_made_report["confusion_matrix"], class_names=CLASS_NAMES, path=str(tmp_path / "small.png")
+    )
+    many_names = [f"class_{index}" for index in range(50)]
+    matrix = np.diag(np.arange(1, 51))  # zero cells stay blank above 20 classes
+    report.plot_confusion_matrix(matrix=matrix, class_names=many_names, path=str(tmp_path / "large.png"))
+    small, large = read_png(tmp_path / "small.png"), read_png(tmp_path / "large.png")
+    assert 200 < small.width < 1200 and 200 < small.height < 1200
+    assert large.width > 2 * small.width and large.height > 2 * small.height
+    with pytest.raises(ValueError, match=r"confusion matrix of shape \(4, 4\) for 3 class names"):
+        report.plot_confusion_matrix(matrix=CONFUSION_MATRIX, class_names=CLASS_NAMES[:3], path=str(tmp_path / "x.png"))
+
+
+def uniform_images(count: int) -> np.ndarray:
+    """Images whose every pixel holds the image's index, so a kept image can be identified."""
+    return np.arange(count, dtype=np.float32)[:, None, None, None] * np.ones([count, 8, 8, 3], np.float32)
+
+
+def test_worst_errors_keeps_the_most_confident_errors_across_batches():
+    worst = report.WorstErrors(2)
+    # Errors at confidence 0.6 (image 0) and 0.9 (image 2); image 1 is right, at 0.99.
+    worst.add(uniform_images(3), np.array([0, 1, 0]), np.array([[0.4, 0.6], [0.01, 0.99], [0.1, 0.9]]))
+    # Errors at 0.8 (image 10) and 0.55 (image 11).
+    worst.add(uniform_images(12)[10:], np.array([1, 0]), np.array([[0.8, 0.2], [0.45, 0.55]]))
+    assert len(worst) == 2
+    assert worst.images[:, 0, 0, 0].tolist() == [2.0, 10.0]
+    assert worst.labels.tolist() == [0, 1]
+    np.testing.assert_allclose(worst.probabilities, [[0.1, 0.9], [0.8, 0.2]])
+
+
+def test_plot_errors_titles_worst_first(tmp_path):
+    figure = report.plot_errors(
+        images=uniform_images(8) * 30, labels=LABELS, probabilities=PROBABILITIES, class_names=CLASS_NAMES,
+        path=str(tmp_path / "errors.png"), max_images=2,
+    )
+    titles = [axes.get_title() for axes in figure.axes]
+    # Examples 2 and 4 are wrong at 0.50, example 6 at 0.40; equal confidences keep their order.
+    assert titles == ["true: cat / predicted: dog (0.50)", "true: dog / predicted: cat (0.50)"]
+    image = read_png(tmp_path / "errors.png")
+    assert 200 < image.width < 2000 and 150 < image.height < 2000
+
+
+def test_plot_errors_without_errors_says_so(tmp_path):
+    figure = report.plot_errors(
+        images=uniform_images(2), labels=np.array([0, 1]), probabilities=np.array([[0.9, 0.1], [0.2, 0.8]]),
+        class_names=["a", "b"], path=str(tmp_path / "errors.png"),
+    )
+    assert [text.get_text() for text in figure.texts] == ["no misclassified images"]
+    image = read_png(tmp_path / "errors.png")
+    assert 50 < image.width < 800 and 20 < image.height < 400
+
+
+def make_history(phase1_epochs: int, phase2_epochs: int) -> list[dict]:
+    history = []
+    for epoch in range(1, phase1_epochs + phase2_epochs + 1):
+        history.append({
+            "epoch": epoch, "phase": "phase1" if epoch <= phase1_epochs else "phase2",
+            "loss": 1.0 / epoch, "accuracy": 1.0 - 0.5 / epoch, "val_loss": 1.2 / epoch,
+            "val_accuracy": 1.0 - 0.6 / epoch, "learning_rate": 1e-3, "images_per_second": 100.0,
+            "input_wait_fraction": None,
+        })
+    return history
+
+
+@pytest.mark.parametrize("phase1_epochs, phase2_epochs, marker_epoch", [(3, 2, 3), (4, 0, None)])
+def test_learning_curves(tmp_path, phase1_epochs, phase2_epochs, marker_epoch):
+    path = tmp_path / "learning_curves.png"
+    figure = report.plot_learning_curves(history=make_history(phase1_epochs, phase2_epochs), path=str(path))
+    assert len(figure.axes) == 2
+    for axes, metric in zip(figure.axes, ["accuracy", "loss"]):
+        lines = {line.get_label(): line for line in axes.get_lines()}
+        assert {f"training {metric}", f"validation {metric}"} <= set(lines)
+        assert list(lines[f"training {metric}"].get_xdata()) == list(range(1, phase1_epochs + phase2_epochs + 1))
+        if marker_epoch is None:
+            assert "start fine-tuning" not in lines
+        else:
+            assert list(lines["start fine-tuning"].get_xdata()) == [marker_epoch, marker_epoch]
+    image = read_png(path)
+    assert 400 < image.width < 1500 and 400 < image.height < 1500
+    with pytest.raises(ValueError, match="history is empty"):
+        report.plot_learning_curves(history=[], path=str(path))
