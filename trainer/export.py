@@ -1,56 +1,268 @@
-r"""Export: a SavedModel a client can send image files to, and the `.keras` model file.
+r"""Export: a SavedModel a client can send images to, a TFLite model for phones, and the `.keras` model file.
 
-The SavedModel's `serving_default` signature takes a batch of encoded images (JPEG, PNG, GIF, BMP bytes)
-and returns, per image, the class id, the class name and the probabilities, with decoding, resizing and
-the backbone's preprocessing all inside, so a client sends a file and gets a label:
+The SavedModel has two signatures, both returning per image the top class (`class_ids`, `class_names`),
+all `probabilities`, and the k best (`top_k_class_ids`, `top_k_class_names`, `top_k_probabilities`):
 
+- `serving_default` takes a batch of encoded images (`image_bytes`: JPEG, PNG, GIF or BMP bytes);
+- `serving_images` takes a batch of decoded RGB images (`images`: uint8, any height and width).
+
+Both keep the central crop and resize exactly as evaluation does (`trainer.data.decode_and_resize`), and
+the backbone's preprocessing is inside the model, so a client sends a file and gets a label. From a shell
+(`saved_model_cli` reads inputs as Python literals or `.npy` files, so pass the bytes through a `.npy`):
+
+    python -c 'import numpy as np; np.save("cat.npy", np.array([open("cat.jpg", "rb").read()], object))'
     saved_model_cli run --dir <model_dir>/saved_model --tag_set serve --signature_def serving_default \
-        --input_exprs 'image_bytes=[open("cat.jpg","rb").read()]'
+        --inputs image_bytes=cat.npy
+
+The TFLite model takes float32 [1, image_size, image_size, 3] pixels in [0, 255] (already cropped and
+resized) and returns the probabilities; `labels.txt` beside it lists the class names, one per line.
 """
 
+import tempfile
+
 import keras
+import numpy as np
 import tensorflow as tf
 
 from trainer import data
 
 SAVED_MODEL_DIR = "saved_model"
 KERAS_MODEL_FILE = "model.keras"
+# Where a training run puts export_tflite's files: <model_dir>/tflite/{model.tflite, labels.txt, ...}.
+TFLITE_DIR = "tflite"
+LABELS_FILE = "labels.txt"
+BYTES_SIGNATURE = "serving_default"
+IMAGES_SIGNATURE = "serving_images"
+DEFAULT_TOP_K = 5
+# TFLite file per quantization: "none" keeps float32 weights; "dynamic_range" stores weights as int8
+# (about 4x smaller) and quantizes activations on the fly, needing no representative dataset.
+TFLITE_FILES = {"none": "model.tflite", "dynamic_range": "model_dynamic_range.tflite"}
 
 
-def export_saved_model(*, model: keras.Model, class_names: list[str], image_size: int, export_dir: str) -> None:
-    """Writes a SavedModel with a `serving_default` signature over encoded image bytes.
+def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = data.EVAL_CROP_FRACTION) -> tf.Tensor:
+    """Keeps the central crop of a batch of decoded images and resizes it, as `data.decode_and_resize` does.
+
+    The crop window, the rounding and the resize (antialiased only when shrinking by more than 2x) repeat
+    `data.decode_and_resize` op for op, so an image sent decoded gets the probabilities it gets as a file.
+
+    Args:
+        images: uint8 [batch, height, width, 3] RGB images (one size for the whole batch).
+        image_size: output height and width.
+        crop_fraction: share of each side kept around the centre (1.0: the whole image).
+
+    Returns:
+        float32 [batch, image_size, image_size, 3] pixels in [0, 255].
+    """
+    shape = tf.shape(images)[1:3]
+    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * crop_fraction), tf.int32), 1)
+    offset = (shape - crop) // 2
+    images = tf.image.crop_to_bounding_box(images, offset[0], offset[1], crop[0], crop[1])
+    shrinks_a_lot = tf.reduce_max(crop) > 2 * image_size
+    images = tf.cond(
+        shrinks_a_lot,
+        lambda: tf.image.resize(images, [image_size, image_size], antialias=True),
+        lambda: tf.image.resize(images, [image_size, image_size]),
+    )
+    return tf.clip_by_value(images, 0.0, 255.0)
+
+
+def _check_class_names(class_names: list[str]) -> None:
+    if not class_names:
+        raise ValueError(f"class_names {class_names!r} is empty; pass the class names in label-id order")
+
+
+def export_saved_model(
+    *, model: keras.Model, class_names: list[str], image_size: int, export_dir: str, top_k: int = DEFAULT_TOP_K
+) -> None:
+    """Writes a SavedModel with the `serving_default` (encoded bytes) and `serving_images` (uint8) signatures.
 
     Args:
         model: the trained classifier (float RGB [0, 255] images in, probabilities out).
         class_names: class names in label-id order.
         image_size: the model's input height and width.
         export_dir: destination folder (local or gs://).
+        top_k: how many best classes the `top_k_*` outputs list (at most the number of classes).
     """
+    _check_class_names(class_names)
+    if top_k < 1:
+        raise ValueError(f"top_k {top_k!r} must be at least 1; pass e.g. top_k={DEFAULT_TOP_K}")
     names = tf.constant(class_names)
+    k = min(top_k, len(class_names))
+
+    def label(images):
+        probabilities = model(images, training=False)
+        class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        top_k_probabilities, top_k_class_ids = tf.math.top_k(probabilities, k=k)
+        return {
+            "class_ids": class_ids,
+            "class_names": tf.gather(names, class_ids),
+            "probabilities": probabilities,
+            "top_k_class_ids": top_k_class_ids,
+            "top_k_class_names": tf.gather(names, top_k_class_ids),
+            "top_k_probabilities": top_k_probabilities,
+        }
 
     @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name="image_bytes")])
-    def serve(image_bytes):
+    def serve_bytes(image_bytes):
+        # One image at a time: files in a batch may have different sizes and formats.
         images = tf.map_fn(
             lambda encoded: data.decode_and_resize(encoded, image_size),
             image_bytes,
             fn_output_signature=tf.TensorSpec([image_size, image_size, 3], tf.float32),
         )
-        probabilities = model(images, training=False)
-        class_ids = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
-        return {
-            "class_ids": class_ids,
-            "class_names": tf.gather(names, class_ids),
-            "probabilities": probabilities,
-        }
+        return label(images)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")])
+    def serve_images(images):
+        return label(crop_and_resize(images, image_size))
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint(name="serving_default", fn=serve)
+    archive.add_endpoint(name=BYTES_SIGNATURE, fn=serve_bytes)
+    archive.add_endpoint(name=IMAGES_SIGNATURE, fn=serve_images)
     archive.write_out(export_dir, verbose=False)
 
 
-def load_serving_function(export_dir: str):
-    """Loads an exported SavedModel's `serving_default` signature (bytes in, dict of tensors out)."""
+def load_serving_function(export_dir: str, signature: str = BYTES_SIGNATURE):
+    """Loads one signature of an exported SavedModel (a callable taking keyword tensors, returning a dict).
+
+    Args:
+        export_dir: folder written by `export_saved_model` (local or gs://).
+        signature: `serving_default` (encoded `image_bytes`) or `serving_images` (uint8 `images`).
+    """
     if not tf.io.gfile.exists(tf.io.gfile.join(export_dir, "saved_model.pb")):
         raise ValueError(f"no SavedModel in {export_dir!r}; train first: python -m trainer.train ...")
-    return tf.saved_model.load(export_dir).signatures["serving_default"]
+    signatures = tf.saved_model.load(export_dir).signatures
+    if signature not in signatures:
+        raise ValueError(
+            f"SavedModel {export_dir!r} has no signature {signature!r}; it has {sorted(signatures)}. "
+            "Re-export it with this version of trainer.export, or pick one of those."
+        )
+    return signatures[signature]
+
+
+def _set_float32_policies(config) -> set[str]:
+    """Rewrites every dtype policy in a serialized Keras config to float32; returns the names it found."""
+    found = set()
+    if isinstance(config, dict):
+        if config.get("class_name") == "DTypePolicy":
+            found.add(config["config"]["name"])
+            config["config"]["name"] = "float32"
+        for value in config.values():
+            found |= _set_float32_policies(value)
+    elif isinstance(config, list):
+        for value in config:
+            found |= _set_float32_policies(value)
+    return found
+
+
+def float32_copy(model: keras.Model) -> keras.Model:
+    """Returns the model itself if it computes in float32, else a float32 copy with the same weights.
+
+    A mixed-precision model (mixed_bfloat16 / mixed_float16) runs its convolutions in 16 bits, which TFLite
+    has no built-in kernels for; its float32 variables convert as they are.
+    """
+    serialized = keras.saving.serialize_keras_object(model)
+    if _set_float32_policies(serialized) <= {"float32"} and model.dtype_policy.name == "float32":
+        return model
+    # Layers whose config names no policy take the global one while they are rebuilt.
+    global_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float32")
+    try:
+        copy = keras.saving.deserialize_keras_object(serialized)
+    finally:
+        keras.config.set_dtype_policy(global_policy)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def export_tflite(
+    *, model: keras.Model, class_names: list[str], image_size: int, output_dir: str, quantization: str
+) -> str:
+    """Converts the model to TFLite and writes it with `labels.txt` into `output_dir`.
+
+    Conversion goes Keras -> SavedModel (a `keras.export.ExportArchive` with a fixed [1, size, size, 3]
+    input) -> `tf.lite.TFLiteConverter.from_saved_model`, the path TensorFlow supports for Keras 3 models.
+    Only built-in TFLite ops are allowed, so the file runs on any TFLite / LiteRT runtime; a mixed-precision
+    model is converted from its float32 copy (float32_copy).
+
+    Args:
+        model: the trained classifier (float RGB [0, 255] images in, probabilities out).
+        class_names: class names in label-id order, written one per line to `labels.txt`.
+        image_size: the model's input height and width.
+        output_dir: destination folder (local or gs://).
+        quantization: "none" (float32 weights) or "dynamic_range" (int8 weights, float activations).
+
+    Returns:
+        The path of the written `.tflite` file (see TFLITE_FILES).
+    """
+    if quantization not in TFLITE_FILES:
+        raise ValueError(
+            f"quantization {quantization!r} is not one of {sorted(TFLITE_FILES)}; "
+            "use 'none' for float32 or 'dynamic_range' for int8 weights"
+        )
+    _check_class_names(class_names)
+    model = float32_copy(model)
+
+    @tf.function(input_signature=[tf.TensorSpec([1, image_size, image_size, 3], tf.float32, name="images")])
+    def classify(images):
+        return {"probabilities": model(images, training=False)}
+
+    # The converter reads a SavedModel from local disk; only the finished files go to output_dir (maybe gs://).
+    with tempfile.TemporaryDirectory() as saved_model_dir:
+        archive = keras.export.ExportArchive()
+        archive.track(model)
+        archive.add_endpoint(name=BYTES_SIGNATURE, fn=classify)
+        archive.write_out(saved_model_dir, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=[BYTES_SIGNATURE])
+        if quantization == "dynamic_range":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        tflite_model = converter.convert()
+
+    tf.io.gfile.makedirs(output_dir)
+    tflite_path = tf.io.gfile.join(output_dir, TFLITE_FILES[quantization])
+    with tf.io.gfile.GFile(tflite_path, "wb") as file:
+        file.write(tflite_model)
+    with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, LABELS_FILE), "w") as file:
+        file.write("".join(f"{name}\n" for name in class_names))
+    return tflite_path
+
+
+def load_tflite_interpreter(tflite_path: str):
+    """Loads a `.tflite` file (local or gs://) into an interpreter with its tensors allocated.
+
+    Uses LiteRT (`pip install ai-edge-litert`) when installed, else TensorFlow's own `tf.lite.Interpreter`
+    (deprecated in favour of LiteRT, but still shipped with TensorFlow 2.21).
+    """
+    if not tf.io.gfile.exists(tflite_path):
+        raise ValueError(f"no TFLite model at {tflite_path!r}; write one with trainer.export.export_tflite")
+    with tf.io.gfile.GFile(tflite_path, "rb") as file:
+        tflite_model = file.read()
+    try:  # Optional: LiteRT is where the interpreter lives now; tf.lite.Interpreter warns it is deprecated.
+        from ai_edge_litert import interpreter as litert
+
+        interpreter_class = litert.Interpreter
+    except ImportError:
+        interpreter_class = tf.lite.Interpreter
+    interpreter = interpreter_class(model_content=tflite_model)
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def predict_tflite(*, interpreter, images: np.ndarray) -> np.ndarray:
+    """Runs a model from `export_tflite` on float32 [batch, size, size, 3] pixels; returns [batch, classes]."""
+    (input_details,) = interpreter.get_input_details()
+    (output_details,) = interpreter.get_output_details()
+    height, width, channels = (int(size) for size in input_details["shape"][1:])
+    if images.ndim != 4 or images.shape[1:] != (height, width, channels):
+        raise ValueError(
+            f"images of shape {images.shape} do not fit the TFLite input [batch, {height}, {width}, {channels}]; "
+            "crop and resize them first (trainer.data.decode_and_resize or trainer.export.crop_and_resize)"
+        )
+    probabilities = []
+    # The exported model takes one image per call (batch 1 is what mobile runtimes optimize for).
+    for image in images.astype(np.float32):
+        interpreter.set_tensor(input_details["index"], image[np.newaxis])
+        interpreter.invoke()
+        probabilities.append(interpreter.get_tensor(output_details["index"])[0])
+    return np.stack(probabilities)
