@@ -200,3 +200,144 @@ def test_device_augmentation_acts_in_training_only_and_saves(tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path, safe_mode=True)
     np.testing.assert_allclose(keras.ops.convert_to_numpy(loaded(images)), inference, rtol=1e-5)
+
+
+def test_split_backbones_and_its_errors():
+    assert model_lib.split_backbones("resnet50") == ["resnet50"]
+    assert model_lib.split_backbones("inception_v3+xception+resnet50") == ["inception_v3", "xception", "resnet50"]
+    with pytest.raises(ValueError, match="has an empty member"):
+        model_lib.split_backbones("inception_v3++xception")
+    with pytest.raises(ValueError, match=r"lists \['xception'\] more than once"):
+        model_lib.split_backbones("xception+resnet50+xception")
+    with pytest.raises(ValueError, match=r"--backbone 'resnet5' \(in ensemble 'xception\+resnet5'\) is not a known"):
+        model_lib.check_backbone_name("xception+resnet5")
+
+
+def test_ensemble_image_size_and_preprocess_resolve_per_member():
+    assert model_lib.default_image_size("inception_v3+xception+resnet50") == 299  # the largest member's
+    assert model_lib.default_image_size("mobilenet_v2+resnet50") == 224
+    assert model_lib.resolve_preprocess("inception_v3+resnet50+densenet121", "auto") == "tf+caffe+torch"
+    assert model_lib.resolve_preprocess("inception_v3+resnet50", "torch") == "torch+torch"  # explicit: every member
+    assert model_lib.resolve_preprocess("mobilenet_v2", "auto") == "tf"
+
+
+def test_ensemble_with_a_backbone_file_needs_an_explicit_preprocess(tmp_path):
+    ensemble = f"mobilenet_v2+{tmp_path / 'tiny_backbone.keras'}"
+    with pytest.raises(ValueError, match=r"--preprocess=auto cannot know how backbone file .*every member"):
+        model_lib.resolve_preprocess(ensemble, "auto")
+    assert model_lib.resolve_preprocess(ensemble, "none") == "none+none"
+
+
+@pytest.fixture(scope="module")
+def ensemble_model():
+    backbone = "mobilenet_v2+mobilenet_v3_small"
+    return model_lib.build_model(
+        backbone=backbone, num_classes=3, image_size=32, weights="none",
+        preprocess=model_lib.resolve_preprocess(backbone, "auto"), dropout=0.1,
+    )
+
+
+def test_ensemble_has_a_backbone_preprocess_and_pool_per_member(ensemble_model):
+    backbones = model_lib.get_backbones(ensemble_model)
+    assert [backbone.name for backbone in backbones] == ["mobilenet_v2", "mobilenet_v3_small"]
+    assert [ensemble_model.get_layer(f"preprocess_{backbone.name}").mode for backbone in backbones] == ["tf", "none"]
+    assert ensemble_model.output_shape == (None, 3)
+    widths = [backbone.output.shape[-1] for backbone in backbones]
+    assert ensemble_model.get_layer("features").output.shape[-1] == sum(widths) == 1280 + 576
+    assert len(ensemble_model.trainable_weights) == 2  # the classifier's kernel and bias only
+    with pytest.raises(ValueError, match="has 2 backbones.*use get_backbones"):
+        model_lib.get_backbone(ensemble_model)
+
+
+def test_ensemble_saves_and_loads_in_safe_mode(tmp_path, ensemble_model):
+    path = tmp_path / "ensemble.keras"
+    ensemble_model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    images = np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(ensemble_model(images)), rtol=1e-5
+    )
+    assert [backbone.name for backbone in model_lib.get_backbones(loaded)] == ["mobilenet_v2", "mobilenet_v3_small"]
+
+
+def test_unfreeze_applies_to_every_backbone_of_an_ensemble(tmp_path):
+    first = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
+    (tmp_path / "other").mkdir()
+    second = save_tiny_backbone(tmp_path / "other" / "tiny_backbone.keras")  # same file name: renamed to stay unique
+    model = model_lib.build_model(
+        backbone=f"{first}+{second}", num_classes=2, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0
+    )
+    backbones = model_lib.get_backbones(model)
+    assert [backbone.name for backbone in backbones] == ["tiny_backbone", "tiny_backbone_2"]
+    with pytest.raises(ValueError, match="outside the backbone 'tiny_backbone'"):
+        model_lib.unfreeze_backbone(model, "50")
+    assert not any(backbone.trainable for backbone in backbones)  # a refused cut changes nothing
+    frozen = model_lib.unfreeze_backbone(model, "0.5")
+    starts = [model_lib.resolve_fine_tune_at(backbone, "0.5") for backbone in backbones]
+    assert frozen == sum(starts)
+    for backbone, start in zip(backbones, starts):
+        for index, layer in enumerate(backbone.layers):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                assert not layer.trainable, (backbone.name, layer.name)
+            elif layer.weights:
+                assert layer.trainable == (index >= start), (backbone.name, layer.name)
+        assert any(layer.trainable for layer in backbone.layers), backbone.name
+
+
+def test_unfreeze_a_mobilenet_ensemble_by_layer_name_needs_it_in_every_backbone():
+    model = model_lib.build_model(
+        backbone="mobilenet_v2+mobilenet_v3_small", num_classes=2, image_size=32, weights="none", preprocess="tf+none",
+        dropout=0.0,
+    )
+    with pytest.raises(ValueError, match="'block_16_expand' is not a layer of backbone 'mobilenet_v3_small'"):
+        model_lib.unfreeze_backbone(model, "block_16_expand")
+    model_lib.unfreeze_backbone(model, "-20")
+    for backbone in model_lib.get_backbones(model):
+        assert not any(layer.trainable for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization))
+        assert [layer.trainable for layer in backbone.layers[:-20]] == [False] * (len(backbone.layers) - 20)
+
+
+def test_backbone_cut_at_a_named_layer():
+    backbone = model_lib.make_backbone("mobilenet_v2", image_size=32, weights="none", layer_name="block_13_expand_relu")
+    assert backbone.name.startswith("mobilenetv2")
+    assert backbone.output.shape[-1] == 576
+    assert backbone.layers[-1].name == "block_13_expand_relu"
+    model = model_lib.build_model(
+        backbone="mobilenet_v2", num_classes=2, image_size=32, weights="none", preprocess="tf", dropout=0.0,
+        backbone_layer="block_6_expand_relu",
+    )
+    assert model.get_layer("pool").input.shape[-1] == 192
+    assert model_lib.get_backbone(model).layers[-1].name == "block_6_expand_relu"
+
+
+def test_backbone_cut_errors():
+    with pytest.raises(ValueError, match=r"--backbone_layer 'mixed7' is not a layer of backbone .* e\.g\. \['"):
+        model_lib.make_backbone("mobilenet_v2", image_size=32, weights="none", layer_name="mixed7")
+    with pytest.raises(ValueError, match="cannot apply to ensemble"):
+        model_lib.build_model(
+            backbone="mobilenet_v2+resnet50", num_classes=2, image_size=32, weights="none", preprocess="tf",
+            dropout=0.0, backbone_layer="block_6_expand_relu",
+        )
+
+
+def test_baseline_cnn_trains_and_loads_in_safe_mode(tmp_path):
+    keras.utils.set_random_seed(0)
+    model = model_lib.build_baseline_cnn(num_classes=3, image_size=32, dropout=0.2)
+    assert model.name == model_lib.BASELINE_CNN_NAME
+    assert model.output_shape == (None, 3)
+    assert model_lib.get_backbones(model) == []
+    with pytest.raises(ValueError, match="no pretrained backbone to unfreeze"):
+        model_lib.unfreeze_backbone(model, "0")
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
+    rng = np.random.default_rng(5)
+    images = rng.uniform(0, 255, (8, 32, 32, 3)).astype("float32")
+    loss = model.train_on_batch(images, rng.integers(0, 3, 8))
+    assert np.isfinite(loss)
+    path = tmp_path / "baseline_cnn.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(loaded(images)), keras.ops.convert_to_numpy(model(images)), rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match="too small for the baseline CNN"):
+        model_lib.build_baseline_cnn(num_classes=3, image_size=8, dropout=0.0)

@@ -3,6 +3,11 @@
     inputs (float RGB pixels in [0, 255]) -> Preprocess(backbone's mode) -> backbone(training=False)
     -> GlobalAveragePooling2D -> Dropout -> Dense(num_classes, softmax, float32)
 
+An ensemble ("inception_v3+xception") gives each backbone its own Preprocess and pooling and
+concatenates the pooled features under the one head. A backbone may be cut at a named layer
+(backbone_layer="mixed7") to classify from mid-level features. build_baseline_cnn is the
+from-scratch reference: no backbone, nothing to fine-tune.
+
 The backbone is always called with `training=False`, so its BatchNormalization layers stay in inference
 mode in both phases (the classic fine-tuning failure is letting a small dataset overwrite their ImageNet
 statistics). Preprocessing lives inside the model so an exported model takes plain pixels.
@@ -30,6 +35,9 @@ BACKBONES = {
 PREPROCESS_MODES = ("tf", "torch", "caffe", "none")
 BACKBONE_FILE_SUFFIX = ".keras"
 DEFAULT_FILE_IMAGE_SIZE = 224
+ENSEMBLE_SEPARATOR = "+"
+BASELINE_CNN_NAME = "baseline_cnn"
+BASELINE_CNN_FILTERS = (32, 64, 128, 256)
 
 
 @keras.saving.register_keras_serializable(package="trainer")
@@ -54,53 +62,106 @@ class Preprocess(layers.Layer):
         return {**super().get_config(), "mode": self.mode}
 
 
+def split_backbones(backbone: str) -> list[str]:
+    """The members of a --backbone: "inception_v3+xception" -> ["inception_v3", "xception"], "resnet50" -> ["resnet50"].
+
+    A backbone file path therefore cannot contain "+".
+    """
+    members = [member.strip() for member in backbone.split(ENSEMBLE_SEPARATOR)]
+    if not all(members):
+        raise ValueError(
+            f"--backbone {backbone!r} has an empty member; join backbones with '+', e.g. 'inception_v3+xception'"
+        )
+    repeated = sorted({member for member in members if members.count(member) > 1})
+    if repeated:
+        raise ValueError(f"--backbone {backbone!r} lists {repeated} more than once; name each member once")
+    return members
+
+
 def is_backbone_file(backbone: str) -> bool:
-    """True when --backbone names a saved Keras model file rather than a built-in backbone."""
-    return backbone.endswith(BACKBONE_FILE_SUFFIX)
+    """True when --backbone names one saved Keras model file rather than a built-in backbone or an ensemble."""
+    return ENSEMBLE_SEPARATOR not in backbone and backbone.endswith(BACKBONE_FILE_SUFFIX)
 
 
 def default_image_size(backbone: str) -> int:
-    """The image size a backbone was trained at (for a backbone file: its fixed input size, else 224)."""
-    if is_backbone_file(backbone):
-        return DEFAULT_FILE_IMAGE_SIZE
+    """The image size a backbone was trained at (for a backbone file: its fixed input size, else 224).
+
+    An ensemble shares one input, so it gets the largest of its members' sizes: the backbone trained
+    at the highest resolution keeps its detail, the others see larger-than-trained images, which
+    convolutional backbones accept ("inception_v3+resnet50" -> 299).
+    """
     check_backbone_name(backbone)
-    return BACKBONES[backbone][2]
+    return max(
+        DEFAULT_FILE_IMAGE_SIZE if is_backbone_file(member) else BACKBONES[member][2]
+        for member in split_backbones(backbone)
+    )
 
 
 def check_backbone_name(backbone: str) -> None:
-    """Raises ValueError naming the choices when `backbone` is neither built in nor a .keras file."""
-    if backbone not in BACKBONES and not is_backbone_file(backbone):
+    """Raises ValueError naming the choices when a member of `backbone` is neither built in nor a .keras file."""
+    for member in split_backbones(backbone):
+        if member not in BACKBONES and not is_backbone_file(member):
+            where = f" (in ensemble {backbone!r})" if member != backbone else ""
+            raise ValueError(
+                f"--backbone {member!r}{where} is not a known backbone; use one of {sorted(BACKBONES)} "
+                f"or a path to a {BACKBONE_FILE_SUFFIX} feature-extractor file, joined by '+' for an ensemble"
+            )
+
+
+def check_backbone_layer(backbone: str, backbone_layer: str | None) -> None:
+    """Raises ValueError when --backbone_layer is combined with an ensemble (a cut names one backbone's layer).
+
+    Whether the layer exists is known only once the backbone is built: make_backbone checks that.
+    """
+    members = split_backbones(backbone)
+    if backbone_layer and len(members) > 1:
         raise ValueError(
-            f"--backbone {backbone!r} is not a known backbone; use one of {sorted(BACKBONES)} "
-            f"or a path to a {BACKBONE_FILE_SUFFIX} feature-extractor file"
+            f"--backbone_layer {backbone_layer!r} cannot apply to ensemble {backbone!r}: a cut names a layer of "
+            "one backbone; drop --backbone_layer or use a single --backbone"
         )
 
 
 def resolve_preprocess(backbone: str, preprocess: str) -> str:
-    """Returns the preprocess mode: the backbone's own for "auto", else the one asked for."""
+    """Returns the preprocess mode: the backbone's own for "auto", else the one asked for.
+
+    For an ensemble it returns one mode per member joined by "+" ("inception_v3+resnet50" -> "tf+caffe"):
+    "auto" resolves each member to its own mode; an explicit mode applies to every member. A backbone
+    file cannot say how it scales pixels, so an ensemble with one needs an explicit mode.
+    """
+    members = split_backbones(backbone)
     if preprocess != "auto":
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"--preprocess {preprocess!r} is not one of auto, {', '.join(PREPROCESS_MODES)}")
-        return preprocess
-    if is_backbone_file(backbone):
+        return ENSEMBLE_SEPARATOR.join([preprocess] * len(members))
+    files = [member for member in members if is_backbone_file(member)]
+    if files:
+        every_member = " (it applies to every member of the ensemble)" if len(members) > 1 else ""
         raise ValueError(
-            f"--preprocess=auto cannot know how backbone file {backbone!r} expects its pixels scaled; "
-            "pass --preprocess=tf ([-1, 1]), torch (ImageNet mean/std), caffe (BGR minus mean) or none ([0, 255])"
+            f"--preprocess=auto cannot know how backbone file {files[0]!r} expects its pixels scaled; pass "
+            "--preprocess=tf ([-1, 1]), torch (ImageNet mean/std), caffe (BGR minus mean) or none ([0, 255])"
+            + every_member
         )
     check_backbone_name(backbone)
-    return BACKBONES[backbone][1]
+    return ENSEMBLE_SEPARATOR.join(BACKBONES[member][1] for member in members)
 
 
-def make_backbone(backbone: str, *, image_size: int, weights: str) -> keras.Model:
+def make_backbone(backbone: str, *, image_size: int, weights: str, layer_name: str | None = None) -> keras.Model:
     """Creates the feature extractor (no classifier top, no pooling).
 
     Args:
-        backbone: a key of BACKBONES, or a path to a `.keras` model file (local or gs://).
+        backbone: a key of BACKBONES, or a path to a `.keras` model file (local or gs://); one backbone,
+            not an ensemble.
         image_size: input height and width.
         weights: "imagenet", "none" (random initialisation) or a path to a weights file; a backbone
             file carries its own weights, so only "imagenet" (meaning "as stored") is accepted for it.
+        layer_name: cut the backbone here: its features are this layer's output (None: the last layer).
+
+    Returns:
+        A model from images to (height, width, channels) features, named like the backbone.
     """
     check_backbone_name(backbone)
+    if len(split_backbones(backbone)) > 1:
+        raise ValueError(f"make_backbone builds one backbone, got ensemble {backbone!r}; build_model builds ensembles")
     if is_backbone_file(backbone):
         if weights != "imagenet":
             raise ValueError(
@@ -108,13 +169,61 @@ def make_backbone(backbone: str, *, image_size: int, weights: str) -> keras.Mode
             )
         if not tf.io.gfile.exists(backbone):
             raise ValueError(f"--backbone file {backbone!r} does not exist")
-        return keras.saving.load_model(backbone, compile=False)
-    constructor = BACKBONES[backbone][0]
-    return constructor(
-        include_top=False,
-        weights=None if weights == "none" else weights,
-        input_shape=(image_size, image_size, 3),
-    )
+        feature_extractor = keras.saving.load_model(backbone, compile=False)
+    else:
+        feature_extractor = BACKBONES[backbone][0](
+            include_top=False,
+            weights=None if weights == "none" else weights,
+            input_shape=(image_size, image_size, 3),
+        )
+    return feature_extractor if layer_name is None else cut_backbone(feature_extractor, layer_name)
+
+
+def cut_backbone(backbone: keras.Model, layer_name: str) -> keras.Model:
+    """The part of `backbone` up to layer `layer_name`, under the backbone's name (it shares its layers)."""
+    names = [layer.name for layer in backbone.layers]
+    if layer_name not in names:
+        step = max(1, len(names) // 7)
+        examples = names[step::step][:6]
+        raise ValueError(
+            f"--backbone_layer {layer_name!r} is not a layer of backbone {backbone.name!r}; it has {len(names)} "
+            f"layers, e.g. {examples} (the last is {names[-1]!r})"
+        )
+    features = backbone.get_layer(layer_name).output
+    if len(features.shape) != 4:
+        raise ValueError(
+            f"--backbone_layer {layer_name!r} of backbone {backbone.name!r} outputs shape {tuple(features.shape)}; "
+            "pick a layer with (height, width, channels) features"
+        )
+    return keras.Model(backbone.input, features, name=backbone.name)
+
+
+def member_names(members: list[str]) -> list[str]:
+    """Unique layer names for an ensemble's backbones: the built-in name, or the file's name without .keras."""
+    names = []
+    for member in members:
+        name = member.split("/")[-1].removesuffix(BACKBONE_FILE_SUFFIX) if is_backbone_file(member) else member
+        name = "".join(character if character.isalnum() or character in "_-." else "_" for character in name)
+        unique, count = name, 1
+        while unique in names:
+            count += 1
+            unique = f"{name}_{count}"
+        names.append(unique)
+    return names
+
+
+def add_augmentation(images, augmentation: keras.Sequential | None):
+    """Applies the augmentation layers one by one rather than the Sequential: backbones stay the only nested models."""
+    if augmentation is not None:
+        for layer in augmentation.layers:
+            images = layer(images)
+    return images
+
+
+def add_head(features, *, num_classes: int, dropout: float):
+    """Dropout, then the classifier in float32: softmax and the loss stay accurate under mixed precision."""
+    features = layers.Dropout(dropout, name="dropout")(features)
+    return layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(features)
 
 
 def build_model(
@@ -126,48 +235,108 @@ def build_model(
     preprocess: str,
     dropout: float,
     augmentation: keras.Sequential | None = None,
+    backbone_layer: str | None = None,
 ) -> keras.Model:
-    """Builds the phase-1 classifier: frozen backbone, new trainable head.
+    """Builds the phase-1 classifier: frozen backbone(s), new trainable head.
 
     Build it inside `strategy.scope()`, after setting the mixed-precision policy.
 
     Args:
-        backbone: a key of BACKBONES or a path to a `.keras` backbone file.
+        backbone: a key of BACKBONES or a path to a `.keras` backbone file, or several joined by "+"
+            for an ensemble: each member then gets its own Preprocess and pooling, and the head sees
+            their pooled features concatenated.
         num_classes: number of output classes.
-        image_size: input height and width in pixels.
-        weights: see make_backbone.
-        preprocess: a mode of PREPROCESS_MODES, already resolved (see resolve_preprocess).
+        image_size: input height and width in pixels (shared by an ensemble's members).
+        weights: see make_backbone; applies to every member.
+        preprocess: a mode of PREPROCESS_MODES, already resolved (see resolve_preprocess); for an
+            ensemble one mode per member joined by "+", or one mode for all.
         dropout: dropout rate before the classifier.
         augmentation: Keras preprocessing layers (data.make_augmentation) to run on the accelerator,
             right after the input; they act only in training and pass images through at inference.
             None: no augmentation in the model (it happens in tf.data, or not at all).
+        backbone_layer: take the features from this backbone layer (see make_backbone); not for ensembles.
 
     Returns:
         An uncompiled functional model taking float RGB [0, 255] images and returning probabilities.
     """
-    feature_extractor = make_backbone(backbone, image_size=image_size, weights=weights)
-    feature_extractor.trainable = False
+    check_backbone_layer(backbone, backbone_layer)
+    members = split_backbones(backbone)
+    modes = preprocess.split(ENSEMBLE_SEPARATOR)
+    modes = modes * len(members) if len(modes) == 1 else modes
+    if len(modes) != len(members):
+        raise ValueError(
+            f"preprocess {preprocess!r} gives {len(modes)} modes for the {len(members)} backbones of {backbone!r}; "
+            "give one mode, or one per backbone joined by '+' (resolve_preprocess does this)"
+        )
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
-    # float32 even under mixed precision: ImageNet mean subtraction in bfloat16 would round pixels.
-    x = inputs
-    if augmentation is not None:
-        # Its layers one by one rather than the Sequential: the backbone stays the one nested model.
-        for layer in augmentation.layers:
-            x = layer(x)
-    x = Preprocess(preprocess, name="preprocess", dtype="float32")(x)
-    x = feature_extractor(x, training=False)
-    x = layers.GlobalAveragePooling2D(name="pool")(x)
-    x = layers.Dropout(dropout, name="dropout")(x)
-    # float32 output: softmax and the loss stay accurate under mixed precision.
-    outputs = layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(x)
+    images = add_augmentation(inputs, augmentation)
+    pooled = []
+    for member, name, mode in zip(members, member_names(members), modes):
+        feature_extractor = make_backbone(member, image_size=image_size, weights=weights, layer_name=backbone_layer)
+        feature_extractor.trainable = False
+        suffix = ""
+        if len(members) > 1:
+            feature_extractor.name = name  # unique within the model: two files may hold same-named models
+            suffix = f"_{name}"
+        # float32 even under mixed precision: ImageNet mean subtraction in bfloat16 would round pixels.
+        x = Preprocess(mode, name=f"preprocess{suffix}", dtype="float32")(images)
+        x = feature_extractor(x, training=False)
+        pooled.append(layers.GlobalAveragePooling2D(name=f"pool{suffix}")(x))
+    features = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="features")(pooled)
+    outputs = add_head(features, num_classes=num_classes, dropout=dropout)
     return keras.Model(inputs, outputs, name="classifier_model")
 
 
+def build_baseline_cnn(
+    *, num_classes: int, image_size: int, dropout: float, augmentation: keras.Sequential | None = None
+) -> keras.Model:
+    """Builds a small CNN trained from scratch: the reference a pretrained backbone must beat.
+
+    Rescaling(1/255) -> 4 x [Conv2D 3x3 (32, 64, 128, 256 filters) -> BatchNormalization -> ReLU -> MaxPool]
+    -> GlobalAveragePooling2D -> Dropout -> Dense(num_classes, softmax, float32). It has no backbone,
+    so there is no phase 2: get_backbones returns [] and unfreeze_backbone refuses it.
+
+    Args:
+        num_classes: number of output classes.
+        image_size: input height and width in pixels; at least 16 (four 2x poolings).
+        dropout: dropout rate before the classifier.
+        augmentation: as for build_model.
+
+    Returns:
+        An uncompiled functional model, named "baseline_cnn", taking float RGB [0, 255] images.
+    """
+    smallest = 2 ** len(BASELINE_CNN_FILTERS)
+    if image_size < smallest:
+        raise ValueError(f"--image_size {image_size} is too small for the baseline CNN; use at least {smallest}")
+    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    x = add_augmentation(inputs, augmentation)
+    x = layers.Rescaling(1.0 / 255, name="rescale")(x)
+    for block, filters in enumerate(BASELINE_CNN_FILTERS, start=1):
+        x = layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{block}_conv")(x)
+        # Unlike a frozen backbone's, these statistics train; synchronized so every replica and worker
+        # keeps the same ones (plain BatchNormalization drifts apart per replica in loop.py's custom loop).
+        x = layers.BatchNormalization(synchronized=True, name=f"block{block}_bn")(x)
+        x = layers.ReLU(name=f"block{block}_relu")(x)
+        x = layers.MaxPooling2D(name=f"block{block}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = add_head(x, num_classes=num_classes, dropout=dropout)
+    return keras.Model(inputs, outputs, name=BASELINE_CNN_NAME)
+
+
+def get_backbones(model: keras.Model) -> list[keras.Model]:
+    """Returns the backbones: the classifier's nested models (one per ensemble member; none in the baseline CNN)."""
+    return [layer for layer in model.layers if isinstance(layer, keras.Model)]
+
+
 def get_backbone(model: keras.Model) -> keras.Model:
-    """Returns the backbone: the one nested model inside the classifier."""
-    nested = [layer for layer in model.layers if isinstance(layer, keras.Model)]
-    assert len(nested) == 1, f"expected one backbone inside the model, found {len(nested)}"
-    return nested[0]
+    """Returns the backbone of a single-backbone classifier; use get_backbones for ensembles and the baseline CNN."""
+    backbones = get_backbones(model)
+    if len(backbones) != 1:
+        raise ValueError(
+            f"model {model.name!r} has {len(backbones)} backbones {[backbone.name for backbone in backbones]}, "
+            "not one; use get_backbones"
+        )
+    return backbones[0]
 
 
 def resolve_fine_tune_at(backbone: keras.Model, fine_tune_at: str) -> int:
@@ -194,7 +363,9 @@ def resolve_fine_tune_at(backbone: keras.Model, fine_tune_at: str) -> int:
         index = int(text)
         index = index + num_layers if index < 0 else index
         if not 0 <= index <= num_layers:
-            raise ValueError(f"--fine_tune_at {fine_tune_at!r} is outside the backbone's {num_layers} layers")
+            raise ValueError(
+                f"--fine_tune_at {fine_tune_at!r} is outside the backbone {backbone.name!r} ({num_layers} layers)"
+            )
         return index
     if not 0.0 <= number <= 1.0:
         raise ValueError(f"--fine_tune_at {fine_tune_at!r}: a fraction must be within [0, 1]")
@@ -202,18 +373,26 @@ def resolve_fine_tune_at(backbone: keras.Model, fine_tune_at: str) -> int:
 
 
 def unfreeze_backbone(model: keras.Model, fine_tune_at: str) -> int:
-    """Makes the backbone trainable from layer `fine_tune_at` up, BatchNormalization excepted.
+    """Makes each backbone trainable from layer `fine_tune_at` up, BatchNormalization excepted.
 
+    In an ensemble, a fraction applies to each backbone's own layers; an index or a layer name must
+    exist in every backbone (the error names the one that lacks it, and nothing is changed).
     Recompile the model afterwards: Keras reads `trainable` at compile time.
 
     Returns:
-        The number of backbone layers left frozen below the cut.
+        The number of backbone layers left frozen below the cut, summed over the backbones.
     """
-    backbone = get_backbone(model)
-    start = resolve_fine_tune_at(backbone, fine_tune_at)
-    backbone.trainable = True
-    for index, layer in enumerate(backbone.layers):
-        # BatchNormalization stays frozen: with training=False its statistics are never updated,
-        # and freezing its scale/offset too keeps the features the head was trained on.
-        layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
-    return start
+    backbones = get_backbones(model)
+    if not backbones:
+        raise ValueError(
+            f"model {model.name!r} has no pretrained backbone to unfreeze (it trains whole from the start); "
+            "skip phase 2 for it (--fine_tune_epochs=0)"
+        )
+    starts = [resolve_fine_tune_at(backbone, fine_tune_at) for backbone in backbones]
+    for backbone, start in zip(backbones, starts):
+        backbone.trainable = True
+        for index, layer in enumerate(backbone.layers):
+            # BatchNormalization stays frozen: with training=False its statistics are never updated,
+            # and freezing its scale/offset too keeps the features the head was trained on.
+            layer.trainable = index >= start and not isinstance(layer, layers.BatchNormalization)
+    return sum(starts)
