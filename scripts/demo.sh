@@ -51,6 +51,9 @@ IMAGE=$(find "$DEMO_DIR/images/circle" -type f -name '*.jpg' | sort | head -n 1)
 echo "== 5/5 labelling $IMAGE with the exported SavedModel"
 step predict $PYTHON -m trainer.predict --model_dir="$DEMO_DIR/model" "$IMAGE"
 
+echo "== the evaluation report ($DEMO_DIR/model/evaluation.txt)"
+cat "$DEMO_DIR/model/evaluation.txt"
+
 cat <<DONE
 
 Demo finished. Everything is under $DEMO_DIR/:
@@ -58,7 +61,9 @@ Demo finished. Everything is under $DEMO_DIR/:
   tfrecords/              train/validation/test shards, labels.txt, manifest.json
   model/saved_model/      the exported SavedModel (serving signature: encoded image bytes in, labels out)
   model/model.keras       the trained Keras model
-  model/metrics.json      test accuracy and the per-epoch history of both phases
+  model/metrics.json      test accuracy, per-phase accuracies and the per-epoch history
+  model/evaluation.*      the test report: per-class precision/recall/F1, confusion matrix (.txt, .json)
+  model/*.png             confusion_matrix.png, errors.png (worst mistakes), learning_curves.png
   model/logs/             TensorBoard logs:  tensorboard --logdir $DEMO_DIR/model/logs
   model/flags.txt         the resolved flags (rerun with --flagfile)
   logs/                   the log of each step

@@ -74,13 +74,20 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     assert "--backbone=mobilenet_v2" in (model_dir / "flags.txt").read_text()
     assert (model_dir / "model.keras").exists() and (model_dir / "checkpoints" / "best.weights.h5").exists()
     assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
+    # The evaluation report written at the end of training agrees with metrics.json.
+    evaluation = json.loads((model_dir / "evaluation.json").read_text())
+    assert evaluation["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert evaluation["num_examples"] == metrics["num_examples"]
+    assert set(metrics["phases"]) == {"phase1", "phase2"}
+    for name in ("confusion_matrix.png", "errors.png", "learning_curves.png", "evaluation.txt"):
+        assert (model_dir / name).stat().st_size > 0
 
     image = sorted((demo_image_dir / "square").glob("*.jpg"))[0]
     assert serve_file(model_dir, image) in ["circle", "square", "triangle"]
     predicted = run_cli("trainer.predict", f"--model_dir={model_dir}", str(image), str(demo_image_dir / "circle"))
-    lines = predicted.stdout.strip().splitlines()
-    assert len(lines) == 1 + 20
-    path, class_name, probability = lines[0].split("\t")
+    header, *lines = predicted.stdout.strip().splitlines()
+    assert header.split()[:3] == ["path", "class_name", "probability"] and len(lines) == 1 + 20
+    path, class_name, probability = lines[0].split()[:3]
     assert path == str(image) and class_name in ["circle", "square", "triangle"] and 0 < float(probability) <= 1
 
     # The same command again: both phases are finished, so nothing is retrained.

@@ -8,9 +8,13 @@ import pytest
 import tensorflow as tf
 
 from tests.test_model import save_tiny_backbone
-from trainer import loop, train
+from trainer import loop, recipe, train
 from trainer import model as model_lib
 
+
+
+def adam(model, precision="float32"):
+    return recipe.make_optimizer(name="adam", learning_rate=1e-2, weight_decay=0.0, precision=precision, model=model)
 
 def tiny_model(tmp_path, precision="float32"):
     keras.mixed_precision.set_global_policy(precision)
@@ -34,7 +38,7 @@ def test_train_step_learns_and_reports_sums(tmp_path, precision):
     strategy = tf.distribute.get_strategy()
     model = tiny_model(tmp_path, precision)
     model_lib.unfreeze_backbone(model, "0")
-    optimizer = train.make_optimizer(1e-2, precision, model)
+    optimizer = adam(model, precision)
     assert isinstance(optimizer, keras.optimizers.LossScaleOptimizer) == (precision == "mixed_float16")
     step, _ = loop.make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=8)
     images, labels = separable_batches(40)
@@ -49,7 +53,8 @@ def test_train_step_learns_and_reports_sums(tmp_path, precision):
 
 def test_evaluation_is_exact_with_padding_weights(tmp_path):
     model = tiny_model(tmp_path)
-    step = loop.make_evaluation_step(model=model, strategy=tf.distribute.get_strategy())
+    num_classes = model.output_shape[-1]
+    step = loop.make_evaluation_step(model=model, strategy=tf.distribute.get_strategy(), num_classes=num_classes)
     images, labels = separable_batches(3)
     weights = np.full((3, 8), 24 / 20, "float32")
     weights[2, 4:] = 0.0  # the last four examples are padding
@@ -60,6 +65,10 @@ def test_evaluation_is_exact_with_padding_weights(tmp_path):
     expected_loss = keras.losses.SparseCategoricalCrossentropy()(real_labels, probabilities).numpy()
     assert result["loss"] == pytest.approx(float(expected_loss), rel=1e-5)
     assert result["accuracy"] == pytest.approx(float(np.mean(probabilities.argmax(1) == real_labels)))
+    # The confusion matrix counts the 20 real examples once each, padding not at all.
+    expected_matrix = np.zeros((num_classes, num_classes), int)
+    np.add.at(expected_matrix, (real_labels, probabilities.argmax(1)), 1)
+    np.testing.assert_array_equal(result["confusion_matrix"], expected_matrix)
 
 
 def test_history_persists_and_forgets_epochs_past_a_checkpoint(tmp_path):
@@ -86,7 +95,7 @@ def test_train_phase_resumes_from_its_checkpoint(tmp_path):
     def run(epochs):
         model = tiny_model(tmp_path)
         loop.train_phase(
-            phase="phase1", model=model, optimizer=train.make_optimizer(1e-2, "float32", model), strategy=strategy,
+            phase="phase1", model=model, optimizer=adam(model), strategy=strategy,
             model_dir=str(tmp_path / "run"), train_dataset=train_dataset, validation_dataset=validation,
             global_batch_size=8, initial_epoch=0, epochs=epochs, steps_per_epoch=3, history=history,
             early_stopping_patience=0, profile_steps=(2, 3), checkpoint_every_steps=0,
@@ -122,7 +131,7 @@ def test_in_graph_steps_and_xla_compilation(tmp_path, steps_per_execution, jit_c
     history = loop.History(str(tmp_path / "run"), chief=True)
     model = tiny_model(tmp_path)
     loop.train_phase(
-        phase="phase1", model=model, optimizer=train.make_optimizer(1e-2, "float32", model),
+        phase="phase1", model=model, optimizer=adam(model),
         strategy=tf.distribute.get_strategy(), model_dir=str(tmp_path / "run"), train_dataset=train_dataset,
         validation_dataset=validation, global_batch_size=8, initial_epoch=0, epochs=3, steps_per_epoch=4,
         history=history, early_stopping_patience=0, profile_steps=None, checkpoint_every_steps=2,

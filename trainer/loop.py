@@ -21,7 +21,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import distribute
+from trainer import distribute, report
 
 CHECKPOINT_DIR = "checkpoints"
 BEST_WEIGHTS = "best.weights.h5"
@@ -34,16 +34,23 @@ class Preempted(Exception):
 
 
 def make_train_step(
-    *, model: keras.Model, optimizer, strategy: tf.distribute.Strategy, global_batch_size: int, jit_compile: bool = False
+    *,
+    model: keras.Model,
+    optimizer,
+    strategy: tf.distribute.Strategy,
+    global_batch_size: int,
+    jit_compile: bool = False,
+    loss_function=None,
 ):
     """Returns (train_step, train_steps), tf.functions of distributed training.
 
     train_step(images, labels) runs one step on a batch already taken from a distributed iterator (so
     the caller can time the wait for it); train_steps(iterator, num_steps) runs num_steps steps inside
     one tf.function, sparing the host a round trip per step (what TPUs need). Both return the steps'
-    [summed loss, correct predictions, examples] over all replicas.
+    [summed loss, correct predictions, examples] over all replicas. loss_function(labels, probabilities)
+    gives per-example losses (recipe.make_loss_function); None: plain cross-entropy.
     """
-    loss_function = keras.losses.SparseCategoricalCrossentropy(reduction=None)
+    loss_function = loss_function or keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
     # XLA compiles the per-replica step, as Keras does with jit_compile; strategy.run stays outside.
     @tf.function(jit_compile=jit_compile)
@@ -74,18 +81,25 @@ def make_train_step(
     return train_step, train_steps
 
 
-def make_evaluation_step(*, model: keras.Model, strategy: tf.distribute.Strategy):
-    """Returns a tf.function giving [weighted loss sum, weighted correct, weight sum] of one batch."""
+def make_evaluation_step(*, model: keras.Model, strategy: tf.distribute.Strategy, num_classes: int):
+    """Returns a tf.function of one batch giving ([weighted loss sum, weighted correct, weight sum],
+    the batch's [num_classes, num_classes] confusion matrix (rows: true class; padding not counted))."""
     loss_function = keras.losses.SparseCategoricalCrossentropy(reduction=None)
 
     def replica_step(images, labels, weights):
         probabilities = model(images, training=False)
-        return batch_sums(loss_function(labels, probabilities), probabilities, labels, weights)
+        predictions = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+        # Counts: real examples weigh more than 1 (see data.pad_with_zero_weights), padding 0.
+        counted = tf.cast(weights > 0, tf.float32)
+        matrix = tf.math.confusion_matrix(labels, predictions, num_classes=num_classes, weights=counted, dtype=tf.float32)
+        sums = batch_sums(loss_function(labels, probabilities), probabilities, labels, weights)
+        # One flat vector: MultiWorkerMirroredStrategy packs what it all-reduces, and cannot pack mixed ranks.
+        return tf.concat([sums, tf.reshape(matrix, [-1])], axis=0)
 
     @tf.function
     def evaluation_step(images, labels, weights):
-        sums = strategy.run(replica_step, args=(images, labels, weights))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, sums, axis=None)
+        values = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(images, labels, weights)), axis=None)
+        return values[:3], tf.reshape(values[3:], [num_classes, num_classes])
 
     return evaluation_step
 
@@ -102,16 +116,22 @@ def batch_sums(per_example_loss, probabilities, labels, weights):
 
 
 def evaluate(evaluation_step, distributed_dataset) -> dict:
-    """One pass over a distributed (images, labels, weights) dataset. Returns {"loss", "accuracy"}.
+    """One pass over a distributed (images, labels, weights) dataset.
 
-    Padding examples weigh 0, so the ratios are exact over the real examples; when each worker reads the
-    whole split, numerator and denominator are multiplied alike and the ratios stay exact.
+    Returns {"loss", "accuracy", "confusion_matrix"} (the matrix a [num_classes, num_classes] int list of
+    lists, rows true classes). Padding examples weigh 0, so the ratios are exact over the real examples.
     """
-    totals = tf.zeros([3])
+    totals, matrix = tf.zeros([3]), None
     for images, labels, weights in distributed_dataset:
-        totals += evaluation_step(images, labels, weights)
+        sums, batch_matrix = evaluation_step(images, labels, weights)
+        totals += sums
+        matrix = batch_matrix if matrix is None else matrix + batch_matrix
     loss_sum, correct, count = totals.numpy().tolist()
-    return {"loss": loss_sum / max(count, 1e-12), "accuracy": correct / max(count, 1e-12)}
+    return {
+        "loss": loss_sum / max(count, 1e-12),
+        "accuracy": correct / max(count, 1e-12),
+        "confusion_matrix": [] if matrix is None else matrix.numpy().round().astype(int).tolist(),
+    }
 
 
 def write_text(path: str, text: str) -> None:
@@ -181,6 +201,9 @@ def train_phase(
     preemption: PreemptionWatcher,
     steps_per_execution: int = 1,
     jit_compile: bool = False,
+    loss_function=None,
+    weights_model: keras.Model | None = None,
+    class_names: list[str] | None = None,
 ) -> None:
     """Trains one phase from its latest checkpoint (if any) up to epoch `epochs`.
 
@@ -203,6 +226,10 @@ def train_phase(
         preemption: the SIGTERM watcher.
         steps_per_execution: training steps per tf.function call; above 1 the input wait is not timed.
         jit_compile: XLA-compile the per-replica training step.
+        loss_function: per-example training loss (recipe.make_loss_function); None: cross-entropy.
+        weights_model: the model whose weights are saved as the best ones, when `model` is only a part
+            of it (the head trained on cached features); None: `model`.
+        class_names: when given, each epoch's validation confusion matrix goes to TensorBoard as an image.
 
     Raises:
         Preempted: after SIGTERM, once the checkpoint is saved.
@@ -231,9 +258,10 @@ def train_phase(
         distribute.remove_write_dir(manager.directory, strategy)
 
     train_step, train_steps = make_train_step(
-        model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size, jit_compile=jit_compile
+        model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size, jit_compile=jit_compile,
+        loss_function=loss_function,
     )
-    evaluation_step = make_evaluation_step(model=model, strategy=strategy)
+    evaluation_step = make_evaluation_step(model=model, strategy=strategy, num_classes=model.output_shape[-1])
     writers = {
         name: tf.summary.create_file_writer(tf.io.gfile.join(model_dir, LOG_DIR, name)) if chief
         else tf.summary.create_noop_writer()
@@ -292,11 +320,14 @@ def train_phase(
         improved = validation["accuracy"] > history.best_validation_accuracy()
         history.append(entry)
         write_summaries(writers, entry)
+        if class_names and chief:
+            figure = report.plot_confusion_matrix(matrix=validation["confusion_matrix"], class_names=class_names, path=None)
+            write_png_summary(writers["validation"], "confusion_matrix", report.figure_png(figure), entry["epoch"])
         if chief:
             print(format_epoch(entry, epochs, steps_per_epoch, elapsed), flush=True)
         if improved and chief:
             tf.io.gfile.makedirs(tf.io.gfile.join(model_dir, CHECKPOINT_DIR))
-            model.save_weights(tf.io.gfile.join(model_dir, CHECKPOINT_DIR, BEST_WEIGHTS))
+            (weights_model or model).save_weights(tf.io.gfile.join(model_dir, CHECKPOINT_DIR, BEST_WEIGHTS))
         step.assign(0)
         epoch.assign_add(1)
         if early_stopping_patience:
@@ -323,6 +354,21 @@ def write_summaries(writers: dict, entry: dict) -> None:
         tf.summary.scalar("epoch_accuracy", entry["val_accuracy"])
     for writer in writers.values():
         writer.flush()
+
+
+def write_png_summary(writer, name: str, png: bytes, step: int) -> None:
+    """Writes a PNG (a matplotlib figure's) as a TensorBoard image."""
+    with writer.as_default(step=step):
+        tf.summary.image(name, tf.io.decode_png(png, channels=3)[tf.newaxis])
+    writer.flush()
+
+
+def write_image_summary(*, model_dir: str, name: str, images, step: int = 0, max_images: int = 8) -> None:
+    """Writes a few float [0, 255] images (e.g. augmented training images) to TensorBoard's train run."""
+    writer = tf.summary.create_file_writer(tf.io.gfile.join(model_dir, LOG_DIR, "train"))
+    with writer.as_default(step=step):
+        tf.summary.image(name, tf.cast(images[:max_images], tf.float32) / 255.0, max_outputs=max_images)
+    writer.flush()
 
 
 def format_epoch(entry: dict, epochs: int, steps: int, elapsed: float) -> str:

@@ -18,7 +18,7 @@ import keras
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import data, distribute, export, loop, model as model_lib
+from trainer import data, distribute, evaluate, export, loop, model as model_lib, recipe, transfer
 
 FLAGS = flags.FLAGS
 
@@ -31,20 +31,6 @@ def weights_fingerprint(model: keras.Model) -> str:
     for weight in model.weights:
         digest.update(keras.ops.convert_to_numpy(weight).tobytes())
     return digest.hexdigest()[:16]
-
-
-def make_optimizer(learning_rate: float, precision: str, model: keras.Model):
-    """Adam for the model's trainable weights; wrapped for loss scaling under mixed_float16.
-
-    Call inside strategy.scope(). The optimizer's variables are created here, not lazily in the first
-    step: creating variables inside a replicated tf.function fails, and a checkpoint needs them to
-    exist to be restored into.
-    """
-    optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
-    if precision == "mixed_float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
-    optimizer.build(model.trainable_variables)
-    return optimizer
 
 
 def distribute_dataset(strategy: tf.distribute.Strategy, make_dataset):
@@ -65,6 +51,7 @@ def train_and_export(
     manifest: dict,
     model_dir: str,
     backbone: str,
+    backbone_layer: str,
     weights: str,
     preprocess: str,
     image_size: int,
@@ -74,7 +61,17 @@ def train_and_export(
     fine_tune_epochs: int,
     learning_rate: float,
     fine_tune_learning_rate: float,
+    optimizer: str,
+    fine_tune_optimizer: str,
+    lr_schedule: str,
+    warmup_fraction: float,
+    weight_decay: float,
+    label_smoothing: float,
+    class_weight: str,
     fine_tune_at: str,
+    unfreeze_stages: int,
+    cache_features: bool,
+    feature_views: int,
     dropout: float,
     steps_per_epoch: int,
     augment_on: str,
@@ -85,15 +82,21 @@ def train_and_export(
     checkpoint_every_steps: int,
     steps_per_execution: int,
     jit_compile: bool,
+    confusion_matrix_images: bool,
+    top_k: int,
+    export_tflite: bool,
     seed: int,
+    baseline_cnn: bool = False,
 ) -> dict:
-    """Runs both phases, evaluates, exports, and returns the metrics written to metrics.json.
+    """Runs the phases, evaluates, exports, and returns the metrics written to metrics.json.
 
     Args: as the flags of the same names; `preprocess` is already resolved, `fine_tune_learning_rate`
-    already defaulted. `augmentation_factors` holds data.make_augmentation's layer factors (rotation,
-    zoom, translation, contrast, brightness); `augment_on` says whether those layers run in tf.data
-    ("host") or as the model's first layers ("device"). `dataset_arguments` holds the remaining keyword
-    arguments of data.make_dataset (flip, crop_min_area, shuffle_buffer, cache, ...).
+    and `fine_tune_optimizer` already defaulted. `augmentation_factors` holds data.make_augmentation's
+    layer factors (rotation, zoom, translation, contrast, brightness); `augment_on` says whether those
+    layers run in tf.data ("host") or as the model's first layers ("device"). `dataset_arguments` holds
+    the remaining keyword arguments of data.make_dataset (flip, crop_min_area, shuffle_buffer, cache, ...).
+    baseline_cnn: train the small from-scratch CNN instead of the backbone (one phase of
+    epochs + fine_tune_epochs epochs, the same budget).
 
     Raises:
         loop.Preempted: a SIGTERM stopped training after saving a checkpoint.
@@ -105,6 +108,8 @@ def train_and_export(
     chief = distribute.is_chief(strategy)
     keras.utils.set_random_seed(seed)
     keras.mixed_precision.set_global_policy(precision)
+    has_layers = any(augmentation_factors.values())
+    augmented = has_layers or dataset_arguments["flip"] or dataset_arguments["crop_min_area"] < 1.0
 
     def augmentation():
         return data.make_augmentation(flip=False, seed=seed, **augmentation_factors)  # flips happen in decode
@@ -119,52 +124,85 @@ def train_and_export(
         ))
 
     with strategy.scope():
-        model = model_lib.build_model(
-            backbone=backbone, num_classes=len(class_names), image_size=image_size,
-            weights=weights, preprocess=preprocess, dropout=dropout,
-            augmentation=augmentation() if augment_on == "device" else None,
+        device_augmentation = augmentation() if augment_on == "device" else None
+        if baseline_cnn:
+            model = model_lib.build_baseline_cnn(
+                num_classes=len(class_names), image_size=image_size, dropout=dropout, augmentation=device_augmentation
+            )
+        else:
+            model = model_lib.build_model(
+                backbone=backbone, backbone_layer=backbone_layer or None, num_classes=len(class_names),
+                image_size=image_size, weights=weights, preprocess=preprocess, dropout=dropout,
+                augmentation=device_augmentation,
+            )
+    if chief and augmented:
+        write_augmented_images(model_dir, dataset_arguments, data_dir, manifest, image_size, host_augmentation,
+                               device_augmentation, seed)
+    backbones = model_lib.get_backbones(model)
+    if baseline_cnn:
+        phases = [transfer.Phase("baseline_cnn", 0, epochs + fine_tune_epochs, learning_rate, optimizer, None)]
+    else:
+        phases = transfer.plan_phases(
+            epochs=epochs, fine_tune_epochs=fine_tune_epochs, learning_rate=learning_rate,
+            fine_tune_learning_rate=fine_tune_learning_rate, optimizer=optimizer,
+            fine_tune_optimizer=fine_tune_optimizer, fine_tune_at=fine_tune_at,
+            # Checks --fine_tune_at against every backbone now rather than after phase 1.
+            fine_tune_fraction=min(
+                model_lib.resolve_fine_tune_at(member, fine_tune_at) / len(member.layers) for member in backbones
+            ),
+            unfreeze_stages=unfreeze_stages,
         )
     history = loop.History(model_dir, chief)
     preemption = loop.PreemptionWatcher()
-    phase_arguments = dict(
-        model=model, strategy=strategy, model_dir=model_dir, train_dataset=dataset("train", training=True),
-        validation_dataset=dataset("validation", training=False), global_batch_size=batch_size,
-        steps_per_epoch=steps_per_epoch, history=history, early_stopping_patience=early_stopping_patience,
-        checkpoint_every_steps=checkpoint_every_steps, preemption=preemption,
-        steps_per_execution=steps_per_execution, jit_compile=jit_compile,
-    )
+    phase_results = {}
+
+    def after_phase(phase, evaluate_on):
+        results = {split: evaluate_on(split) for split in dict.fromkeys(["validation", eval_split])}
+        phase_results[phase.name] = {
+            "validation_accuracy": results["validation"]["accuracy"], f"{eval_split}_accuracy": results[eval_split]["accuracy"],
+        }
+        logging.info("%s done: validation accuracy %.4f, %s accuracy %.4f", phase.name,
+                     results["validation"]["accuracy"], eval_split, results[eval_split]["accuracy"])
+
     try:
-        # A phase-2 checkpoint holds the whole model: phase 1 is then over and need not be restored.
-        if not tf.train.latest_checkpoint(tf.io.gfile.join(model_dir, loop.CHECKPOINT_DIR, "phase2")):
-            with strategy.scope():
-                optimizer = make_optimizer(learning_rate, precision, model)
-            loop.train_phase(
-                phase="phase1", optimizer=optimizer, initial_epoch=0, epochs=epochs, profile_steps=profile_steps,
-                **phase_arguments,
-            )
-        if fine_tune_epochs > 0:
-            with strategy.scope():
-                frozen = model_lib.unfreeze_backbone(model, fine_tune_at)
-                # A fresh optimizer at the lower rate, for the new set of trainable weights: large early
-                # updates would overwrite the pretrained features.
-                optimizer = make_optimizer(fine_tune_learning_rate, precision, model)
-            logging.info("phase2: backbone layers %d and up unfrozen (BatchNormalization stays frozen)", frozen)
-            loop.train_phase(
-                phase="phase2", optimizer=optimizer, initial_epoch=epochs, epochs=epochs + fine_tune_epochs,
-                profile_steps=None, **phase_arguments,
-            )
+        transfer.run_phases(
+            phases=phases, model=model, strategy=strategy, model_dir=model_dir,
+            make_dataset=dataset, batch_size=batch_size, steps_per_epoch=steps_per_epoch, num_train_examples=num_train,
+            precision=precision, lr_schedule=lr_schedule, warmup_fraction=warmup_fraction, weight_decay=weight_decay,
+            loss_function=recipe.make_loss_function(
+                label_smoothing=label_smoothing,
+                class_weights=recipe.class_weights(
+                    mode=class_weight, class_counts=manifest["splits"]["train"]["class_counts"], class_names=class_names
+                ),
+            ),
+            cache_features=cache_features, feature_views=feature_views, augmented=augmented, seed=seed,
+            profile_steps=profile_steps, after_phase=after_phase,
+            loop_arguments=dict(
+                history=history, early_stopping_patience=early_stopping_patience,
+                checkpoint_every_steps=checkpoint_every_steps, preemption=preemption,
+                steps_per_execution=steps_per_execution, jit_compile=jit_compile,
+                class_names=class_names if confusion_matrix_images else None,
+            ),
+        )
     finally:
         preemption.close()
+    restored = transfer.restore_best_weights(model=model, model_dir=model_dir, history=history)
 
-    results = loop.evaluate(loop.make_evaluation_step(model=model, strategy=strategy), dataset(eval_split, training=False))
+    results = loop.evaluate(
+        loop.make_evaluation_step(model=model, strategy=strategy, num_classes=len(class_names)),
+        dataset(eval_split, training=False),
+    )
     metrics = {
         "evaluated_split": eval_split,
         "num_examples": manifest["splits"][eval_split]["num_examples"],
-        **results,
-        "backbone": backbone,
+        "loss": results["loss"],
+        "accuracy": results["accuracy"],
+        "backbone": model_lib.BASELINE_CNN_NAME if baseline_cnn else backbone,
         "image_size": image_size,
         "num_classes": len(class_names),
         "num_replicas": strategy.num_replicas_in_sync,
+        "phases": phase_results,
+        "restored_best_weights_of_epoch": restored["epoch"] if restored else None,
         "history": history.epochs,
     }
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
@@ -173,13 +211,38 @@ def train_and_export(
     export_dir = tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)
     # Every worker exports (saving may need collectives); only the chief's copy is kept.
     export_write_dir = distribute.write_dir(export_dir, strategy)
-    export.export_saved_model(model=model, class_names=class_names, image_size=image_size, export_dir=export_write_dir)
+    export.export_saved_model(
+        model=model, class_names=class_names, image_size=image_size, export_dir=export_write_dir, top_k=top_k
+    )
     distribute.remove_write_dir(export_write_dir, strategy)
     if chief:
         loop.write_text(tf.io.gfile.join(model_dir, "metrics.json"), json.dumps(metrics, indent=2))
         loop.write_text(tf.io.gfile.join(model_dir, "labels.txt"), "".join(name + "\n" for name in class_names))
         model.save(tf.io.gfile.join(model_dir, export.KERAS_MODEL_FILE))
+        if export_tflite:
+            for quantization in export.TFLITE_FILES:
+                export.export_tflite(model=model, class_names=class_names, image_size=image_size,
+                                     output_dir=tf.io.gfile.join(model_dir, export.TFLITE_DIR), quantization=quantization)
+        # The full report (per-class, confusion matrix, worst errors) and the learning curves.
+        evaluate.evaluate_model(
+            model=model, data_dir=data_dir, manifest=manifest, split=eval_split, image_size=image_size,
+            batch_size=batch_size, class_names=class_names, top_k=top_k, output_dir=model_dir,
+        )
+        evaluate.write_learning_curves(model_dir)
     return metrics
+
+
+def write_augmented_images(model_dir, dataset_arguments, data_dir, manifest, image_size, host_augmentation,
+                           device_augmentation, seed) -> None:
+    """Puts a few augmented training images in TensorBoard (step 0), so users see what the model sees."""
+    arguments = {key: value for key, value in dataset_arguments.items() if key not in ("data_service", "cache")}
+    images, _ = next(iter(data.make_dataset(
+        data_dir=data_dir, manifest=manifest, split="train", image_size=image_size, batch_size=8, training=True,
+        augmentation=host_augmentation, seed=seed, **arguments,
+    )))
+    if device_augmentation is not None:
+        images = device_augmentation(images, training=True)
+    loop.write_image_summary(model_dir=model_dir, name="augmented_training_images", images=images)
 
 
 def own_flags_text() -> str:
@@ -195,7 +258,19 @@ def define_flags() -> None:
     flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
     flags.DEFINE_string(
         "backbone", "mobilenet_v2",
-        f"One of {sorted(model_lib.BACKBONES)}, or a path to a .keras feature-extractor file (then set --preprocess).",
+        f"One of {sorted(model_lib.BACKBONES)}, or a path to a .keras feature-extractor file (then set --preprocess); "
+        "several joined by '+' (inception_v3+xception+resnet50) make an ensemble: their pooled features are "
+        "concatenated under one head (each with its own preprocessing, an explicit --preprocess applies to all; "
+        "the image size defaults to the largest member's).",
+    )
+    flags.DEFINE_string(
+        "backbone_layer", "",
+        "Cut the backbone at this layer (e.g. mixed7 of inception_v3) and classify from its features; '' = the whole backbone.",
+    )
+    flags.DEFINE_bool(
+        "baseline_cnn", False,
+        "Also train a small CNN from scratch on the same data with the same epoch budget (into <model_dir>/baseline_cnn) "
+        "and report it next to the transfer-learning model.",
     )
     flags.DEFINE_string(
         "weights", "imagenet",
@@ -220,10 +295,40 @@ def define_flags() -> None:
         "precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
         "Keras dtype policy: mixed_float16 for GPUs, mixed_bfloat16 for TPUs; float32 is fastest on CPUs.",
     )
-    flags.DEFINE_integer("epochs", 5, "Phase-1 epochs: head only, backbone frozen.")
-    flags.DEFINE_integer("fine_tune_epochs", 5, "Phase-2 epochs: top of the backbone unfrozen; 0 skips phase 2.")
-    flags.DEFINE_float("learning_rate", 1e-3, "Phase-1 Adam learning rate.")
-    flags.DEFINE_float("fine_tune_learning_rate", None, "Phase-2 Adam learning rate; default --learning_rate / 10.")
+    flags.DEFINE_integer(
+        "epochs", 10, "Phase-1 epochs: head only, backbone frozen (on cached features they take seconds)."
+    )
+    flags.DEFINE_integer("fine_tune_epochs", 3, "Phase-2 epochs: top of the backbone unfrozen; 0 skips phase 2.")
+    flags.DEFINE_float("learning_rate", 1e-3, "Phase-1 peak learning rate.")
+    flags.DEFINE_float("fine_tune_learning_rate", None, "Phase-2 peak learning rate; default --learning_rate / 10.")
+    flags.DEFINE_enum("optimizer", "adam", list(recipe.OPTIMIZERS), "Phase-1 optimizer (sgd: Nesterov momentum 0.9).")
+    flags.DEFINE_enum(
+        "fine_tune_optimizer", "", ["", *recipe.OPTIMIZERS], "Phase-2 optimizer; '' = the same as --optimizer."
+    )
+    flags.DEFINE_enum(
+        "lr_schedule", "cosine", list(recipe.LEARNING_RATE_SCHEDULES),
+        "Learning rate within each phase, after the warmup: cosine (decays to 0 at the phase's end) or constant.",
+    )
+    flags.DEFINE_float("warmup_fraction", 0.1, "Share of each phase's steps spent warming the rate up linearly from 0.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (biases and normalization excepted); 0 = none.")
+    flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the training loss; 0 = none.")
+    flags.DEFINE_enum(
+        "class_weight", "none", list(recipe.CLASS_WEIGHT_MODES),
+        "balanced: weigh each class's loss by num_examples / (num_classes * class_count), for imbalanced folders.",
+    )
+    flags.DEFINE_bool(
+        "cache_features", True,
+        "Phase 1 on cached backbone features: the frozen backbone runs once per image (per view), then the head trains "
+        "on its output in seconds. Same model as without it when augmentation is off.",
+    )
+    flags.DEFINE_integer(
+        "feature_views", 4,
+        "With --cache_features and augmentation on: augmented views (random crops, flips, layers) cached per image.",
+    )
+    flags.DEFINE_integer(
+        "unfreeze_stages", 1,
+        "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
+    )
     flags.DEFINE_string(
         "fine_tune_at", "0.7",
         "First backbone layer unfrozen in phase 2: an index (100), a fraction of the layers (0.7 = freeze the "
@@ -284,6 +389,14 @@ def define_flags() -> None:
         "checkpoint_every_steps", 0,
         "Also checkpoint every N steps within an epoch (resume then loses at most N steps); 0 = per epoch.",
     )
+    flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy in the evaluation report and of the SavedModel's top-k outputs.")
+    flags.DEFINE_bool(
+        "confusion_matrix_images", False, "Write the validation confusion matrix to TensorBoard as an image every epoch."
+    )
+    flags.DEFINE_bool(
+        "export_tflite", False,
+        "Also write <model_dir>/tflite/: model.tflite (float32), model_dynamic_range.tflite (int8 weights) and labels.txt.",
+    )
     flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
 
 
@@ -311,6 +424,7 @@ def main(argv: list[str]) -> None:
         # First TensorFlow work of the run: multi-worker collectives must be configured before any other.
         strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus)
         model_lib.check_backbone_name(FLAGS.backbone)
+        model_lib.check_backbone_layer(FLAGS.backbone, FLAGS.backbone_layer)
         preprocess = model_lib.resolve_preprocess(FLAGS.backbone, FLAGS.preprocess)
         if FLAGS.weights not in ("imagenet", "none") and not tf.io.gfile.exists(FLAGS.weights):
             raise ValueError(f"--weights {FLAGS.weights!r} is neither imagenet, none nor an existing weights file")
@@ -329,6 +443,15 @@ def main(argv: list[str]) -> None:
             data.shard_paths(FLAGS.data_dir, manifest, split)
         if FLAGS.steps_per_execution < 1:
             raise ValueError(f"--steps_per_execution {FLAGS.steps_per_execution} must be at least 1")
+        if not 0.0 <= FLAGS.warmup_fraction < 1.0:
+            raise ValueError(f"--warmup_fraction {FLAGS.warmup_fraction} must be within [0, 1)")
+        if FLAGS.feature_views < 1 or FLAGS.unfreeze_stages < 1 or FLAGS.top_k < 1:
+            raise ValueError("--feature_views, --unfreeze_stages and --top_k must be at least 1")
+        recipe.make_loss_function(label_smoothing=FLAGS.label_smoothing, class_weights=None)  # checks the value
+        recipe.class_weights(
+            mode=FLAGS.class_weight, class_counts=manifest["splits"]["train"]["class_counts"],
+            class_names=manifest["classes"],
+        )
         distribute.check_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -347,45 +470,64 @@ def main(argv: list[str]) -> None:
     if distribute.is_chief(strategy):
         tf.io.gfile.makedirs(FLAGS.model_dir)
         loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
+    arguments = dict(
+        strategy=strategy,
+        data_dir=FLAGS.data_dir,
+        manifest=manifest,
+        model_dir=FLAGS.model_dir,
+        backbone=FLAGS.backbone,
+        backbone_layer=FLAGS.backbone_layer,
+        weights=FLAGS.weights,
+        preprocess=preprocess,
+        image_size=image_size,
+        batch_size=FLAGS.batch_size,
+        precision=FLAGS.precision,
+        epochs=FLAGS.epochs,
+        fine_tune_epochs=FLAGS.fine_tune_epochs,
+        learning_rate=learning_rate,
+        fine_tune_learning_rate=fine_tune_learning_rate,
+        optimizer=FLAGS.optimizer,
+        fine_tune_optimizer=FLAGS.fine_tune_optimizer or FLAGS.optimizer,
+        lr_schedule=FLAGS.lr_schedule,
+        warmup_fraction=FLAGS.warmup_fraction,
+        weight_decay=FLAGS.weight_decay,
+        label_smoothing=FLAGS.label_smoothing,
+        class_weight=FLAGS.class_weight,
+        fine_tune_at=FLAGS.fine_tune_at,
+        unfreeze_stages=FLAGS.unfreeze_stages,
+        cache_features=FLAGS.cache_features,
+        feature_views=FLAGS.feature_views,
+        dropout=FLAGS.dropout,
+        steps_per_epoch=FLAGS.steps_per_epoch,
+        augment_on=FLAGS.augment_on,
+        augmentation_factors=augmentation_factors,
+        dataset_arguments=dict(
+            flip=FLAGS.augment and FLAGS.augment_flip,
+            crop_min_area=FLAGS.crop_min_area if FLAGS.augment else 1.0,
+            shuffle_buffer=FLAGS.shuffle_buffer,
+            deterministic=FLAGS.deterministic,
+            cache=FLAGS.cache,
+            ram_budget_gb=FLAGS.autotune_ram_budget_gb,
+            private_threads=FLAGS.data_threads,
+            data_service=FLAGS.tf_data_service,
+            data_service_mode=FLAGS.tf_data_service_mode,
+        ),
+        early_stopping_patience=FLAGS.early_stopping_patience,
+        profile_steps=profile_steps,
+        checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+        steps_per_execution=FLAGS.steps_per_execution,
+        jit_compile=FLAGS.jit_compile,
+        confusion_matrix_images=FLAGS.confusion_matrix_images,
+        top_k=FLAGS.top_k,
+        export_tflite=FLAGS.export_tflite,
+        seed=FLAGS.seed,
+    )
     try:
-        metrics = train_and_export(
-            strategy=strategy,
-            data_dir=FLAGS.data_dir,
-            manifest=manifest,
-            model_dir=FLAGS.model_dir,
-            backbone=FLAGS.backbone,
-            weights=FLAGS.weights,
-            preprocess=preprocess,
-            image_size=image_size,
-            batch_size=FLAGS.batch_size,
-            precision=FLAGS.precision,
-            epochs=FLAGS.epochs,
-            fine_tune_epochs=FLAGS.fine_tune_epochs,
-            learning_rate=learning_rate,
-            fine_tune_learning_rate=fine_tune_learning_rate,
-            fine_tune_at=FLAGS.fine_tune_at,
-            dropout=FLAGS.dropout,
-            steps_per_epoch=FLAGS.steps_per_epoch,
-            augment_on=FLAGS.augment_on,
-            augmentation_factors=augmentation_factors,
-            dataset_arguments=dict(
-                flip=FLAGS.augment and FLAGS.augment_flip,
-                crop_min_area=FLAGS.crop_min_area if FLAGS.augment else 1.0,
-                shuffle_buffer=FLAGS.shuffle_buffer,
-                deterministic=FLAGS.deterministic,
-                cache=FLAGS.cache,
-                ram_budget_gb=FLAGS.autotune_ram_budget_gb,
-                private_threads=FLAGS.data_threads,
-                data_service=FLAGS.tf_data_service,
-                data_service_mode=FLAGS.tf_data_service_mode,
-            ),
-            early_stopping_patience=FLAGS.early_stopping_patience,
-            profile_steps=profile_steps,
-            checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-            steps_per_execution=FLAGS.steps_per_execution,
-            jit_compile=FLAGS.jit_compile,
-            seed=FLAGS.seed,
-        )
+        metrics = train_and_export(**arguments)
+        if FLAGS.baseline_cnn:
+            baseline_dir = tf.io.gfile.join(FLAGS.model_dir, model_lib.BASELINE_CNN_NAME)
+            baseline = train_and_export(**{**arguments, "model_dir": baseline_dir, "export_tflite": False}, baseline_cnn=True)
+            metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
     except loop.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
@@ -393,9 +535,16 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
     if distribute.is_chief(strategy):
+        split = metrics["evaluated_split"]
+        if FLAGS.baseline_cnn:
+            loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "metrics.json"), json.dumps(metrics, indent=2))
+            print(f"{'model':<40} {split + ' accuracy':>15}")
+            print(f"{FLAGS.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
+            print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
         print(
-            f"{metrics['evaluated_split']} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
-            f"model in {FLAGS.model_dir} (SavedModel: {tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR)})"
+            f"{split} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
+            f"model in {FLAGS.model_dir} (SavedModel: {tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR)}; "
+            f"report: {tf.io.gfile.join(FLAGS.model_dir, 'evaluation.txt')})"
         )
 
 
