@@ -9,11 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
 from tests.conftest import FLOWERS_DIR, LITE0_BACKBONE, REPO_ROOT
 from trainer import export
+from trainer import model as model_lib
 
 ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
 TINY_TRAINING = [
@@ -205,5 +208,21 @@ def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
     metrics = json.loads((model_dir / "metrics.json").read_text())
     # 5 classes: chance is 0.2. Random-initialised features stay near it; ImageNet features do not.
     assert metrics["accuracy"] >= 0.45, metrics
+    # The classic fine-tuning failure (BatchNorm statistics overwritten by small batches of new data)
+    # takes accuracy back towards chance in phase 2; with BatchNorm kept in inference mode it holds.
+    phase1, phase2 = metrics["phases"]["phase1"], metrics["phases"]["phase2"]
+    assert phase2["test_accuracy"] >= phase1["test_accuracy"] - 0.1, metrics["phases"]
+    assert phase2["validation_accuracy"] >= phase1["validation_accuracy"] - 0.1, metrics["phases"]
+    # And the mechanism itself: fine-tuning changed the top of the backbone, but not one BatchNorm statistic.
+    pretrained = keras.saving.load_model(LITE0_BACKBONE, compile=False)
+    fine_tuned = model_lib.get_backbones(keras.saving.load_model(model_dir / export.KERAS_MODEL_FILE, compile=False))[0]
+    changed = {"batch_norm_statistics": 0, "other_weights": 0}
+    for before, after in zip(pretrained.layers, fine_tuned.layers):
+        for name, weight_before, weight_after in zip(
+            [weight.path for weight in before.weights], before.get_weights(), after.get_weights()
+        ):
+            kind = "batch_norm_statistics" if "moving_" in name else "other_weights"
+            changed[kind] += int(not np.array_equal(weight_before, weight_after))
+    assert changed["batch_norm_statistics"] == 0 and changed["other_weights"] > 0, changed
     daisy = sorted((FLOWERS_DIR / "daisy").glob("*.jpg"))[0]
     assert serve_file(model_dir, daisy) in ["daisy", "dandelion", "roses", "sunflowers", "tulips"]

@@ -1,0 +1,354 @@
+"""Accuracy and wall time: the Keras tutorials' transfer-learning recipe against ours, on the same images.
+
+    python -m benchmarks.accuracy --image_dir=../shared/data/flowers_small \
+        --backbone_file=../shared/models/efficientnet_lite0_imagenet_notop.keras
+
+Both rows use the same ImageNet-pretrained backbone file and the same train / validation / test images:
+the folder is converted first (`python -m tfrecords.build`), and the split of every image is read back
+from our shards ("image/source"), then mirrored as folders of symlinks for the tutorial recipe.
+
+1. "seeds' recipe", in this process, exactly as the Keras transfer-learning tutorials do it:
+   keras.utils.image_dataset_from_directory (--seeds_image_size, batch 32), RandomFlip("horizontal") +
+   RandomRotation(0.2) as the model's first layers, Rescaling(1/127.5, offset=-1), backbone(x,
+   training=False) frozen, GlobalAveragePooling2D, Dropout(0.2), Dense(softmax); Adam for
+   --seeds_epochs, then the backbone unfrozen from layer --seeds_fine_tune_at and RMSprop for
+   --seeds_fine_tune_epochs more, with model.fit / model.evaluate. Its wall time counts everything from
+   dataset creation to the final test evaluation, except the extra test evaluation after phase 1 (the
+   tutorial does not do it; leaving it out makes the baseline faster, the time target stricter).
+2. "ours": the real CLIs as subprocesses, `python -m tfrecords.build` then `python -m trainer.train`
+   with our defaults plus --ours_flags; its wall time is the conversion plus the training.
+
+Results of row 1 are saved to <work_dir>/seeds_results.json; --skip_seeds reuses them, so our recipe can
+be tuned without re-running the slow baseline. Logs of the subprocesses: <work_dir>/build.log, train.log.
+Not a test: accuracies on ~75 test images move by a few points from run to run.
+"""
+
+import datetime
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import keras
+import tensorflow as tf
+from absl import app, flags
+
+from benchmarks import common
+from tfrecords import schema
+from trainer import data
+
+FLAGS = flags.FLAGS
+DEFAULT_BACKBONE_FILE = os.path.join(
+    os.path.dirname(common.REPO_ROOT), "shared", "models", "efficientnet_lite0_imagenet_notop.keras"
+)
+SEEDS_RESULTS_FILE = "seeds_results.json"
+SPLITS = ("train", "validation", "test")
+COLUMNS = ("val acc ph1", "test acc ph1", "val acc ph2", "test acc ph2", "wall time s", "time vs seeds")
+
+
+def check_inputs(image_dir: str, backbone_file: str) -> None:
+    """Raises ValueError when the image folder or the backbone file is missing."""
+    if not os.path.isdir(image_dir):
+        raise ValueError(f"--image_dir {image_dir!r} does not exist; expected <image_dir>/<class>/<image files> "
+                         "(../shared/data/flowers_small)")
+    if not os.path.isfile(backbone_file):
+        raise ValueError(f"--backbone_file {backbone_file!r} does not exist; expected a .keras feature extractor "
+                         "(../shared/models/efficientnet_lite0_imagenet_notop.keras)")
+
+
+def run_logged(command: list[str], log_path: str) -> float:
+    """Runs a command from the repository root with its output in log_path; returns its wall seconds."""
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write(shlex.join(command) + "\n\n")
+        log.flush()
+        returncode = subprocess.run(command, cwd=common.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT).returncode
+    seconds = time.perf_counter() - start
+    if returncode != 0:
+        with open(log_path) as log:
+            tail = "".join(log.readlines()[-15:])
+        raise RuntimeError(f"{shlex.join(command)} failed with exit code {returncode} (log: {log_path}):\n{tail}")
+    return seconds
+
+
+def read_split_sources(data_dir: str) -> dict[str, list[tuple[str, str]]]:
+    """Returns {split: [(path relative to the input folder, class name), ...]} read from our shards."""
+    manifest = data.read_manifest(data_dir)
+    splits = {}
+    for split in SPLITS:
+        examples = tf.data.TFRecordDataset(data.shard_paths(data_dir, manifest, split)).map(schema.parse_example)
+        splits[split] = [
+            (example["image/source"].numpy().decode("utf-8"), example["image/class/text"].numpy().decode("utf-8"))
+            for example in examples
+        ]
+    return splits
+
+
+def link_split_folders(image_dir: str, splits: dict, class_names: list[str], output_dir: str) -> dict[str, str]:
+    """Makes <output_dir>/<split>/<class>/<file> symlinks to the original images; returns {split: folder}."""
+    shutil.rmtree(output_dir, ignore_errors=True)
+    folders = {}
+    for split, sources in splits.items():
+        folders[split] = os.path.join(output_dir, split)
+        for class_name in class_names:  # every class folder, so an empty class still gets its label id
+            os.makedirs(os.path.join(folders[split], class_name))
+        for source, class_name in sources:
+            # The relative path flattened into the name: unique even when the input has nested folders.
+            link = os.path.join(folders[split], class_name, source.replace("/", "__"))
+            os.symlink(os.path.abspath(os.path.join(image_dir, source)), link)
+    return folders
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Records the wall seconds of each epoch (training plus its validation pass)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def seeds_recipe(
+    *,
+    split_folders: dict[str, str],
+    class_names: list[str],
+    backbone_file: str,
+    image_size: int,
+    batch_size: int,
+    epochs: int,
+    fine_tune_epochs: int,
+    fine_tune_at: int,
+    learning_rate: float,
+    fine_tune_learning_rate: float,
+    seed: int,
+) -> dict:
+    """Trains the tutorials' recipe; returns accuracies per phase, wall seconds and seconds per epoch."""
+    start = time.perf_counter()
+    keras.utils.set_random_seed(seed)
+
+    def load(split):
+        return keras.utils.image_dataset_from_directory(
+            split_folders[split], labels="inferred", label_mode="int", class_names=class_names,
+            image_size=(image_size, image_size), batch_size=batch_size, shuffle=split == "train", seed=seed,
+        ).prefetch(tf.data.AUTOTUNE)
+
+    train_dataset, validation_dataset, test_dataset = load("train"), load("validation"), load("test")
+
+    data_augmentation = keras.Sequential(
+        [keras.layers.RandomFlip("horizontal"), keras.layers.RandomRotation(0.2)], name="data_augmentation"
+    )
+    backbone = keras.saving.load_model(backbone_file)
+    backbone.trainable = False
+    inputs = keras.Input(shape=(image_size, image_size, 3))
+    x = data_augmentation(inputs)
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1)(x)
+    x = backbone(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dropout(0.2)(x)
+    outputs = keras.layers.Dense(len(class_names), activation="softmax")(x)
+    model = keras.Model(inputs, outputs)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                  loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+
+    results = {}
+    timer = EpochTimer()
+    history = model.fit(train_dataset, epochs=epochs, validation_data=validation_dataset, callbacks=[timer], verbose=2)
+    excluded_seconds = time.perf_counter()
+    results["phase1"] = {
+        "validation_accuracy": history.history["val_accuracy"][-1],
+        "test_accuracy": model.evaluate(test_dataset, return_dict=True, verbose=0)["accuracy"],
+        "epoch_seconds": timer.seconds,
+    }
+    excluded_seconds = time.perf_counter() - excluded_seconds
+
+    if fine_tune_epochs > 0:
+        backbone.trainable = True
+        for layer in backbone.layers[:fine_tune_at]:
+            layer.trainable = False
+        model.compile(optimizer=keras.optimizers.RMSprop(learning_rate=fine_tune_learning_rate),
+                      loss=keras.losses.SparseCategoricalCrossentropy(), metrics=["accuracy"])
+        timer = EpochTimer()
+        history = model.fit(train_dataset, epochs=epochs + fine_tune_epochs, initial_epoch=epochs,
+                            validation_data=validation_dataset, callbacks=[timer], verbose=2)
+        results["phase2"] = {
+            "validation_accuracy": history.history["val_accuracy"][-1],
+            "test_accuracy": model.evaluate(test_dataset, return_dict=True, verbose=0)["accuracy"],
+            "epoch_seconds": timer.seconds,
+        }
+    results["wall_seconds"] = time.perf_counter() - start - excluded_seconds
+    return results
+
+
+def read_our_results(model_dir: str) -> dict:
+    """Returns {"phase1": {...}, "phase2": {...}} from <model_dir>/metrics.json; a missing value is None.
+
+    Uses metrics.json["phases"] when the trainer writes it; otherwise the last history entry of each phase
+    for the validation accuracy, and the final evaluation for the last phase's test accuracy.
+    """
+    with tf.io.gfile.GFile(os.path.join(model_dir, "metrics.json")) as file:
+        metrics = json.load(file)
+    if "phases" in metrics:
+        return {phase: {"validation_accuracy": metrics["phases"].get(phase, {}).get("validation_accuracy"),
+                        "test_accuracy": metrics["phases"].get(phase, {}).get("test_accuracy")}
+                for phase in ("phase1", "phase2")}
+    results = {phase: {"validation_accuracy": None, "test_accuracy": None} for phase in ("phase1", "phase2")}
+    for entry in sorted(metrics.get("history", []), key=lambda entry: entry["epoch"]):
+        results[entry["phase"]]["validation_accuracy"] = entry.get("val_accuracy")
+    last_phase = "phase2" if results["phase2"]["validation_accuracy"] is not None else "phase1"
+    if metrics.get("evaluated_split") == "test":
+        results[last_phase]["test_accuracy"] = metrics.get("accuracy")
+    return results
+
+
+def final_test_accuracy(results: dict) -> float | None:
+    """The test accuracy after the last phase that has one."""
+    for phase in ("phase2", "phase1"):
+        if results.get(phase, {}).get("test_accuracy") is not None:
+            return results[phase]["test_accuracy"]
+    return None
+
+
+def format_row(name: str, results: dict, wall_seconds: float, seeds_seconds: float) -> str:
+    cells = []
+    for phase in ("phase1", "phase2"):
+        for key in ("validation_accuracy", "test_accuracy"):
+            value = results.get(phase, {}).get(key)
+            cells.append("n/a" if value is None else f"{value:.3f}")
+    cells += [f"{wall_seconds:.0f}", f"{wall_seconds / seeds_seconds:.2f}x"]
+    return f"{name:<20}" + "".join(f"{cell:>15}" for cell in cells)
+
+
+def run_seeds(data_dir: str, results_path: str) -> dict:
+    """Mirrors our splits as symlink folders, trains the tutorials' recipe, saves and returns its results."""
+    manifest = data.read_manifest(data_dir)
+    splits = read_split_sources(data_dir)
+    split_folders = link_split_folders(FLAGS.image_dir, splits, manifest["classes"],
+                                       os.path.join(FLAGS.work_dir, "split_folders"))
+    results = seeds_recipe(
+        split_folders=split_folders, class_names=manifest["classes"], backbone_file=FLAGS.backbone_file,
+        image_size=FLAGS.seeds_image_size, batch_size=FLAGS.seeds_batch_size, epochs=FLAGS.seeds_epochs,
+        fine_tune_epochs=FLAGS.seeds_fine_tune_epochs, fine_tune_at=FLAGS.seeds_fine_tune_at,
+        learning_rate=FLAGS.seeds_learning_rate, fine_tune_learning_rate=FLAGS.seeds_fine_tune_learning_rate,
+        seed=FLAGS.seed,
+    )
+    results["settings"] = split_settings() | {
+        name: getattr(FLAGS, name) for name in (
+            "seeds_image_size", "seeds_batch_size", "seeds_epochs", "seeds_fine_tune_epochs",
+            "seeds_fine_tune_at", "seeds_learning_rate", "seeds_fine_tune_learning_rate")
+    } | {"split_sizes": {split: len(sources) for split, sources in splits.items()}}
+    results["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
+    with open(results_path, "w") as file:
+        json.dump(results, file, indent=2)
+    return results
+
+
+def split_settings() -> dict:
+    """What decides which images land in which split (a reused baseline must have been run with these)."""
+    return {"image_dir": os.path.abspath(FLAGS.image_dir), "validation_fraction": FLAGS.validation_fraction,
+            "test_fraction": FLAGS.test_fraction, "seed": FLAGS.seed}
+
+
+def main(argv):
+    del argv
+    try:
+        check_inputs(FLAGS.image_dir, FLAGS.backbone_file)
+        ours_flags = shlex.split(FLAGS.ours_flags)
+        results_path = os.path.join(FLAGS.work_dir, SEEDS_RESULTS_FILE)
+        if FLAGS.skip_seeds and not os.path.isfile(results_path):
+            raise ValueError(f"--skip_seeds needs {results_path} from an earlier run; run once without --skip_seeds")
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        compare(ours_flags, results_path)
+    except RuntimeError as error:  # a subprocess failed; its log's tail is in the message
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+def compare(ours_flags: list[str], results_path: str) -> None:
+    """Converts, trains both rows (or reuses the baseline's results) and prints the table."""
+    os.makedirs(FLAGS.work_dir, exist_ok=True)
+    data_dir = os.path.join(FLAGS.work_dir, "tfrecords")
+    model_dir = os.path.join(FLAGS.work_dir, "ours")
+
+    build_command = [
+        sys.executable, "-m", "tfrecords.build", f"--input_dir={FLAGS.image_dir}", f"--output_dir={data_dir}",
+        f"--validation_fraction={FLAGS.validation_fraction}", f"--test_fraction={FLAGS.test_fraction}",
+        f"--seed={FLAGS.seed}", "--overwrite",
+    ]
+    print(f"converting: {shlex.join(build_command)}", flush=True)
+    build_seconds = run_logged(build_command, os.path.join(FLAGS.work_dir, "build.log"))
+    manifest = data.read_manifest(data_dir)
+    split_sizes = {split: manifest["splits"][split]["num_examples"] for split in SPLITS if split in manifest["splits"]}
+    print(f"splits: {split_sizes}, classes: {manifest['classes']}", flush=True)
+
+    if FLAGS.skip_seeds:
+        with open(results_path) as file:
+            seeds = json.load(file)
+        print(f"seeds' recipe: reused {results_path} (finished at {seeds.get('finished_at', 'unknown time')})")
+        if {key: seeds.get("settings", {}).get(key) for key in split_settings()} != split_settings():
+            print(f"warning: those results were run with other splits: {seeds.get('settings')}")
+    else:
+        print("seeds' recipe: training in this process", flush=True)
+        seeds = run_seeds(data_dir, results_path)
+
+    # A model_dir with checkpoints would make the trainer resume instead of training from scratch.
+    shutil.rmtree(model_dir, ignore_errors=True)
+    train_command = [
+        sys.executable, "-m", "trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+        f"--backbone={FLAGS.backbone_file}", "--preprocess=tf", f"--seed={FLAGS.seed}", *ours_flags,
+    ]
+    print(f"ours: {shlex.join(train_command)}", flush=True)
+    train_seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, "train.log"))
+    ours = read_our_results(model_dir)
+    ours_seconds = build_seconds + train_seconds
+
+    seeds_settings = seeds.get("settings", {})
+    print(f"\nimages: {FLAGS.image_dir} splits {split_sizes}; backbone: {FLAGS.backbone_file}; cores: {os.cpu_count()}")
+    print(f"seeds' recipe: {seeds_settings.get('seeds_epochs')} + {seeds_settings.get('seeds_fine_tune_epochs')} "
+          f"epochs at {seeds_settings.get('seeds_image_size')} px; per epoch (s): phase 1 "
+          + ", ".join(f"{s:.0f}" for s in seeds["phase1"]["epoch_seconds"])
+          + ("; phase 2 " + ", ".join(f"{s:.0f}" for s in seeds["phase2"]["epoch_seconds"]) if "phase2" in seeds else ""))
+    print(f"ours: convert {build_seconds:.0f} s + train {train_seconds:.0f} s; flags: {FLAGS.ours_flags or '(defaults)'}")
+    print(f"\n{'':<20}" + "".join(f"{column:>15}" for column in COLUMNS))
+    print(format_row("seeds' recipe", seeds, seeds["wall_seconds"], seeds["wall_seconds"]))
+    ours_name = "ours (defaults)" if not ours_flags else "ours (--ours_flags)"
+    print(format_row(ours_name, ours, ours_seconds, seeds["wall_seconds"]))
+
+    seeds_final, ours_final = final_test_accuracy(seeds), final_test_accuracy(ours)
+    accuracy_met = seeds_final is not None and ours_final is not None and ours_final >= seeds_final
+    print(f"\naccuracy target (ours final test >= seeds final test): {'met' if accuracy_met else 'not met'}")
+    print(f"time target (ours <= 0.5x seeds): {'met' if ours_seconds <= 0.5 * seeds['wall_seconds'] else 'not met'}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("image_dir", common.DEFAULT_IMAGE_DIR, "Folder of class subfolders of images.")
+    flags.DEFINE_string("backbone_file", DEFAULT_BACKBONE_FILE,
+                        "ImageNet-pretrained .keras feature extractor taking [-1, 1] pixels; used by both rows.")
+    flags.DEFINE_string("work_dir", "/tmp/accuracy_benchmark",
+                        "Where the shards, split folders, our model, logs and the saved baseline results go.")
+    flags.DEFINE_float("validation_fraction", 0.15, "Share of the images in the validation split (~75 of 500).")
+    flags.DEFINE_float("test_fraction", 0.15, "Share of the images in the test split (~75 of 500).")
+    flags.DEFINE_integer("seed", 42, "Seed of the split (tfrecords.build), of the baseline and of our trainer.")
+    flags.DEFINE_integer("seeds_image_size", 224, "Baseline image size (the tutorials' 224; smaller only for debugging).")
+    flags.DEFINE_integer("seeds_batch_size", 32, "Baseline batch size (the tutorials' 32).")
+    flags.DEFINE_integer("seeds_epochs", 10, "Baseline phase-1 epochs (frozen backbone, Adam).")
+    flags.DEFINE_integer("seeds_fine_tune_epochs", 10, "Baseline phase-2 epochs (top of the backbone, RMSprop); 0 skips.")
+    flags.DEFINE_integer("seeds_fine_tune_at", 100, "Baseline phase 2 freezes backbone.layers[:this].")
+    flags.DEFINE_float("seeds_learning_rate", 1e-4, "Baseline phase-1 Adam learning rate.")
+    flags.DEFINE_float("seeds_fine_tune_learning_rate", 1e-5, "Baseline phase-2 RMSprop learning rate.")
+    flags.DEFINE_string("ours_flags", "",
+                        "Extra flags for `python -m trainer.train`, one string, e.g. '--epochs=3 --image_size=160'; "
+                        "'' = our defaults.")
+    flags.DEFINE_bool("skip_seeds", False,
+                      f"Reuse the baseline results of an earlier run (<work_dir>/{SEEDS_RESULTS_FILE}) instead of training it.")
+    app.run(main)
