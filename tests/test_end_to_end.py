@@ -182,6 +182,11 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
             r"--batch_size 7 must be a positive multiple of the 2 replicas",
         ),
         (["--data_dir={data}", "--model_dir={model}", "--weights=/no/such/file.h5"], r"--weights '/no/such/file.h5'"),
+        (
+            ["--data_dir={data}", "--model_dir={model}", "--backbone=mobilenet_v2+resnet50", "--backbone_layer=block_5_add"],
+            r"--backbone_layer 'block_5_add' cannot apply to ensemble",
+        ),
+        (["--data_dir={data}", "--model_dir={model}", "--label_smoothing=1.5"], r"--label_smoothing 1.5 must be within"),
     ],
 )
 def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):
@@ -226,3 +231,24 @@ def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
     assert changed["batch_norm_statistics"] == 0 and changed["other_weights"] > 0, changed
     daisy = sorted((FLOWERS_DIR / "daisy").glob("*.jpg"))[0]
     assert serve_file(model_dir, daisy) in ["daisy", "dandelion", "roses", "sunflowers", "tulips"]
+
+
+def test_a_100_to_1_imbalanced_folder_trains_with_balanced_class_weights(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    counts = {"train": {"common": 100, "rare": 1}, "validation": {"common": 4, "rare": 1}}
+    for split, classes in counts.items():
+        for class_name, count in classes.items():
+            folder = tmp_path / "images" / split / class_name
+            folder.mkdir(parents=True)
+            for index in range(count):
+                pixels = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{index}.png")
+    data_dir, model_dir = tmp_path / "tfrecords", tmp_path / "model"
+    run_cli("tfrecords.build", f"--input_dir={tmp_path / 'images'}", f"--output_dir={data_dir}", "--num_shards=1")
+    manifest = json.loads((data_dir / "manifest.json").read_text())
+    assert manifest["splits"]["train"]["class_counts"] == {"common": 100, "rare": 1}
+    run_cli("trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--class_weight=balanced", *TINY_TRAINING)
+    report = json.loads((model_dir / "evaluation.json").read_text())
+    assert [row["support"] for row in report["per_class"]] == [4, 1]
