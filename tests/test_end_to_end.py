@@ -97,7 +97,12 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     second = run_cli("trainer.train", *command)
     assert "phase2 already finished" in second.stderr
     assert "Epoch" not in second.stdout
-    assert json.loads((model_dir / "metrics.json").read_text())["accuracy"] == pytest.approx(metrics["accuracy"])
+    rerun_metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert rerun_metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    # Phase 1 is skipped on the rerun; its results are kept from the first run.
+    assert set(rerun_metrics["phases"]) == {"phase1", "phase2"}
+    for phase, results in metrics["phases"].items():
+        assert rerun_metrics["phases"][phase] == pytest.approx(results)
 
 
 def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):

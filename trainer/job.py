@@ -146,7 +146,12 @@ def train_and_export(
         )
     history = loop.History(model_dir, chief)
     preemption = loop.PreemptionWatcher()
+    # A resumed run skips finished phases: their results come from the metrics.json of the run before.
+    metrics_path = tf.io.gfile.join(model_dir, "metrics.json")
     phase_results = {}
+    if tf.io.gfile.exists(metrics_path):
+        with tf.io.gfile.GFile(metrics_path) as file:
+            phase_results = json.load(file).get("phases", {})
 
     last_results = {}
 
