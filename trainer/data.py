@@ -79,12 +79,19 @@ def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
     return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.extract_jpeg_shape(encoded)[:2], decode_any_shape)
 
 
-def _resize(image: tf.Tensor, image_size: int) -> tf.Tensor:
+def central_crop_window(shape: tf.Tensor, crop_fraction: float) -> tuple[tf.Tensor, tf.Tensor]:
+    """Returns (offset, size), each [height, width], of the central crop keeping crop_fraction of each side."""
+    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * crop_fraction), tf.int32), 1)
+    return (shape - crop) // 2, crop
+
+
+def resize_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
+    """Resizes one image [height, width, 3] or a batch of them to float32 [0, 255] at image_size."""
     # Antialiasing costs as much as the decode itself, and only matters when shrinking by more than 2x
     # (bilinear then skips pixels); below that, plain bilinear already reads every source pixel.
     # TensorFlow's resize kernels are faster on float32 than on uint8 input, even counting the cast.
     image = tf.cast(image, tf.float32)
-    shrinks_a_lot = tf.reduce_max(tf.shape(image)[:2]) > 2 * image_size
+    shrinks_a_lot = tf.reduce_max(tf.shape(image)[-3:-1]) > 2 * image_size
     image = tf.cond(
         shrinks_a_lot,
         lambda: tf.image.resize(image, [image_size, image_size], antialias=True),
@@ -108,10 +115,9 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, crop_fraction: float 
         float32 [image_size, image_size, 3] pixels in [0, 255].
     """
     shape = _image_shape(encoded)
-    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * crop_fraction), tf.int32), 1)
-    offset = (shape - crop) // 2
+    offset, crop = central_crop_window(shape, crop_fraction)
     image = _decode_window(encoded, offset[0], offset[1], crop[0], crop[1])
-    return _resize(image, image_size)
+    return resize_pixels(image, image_size)
 
 
 def decode_random_crop(
@@ -134,7 +140,7 @@ def decode_random_crop(
     shape = _image_shape(encoded)
     if min_area >= 1.0:
         image = _decode_window(encoded, 0, 0, shape[0], shape[1], fast=True)
-        return _resize(_random_flip(image, seed) if flip else image, image_size)
+        return resize_pixels(_random_flip(image, seed) if flip else image, image_size)
     image_shape = tf.concat([shape, [3]], axis=0)
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
     arguments = dict(
@@ -150,7 +156,7 @@ def decode_random_crop(
     else:
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(image_shape, seed=seed, **arguments)
     image = _decode_window(encoded, begin[0], begin[1], size[0], size[1], fast=True)
-    return _resize(_random_flip(image, seed) if flip else image, image_size)
+    return resize_pixels(_random_flip(image, seed) if flip else image, image_size)
 
 
 def _random_flip(image: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:

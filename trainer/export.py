@@ -42,8 +42,8 @@ TFLITE_FILES = {"none": "model.tflite", "dynamic_range": "model_dynamic_range.tf
 def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = data.EVAL_CROP_FRACTION) -> tf.Tensor:
     """Keeps the central crop of a batch of decoded images and resizes it, as `data.decode_and_resize` does.
 
-    The crop window, the rounding and the resize (antialiased only when shrinking by more than 2x) repeat
-    `data.decode_and_resize` op for op, so an image sent decoded gets the probabilities it gets as a file.
+    It uses `data.decode_and_resize`'s own crop window and resize (antialiased only when shrinking by more
+    than 2x), so an image sent decoded gets the probabilities it gets as a file.
 
     Args:
         images: uint8 [batch, height, width, 3] RGB images (one size for the whole batch).
@@ -53,17 +53,9 @@ def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = d
     Returns:
         float32 [batch, image_size, image_size, 3] pixels in [0, 255].
     """
-    shape = tf.shape(images)[1:3]
-    crop = tf.maximum(tf.cast(tf.round(tf.cast(shape, tf.float32) * crop_fraction), tf.int32), 1)
-    offset = (shape - crop) // 2
+    offset, crop = data.central_crop_window(tf.shape(images)[1:3], crop_fraction)
     images = tf.image.crop_to_bounding_box(images, offset[0], offset[1], crop[0], crop[1])
-    shrinks_a_lot = tf.reduce_max(crop) > 2 * image_size
-    images = tf.cond(
-        shrinks_a_lot,
-        lambda: tf.image.resize(images, [image_size, image_size], antialias=True),
-        lambda: tf.image.resize(images, [image_size, image_size]),
-    )
-    return tf.clip_by_value(images, 0.0, 255.0)
+    return data.resize_pixels(images, image_size)
 
 
 def _check_class_names(class_names: list[str]) -> None:

@@ -13,6 +13,8 @@ model the slow path would give (tests/test_features.py checks it); with augmenta
 `views` random crops and flips instead of a new one every epoch.
 """
 
+import time
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -75,13 +77,13 @@ def training_features(
         views: passes; each applies new random crops and flips (1 when augmentation is off).
     """
     num_batches = max(1, views * num_examples // batch_size)
-    started = tf.timestamp()
+    started = time.perf_counter()
     features, labels, _ = compute_features(
         feature_model=feature_model, strategy=strategy, dataset=dataset, num_batches=num_batches, training=training
     )
     logging.info(
         "phase1: cached %d training features of width %d (%d view(s) per image) in %.1fs, %.0f MiB",
-        len(features), features.shape[-1], views, float(tf.timestamp() - started), features.nbytes / 2**20,
+        len(features), features.shape[-1], views, time.perf_counter() - started, features.nbytes / 2**20,
     )
     return features, labels
 

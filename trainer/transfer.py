@@ -119,6 +119,12 @@ def run_phases(
     Raises:
         loop.Preempted, FloatingPointError: as loop.train_phase.
     """
+    # One evaluation function for the whole model, traced once: unfreezing layers does not change inference.
+    model_evaluation_step = loop.make_evaluation_step(model=model, strategy=strategy, num_classes=model.output_shape[-1])
+
+    def evaluate_model_on(split):
+        return loop.evaluate(model_evaluation_step, make_dataset(split, False))
+
     backbone_phase_started = False
     for index, phase in enumerate(phases):
         if any(has_checkpoint(model_dir, later) for later in phases[index + 1:]):
@@ -161,13 +167,7 @@ def run_phases(
             epochs=phase.last_epoch, steps_per_epoch=steps_per_epoch, loss_function=loss_function,
             profile_steps=profile_steps if index == 0 else None, **loop_arguments,
         )
-        if evaluate_on is None:
-            evaluation_step = loop.make_evaluation_step(model=model, strategy=strategy, num_classes=model.output_shape[-1])
-
-            def evaluate_on(split):
-                return loop.evaluate(evaluation_step, make_dataset(split, False))
-
-        after_phase(phase, evaluate_on)
+        after_phase(phase, evaluate_on or evaluate_model_on)
 
 
 def cached_feature_datasets(
