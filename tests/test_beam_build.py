@@ -18,7 +18,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 RUNNER = "--runner=FnApiRunner"
 SETTINGS = {
     "validation_fraction": 0.2, "test_fraction": 0.2, "num_shards": 2, "target_shard_mb": 100, "seed": 7,
-    "overwrite": False, "max_side": 64, "max_skipped_fraction": 0.5,
+    "overwrite": False, "max_side": 64, "jpeg_quality": 80, "max_skipped_fraction": 0.5,
 }
 # Skipped before decoding (duplicates) and while writing (undecodable), with the start of the reason.
 SKIPPED = {
@@ -98,7 +98,7 @@ def test_resumed_pipeline_keeps_a_complete_shard(image_dir, local_output, tmp_pa
         input_dir=str(image_dir), output_dir=str(output_dir), num_workers=1, labels_csv=None, **SETTINGS
     )
     first = conversion.plan.tasks[0]
-    shards.write_shard((first, str(output_dir), SETTINGS["max_side"], conversion.classes))
+    shards.write_shard((first, str(output_dir), SETTINGS["max_side"], SETTINGS["jpeg_quality"], conversion.classes))
     (output_dir / (conversion.plan.tasks[1].file + shards.INCOMPLETE_SUFFIX)).write_bytes(b"partial")
     kept_mtime = (output_dir / first.file).stat().st_mtime_ns
 

@@ -28,6 +28,7 @@ MANIFEST_KEYS = [
     "validation_fraction",
     "test_fraction",
     "max_side",
+    "jpeg_quality",
     "image_format",
     "classes",
     "splits",
@@ -343,11 +344,21 @@ def test_labels_csv(image_dir, tmp_path):
 def test_max_side_downscales_keeping_aspect(image_dir, tmp_path):
     manifest = _build(image_dir, tmp_path / "output", max_side=40)
     assert manifest["max_side"] == 40
+    assert manifest["jpeg_quality"] == 90
     for split in manifest["splits"].values():
         for example in _read_examples(tmp_path / "output", split["shards"][0]["file"]):
             height, width = int(example["image/height"]), int(example["image/width"])
             assert max(height, width) <= 40
             assert tf.io.decode_jpeg(example["image/encoded"]).shape[:2] == (height, width)
+
+
+def test_a_new_jpeg_quality_rewrites_the_shards(image_dir, tmp_path):
+    # The quality is part of each shard's fingerprint: a rerun must not keep shards of the old quality.
+    _build(image_dir, tmp_path / "output", max_side=40, num_shards=1)
+    before = (tmp_path / "output" / "train-00000-of-00001.tfrecord").stat().st_size
+    manifest = _build(image_dir, tmp_path / "output", max_side=40, num_shards=1, jpeg_quality=30, overwrite=True)
+    assert manifest["jpeg_quality"] == 30
+    assert (tmp_path / "output" / "train-00000-of-00001.tfrecord").stat().st_size < before
 
 
 ODD_IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "odd_images"
@@ -386,6 +397,7 @@ def test_ram_filesystem_input_and_output(image_dir):
     "flag, message",
     [
         ("--max_side=-1", "error: --max_side=-1 is negative"),
+        ("--jpeg_quality=100", "error: --jpeg_quality=100 is not in [1, 95]"),
         ("--num_workers=-2", "error: --num_workers=-2 is negative"),
         ("--max_skipped_fraction=2", "error: --max_skipped_fraction=2.0 is not in [0, 1]"),
         ("--num_shards=-1", "error: --num_shards=-1 is negative"),

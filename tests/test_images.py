@@ -90,6 +90,15 @@ def test_rgb_jpeg_is_kept_byte_for_byte():
     assert images.load_image(data) == (data, 32, 48)
 
 
+def test_jpeg_quality_applies_to_re_encoded_images_only():
+    kept = _rgb_jpeg(width=48, height=32)
+    assert images.load_image(kept, jpeg_quality=50)[0] == kept
+    photo = _encode(Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 96, 3), np.uint8)), "PNG")
+    sizes = {quality: len(images.load_image(photo, jpeg_quality=quality)[0]) for quality in (50, 90, 95)}
+    assert sizes[50] < sizes[90] < sizes[95]
+    assert images.load_image(photo)[0] == images.load_image(photo, jpeg_quality=images.DEFAULT_JPEG_QUALITY)[0]
+
+
 def test_png_named_jpg_is_converted():
     # The name does not matter: the format comes from the bytes.
     data = _encode(Image.new("RGB", (40, 30), (10, 200, 30)), "PNG")

@@ -48,6 +48,7 @@ from apache_beam.runners import runner as beam_runner
 import tensorflow as tf
 
 from tfrecords import build
+from tfrecords import images
 from tfrecords import shards
 
 FLAGS = flags.FLAGS
@@ -55,7 +56,7 @@ TASKS_PER_PLAN_FILE = 64
 COUNTER_NAMESPACE = "tfrecords"
 CONVERSION_FLAGS = [
     "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb", "seed",
-    "overwrite", "max_side", "max_skipped_fraction", "labels_csv",
+    "overwrite", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv",
 ]
 READ_RECORD_THREADS = 16
 
@@ -84,7 +85,8 @@ def make_pipeline_options(arguments: list) -> beam_options.PipelineOptions:
 
 def build_with_beam(
     *, input_dir: str, output_dir: str, validation_fraction: float, test_fraction: float, num_shards: int,
-    target_shard_mb: float, seed: int, overwrite: bool, max_side: int = 0, max_skipped_fraction: float = 0.01,
+    target_shard_mb: float, seed: int, overwrite: bool, max_side: int = 0,
+    jpeg_quality: int = images.DEFAULT_JPEG_QUALITY, max_skipped_fraction: float = 0.01,
     labels_csv: str | None = None, pipeline_options: beam_options.PipelineOptions,
 ) -> dict:
     """Converts input_dir like tfrecords.build.build, with the shards written by a Beam pipeline.
@@ -110,21 +112,21 @@ def build_with_beam(
     conversion = build.prepare(
         input_dir=input_dir, output_dir=output_dir, validation_fraction=validation_fraction,
         test_fraction=test_fraction, num_shards=num_shards, target_shard_mb=target_shard_mb, seed=seed,
-        overwrite=overwrite, num_workers=0, max_side=max_side, max_skipped_fraction=max_skipped_fraction,
-        labels_csv=labels_csv,
+        overwrite=overwrite, num_workers=0, max_side=max_side, jpeg_quality=jpeg_quality,
+        max_skipped_fraction=max_skipped_fraction, labels_csv=labels_csv,
     )
     records = write_shards(
-        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None,
+        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
         classes=conversion.classes, pipeline_options=pipeline_options,
     )
     return build.finish(
-        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side,
+        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side, jpeg_quality=jpeg_quality,
         max_skipped_fraction=max_skipped_fraction,
     )
 
 
 def write_shards(
-    *, tasks: list, output_dir: str, max_side: int | None, classes: list,
+    *, tasks: list, output_dir: str, max_side: int | None, jpeg_quality: int, classes: list,
     pipeline_options: beam_options.PipelineOptions,
 ) -> list:
     """Writes the shards of tasks with a Beam pipeline; returns every shard's record, in task order."""
@@ -147,7 +149,9 @@ def write_shards(
         | "ReadPlan" >> beam.FlatMap(read_plan_file)
         # Without it the runner may fuse reading a plan file with writing its shards, on one worker.
         | "Distribute" >> beam.Reshuffle()
-        | "WriteShard" >> beam.Map(write_planned_shard, output_dir=output_dir, max_side=max_side, classes=classes)
+        | "WriteShard" >> beam.Map(
+            write_planned_shard, output_dir=output_dir, max_side=max_side, jpeg_quality=jpeg_quality, classes=classes
+        )
     )
     logging.info("Running the Beam pipeline: %d shards", len(tasks))
     result = pipeline.run()
@@ -164,7 +168,7 @@ def read_plan_file(path: str) -> list:
         return plan_file.read().splitlines()
 
 
-def write_planned_shard(line: str, *, output_dir: str, max_side: int | None, classes: list) -> str:
+def write_planned_shard(line: str, *, output_dir: str, max_side: int | None, jpeg_quality: int, classes: list) -> str:
     """Writes the shard of one plan line unless a complete one is there already; runs on a Beam worker.
 
     Returns:
@@ -173,7 +177,7 @@ def write_planned_shard(line: str, *, output_dir: str, max_side: int | None, cla
     task = task_from_json(line)
     record = shards.read_complete_shard(output_dir=output_dir, task=task)
     if record is None:
-        record = shards.write_shard((task, output_dir, max_side, classes))
+        record = shards.write_shard((task, output_dir, max_side, jpeg_quality, classes))
         beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "shards_written").inc()
     else:
         beam.metrics.Metrics.counter(COUNTER_NAMESPACE, "shards_reused").inc()

@@ -33,6 +33,7 @@ from absl import logging
 import tensorflow as tf
 
 from tfrecords import folder
+from tfrecords import images
 from tfrecords import plan
 from tfrecords import progress
 from tfrecords import schema
@@ -130,6 +131,13 @@ def define_conversion_flags() -> None:
         "If positive, downscale images whose longer side is larger, keeping the aspect, before storing "
         "(e.g. 320 when training at 160-299 px). 0 keeps the original size.",
     )
+    flags.DEFINE_integer(
+        "jpeg_quality",
+        images.DEFAULT_JPEG_QUALITY,
+        "JPEG quality (1-95) of the images that are re-encoded: downscaled by --max_side, rotated upright, "
+        "or not RGB JPEG. Other JPEGs are stored as they came. 90 decodes about 1.2x faster in training "
+        "than 95, with 30% smaller files.",
+    )
     flags.DEFINE_float(
         "max_skipped_fraction",
         0.01,
@@ -183,6 +191,7 @@ def build(
     overwrite: bool,
     num_workers: int = 1,
     max_side: int = 0,
+    jpeg_quality: int = images.DEFAULT_JPEG_QUALITY,
     max_skipped_fraction: float = 0.01,
     labels_csv: str | None = None,
     tfds_name: str | None = None,
@@ -202,6 +211,7 @@ def build(
         overwrite: replace a finished conversion in output_dir instead of refusing.
         num_workers: processes hashing files and writing shards; 0 means all cores.
         max_side: downscale so the longer side is at most this; 0 keeps the size.
+        jpeg_quality: JPEG quality of re-encoded images.
         max_skipped_fraction: fail when a larger share of the files cannot be decoded.
         labels_csv: optional CSV of path,label rows (paths relative to input_dir).
         tfds_name: convert this TFDS dataset instead of input_dir.
@@ -218,22 +228,23 @@ def build(
     conversion = prepare(
         input_dir=input_dir, output_dir=output_dir, validation_fraction=validation_fraction,
         test_fraction=test_fraction, num_shards=num_shards, target_shard_mb=target_shard_mb, seed=seed,
-        overwrite=overwrite, num_workers=num_workers, max_side=max_side, max_skipped_fraction=max_skipped_fraction,
-        labels_csv=labels_csv, tfds_name=tfds_name, tfds_data_dir=tfds_data_dir, tfds_splits=tfds_splits,
+        overwrite=overwrite, num_workers=num_workers, max_side=max_side, jpeg_quality=jpeg_quality,
+        max_skipped_fraction=max_skipped_fraction, labels_csv=labels_csv, tfds_name=tfds_name,
+        tfds_data_dir=tfds_data_dir, tfds_splits=tfds_splits,
     )
     records = writer.write_shards(
-        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, classes=conversion.classes,
-        num_workers=num_workers or progress.default_num_workers(),
+        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
+        classes=conversion.classes, num_workers=num_workers or progress.default_num_workers(),
     )
     return finish(
-        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side,
+        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side, jpeg_quality=jpeg_quality,
         max_skipped_fraction=max_skipped_fraction,
     )
 
 
 def prepare(
     *, input_dir: str | None, output_dir: str, validation_fraction: float, test_fraction: float, num_shards: int,
-    target_shard_mb: float, seed: int, overwrite: bool, num_workers: int, max_side: int,
+    target_shard_mb: float, seed: int, overwrite: bool, num_workers: int, max_side: int, jpeg_quality: int,
     max_skipped_fraction: float, labels_csv: str | None, tfds_name: str | None = None,
     tfds_data_dir: str | None = None, tfds_splits: str = "",
 ) -> Conversion:
@@ -254,7 +265,7 @@ def prepare(
         _check_output_dir(output_dir=output_dir, overwrite=overwrite)
         _check_settings(
             num_shards=num_shards, target_shard_mb=target_shard_mb, num_workers=num_workers,
-            max_side=max_side, max_skipped_fraction=max_skipped_fraction,
+            max_side=max_side, jpeg_quality=jpeg_quality, max_skipped_fraction=max_skipped_fraction,
         )
         num_workers = num_workers or progress.default_num_workers()
         if tfds_name:
@@ -266,6 +277,7 @@ def prepare(
             classes, tasks, source = tfds_source.plan_tfds(
                 name=tfds_name, data_dir=tfds_data_dir, splits=tfds_splits, num_shards=num_shards,
                 validation_fraction=validation_fraction, test_fraction=test_fraction, max_side=max_side or None,
+                jpeg_quality=jpeg_quality,
             )
             shard_plan = plan.Plan(tasks=tasks, skipped=[], label_conflicts=[])
             num_sources = None
@@ -290,7 +302,7 @@ def prepare(
     if shard_plan is None:
         shard_plan = plan.make_plan(
             files=listing.files, classes=classes, num_shards=num_shards, target_shard_mb=target_shard_mb,
-            seed=seed, max_side=max_side or None, num_workers=num_workers,
+            seed=seed, max_side=max_side or None, jpeg_quality=jpeg_quality, num_workers=num_workers,
         )
     writer.prepare_output_dir(
         output_dir=output_dir, overwrite=overwrite, planned_files=[task.file for task in shard_plan.tasks]
@@ -299,7 +311,8 @@ def prepare(
 
 
 def finish(
-    *, conversion: Conversion, records: list, output_dir: str, max_side: int, max_skipped_fraction: float
+    *, conversion: Conversion, records: list, output_dir: str, max_side: int, jpeg_quality: int,
+    max_skipped_fraction: float,
 ) -> dict:
     """Checks the skipped share, writes labels.txt and manifest.json from the shard records; returns the manifest.
 
@@ -308,6 +321,7 @@ def finish(
         records: shards.write_shard's record of every task of conversion.plan, in plan order.
         output_dir: the output folder.
         max_side: the --max_side value (recorded in the manifest).
+        jpeg_quality: the --jpeg_quality value (recorded in the manifest).
         max_skipped_fraction: fail when a larger share of the files cannot be decoded.
 
     Raises:
@@ -322,7 +336,7 @@ def finish(
     splits = writer.summarize_splits(tasks=tasks, records=records, classes=conversion.classes)
     writer.remove_empty_splits(output_dir=output_dir, tasks=tasks, splits=splits)
     manifest = writer.make_manifest(
-        source={**conversion.source, "max_side": max_side},
+        source={**conversion.source, "max_side": max_side, "jpeg_quality": jpeg_quality},
         classes=conversion.classes,
         splits=splits,
         skipped=skipped,
@@ -372,7 +386,8 @@ def _check_output_dir(*, output_dir: str, overwrite: bool) -> None:
 
 
 def _check_settings(
-    *, num_shards: int, target_shard_mb: float, num_workers: int, max_side: int, max_skipped_fraction: float
+    *, num_shards: int, target_shard_mb: float, num_workers: int, max_side: int, jpeg_quality: int,
+    max_skipped_fraction: float,
 ) -> None:
     if num_shards < 0:
         raise ValueError(f"--num_shards={num_shards} is negative; use 0 (automatic) or a positive count")
@@ -384,6 +399,9 @@ def _check_settings(
         raise ValueError(f"--num_workers={num_workers} is negative; use 0 (all cores) or a positive count")
     if max_side < 0:
         raise ValueError(f"--max_side={max_side} is negative; use 0 (keep the size) or e.g. 320")
+    if not 1 <= jpeg_quality <= 95:
+        # Pillow's own advice: above 95 files grow with hardly any gain in quality.
+        raise ValueError(f"--jpeg_quality={jpeg_quality} is not in [1, 95]; e.g. 90")
     if not 0 <= max_skipped_fraction <= 1:
         raise ValueError(f"--max_skipped_fraction={max_skipped_fraction} is not in [0, 1]; e.g. 0.01")
 
@@ -393,7 +411,7 @@ def main(argv: list) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     names = [
         "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb",
-        "seed", "overwrite", "num_workers", "max_side", "max_skipped_fraction", "labels_csv", "tfds_name",
+        "seed", "overwrite", "num_workers", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv", "tfds_name",
         "tfds_data_dir", "tfds_splits",
     ]
     settings = {name: FLAGS[name].value for name in names}

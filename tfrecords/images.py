@@ -23,7 +23,10 @@ from PIL import ImageFile
 from PIL import ImageOps
 from PIL import UnidentifiedImageError
 
-JPEG_QUALITY = 95
+# Quality of re-encoded JPEGs (kept JPEGs are stored as they came). 90, as FFCV's writer: against 95 the
+# files are 30% smaller and decode about 1.2x faster (libjpeg's entropy decoding dominates, and it scales
+# with the bits), at 1.6 dB PSNR less; with 4:2:0 chroma both are far below the source anyway.
+DEFAULT_JPEG_QUALITY = 90
 BACKGROUND_COLOR = (255, 255, 255, 255)
 EXIF_ORIENTATION_TAG = 0x0112
 ACCEPTED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP")
@@ -47,13 +50,16 @@ class ImageError(ValueError):
     """A file that cannot be used as an image; the message is a short reason for the skipped list."""
 
 
-def load_image(data: bytes, max_side: int | None = None) -> tuple[bytes, int, int]:
+def load_image(
+    data: bytes, max_side: int | None = None, jpeg_quality: int = DEFAULT_JPEG_QUALITY
+) -> tuple[bytes, int, int]:
     """Decodes an image file fully and returns it as an upright RGB JPEG.
 
     Args:
         data: the bytes of the file.
         max_side: if set, images whose longer side exceeds it are downscaled (aspect kept) so that the
             longer side is max_side.
+        jpeg_quality: JPEG quality (1-95) of images that are re-encoded.
 
     Returns:
         (jpeg_bytes, height, width) of the stored image.
@@ -121,7 +127,7 @@ def load_image(data: bytes, max_side: int | None = None) -> tuple[bytes, int, in
                 Image.Resampling.BILINEAR,
             )
         output = io.BytesIO()
-        image.save(output, format="JPEG", quality=JPEG_QUALITY)
+        image.save(output, format="JPEG", quality=jpeg_quality)
     except PILLOW_ERRORS as error:
         raise ImageError(f"cannot convert image to RGB JPEG: {error}") from None
     return output.getvalue(), image.height, image.width

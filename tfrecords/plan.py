@@ -21,7 +21,6 @@ import math
 import tensorflow as tf
 
 from tfrecords import folder
-from tfrecords import images
 from tfrecords import progress
 from tfrecords import schema
 from tfrecords import shards
@@ -89,7 +88,7 @@ def hash_file(path: str) -> tuple:
 
 def make_plan(
     *, files: list, classes: list, num_shards: int, target_shard_mb: float, seed: int, max_side: int | None,
-    num_workers: int,
+    jpeg_quality: int, num_workers: int,
 ) -> Plan:
     """Hashes and deduplicates the listed files and assigns them to shards.
 
@@ -100,6 +99,7 @@ def make_plan(
         target_shard_mb: automatic shard size, in MiB of source files.
         seed: seed of the example order.
         max_side: the --max_side value (part of each shard's fingerprint).
+        jpeg_quality: the --jpeg_quality value (part of each shard's fingerprint).
         num_workers: processes for the hash pass.
 
     Returns:
@@ -149,7 +149,7 @@ def make_plan(
             file = schema.shard_name(split, index, shard_count)
             identity = {
                 "version": SHARD_FORMAT_VERSION, "file": file, "max_side": max_side, "classes": classes,
-                "jpeg_quality": images.JPEG_QUALITY,
+                "jpeg_quality": jpeg_quality,
                 "images": [[m.relative_path, m.class_name, m.label, digests[m.relative_path]] for m in members],
             }
             tasks.append(shards.ShardTask(split=split, file=file, images=tuple(members), fingerprint=fingerprint(identity)))

@@ -94,13 +94,13 @@ def write_shard(job: tuple) -> dict:
     """Writes one shard and returns its record; run by the workers.
 
     Args:
-        job: (task, output_dir, max_side, classes): a ShardTask, the output folder, the --max_side
-            value (or None) and all class names in label order.
+        job: (task, output_dir, max_side, jpeg_quality, classes): a ShardTask, the output folder, the
+            --max_side value (or None), the --jpeg_quality value and all class names in label order.
 
     Returns:
         The record: file, num_examples, sha256, size_bytes, class_counts, skipped, fingerprint.
     """
-    task, output_dir, max_side, classes = job
+    task, output_dir, max_side, jpeg_quality, classes = job
     final_path = tf.io.gfile.join(output_dir, task.file)
     temporary_path = final_path + INCOMPLETE_SUFFIX
     class_counts = {class_name: 0 for class_name in classes}
@@ -116,7 +116,7 @@ def write_shard(job: tuple) -> dict:
             try:
                 if isinstance(data, Exception):
                     raise images.ImageError(f"cannot read file: {data}")
-                encoded, height, width = images.load_image(data, max_side=max_side)
+                encoded, height, width = images.load_image(data, max_side=max_side, jpeg_quality=jpeg_quality)
             except images.ImageError as error:
                 logging.warning("Skipping %s: %s", source.relative_path, error)
                 skipped.append({"path": source.relative_path, "reason": str(error)})

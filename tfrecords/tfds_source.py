@@ -13,7 +13,6 @@ import math
 
 import tensorflow_datasets as tfds
 
-from tfrecords import images
 from tfrecords import plan
 from tfrecords import schema
 from tfrecords import shards
@@ -37,7 +36,7 @@ def parse_splits(splits: str) -> dict:
 
 def plan_tfds(
     *, name: str, data_dir: str | None, splits: str, num_shards: int, validation_fraction: float,
-    test_fraction: float, max_side: int | None,
+    test_fraction: float, max_side: int | None, jpeg_quality: int,
 ) -> tuple[list, list, dict]:
     """Prepares the dataset and returns (classes, shard tasks, manifest source fields)."""
     try:
@@ -70,7 +69,7 @@ def plan_tfds(
             }
             identity = {
                 "version": plan.SHARD_FORMAT_VERSION, "file": file, "max_side": max_side,
-                "jpeg_quality": images.JPEG_QUALITY, "tfds_version": str(builder.info.version), **read,
+                "jpeg_quality": jpeg_quality, "tfds_version": str(builder.info.version), **read,
             }
             tasks.append(shards.ShardTask(split=split, file=file, tfds=read, fingerprint=plan.fingerprint(identity)))
     source = {"tfds_name": name, "tfds_version": str(builder.info.version), "layout": "tfds", "tfds_splits": mapping}

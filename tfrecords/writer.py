@@ -43,7 +43,9 @@ def prepare_output_dir(*, output_dir: str, overwrite: bool, planned_files: list)
                     tf.io.gfile.remove(path)
 
 
-def write_shards(*, tasks: list, output_dir: str, max_side: int | None, classes: list, num_workers: int) -> list:
+def write_shards(
+    *, tasks: list, output_dir: str, max_side: int | None, jpeg_quality: int, classes: list, num_workers: int
+) -> list:
     """Writes the shards of tasks that are not already complete; returns every shard's record, in order."""
     records = {}
     for task in tasks:
@@ -53,7 +55,7 @@ def write_shards(*, tasks: list, output_dir: str, max_side: int | None, classes:
     if records:
         logging.info("Resuming: %d of %d shards are already complete", len(records), len(tasks))
     todo = [task for task in tasks if task.file not in records]
-    jobs = [(task, output_dir, max_side, classes) for task in todo]
+    jobs = [(task, output_dir, max_side, jpeg_quality, classes) for task in todo]
     total = sum(len(task.images) for task in todo)
     written = progress.map_items(
         shards.write_shard, jobs, num_workers=num_workers, description="converting", unit="images", total=total,
