@@ -1,5 +1,6 @@
 """What both benchmarks share: converting the image folder once, and timing a stream of batches."""
 
+import gc
 import os
 import resource
 import statistics
@@ -36,14 +37,19 @@ def _resized_copy(image_dir: str, output_dir: str, max_side: int) -> None:
                 image.save(destination, quality=90)
 
 
-def convert(image_dir: str, output_dir: str, max_side: int = 0) -> str:
-    """Converts image_dir (all of it into the train split) with `python -m tfrecords.build`, once."""
+def convert(image_dir: str, output_dir: str, max_side: int = 0, jpeg_quality: int = 0) -> str:
+    """Converts image_dir (all of it into the train split) with `python -m tfrecords.build`, once.
+
+    jpeg_quality: the converter's --jpeg_quality for re-encoded images; 0 keeps its default.
+    """
     if os.path.exists(os.path.join(output_dir, "manifest.json")):
         return output_dir
     command = [
         sys.executable, "-m", "tfrecords.build", f"--output_dir={output_dir}", "--validation_fraction=0",
         "--test_fraction=0", "--num_shards=4", "--overwrite",
     ]
+    if jpeg_quality:
+        command.append(f"--jpeg_quality={jpeg_quality}")
     if max_side and _converter_has_max_side():
         command.append(f"--max_side={max_side}")
     elif max_side:
@@ -59,20 +65,28 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(dataset: tf.data.Dataset, *, batch_size: int, num_batches: int, warmup_batches: int, repeats: int = 3):
-    """Returns (median images/s, images per CPU-second of this process) over `repeats` timed runs.
+def measure(datasets: list, *, batch_size: int, num_batches: int, warmup_batches: int, rounds: int) -> list:
+    """Times each dataset in `rounds` interleaved rounds; returns [(median images/s, median images per CPU-second)].
 
+    Each round reads every dataset in turn from a fresh iterator: `warmup_batches` untimed (AUTOTUNE
+    settles), then `num_batches` timed; the iterator is dropped before the next dataset starts, so only
+    one pipeline runs at a time. Interleaving spreads every dataset's runs over the whole benchmark, so a
+    slow spell of this shared machine lowers all of them alike instead of one row's ratio.
     Images per CPU-second is the per-core rate: it does not depend on how many cores were free.
     """
-    iterator = iter(dataset)
-    for _ in range(warmup_batches):
-        next(iterator)
-    rates, cpu_rates = [], []
-    for _ in range(repeats):
-        start, cpu_start = time.perf_counter(), _cpu_seconds()
-        for _ in range(num_batches):
-            next(iterator)
-        images = num_batches * batch_size
-        rates.append(images / (time.perf_counter() - start))
-        cpu_rates.append(images / max(_cpu_seconds() - cpu_start, 1e-9))
-    return statistics.median(rates), statistics.median(cpu_rates)
+    rates = [[] for _ in datasets]
+    cpu_rates = [[] for _ in datasets]
+    images = num_batches * batch_size
+    for _ in range(rounds):
+        for index, dataset in enumerate(datasets):
+            iterator = iter(dataset)
+            for _ in range(warmup_batches):
+                next(iterator)
+            start, cpu_start = time.perf_counter(), _cpu_seconds()
+            for _ in range(num_batches):
+                next(iterator)
+            rates[index].append(images / (time.perf_counter() - start))
+            cpu_rates[index].append(images / max(_cpu_seconds() - cpu_start, 1e-9))
+            del iterator
+            gc.collect()  # stops the pipeline's threads now, not at some later collection
+    return [(statistics.median(rate), statistics.median(cpu)) for rate, cpu in zip(rates, cpu_rates)]

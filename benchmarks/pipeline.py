@@ -8,8 +8,11 @@ Rows (all at --image_size, --batch_size, images/s and the ratio to row 1 measure
 2. trainer.data.make_dataset with exactly that augmentation (random crop off);
 3. trainer.data.make_dataset with the default policy (random resized crop + flip, both in the decode);
 4. read + decode + resize from the original files, nothing else (the decode ceiling).
-Rows 2 and 3 run on the folder converted as is and with --max_side. The last table turns images per
-CPU-second into how many host cores feed an accelerator at a given rate.
+Rows 2 and 3 run on the folder converted as is and with --max_side (whose downscaled images the
+converter re-encodes at its default --jpeg_quality, 90; one more row reads a --jpeg_quality=95 copy).
+The pipelines are timed in interleaved rounds (common.measure), each from a fresh iterator, and the
+medians reported. The last table turns images per CPU-second into how many host cores feed an
+accelerator at a given rate.
 """
 
 import math
@@ -74,8 +77,10 @@ def main(argv):
             max_side=FLAGS.max_side,
         ),
     }
-    timing = dict(batch_size=batch, num_batches=FLAGS.num_batches, warmup_batches=FLAGS.warmup_batches,
-                  repeats=FLAGS.repeats)
+    quality_95_dir = common.convert(
+        FLAGS.image_dir, os.path.join(FLAGS.work_dir, f"max_side_{FLAGS.max_side}_quality_95"),
+        max_side=FLAGS.max_side, jpeg_quality=95,
+    )
     rows = [("1. baseline: image_dataset_from_directory + flip + rotation(0.2)",
              baseline(FLAGS.image_dir, size, batch, augment=True))]
     rows.append(("   baseline without augmentation", baseline(FLAGS.image_dir, size, batch, augment=False)))
@@ -83,19 +88,24 @@ def main(argv):
         rows.append((f"2. ours, flip + rotation(0.2), TFRecords {name}", ours(data_dir, size, batch, "baseline augmentation")))
     for name, data_dir in converted.items():
         rows.append((f"3. ours, default policy (crop + flip), TFRecords {name}", ours(data_dir, size, batch, "default policy")))
+    rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards",
+                 ours(quality_95_dir, size, batch, "default policy")))
     rows.append(("   ours, crop + keras RandomFlip on batches, max_side",
                  ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "keras flip")))
     rows.append(("   ours, default policy, cache=memory, max_side",
                  ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "default policy", cache="memory")))
     rows.append(("4. decode ceiling: read + decode + resize, original files", decode_ceiling(FLAGS.image_dir, size, batch)))
 
-    results = []
     print(f"\nimage_size={size} batch_size={batch} images={FLAGS.image_dir} cores={os.cpu_count()}")
+    print(f"{FLAGS.rounds} interleaved rounds of {FLAGS.num_batches} batches per pipeline, medians:", flush=True)
+    measured = common.measure(
+        [dataset for _, dataset in rows], batch_size=batch, num_batches=FLAGS.num_batches,
+        warmup_batches=FLAGS.warmup_batches, rounds=FLAGS.rounds,
+    )
+    results = [(name, rate, per_core) for (name, _), (rate, per_core) in zip(rows, measured)]
     print(f"{'pipeline':<64} {'images/s':>9} {'ratio':>6} {'img/CPU-s':>10}")
-    for name, dataset in rows:
-        rate, per_core = common.measure(dataset, **timing)
-        results.append((name, rate, per_core))
-        print(f"{name:<64} {rate:>9.0f} {rate / results[0][1]:>5.2f}x {per_core:>10.0f}", flush=True)
+    for name, rate, per_core in results:
+        print(f"{name:<64} {rate:>9.0f} {rate / results[0][1]:>5.2f}x {per_core:>10.0f}")
 
     print("\nHost cores needed to feed an accelerator (from images per CPU-second above):")
     print(f"{'pipeline':<64} " + " ".join(f"{rate:>8,}/s" for rate in ACCELERATOR_RATES))
@@ -112,6 +122,6 @@ if __name__ == "__main__":
     flags.DEFINE_integer("image_size", 160, "Output height and width.")
     flags.DEFINE_integer("batch_size", 32, "Images per batch.")
     flags.DEFINE_integer("num_batches", 80, "Batches per timed run.")
-    flags.DEFINE_integer("repeats", 5, "Timed runs per pipeline; the median is reported (runs vary by ~10% here).")
-    flags.DEFINE_integer("warmup_batches", 15, "Batches read before timing.")
+    flags.DEFINE_integer("rounds", 5, "Timed runs per pipeline, interleaved; the median is reported.")
+    flags.DEFINE_integer("warmup_batches", 20, "Batches read from each fresh iterator before timing.")
     app.run(main)
