@@ -88,6 +88,8 @@ def main(argv):
         rows.append((f"2. ours, flip + rotation(0.2), TFRecords {name}", ours(data_dir, size, batch, "baseline augmentation")))
     for name, data_dir in converted.items():
         rows.append((f"3. ours, default policy (crop + flip), TFRecords {name}", ours(data_dir, size, batch, "default policy")))
+    rows.append(("   ours, default policy, max_side, on TF's shared inter-op pool",
+                 common.on_shared_pool(ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "default policy"))))
     rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards",
                  ours(quality_95_dir, size, batch, "default policy")))
     rows.append(("   ours, crop + keras RandomFlip on batches, max_side",

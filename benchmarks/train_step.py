@@ -7,7 +7,9 @@ phase 1 (frozen backbone) and phase 2 (trainer.model.unfreeze_backbone, recompil
 by trainer.data.make_dataset (default policy, and flip + rotation on the host or on the device) and by one
 synthetic in-memory batch repeated. "vs synthetic" = fed images/s / synthetic images/s: the input
 overhead (1.0 = none; target for phase 1: >= 0.95).
-The first epoch of each fit compiles and warms up; the median of the next --timed_epochs is reported.
+Each phase times its feeds in --rounds interleaved rounds: every round fits each feed's model for one
+untimed epoch (a fresh iterator warming up; the first round also traces) and one timed epoch, so a slow
+spell of this shared machine hits every feed alike. The median over the rounds is reported.
 """
 
 import os
@@ -49,10 +51,10 @@ def build(num_classes: int, augmentation=None) -> keras.Model:
 
 
 def fit_rate(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> float:
-    """Images/s of the median of FLAGS.timed_epochs epochs, after one warm-up epoch (tracing, buffers)."""
+    """Images/s of one timed epoch of `steps`, after one untimed epoch (fit starts a fresh iterator)."""
     timer = EpochTimer()
-    model.fit(dataset, epochs=1 + FLAGS.timed_epochs, steps_per_epoch=steps, shuffle=False, verbose=0, callbacks=[timer])
-    return steps * FLAGS.batch_size / statistics.median(timer.seconds[1:])
+    model.fit(dataset, epochs=2, steps_per_epoch=steps, shuffle=False, verbose=0, callbacks=[timer])
+    return steps * FLAGS.batch_size / timer.seconds[1]
 
 
 def to_phase_2(model: keras.Model) -> None:
@@ -83,6 +85,7 @@ def main(argv):
     feeds = {
         "synthetic in-memory tensors": lambda: (synthetic, None),
         "ours, default policy (crop + flip on host)": lambda: (ours(None), None),
+        "ours, default policy, on TF's shared inter-op pool": lambda: (common.on_shared_pool(ours(None)), None),
         "ours, crop + flip + rotation(0.2) on host": lambda: (
             ours(data.make_augmentation(flip=False, rotation=0.2, pixels="uint8")), None),
         "ours, crop on host, flip + rotation(0.2) on device": lambda: (
@@ -91,14 +94,20 @@ def main(argv):
     print(f"\nMobileNetV2 weights=None image_size={size} batch_size={batch} data={data_dir} cores={os.cpu_count()}")
     print(f"{'phase':<8} {'fed by':<52} {'images/s':>9} {'vs synthetic':>13}")
     for phase, steps in (("phase 1", FLAGS.phase_1_steps), ("phase 2", FLAGS.phase_2_steps)):
-        ceiling = None
+        runs = {}
         for name, make_feed in feeds.items():
             dataset, device_augmentation = make_feed()
             model = build(num_classes, device_augmentation)
             if phase == "phase 2":
                 to_phase_2(model)
-            rate = fit_rate(model, dataset, steps)
-            ceiling = ceiling or rate
+            runs[name] = (model, dataset)
+        rates = {name: [] for name in runs}
+        for _ in range(FLAGS.rounds):
+            for name, (model, dataset) in runs.items():
+                rates[name].append(fit_rate(model, dataset, steps))
+        ceiling = statistics.median(rates["synthetic in-memory tensors"])
+        for name, values in rates.items():
+            rate = statistics.median(values)
             print(f"{phase:<8} {name:<52} {rate:>9.0f} {rate / ceiling:>12.2f}x", flush=True)
 
 
@@ -111,5 +120,5 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 32, "Images per batch.")
     flags.DEFINE_integer("phase_1_steps", 40, "Timed steps of phase 1 (after as many warm-up steps).")
     flags.DEFINE_integer("phase_2_steps", 20, "Timed steps of phase 2 (after as many warm-up steps).")
-    flags.DEFINE_integer("timed_epochs", 3, "Timed epochs per row (of the steps above); the median is reported.")
+    flags.DEFINE_integer("rounds", 3, "Interleaved rounds (one timed epoch per row each); the median is reported.")
     app.run(main)

@@ -230,6 +230,9 @@ def test_options_reach_the_dataset(demo_data_dir):
     assert options.autotune.enabled and options.autotune.ram_budget == 2**29
     assert options.threading.private_threadpool_size == 2 and options.threading.max_intra_op_parallelism == 1
     assert options.experimental_optimization.map_parallelization
+    # By default the pipeline still gets a pool of its own, off TensorFlow's inter-op pool.
+    assert training_dataset(demo_data_dir).options().threading.private_threadpool_size == data.default_private_threads()
+    assert data.default_private_threads() >= 2
 
 
 @pytest.mark.parametrize("cache", ["memory", "file"])

@@ -192,6 +192,7 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
             r"--backbone_layer 'block_5_add' cannot apply to ensemble",
         ),
         (["--data_dir={data}", "--model_dir={model}", "--label_smoothing=1.5"], r"--label_smoothing 1.5 must be within"),
+        (["--data_dir={data}", "--model_dir={model}", "--data_threads=-1"], r"--data_threads -1 must be 0"),
     ],
 )
 def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):

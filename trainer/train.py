@@ -137,7 +137,9 @@ def define_flags() -> None:
     flags.DEFINE_float(
         "autotune_ram_budget_gb", 0.0, "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM)."
     )
-    flags.DEFINE_integer("data_threads", 0, "Size of a private tf.data thread pool; 0 = TensorFlow's shared pool.")
+    flags.DEFINE_integer(
+        "data_threads", 0, "Threads of the input pipeline's own tf.data thread pool; 0 = two per available core."
+    )
     flags.DEFINE_string(
         "tf_data_service", "",
         "grpc://host:port of a tf.data service dispatcher to run the training pipeline on (extra CPU hosts); '' = here.",
@@ -220,6 +222,8 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
         for split in ("train", "validation"):
             data.shard_paths(FLAGS.data_dir, manifest, split)
+        if FLAGS.data_threads < 0:
+            raise ValueError(f"--data_threads {FLAGS.data_threads} must be 0 (two per core) or a thread count")
         if FLAGS.steps_per_execution < 1:
             raise ValueError(f"--steps_per_execution {FLAGS.steps_per_execution} must be at least 1")
         if not 0.0 <= FLAGS.warmup_fraction < 1.0:
