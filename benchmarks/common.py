@@ -2,6 +2,7 @@
 
 import gc
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -75,18 +76,22 @@ def _cpu_seconds() -> float:
 def measure(datasets: list, *, batch_size: int, num_batches: int, warmup_batches: int, rounds: int) -> list:
     """Times each dataset in `rounds` interleaved rounds; returns [(median images/s, median images per CPU-second)].
 
-    Each round reads every dataset in turn from a fresh iterator: `warmup_batches` untimed (AUTOTUNE
-    settles), then `num_batches` timed; the iterator is dropped before the next dataset starts, so only
-    one pipeline runs at a time. Interleaving spreads every dataset's runs over the whole benchmark, so a
-    slow spell of this shared machine lowers all of them alike instead of one row's ratio.
+    Each round reads every dataset in turn, in a new random order (seeded), from a fresh iterator:
+    `warmup_batches` untimed (AUTOTUNE settles), then `num_batches` timed; the iterator is dropped before
+    the next dataset starts, so only one pipeline runs at a time. Interleaving spreads every dataset's runs
+    over the whole benchmark, so a slow spell of this shared machine lowers all of them alike instead of
+    one row's ratio; the shuffled order keeps any effect of the position in a round off a fixed row.
     Images per CPU-second is the per-core rate: it does not depend on how many cores were free.
     """
     rates = [[] for _ in datasets]
     cpu_rates = [[] for _ in datasets]
     images = num_batches * batch_size
+    order = list(range(len(datasets)))
+    shuffler = random.Random(0)
     for _ in range(rounds):
-        for index, dataset in enumerate(datasets):
-            iterator = iter(dataset)
+        shuffler.shuffle(order)
+        for index in order:
+            iterator = iter(datasets[index])
             for _ in range(warmup_batches):
                 next(iterator)
             start, cpu_start = time.perf_counter(), _cpu_seconds()

@@ -99,7 +99,7 @@ def main(argv):
     rows.append(("4. decode ceiling: read + decode + resize, original files", decode_ceiling(FLAGS.image_dir, size, batch)))
 
     print(f"\nimage_size={size} batch_size={batch} images={FLAGS.image_dir} cores={os.cpu_count()}")
-    print(f"{FLAGS.rounds} interleaved rounds of {FLAGS.num_batches} batches per pipeline, medians:", flush=True)
+    print(f"{FLAGS.rounds} interleaved rounds (shuffled order) of {FLAGS.num_batches} batches per pipeline, medians:", flush=True)
     measured = common.measure(
         [dataset for _, dataset in rows], batch_size=batch, num_batches=FLAGS.num_batches,
         warmup_batches=FLAGS.warmup_batches, rounds=FLAGS.rounds,

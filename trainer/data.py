@@ -272,8 +272,8 @@ def default_private_threads() -> int:
 
     Without a pool of its own, tf.data runs on TensorFlow's inter-op pool, where the training step's ops
     are scheduled too: a decode holding a thread there delays the step. On this 2-core machine a private
-    pool made the default-policy pipeline about 8% faster alone and phase-1 fit() fed by it 2-3% faster
-    (benchmarks/). Two per core leave slack for threads that wait on reads (gs:// shards).
+    pool made the default-policy pipeline a few percent faster alone and phase-1 fit() fed by it about 4%
+    faster (benchmarks/, medians). Two per core leave slack for threads that wait on reads (gs:// shards).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return 2 * cores
