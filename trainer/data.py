@@ -10,11 +10,11 @@ decodes the window it keeps); evaluation and serving take a central crop (decode
 """
 
 import json
-import os
 
 import keras
 import tensorflow as tf
 
+from tfrecords import progress
 from tfrecords import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -275,8 +275,7 @@ def default_private_threads() -> int:
     pool made the default-policy pipeline a few percent faster alone and phase-1 fit() fed by it about 4%
     faster (benchmarks/, medians). Two per core leave slack for threads that wait on reads (gs:// shards).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 * cores
+    return 2 * progress.default_num_workers()
 
 
 def _cache(dataset: tf.data.Dataset, cache: str, split: str, input_context) -> tf.data.Dataset:
