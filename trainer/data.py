@@ -10,6 +10,7 @@ decodes the window it keeps); evaluation and serving take a central crop (decode
 """
 
 import json
+import re
 
 import keras
 import tensorflow as tf
@@ -25,6 +26,8 @@ EVAL_CROP_FRACTION = 0.875
 CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_MAX_ATTEMPTS = 10
 MAX_INTERLEAVE_FILES = 16
+# Starts the message of a record whose label disagrees with the manifest (parse_record).
+RECORD_MISMATCH = "record label does not match the manifest:"
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -37,6 +40,109 @@ def read_manifest(data_dir: str) -> dict:
         )
     with tf.io.gfile.GFile(path, "r") as file:
         return json.load(file)
+
+
+def check_data(data_dir: str, manifest: dict) -> None:
+    """Checks cheaply (no shard is read) that data_dir holds what its manifest says.
+
+    labels.txt must list the manifest's classes in the same order, the counts must add up, and every
+    shard must exist with the size the converter recorded: a shard cut short (even at a record boundary)
+    or missing is found here, before training. What needs a full read (a flipped bit) is found while
+    reading (describe_read_error) or by `python -m tfrecords.verify`.
+
+    Raises:
+        ValueError: naming the first mismatch and what to do.
+    """
+    verify = f"check it with: python -m tfrecords.verify --data_dir={data_dir} (or convert the images again)"
+    classes = manifest.get("classes") or []
+    if len(set(classes)) != len(classes) or not all(isinstance(name, str) and name for name in classes):
+        raise ValueError(f"--data_dir {data_dir!r}: the manifest's classes {classes[:5]}... are not distinct names; {verify}")
+    labels_path = tf.io.gfile.join(data_dir, schema.LABELS_FILE)
+    if not tf.io.gfile.exists(labels_path):
+        raise ValueError(f"--data_dir {data_dir!r} has no {schema.LABELS_FILE}; {verify}")
+    with tf.io.gfile.GFile(labels_path, "r") as file:
+        labels = file.read().splitlines()
+    if labels != classes:
+        raise ValueError(
+            f"--data_dir {data_dir!r}: {schema.LABELS_FILE} lists {labels[:5]}..., the manifest {classes[:5]}... "
+            f"(label ids would be swapped); {verify}"
+        )
+    for name, split in manifest["splits"].items():
+        counted = sum(split["class_counts"].get(class_name, 0) for class_name in classes)
+        in_shards = sum(shard["num_examples"] for shard in split["shards"])
+        if set(split["class_counts"]) - set(classes) or not split["num_examples"] == counted == in_shards:
+            raise ValueError(
+                f"--data_dir {data_dir!r}: the manifest's {name!r} split counts disagree (num_examples "
+                f"{split['num_examples']}, class counts {counted}, shards {in_shards}); {verify}"
+            )
+        for shard in split["shards"]:
+            path = tf.io.gfile.join(data_dir, shard["file"])
+            if not tf.io.gfile.exists(path):
+                raise ValueError(f"--data_dir {data_dir!r}: shard {shard['file']} is missing; {verify}")
+            size = tf.io.gfile.stat(path).length
+            if "size_bytes" in shard and size != shard["size_bytes"]:
+                raise ValueError(
+                    f"--data_dir {data_dir!r}: shard {shard['file']} has {size} bytes, the manifest says "
+                    f"{shard['size_bytes']} (cut short or replaced); {verify}"
+                )
+
+
+def describe_read_error(error: tf.errors.OpError, data_dir: str, manifest: dict) -> str | None:
+    """A one-line description of a shard that failed to read or parse during a run, or None if error is not one.
+
+    tf.data's errors do not name the file, so the shards are scanned (only now, after a failure) for the
+    first one that does not read back whole.
+    """
+    message = error.message
+    if not (
+        isinstance(error, tf.errors.DataLossError)
+        or RECORD_MISMATCH in message
+        or "Could not parse example input" in message
+        or "truncated record" in message
+    ):
+        return None
+    mismatch = re.search(r"\[label\] \[(-?\d+)\] \[class\] \[(.*?)\] \[file\] \[(.*?)\]", message)
+    if mismatch:
+        # tf.debugging.Assert prints its data after the message: the label, class name and source path.
+        label, class_name, source = mismatch.groups()
+        where = (
+            f"record of {source!r} has label {label} for class {class_name!r}, but the manifest's classes are "
+            f"{manifest['classes'][:5]}"
+        )
+    elif RECORD_MISMATCH in message:
+        where = "a record's label does not match the manifest's classes"
+    else:
+        # TensorFlow wraps the reason in "{{function_node ...}} reason [Op:...]": keep the reason.
+        reason = re.sub(r"\{\{.*?\}\}|\[Op:.*", "", message.strip().splitlines()[-1]).strip()
+        where = f"a record failed to read ({reason[:200]})"
+    for split in manifest["splits"]:
+        for path in shard_paths(data_dir, manifest, split):
+            records = tf.data.TFRecordDataset(path).map(lambda record: parse_record(record, manifest["classes"]))
+            try:
+                for _ in records:
+                    pass
+            except tf.errors.OpError:
+                return f"shard {path}: {where}; check the data with: python -m tfrecords.verify --data_dir={data_dir}"
+    return f"{where} in --data_dir {data_dir!r}; check it with: python -m tfrecords.verify --data_dir={data_dir}"
+
+
+def parse_record(serialized: tf.Tensor, class_names: list[str]) -> dict:
+    """Parses one record and checks its label id names its class in class_names (a failure stops the run).
+
+    A shard whose labels disagree with the manifest (classes reordered, or more classes than listed) would
+    otherwise train, and export, with the names swapped.
+    """
+    features = schema.parse_example(serialized)
+    label, text = features["image/class/label"], features["image/class/text"]
+    names = tf.constant(class_names)
+    in_range = tf.logical_and(label >= 0, label < len(class_names))
+    named = tf.gather(names, tf.clip_by_value(label, 0, len(class_names) - 1))
+    matches = tf.logical_and(in_range, tf.equal(named, text))
+    check = tf.debugging.Assert(
+        matches, [RECORD_MISMATCH, "label", label, "class", text, "file", features["image/source"]], summarize=3
+    )
+    with tf.control_dependencies([check]):
+        return {key: tf.identity(value) for key, value in features.items()}
 
 
 def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
@@ -386,7 +492,7 @@ def make_dataset(
         dataset = dataset.enumerate()
 
         def parse(index, serialized):
-            features = schema.parse_example(serialized)
+            features = parse_record(serialized, manifest["classes"])
             crop_seed = None if seed is None else tf.stack([tf.constant(seed, tf.int64), index])
             image = decode_random_crop(
                 features["image/encoded"], image_size, min_area=crop_min_area, flip=flip, seed=crop_seed
@@ -399,7 +505,7 @@ def make_dataset(
     else:
 
         def parse(serialized):
-            features = schema.parse_example(serialized)
+            features = parse_record(serialized, manifest["classes"])
             image = decode_and_resize(features["image/encoded"], image_size)
             return image, tf.cast(features["image/class/label"], tf.int32)
 

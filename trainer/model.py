@@ -163,20 +163,51 @@ def make_backbone(backbone: str, *, image_size: int, weights: str, layer_name: s
     if len(split_backbones(backbone)) > 1:
         raise ValueError(f"make_backbone builds one backbone, got ensemble {backbone!r}; build_model builds ensembles")
     if is_backbone_file(backbone):
-        if weights != "imagenet":
-            raise ValueError(
-                f"--weights {weights!r} cannot apply to backbone file {backbone!r}: it carries its own weights"
-            )
+        check_weights(backbone, weights)
         if not tf.io.gfile.exists(backbone):
             raise ValueError(f"--backbone file {backbone!r} does not exist")
-        feature_extractor = keras.saving.load_model(backbone, compile=False)
+        try:
+            feature_extractor = keras.saving.load_model(backbone, compile=False)
+        except (ValueError, TypeError) as error:
+            # Safe mode (on by default) refuses Lambda layers and arbitrary code in a .keras file.
+            unsafe = "safe_mode" in str(error) or "unsafe" in str(error).lower()
+            why = "Keras safe mode refused it (it holds a Lambda layer or other code); " if unsafe else ""
+            raise BackboneError(
+                f"--backbone file {backbone!r} cannot be loaded: {why}{_first_line(error)}; save the backbone "
+                "with standard Keras layers only"
+            ) from error
     else:
-        feature_extractor = BACKBONES[backbone][0](
-            include_top=False,
-            weights=None if weights == "none" else weights,
-            input_shape=(image_size, image_size, 3),
-        )
+        try:
+            feature_extractor = BACKBONES[backbone][0](
+                include_top=False,
+                weights=None if weights == "none" else weights,
+                input_shape=(image_size, image_size, 3),
+            )
+        except ValueError as error:
+            # Keras' applications check the input size (e.g. at least 32 px, 75 for inception_v3).
+            raise BackboneError(
+                f"--backbone {backbone!r} cannot be built at --image_size {image_size}: {_first_line(error)}"
+            ) from error
     return feature_extractor if layer_name is None else cut_backbone(feature_extractor, layer_name)
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be built from the flags given (image size, file refused): a user error."""
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0][:300] if lines else type(error).__name__
+
+
+def check_weights(backbone: str, weights: str) -> None:
+    """Refuses --weights other than the default for backbone files, which carry their own weights."""
+    files = [member for member in split_backbones(backbone) if is_backbone_file(member)]
+    if files and weights != "imagenet":
+        raise ValueError(
+            f"--weights {weights!r} cannot apply to backbone file {files[0]!r}: it carries its own weights; "
+            "leave --weights at its default (imagenet, meaning: as stored)"
+        )
 
 
 def cut_backbone(backbone: keras.Model, layer_name: str) -> keras.Model:

@@ -118,12 +118,20 @@ def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], 
         tf.errors.InvalidArgumentError: one of the images cannot be decoded.
         ValueError: the model's number of classes differs from len(class_names).
     """
-    probabilities = serve(image_bytes=tf.constant(encoded_images))["probabilities"].numpy()
+    outputs = serve(image_bytes=tf.constant(encoded_images))
+    probabilities = outputs["probabilities"].numpy()
     if probabilities.shape[-1] != len(class_names):
         raise ValueError(
             f"the model outputs {probabilities.shape[-1]} class probabilities but {LABELS_FILE} lists "
             f"{len(class_names)} class names ({class_names[:5]}...); use the {LABELS_FILE} of the same --model_dir"
         )
+    # The SavedModel names its own predictions: a labels file of another run would rename them silently.
+    for class_id, served_name in zip(outputs["class_ids"].numpy(), outputs["class_names"].numpy()):
+        if served_name.decode("utf-8") != class_names[class_id]:
+            raise ValueError(
+                f"{LABELS_FILE} calls class {class_id} {class_names[class_id]!r} but the SavedModel calls it "
+                f"{served_name.decode('utf-8')!r}; use the {LABELS_FILE} of the same --model_dir"
+            )
     # Stable sort of the negated values: ties keep label-id order, as tf.argmax does in the signature.
     best_first = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
     labelled = []

@@ -17,7 +17,7 @@ import sys
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import data, distribute, export, job, loop, model as model_lib, recipe
+from trainer import data, distribute, export, job, loop, model as model_lib, recipe, run_dir
 
 FLAGS = flags.FLAGS
 
@@ -207,6 +207,7 @@ def main(argv: list[str]) -> None:
         model_lib.check_backbone_name(FLAGS.backbone)
         model_lib.check_backbone_layer(FLAGS.backbone, FLAGS.backbone_layer)
         preprocess = model_lib.resolve_preprocess(FLAGS.backbone, FLAGS.preprocess)
+        model_lib.check_weights(FLAGS.backbone, FLAGS.weights)
         if FLAGS.weights not in ("imagenet", "none") and not tf.io.gfile.exists(FLAGS.weights):
             raise ValueError(f"--weights {FLAGS.weights!r} is neither imagenet, none nor an existing weights file")
         profile_steps = parse_profile_steps(FLAGS.profile_batches)
@@ -222,6 +223,9 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
         for split in ("train", "validation"):
             data.shard_paths(FLAGS.data_dir, manifest, split)
+        data.check_data(FLAGS.data_dir, manifest)
+        if tf.io.gfile.exists(FLAGS.model_dir) and not tf.io.gfile.isdir(FLAGS.model_dir):
+            raise ValueError(f"--model_dir {FLAGS.model_dir!r} is a file; pass a folder (new, or of a run to resume)")
         if FLAGS.data_threads < 0:
             raise ValueError(f"--data_threads {FLAGS.data_threads} must be 0 (two per core) or a thread count")
         if FLAGS.steps_per_execution < 1:
@@ -250,9 +254,56 @@ def main(argv: list[str]) -> None:
     flags_text = own_flags_text()
     logging.info("flags:\n%s", flags_text)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
+    lock = None
     if distribute.is_chief(strategy):
-        tf.io.gfile.makedirs(FLAGS.model_dir)
+        identity = run_identity(manifest=manifest, preprocess=preprocess, image_size=image_size)
+        try:
+            # The lock first: no other run may write between the identity check and this run's writes.
+            lock = run_dir.acquire_lock(FLAGS.model_dir)
+            run_dir.check_identity(model_dir=FLAGS.model_dir, identity=identity)
+        except run_dir.RunDirError as error:
+            if lock is not None:
+                lock.release()
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        run_dir.write_identity(model_dir=FLAGS.model_dir, identity=identity)
         loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
+    try:
+        train_with_arguments(strategy=strategy, manifest=manifest, preprocess=preprocess, image_size=image_size,
+                             learning_rate=learning_rate, fine_tune_learning_rate=fine_tune_learning_rate,
+                             profile_steps=profile_steps, augmentation_factors=augmentation_factors)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_identity(*, manifest: dict, preprocess: str, image_size: int) -> dict:
+    """What defines this run's model: a rerun into the same --model_dir must match it to resume."""
+    augmentation_in_model = {}
+    if FLAGS.augment and FLAGS.augment_on == "device":
+        # These layers (with their random-seed state) are part of the model and its checkpoints.
+        augmentation_in_model = {
+            name: getattr(FLAGS, f"augment_{name}")
+            for name in ("rotation", "zoom", "translation", "contrast", "brightness")
+            if getattr(FLAGS, f"augment_{name}")
+        }
+    return {
+        "classes": manifest["classes"],
+        "data_fingerprint": run_dir.manifest_fingerprint(manifest),
+        "backbone": FLAGS.backbone,
+        "backbone_layer": FLAGS.backbone_layer,
+        "weights": FLAGS.weights,
+        "preprocess": preprocess,
+        "image_size": image_size,
+        "dropout": FLAGS.dropout,
+        "augmentation_in_model": augmentation_in_model,
+        "baseline_cnn": FLAGS.baseline_cnn,
+    }
+
+
+def train_with_arguments(*, strategy, manifest, preprocess, image_size, learning_rate, fine_tune_learning_rate,
+                         profile_steps, augmentation_factors) -> None:
+    """Trains, evaluates and exports (the rest of main, run while the chief holds the model_dir lock)."""
     arguments = dict(
         strategy=strategy,
         data_dir=FLAGS.data_dir,
@@ -317,6 +368,15 @@ def main(argv: list[str]) -> None:
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
+    except model_lib.BackboneError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except tf.errors.OpError as error:
+        problem = data.describe_read_error(error, FLAGS.data_dir, manifest)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)
     if distribute.is_chief(strategy):
         split = metrics["evaluated_split"]
         if FLAGS.baseline_cnn:
