@@ -75,7 +75,7 @@ def test_program_output_is_byte_identical_to_local_converter(image_dir, local_ou
 
     beam_files = _output_files(output_dir)
     shard_names = [shard["file"] for split in local_manifest["splits"].values() for shard in split["shards"]]
-    assert sorted(beam_files) == sorted(local_files) == sorted(shard_names + ["labels.txt", "manifest.json"])
+    assert sorted(beam_files) == sorted(local_files) == sorted(shard_names + [".tfrecords_build", "labels.txt", "manifest.json"])
     for name in shard_names:
         assert beam_files[name] == local_files[name], f"{name} differs from the local converter's"
     # The whole manifest is identical too: shard sha256s, counts, skipped files and label conflicts.

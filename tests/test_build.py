@@ -57,6 +57,16 @@ def _build(input_dir, output_dir, **overrides) -> dict:
     return build.build(input_dir=str(input_dir), output_dir=str(output_dir), **settings)
 
 
+def _jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
 def _read_examples(output_dir: Path, shard_file: str) -> list:
     dataset = tf.data.TFRecordDataset(str(output_dir / shard_file)).map(schema.parse_example)
     return list(dataset)
@@ -213,20 +223,28 @@ def test_refuses_to_overwrite_and_replaces_with_overwrite(image_dir, tmp_path):
     ]
 
 
-def test_folder_of_only_bad_files_gives_no_splits(tmp_path):
+def test_folder_of_only_bad_files_is_refused_without_a_manifest(tmp_path):
     for class_name in ("cats", "dogs"):
         (tmp_path / "images" / class_name).mkdir(parents=True)
-        # Identical text files: one is skipped as unreadable, the other as its duplicate.
-        # Identical text files: one is skipped as undecodable, the other as its duplicate.
-        (tmp_path / "images" / class_name / "readme.jpg").write_text("not an image\n")
-    with pytest.raises(build.TooManySkippedError, match=r"1 of 2 files \(50.0%\) could not be decoded"):
+        (tmp_path / "images" / class_name / "readme.jpg").write_text(f"not an image of {class_name}\n")
+    with pytest.raises(build.TooManySkippedError, match=r"2 of 2 files \(100.0%\) could not be decoded"):
         _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0,
                max_skipped_fraction=0.01)
     assert not (tmp_path / "output" / schema.MANIFEST_FILE).exists()
-    manifest = _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
-    assert manifest["splits"] == {}
-    assert len(manifest["skipped"]) == 2
-    assert not list((tmp_path / "output").glob("*.tfrecord*"))
+    # Even when skipping is allowed, a class with no image left is an error, not an empty split.
+    with pytest.raises(build.TooManySkippedError, match=r"class 'cats' has no decodable image left.*cats/readme.jpg"):
+        _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
+    assert not (tmp_path / "output" / schema.MANIFEST_FILE).exists()
+
+
+def test_copies_of_one_class_in_another_leave_it_empty_and_are_refused(tmp_path):
+    for class_name in ("cats", "dogs"):
+        (tmp_path / "images" / class_name).mkdir(parents=True)
+        # Identical files: the dogs' copy would be skipped as a duplicate of the cat, leaving dogs empty.
+        (tmp_path / "images" / class_name / "same.jpg").write_bytes(_jpeg_bytes())
+    with pytest.raises(build.InputError, match=r"class 'dogs' would have 0 images: 1 of its entries are links to or copies"):
+        _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
+    assert not (tmp_path / "output").exists()
 
 
 def _run_build(*flags) -> subprocess.CompletedProcess:
@@ -328,14 +346,21 @@ def test_duplicates_are_skipped_and_label_conflicts_reported(image_dir, tmp_path
 
 def test_labels_csv(image_dir, tmp_path):
     rows = ["path,label"] + [f"circle/circle_{index:03d}.jpg,round" for index in range(6)]
-    rows += [f"square/square_{index:03d}.jpg,angular" for index in range(6)] + ["missing.jpg,angular"]
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    rows += [f"square/./square_{index:03d}.jpg,angular" for index in range(6)]
+    # Excel saves CSVs with a UTF-8 byte-order mark: it must not turn the header into a class.
+    (tmp_path / "labels.csv").write_bytes(("\n".join(rows) + "\n").encode("utf-8-sig"))
     manifest = _build(image_dir, tmp_path / "output", labels_csv=str(tmp_path / "labels.csv"), num_shards=1)
     assert manifest["layout"] == "labels_csv"
     assert manifest["classes"] == ["angular", "round"]
     assert sum(split["num_examples"] for split in manifest["splits"].values()) == 12
-    assert [entry["path"] for entry in manifest["skipped"]] == ["missing.jpg"]
-    assert manifest["skipped"][0]["reason"].startswith("cannot read file")
+    assert manifest["skipped"] == []
+    sources = {example["image/source"].numpy().decode() for example in _read_examples(tmp_path / "output", "train-00000-of-00001.tfrecord")}
+    assert "square/./square_000.jpg" not in sources and any(source.startswith("square/square_") for source in sources)
+    # A row naming a file that is not there is an input error, before anything is written.
+    (tmp_path / "missing.csv").write_text("\n".join(rows + ["missing.jpg,angular"]) + "\n")
+    with pytest.raises(build.InputError, match=r"names 1 files that are not in --input_dir .*'missing.jpg'"):
+        _build(image_dir, tmp_path / "other", labels_csv=str(tmp_path / "missing.csv"))
+    assert not (tmp_path / "other").exists()
     (tmp_path / "bad.csv").write_text("../outside.jpg,round\n")
     with pytest.raises(ValueError, match=r"path '../outside.jpg' leaves --input_dir"):
         _build(image_dir, tmp_path / "other", labels_csv=str(tmp_path / "bad.csv"))

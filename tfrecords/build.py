@@ -262,7 +262,7 @@ def prepare(
     # Only this validation step turns ValueErrors into InputError: a ValueError raised while writing
     # is a bug and must keep its traceback.
     try:
-        _check_output_dir(output_dir=output_dir, overwrite=overwrite)
+        writer.check_output_dir(output_dir=output_dir, overwrite=overwrite, input_dir=input_dir)
         _check_settings(
             num_shards=num_shards, target_shard_mb=target_shard_mb, num_workers=num_workers,
             max_side=max_side, jpeg_quality=jpeg_quality, max_skipped_fraction=max_skipped_fraction,
@@ -294,16 +294,25 @@ def prepare(
                 "validation_fraction": validation_fraction, "test_fraction": test_fraction,
             }
             shard_plan = None
-            num_sources = len(listing.files)
+            num_sources = len(listing.files) + len(listing.skipped)
     except ValueError as error:
         raise InputError(str(error)) from error
 
-    tf.io.gfile.makedirs(output_dir)
     if shard_plan is None:
         shard_plan = plan.make_plan(
             files=listing.files, classes=classes, num_shards=num_shards, target_shard_mb=target_shard_mb,
             seed=seed, max_side=max_side or None, jpeg_quality=jpeg_quality, num_workers=num_workers,
         )
+        shard_plan = dataclasses.replace(
+            shard_plan, skipped=listing.skipped + shard_plan.skipped,
+            label_conflicts=listing.label_conflicts + shard_plan.label_conflicts,
+        )
+        try:
+            check_classes_kept(classes=classes, listing=listing, shard_plan=shard_plan)
+        except ValueError as error:
+            raise InputError(str(error)) from error
+    # Only now, with the input listed and planned, is anything written (or an earlier conversion replaced).
+    writer.claim_output_dir(output_dir)
     writer.prepare_output_dir(
         output_dir=output_dir, overwrite=overwrite, planned_files=[task.file for task in shard_plan.tasks]
     )
@@ -332,8 +341,10 @@ def finish(
     _check_skipped(
         skipped=skipped, num_sources=conversion.num_sources, records=records, max_skipped_fraction=max_skipped_fraction
     )
-    writer.write_labels(output_dir=output_dir, classes=conversion.classes)
     splits = writer.summarize_splits(tasks=tasks, records=records, classes=conversion.classes)
+    if conversion.num_sources is not None:
+        _check_no_class_empty(classes=conversion.classes, splits=splits, skipped=skipped)
+    writer.write_labels(output_dir=output_dir, classes=conversion.classes)
     writer.remove_empty_splits(output_dir=output_dir, tasks=tasks, splits=splits)
     manifest = writer.make_manifest(
         source={**conversion.source, "max_side": max_side, "jpeg_quality": jpeg_quality},
@@ -347,6 +358,38 @@ def finish(
     return manifest
 
 
+def check_classes_kept(*, classes: list, listing: folder.Listing, shard_plan: plan.Plan) -> None:
+    """Refuses a class left empty, or with fewer files than it lost to other classes (links, copies).
+
+    Without it, a link from one class folder into another, or copies of one class's images in another,
+    would leave a class with no images while the conversion exits 0.
+
+    Raises:
+        ValueError: naming the class, what it lost and to which class.
+    """
+    kept = {name: 0 for name in classes}
+    for task in shard_plan.tasks:
+        for image in task.images:
+            kept[image.class_name] += 1
+    lost = {name: [] for name in classes}
+    for conflict in shard_plan.label_conflicts:
+        listed_class = conflict["classes"][0]
+        for path, class_name in zip(conflict["paths"][1:], conflict["classes"][1:]):
+            if class_name != listed_class:
+                lost[class_name].append(f"{path} -> {conflict['paths'][0]} ({listed_class})")
+    for name in classes:
+        if kept[name] == 0 or len(lost[name]) > kept[name]:
+            listed = sum(source_file.class_name == name for source_file in listing.files)
+            why = (
+                f"{len(lost[name])} of its entries are links to or copies of images kept in other classes, e.g. "
+                f"{lost[name][:2]}" if lost[name] else f"its folder holds no usable file ({listed} listed)"
+            )
+            raise ValueError(
+                f"class {name!r} would have {kept[name]} images: {why}; fix the folder (remove the links or "
+                "copies from one class, or the empty class folder) and convert again"
+            )
+
+
 def summarize(*, manifest: dict, output_dir: str) -> str:
     """Returns the one-line summary printed at the end of a run."""
     converted = sum(split["num_examples"] for split in manifest["splits"].values())
@@ -358,9 +401,21 @@ def summarize(*, manifest: dict, output_dir: str) -> str:
     )
 
 
+def _check_no_class_empty(*, classes: list, splits: dict, skipped: list) -> None:
+    """Raises TooManySkippedError when a class of a folder has no decodable image left in any split."""
+    for name in classes:
+        if not any(split["class_counts"][name] for split in splits.values()):
+            examples = [entry for entry in skipped if entry["path"].split("/")[0] == name or f"/{name}/" in entry["path"]]
+            reason = f" (e.g. {examples[0]['path']}: {examples[0]['reason']})" if examples else ""
+            raise TooManySkippedError(
+                f"class {name!r} has no decodable image left: all its files were skipped{reason}; a model could "
+                "never predict it. Fix or remove that class folder and rerun (written shards are kept)"
+            )
+
+
 def _check_skipped(*, skipped: list, num_sources: int | None, records: list, max_skipped_fraction: float) -> None:
     """Raises TooManySkippedError when too many files could not be decoded (duplicates do not count)."""
-    unreadable = [entry for entry in skipped if not entry["reason"].startswith("duplicate of")]
+    unreadable = [entry for entry in skipped if not entry["reason"].startswith(plan.SECOND_PATH_REASONS)]
     if num_sources is None:
         num_sources = len(unreadable) + sum(record["num_examples"] for record in records)
     if not unreadable or len(unreadable) <= max_skipped_fraction * num_sources:
@@ -374,15 +429,6 @@ def _check_skipped(*, skipped: list, num_sources: int | None, records: list, max
         f"decoded, more than --max_skipped_fraction={max_skipped_fraction}: {examples}. Check --input_dir; "
         "if these files are expected, rerun with a larger --max_skipped_fraction (written shards are kept)"
     )
-
-
-def _check_output_dir(*, output_dir: str, overwrite: bool) -> None:
-    manifest_path = tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)
-    if not overwrite and tf.io.gfile.exists(manifest_path):
-        raise ValueError(
-            f"--output_dir {output_dir!r} already holds a conversion ({schema.MANIFEST_FILE}); "
-            "pass --overwrite to replace it, or choose another --output_dir"
-        )
 
 
 def _check_settings(

@@ -24,13 +24,30 @@ Ignored on purpose: hidden files and folders (names starting with "."; e.g. .DS_
 README). Every other regular file inside a class folder is a candidate: its format is detected from its
 bytes later (`tfrecords.images`), not from its extension, and files that are not images are skipped then.
 
-All paths go through tf.io.gfile, so input_dir may be local or gs://.
+Local folders are walked with the operating system's calls, under this policy:
+- Symbolic links are followed, to files and folders, also outside input_dir; but no real file or folder
+  is listed twice: a link loop, or a second path to a file already listed, is skipped with a reason.
+- Each real file belongs to the class folder that really holds it. A link inside one class that reaches
+  into another class folder is skipped ("symbolic link into ...") and reported in the manifest's
+  `label_conflicts`: the files keep their own class. Files outside every class folder that two classes
+  both link to keep the first class by path, also reported. Two class folders that are one real folder
+  are refused.
+- Only regular files are candidates: FIFOs, sockets and devices are skipped with the reason, never
+  opened (a FIFO named .jpg would block a reader forever), and so are broken links.
+- A folder that cannot be read (permissions) stops the listing with an error: its files would be lost.
+A class that ends up with no files, or with fewer files than it lost to other classes, is refused by
+tfrecords/build.py, which knows the duplicates too.
+
+gs:// and other remote paths go through tf.io.gfile (no links or special files there).
 """
 
 import csv
 import dataclasses
 import hashlib
 import io
+import os
+import posixpath
+import stat
 
 from absl import logging
 import tensorflow as tf
@@ -72,11 +89,17 @@ class Listing:
         layout: LAYOUT_CLASS_FOLDERS or LAYOUT_PRE_SPLIT.
         classes: sorted class names; the label id of a class is its index.
         files: all candidate files, sorted by relative_path.
+        skipped: {"path", "reason"} of entries passed over (links to files listed elsewhere, special
+            files, broken links), for the manifest.
+        label_conflicts: {"paths", "classes"} of links from one class into another (the first path is
+            where the file is listed).
     """
 
     layout: str
     classes: list[str]
     files: list[SourceFile]
+    skipped: list = dataclasses.field(default_factory=list)
+    label_conflicts: list = dataclasses.field(default_factory=list)
 
 
 def stable_fraction(*, seed: int, relative_path: str) -> float:
@@ -166,9 +189,10 @@ def _list_class_folders(
     *, input_dir: str, class_names: list, validation_fraction: float, test_fraction: float, seed: int
 ) -> Listing:
     _check_classes(class_names=class_names, input_dir=input_dir)
+    walk = _Walk(input_dir, {class_name: class_name for class_name in class_names})
     files = []
     for label, class_name in enumerate(class_names):
-        for relative_path in _files_under(input_dir, class_name):
+        for relative_path in walk.files_under(class_name):
             split = assign_split(
                 relative_path=relative_path,
                 seed=seed,
@@ -178,7 +202,8 @@ def _list_class_folders(
             files.append(_source_file(input_dir, relative_path, class_name, label, split))
     _check_has_files(files=files, input_dir=input_dir)
     return Listing(
-        layout=LAYOUT_CLASS_FOLDERS, classes=class_names, files=sorted(files, key=_by_path)
+        layout=LAYOUT_CLASS_FOLDERS, classes=class_names, files=sorted(files, key=_by_path),
+        skipped=walk.skipped, label_conflicts=walk.label_conflicts,
     )
 
 
@@ -193,14 +218,23 @@ def _list_pre_split(*, input_dir: str, split_folders: dict) -> Listing:
             )
     class_names = sorted(set().union(*classes_by_split.values()))
     _check_classes(class_names=class_names, input_dir=input_dir)
+    roots = {
+        f"{split_folder}/{class_name}": class_name
+        for split, split_folder in split_folders.items()
+        for class_name in classes_by_split[split]
+    }
+    walk = _Walk(input_dir, roots)
     files = []
     for split, split_folder in split_folders.items():
         for class_name in classes_by_split[split]:
             label = class_names.index(class_name)
-            for relative_path in _files_under(input_dir, f"{split_folder}/{class_name}"):
+            for relative_path in walk.files_under(f"{split_folder}/{class_name}"):
                 files.append(_source_file(input_dir, relative_path, class_name, label, split))
     _check_has_files(files=files, input_dir=input_dir)
-    return Listing(layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path))
+    return Listing(
+        layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path), skipped=walk.skipped,
+        label_conflicts=walk.label_conflicts,
+    )
 
 
 def _list_labels_csv(
@@ -208,16 +242,17 @@ def _list_labels_csv(
 ) -> Listing:
     if not tf.io.gfile.exists(labels_csv):
         raise ValueError(f"--labels_csv {labels_csv!r} does not exist; expected a CSV of path,label rows")
-    with tf.io.gfile.GFile(labels_csv, "r") as csv_file:
-        rows = [row for row in csv.reader(io.StringIO(csv_file.read())) if row]
+    with tf.io.gfile.GFile(labels_csv, "rb") as csv_file:
+        # utf-8-sig drops the byte-order mark Excel writes, which would otherwise glue onto the header.
+        rows = [row for row in csv.reader(io.StringIO(csv_file.read().decode("utf-8-sig"))) if row]
     if rows and [cell.strip() for cell in rows[0]] == CSV_HEADER:
         rows = rows[1:]
     labels_by_path = {}
     for line_number, row in enumerate(rows, start=1):
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
             raise ValueError(f"--labels_csv {labels_csv!r} row {line_number} is {row!r}; expected path,label")
-        relative_path, label_name = row[0].strip(), row[1].strip()
-        if relative_path.startswith("/") or ".." in relative_path.split("/"):
+        relative_path, label_name = posixpath.normpath(row[0].strip()), row[1].strip()
+        if relative_path.startswith("/") or relative_path.split("/")[0] == "..":
             raise ValueError(
                 f"--labels_csv {labels_csv!r} row {line_number} path {relative_path!r} leaves --input_dir; "
                 "use paths relative to --input_dir"
@@ -229,6 +264,19 @@ def _list_labels_csv(
             )
     class_names = sorted(set(labels_by_path.values()))
     _check_classes(class_names=class_names, input_dir=input_dir)
+    missing = [path for path in labels_by_path if not tf.io.gfile.exists(tf.io.gfile.join(input_dir, path))]
+    if missing:
+        raise ValueError(
+            f"--labels_csv {labels_csv!r} names {len(missing)} files that are not in --input_dir {input_dir!r} "
+            f"(e.g. {missing[:3]}); fix the paths (relative to --input_dir) or remove those rows"
+        )
+    skipped = []
+    if _is_local(input_dir):
+        for relative_path in sorted(labels_by_path):
+            reason = _special_file_reason(os.path.join(input_dir, relative_path))
+            if reason:
+                skipped.append({"path": relative_path, "reason": reason})
+                del labels_by_path[relative_path]
     files = []
     for relative_path, class_name in labels_by_path.items():
         split = assign_split(
@@ -236,7 +284,7 @@ def _list_labels_csv(
             test_fraction=test_fraction,
         )
         files.append(_source_file(input_dir, relative_path, class_name, class_names.index(class_name), split))
-    return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path))
+    return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path), skipped=skipped)
 
 
 def _check_classes(*, class_names: list, input_dir: str) -> None:
@@ -294,7 +342,154 @@ def _subfolders(folder: str) -> list:
     return sorted(names)
 
 
-def _files_under(input_dir: str, relative_folder: str) -> list:
+def _is_local(path: str) -> bool:
+    return "://" not in path
+
+
+def _special_file_reason(path: str) -> str | None:
+    """Why a local path is not a regular file to read (without opening it), or None if it is one."""
+    try:
+        mode = os.stat(path).st_mode  # follows links
+    except FileNotFoundError:
+        return "broken symbolic link" if os.path.islink(path) else "file vanished while listing"
+    except OSError as error:
+        return f"cannot read file: {error.strerror}"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = {stat.S_ISFIFO: "a FIFO", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a character device",
+             stat.S_ISBLK: "a block device", stat.S_ISDIR: "a folder"}
+    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}); never opened"
+
+
+class _Walk:
+    """Lists the files under class folders, following links under the policy of this module's docstring.
+
+    Remote folders (gs://) are walked with tf.io.gfile; local ones with os.scandir, so links and special
+    files are seen. One _Walk serves all class folders of a listing: it remembers every real folder and
+    file already listed.
+    """
+
+    def __init__(self, input_dir: str, roots: dict):
+        """roots: each class folder's path relative to input_dir -> its class name."""
+        self.input_dir = input_dir
+        self.roots = roots
+        self.skipped = []
+        self.label_conflicts = []
+        self.real_roots = {}
+        self.seen_folders = set()
+        self.seen_files = {}
+        if _is_local(input_dir):
+            for relative_root in sorted(roots):
+                real = os.path.realpath(os.path.join(input_dir, relative_root))
+                if real in self.real_roots:
+                    raise ValueError(
+                        f"--input_dir {input_dir!r}: class folders {self.real_roots[real]!r} and {relative_root!r} "
+                        f"are the same folder ({real}), so their files would get both labels; keep one"
+                    )
+                self.real_roots[real] = relative_root
+
+    def files_under(self, relative_root: str) -> list:
+        """Relative paths of the files listed for the class folder relative_root, sorted."""
+        if not _is_local(self.input_dir):
+            return _remote_files_under(self.input_dir, relative_root)
+        files = []
+        # Real entries first, links after: a file or folder reached both ways is listed under its real path.
+        folders, links = [relative_root], []
+        while folders or links:
+            if folders:
+                self._visit(folders.pop(), relative_root, folders, links, files)
+                continue
+            relative_path = links.pop(0)
+            if os.path.isdir(os.path.join(self.input_dir, relative_path)):
+                self._visit(relative_path, relative_root, folders, links, files)
+            else:
+                self._add_file(relative_path, relative_root, files)
+        return sorted(files)
+
+    def _visit(self, relative_folder: str, relative_root: str, folders: list, links: list, files: list) -> None:
+        folder = os.path.join(self.input_dir, relative_folder)
+        real_folder = os.path.realpath(folder)
+        if not self._belongs(real_folder, relative_folder, relative_root):
+            return
+        if real_folder in self.seen_folders:
+            if relative_folder != relative_root:
+                self.skipped.append({"path": relative_folder, "reason": "symbolic link to a folder already listed "
+                                     "(a link loop, or a second path to it); not followed"})
+            return
+        self.seen_folders.add(real_folder)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+        except OSError as error:
+            raise ValueError(
+                f"--input_dir {self.input_dir!r}: cannot read folder {relative_folder!r} ({error.strerror}); its "
+                "files would be left out: fix its permissions, or move it out of --input_dir"
+            ) from error
+        for entry in entries:
+            if _is_ignored(entry.name):
+                continue
+            relative_path = f"{relative_folder}/{entry.name}"
+            try:
+                is_folder = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                is_folder = False
+            if entry.is_symlink():
+                links.append(relative_path)
+            elif is_folder:
+                folders.append(relative_path)
+            else:
+                self._add_file(relative_path, relative_root, files)
+
+    def _add_file(self, relative_path: str, relative_root: str, files: list) -> None:
+        path = os.path.join(self.input_dir, relative_path)
+        reason = _special_file_reason(path)
+        if reason:
+            self.skipped.append({"path": relative_path, "reason": reason})
+            return
+        real = os.path.realpath(path)
+        if not self._belongs(real, relative_path, relative_root):
+            return
+        first = self.seen_files.setdefault(real, relative_path)
+        if first != relative_path:
+            self.skipped.append({"path": relative_path, "reason": f"same file as {first} (symbolic link)"})
+            self._conflict(first, relative_path)
+            return
+        files.append(relative_path)
+
+    def _belongs(self, real: str, relative_path: str, relative_root: str) -> bool:
+        """False (and the path skipped) when a link leads out of this class folder into another one."""
+        owner = None
+        for real_root, root in self.real_roots.items():
+            if (real == real_root or real.startswith(real_root + os.sep)) and (
+                owner is None or len(real_root) > len(owner[0])
+            ):
+                owner = (real_root, root)
+        if owner is not None and owner[1] != relative_root:
+            target = owner[1] + real[len(owner[0]):].replace(os.sep, "/")
+            self.skipped.append({
+                "path": relative_path,
+                "reason": f"symbolic link into {owner[1]!r} ({target}); its files are listed there",
+            })
+            self._conflict(target, relative_path)
+            return False
+        if owner is None and any(real_root.startswith(real + os.sep) for real_root in self.real_roots):
+            self.skipped.append({"path": relative_path, "reason": "symbolic link to a folder holding the class "
+                                 "folders (a loop); not followed"})
+            return False
+        return True
+
+    def _conflict(self, listed: str, link: str) -> None:
+        listed_class, link_class = self._class_of(listed), self._class_of(link)
+        if listed_class != link_class:
+            self.label_conflicts.append({"paths": [listed, link], "classes": [listed_class, link_class]})
+
+    def _class_of(self, relative_path: str) -> str:
+        root = max((root for root in self.roots if relative_path == root or relative_path.startswith(root + "/")),
+                   key=len)
+        return self.roots[root]
+
+
+def _remote_files_under(input_dir: str, relative_folder: str) -> list:
     """Returns the relative paths of all non-ignored files under input_dir/relative_folder, recursively."""
     relative_paths = []
     top = tf.io.gfile.join(input_dir, relative_folder)

@@ -28,6 +28,9 @@ from tfrecords import shards
 # Changing what a shard holds for the same inputs (e.g. JPEG quality) must change this, so resumed runs
 # do not keep shards written by an older version.
 SHARD_FORMAT_VERSION = 2
+# Skip reasons of files whose content is kept under another path (not failures: --max_skipped_fraction
+# does not count them). "symbolic link..." and "same file as..." come from tfrecords/folder.py.
+SECOND_PATH_REASONS = ("duplicate of", "same file as", "symbolic link into", "symbolic link to a folder")
 
 
 @dataclasses.dataclass(frozen=True)

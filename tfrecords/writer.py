@@ -6,6 +6,7 @@ same flags, it keeps the complete shards and rewrites the rest.
 """
 
 import json
+import os
 
 from absl import logging
 import tensorflow as tf
@@ -15,14 +16,86 @@ from tfrecords import schema
 from tfrecords import shards
 
 FORMAT_VERSION = 1
+# Written into an output folder before anything else: it marks the folder as this converter's, so a
+# rerun may resume or replace what is there. A non-empty folder without it (or a manifest) is refused.
+OWNER_FILE = ".tfrecords_build"
+
+
+def check_output_dir(*, output_dir: str, overwrite: bool, input_dir: str | None) -> None:
+    """Refuses an output folder the converter must not write into; writes nothing.
+
+    Raises:
+        ValueError: output_dir is a file, is inside input_dir (or holds it), is a non-empty folder this
+            converter did not write, or holds a finished conversion and overwrite is off.
+    """
+    if tf.io.gfile.exists(output_dir) and not tf.io.gfile.isdir(output_dir):
+        raise ValueError(f"--output_dir {output_dir!r} is a file; pass a new or empty folder")
+    if input_dir:
+        inner, outer = _resolved(output_dir), _resolved(input_dir)
+        if inner == outer or inner.startswith(outer + "/"):
+            raise ValueError(
+                f"--output_dir {output_dir!r} is inside --input_dir {input_dir!r}: it would be listed as a class "
+                "and converted into itself; choose an --output_dir outside the image folder"
+            )
+        if outer.startswith(inner + "/"):
+            raise ValueError(
+                f"--input_dir {input_dir!r} is inside --output_dir {output_dir!r}; choose an --output_dir that "
+                "does not hold the images"
+            )
+    if not tf.io.gfile.exists(output_dir):
+        return
+    names = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(output_dir))
+    if names and not is_owned(output_dir):
+        raise ValueError(
+            f"--output_dir {output_dir!r} is not empty ({', '.join(repr(name) for name in names[:3])}"
+            f"{', ...' if len(names) > 3 else ''}) and was not written by tfrecords.build; nothing in it is "
+            "touched: choose a new or empty folder"
+        )
+    if not overwrite and tf.io.gfile.exists(tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)):
+        raise ValueError(
+            f"--output_dir {output_dir!r} already holds a conversion ({schema.MANIFEST_FILE}); "
+            "pass --overwrite to replace it, or choose another --output_dir"
+        )
+
+
+def is_owned(output_dir: str) -> bool:
+    """True when output_dir was written by this converter: it has OWNER_FILE, or a manifest of ours."""
+    if tf.io.gfile.exists(tf.io.gfile.join(output_dir, OWNER_FILE)):
+        return True
+    manifest_path = tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)
+    if not tf.io.gfile.exists(manifest_path):
+        return False
+    try:
+        # Conversions from before OWNER_FILE existed: a manifest of this format is proof enough.
+        return "format_version" in read_manifest(output_dir)
+    except (ValueError, tf.errors.OpError):
+        return False
+
+
+def claim_output_dir(output_dir: str) -> None:
+    """Creates output_dir if needed and marks it as this converter's (see OWNER_FILE)."""
+    tf.io.gfile.makedirs(output_dir)
+    path = tf.io.gfile.join(output_dir, OWNER_FILE)
+    if not tf.io.gfile.exists(path):
+        _write_text_atomically(path, json.dumps({"written_by": "tfrecords.build", "format_version": FORMAT_VERSION}) + "\n")
+
+
+def _resolved(path: str) -> str:
+    """An absolute, link-free form of a local path (remote paths as given), for comparing folders."""
+    if "://" in path:
+        return path.rstrip("/")
+    return os.path.realpath(path)
 
 
 def prepare_output_dir(*, output_dir: str, overwrite: bool, planned_files: list) -> None:
     """Clears what must not survive into this conversion; keeps shards a resumed run may reuse.
 
-    With overwrite, the manifest and labels of an earlier finished conversion go first (so an
-    interrupted rerun never leaves a manifest naming deleted shards). Shard files whose names are not
-    in this plan (another shard count, a split that is now empty) and `.incomplete` files always go.
+    Only this converter's own outputs are ever removed (check_output_dir refused folders it did not
+    write). With overwrite, the manifest and labels of an earlier finished conversion go first (so an
+    interrupted rerun never leaves a manifest naming deleted shards); that happens only after the new
+    input was listed and planned, so a conversion refused for its input leaves the earlier one intact.
+    Shard files whose names are not in this plan (another shard count, a split that is now empty) and
+    `.incomplete` files always go.
 
     Args:
         output_dir: the output folder, which exists.
@@ -89,10 +162,22 @@ def remove_empty_splits(*, output_dir: str, tasks: list, splits: dict) -> None:
 
 
 def remove_progress(*, output_dir: str) -> None:
-    """Removes the per-shard progress records once the manifest holds everything they said."""
+    """Removes the per-shard progress records once the manifest holds everything they said.
+
+    Only the converter's own files (`<shard>.json`, Beam's `plan-*.jsonl`, their `.incomplete` copies) go;
+    the folder goes too when that leaves it empty.
+    """
     folder = tf.io.gfile.join(output_dir, shards.PROGRESS_FOLDER)
-    if tf.io.gfile.exists(folder):
-        tf.io.gfile.rmtree(folder)
+    if not tf.io.gfile.exists(folder):
+        return
+    for pattern in ("*.tfrecord.json", "*.tfrecord.json" + shards.INCOMPLETE_SUFFIX, "plan-*.jsonl"):
+        for path in tf.io.gfile.glob(tf.io.gfile.join(folder, pattern)):
+            tf.io.gfile.remove(path)
+    left = tf.io.gfile.listdir(folder)
+    if left:
+        logging.warning("Leaving %s in place: it holds files this converter did not write (%s)", folder, left[:3])
+    else:
+        tf.io.gfile.rmtree(folder)  # empty: nothing but the folder itself goes
 
 
 def write_labels(*, output_dir: str, classes: list) -> None:
