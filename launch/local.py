@@ -8,13 +8,15 @@ Everything after `--` is passed verbatim to every `python -m trainer.train`; the
 TF_CONFIG {"cluster": {"worker": [...]}, "task": {"type": "worker", "index": i}}. Worker 0 is the chief: it
 writes the outputs and prints the test accuracy. Each worker's output lines are prefixed `[worker i]`.
 
-SIGTERM and SIGINT (Ctrl-C) are forwarded to the workers as SIGTERM, so each one finishes its step, saves a
+Workers die with the launcher: if it is killed outright (SIGKILL), the kernel kills them too (Linux), so
+no orphan keeps writing the --model_dir. SIGTERM and SIGINT (Ctrl-C) are forwarded to the workers as SIGTERM, so each one finishes its step, saves a
 checkpoint and exits 75; a second signal kills them. When a worker fails, the others (which would wait on it
 forever) are stopped the same way. Exit code: 0 if every worker succeeded; 75 (rerun the same command to
 resume) if the workers were preempted; otherwise the first failing worker's code (128+N for signal N).
 `--dry_run` prints each worker's command line instead of running it.
 """
 
+import ctypes
 import json
 import os
 import shlex
@@ -33,6 +35,7 @@ from launch import trainer_args
 FLAGS = flags.FLAGS
 
 HOST = "127.0.0.1"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TRAINER_MODULE = "trainer.train"
 
 
@@ -100,6 +103,18 @@ def combine_exit_codes(codes: list[int], *, stopped_by_launcher: bool) -> int:
     return failures[0]
 
 
+def die_with_parent() -> None:
+    """In a worker, before it runs: have the kernel SIGKILL it when the launcher dies (Linux).
+
+    A launcher killed with SIGKILL cannot forward anything, and its workers would run on as orphans that a
+    rerun then races on the same --model_dir. PR_SET_PDEATHSIG fires when the parent thread exits; the
+    launcher starts the workers from its main thread, which lives as long as the launcher.
+    """
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 def _stream(source, destination, prefix: str, lock: threading.Lock) -> None:
     """Copies source's lines to destination, each prefixed, whole lines at a time."""
     for line in iter(source.readline, b""):
@@ -127,6 +142,7 @@ def run_workers(*, workers: list[tuple[dict, list[str]]], grace_period_seconds: 
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             # Own session: a terminal's Ctrl-C reaches only the launcher, which turns it into SIGTERM.
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         processes.append(process)
         for source, destination in ((process.stdout, sys.stdout), (process.stderr, sys.stderr)):

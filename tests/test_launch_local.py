@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -87,6 +88,47 @@ def test_a_failed_worker_stops_the_others_and_its_code_wins(capfd):
     assert code == 3
     errors = capfd.readouterr().err
     assert "[worker 1] bad input" in errors and "worker 1 exited with 3" in errors and "killing them" in errors
+
+
+LAUNCHER_OF_SLEEPERS = """
+import sys
+from launch import local
+from tests.test_launch_local import stand_ins
+sleeper = "import os, pathlib, sys, time\\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\\ntime.sleep(120)\\n"
+workers = [(tf_config, command + [f"{sys.argv[1]}/{index}"]) for index, (tf_config, command) in enumerate(stand_ins(sleeper, sleeper))]
+local.run_workers(workers=workers, grace_period_seconds=1)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_workers_die_when_the_launcher_is_killed(tmp_path):
+    # Before: kill -9 of the launcher left its workers running as orphans, racing a rerun on --model_dir.
+    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER_OF_SLEEPERS, str(tmp_path)], cwd=REPO_ROOT,
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        deadline = time.time() + 60
+        while len(list(tmp_path.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        pids = [int(path.read_text()) for path in tmp_path.iterdir()]
+        assert len(pids) == 2
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.time() + 10
+        while any(_alive(pid) for pid in pids) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(_alive(pid) for pid in pids)
+    finally:
+        launcher.kill()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A killed child of a dead parent is reaped by init; until then it is a zombie: not running.
+    with open(f"/proc/{pid}/stat") as stat_file:
+        return stat_file.read().split(") ")[1][0] != "Z"
 
 
 def run_cli(*args, timeout=60):

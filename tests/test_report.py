@@ -211,3 +211,22 @@ def test_learning_curves(tmp_path, phase1_epochs, phase2_epochs, marker_epoch):
     assert 400 < image.width < 1500 and 400 < image.height < 1500
     with pytest.raises(ValueError, match="history is empty"):
         report.plot_learning_curves(history=[], path=str(path))
+
+
+# Folder names that matplotlib's math text would typeset or fail to parse ("$x^$" raised ValueError).
+ODD_CLASS_NAMES = ["$x^$", "$\\foo$", "$a{b$", "$%$", "100%", "{braces}", "日本語", "a_b^c"]
+
+
+def test_plots_show_any_class_name_as_it_is(tmp_path):
+    num_classes = len(ODD_CLASS_NAMES)
+    figure = report.plot_confusion_matrix(
+        matrix=np.eye(num_classes, dtype=int) * 3, class_names=ODD_CLASS_NAMES, path=str(tmp_path / "matrix.png")
+    )
+    assert Image.open(tmp_path / "matrix.png").size[0] > 100
+    assert report.figure_png(figure).startswith(b"\x89PNG")
+    labels = np.arange(4)
+    probabilities = np.full((4, num_classes), 0.01)
+    probabilities[:, 5] = 0.9
+    report.plot_errors(images=np.zeros((4, 16, 16, 3)), labels=labels, probabilities=probabilities,
+                       class_names=ODD_CLASS_NAMES, path=str(tmp_path / "errors.png"))
+    assert (tmp_path / "errors.png").stat().st_size > 0

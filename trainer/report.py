@@ -5,10 +5,12 @@ streams a split through a model and calls them. The metrics come from sklearn.me
 matplotlib Figure objects (no pyplot, so no global state) and written through tf.io.gfile, so gs:// works.
 """
 
+import functools
 import io
 import math
 import warnings
 
+import matplotlib
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
@@ -133,6 +135,22 @@ def format_report(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plain_text(function):
+    """Runs a plotting function with matplotlib's math text off: a class name is shown as it is.
+
+    With it on, a folder name such as "$x^2$" is typeset, and one with a single "$" or a "^" crashes the
+    plot. Tick labels are made when the figure is drawn, so rendering needs it too (figure_png).
+    """
+
+    @functools.wraps(function)
+    def wrapped(*args, **kwargs):
+        with matplotlib.rc_context({"text.parse_math": False}):
+            return function(*args, **kwargs)
+
+    return wrapped
+
+
+@plain_text
 def figure_png(figure: Figure) -> bytes:
     """Renders a figure to PNG bytes (also what TensorBoard image summaries are made of)."""
     buffer = io.BytesIO()
@@ -148,6 +166,7 @@ def write_png(figure: Figure, path: str | None) -> None:
         file.write(figure_png(figure))
 
 
+@plain_text
 def plot_confusion_matrix(*, matrix, class_names: list[str], path: str | None) -> Figure:
     """Plots a confusion matrix: counts in the cells, colours normalised per true class (row).
 
@@ -223,6 +242,7 @@ class WorstErrors:
         return len(self.labels)
 
 
+@plain_text
 def plot_errors(*, images, labels, probabilities, class_names: list[str], path: str, max_images: int = 16) -> Figure:
     """Plots the most confident misclassified images, worst first, each titled with true and predicted class.
 
@@ -264,6 +284,7 @@ def plot_errors(*, images, labels, probabilities, class_names: list[str], path: 
     return figure
 
 
+@plain_text
 def plot_learning_curves(*, history: list[dict], path: str) -> Figure:
     """Plots training and validation accuracy and loss per epoch, across both phases.
 
