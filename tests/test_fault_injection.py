@@ -8,7 +8,9 @@ or deleted data. Converter cases call tfrecords.build directly or run its CLI; t
 import io
 import json
 import os
+import re
 from pathlib import Path
+import random
 import shutil
 import signal
 import subprocess
@@ -60,8 +62,6 @@ def error_lines(result: subprocess.CompletedProcess) -> list:
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, pattern: str, code: int = 2) -> None:
-    import re
-
     assert result.returncode == code, result.stderr[-3000:]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     lines = error_lines(result)
@@ -127,9 +127,7 @@ def test_special_files_are_skipped_with_a_reason_and_never_opened(tmp_path):
     result = run_cli("tfrecords.build", f"--input_dir={images}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1",
                      timeout=120)
     assert_one_line_error(result, r"2 of 6 files \(33.3%\) could not be decoded", code=1)
-    result = run_cli("tfrecords.build", f"--input_dir={images}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1",
-                     "--max_skipped_fraction=0.5", timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    build.build(input_dir=str(images), output_dir=str(tmp_path / "out"), **{**SETTINGS, "max_skipped_fraction": 0.5})
     manifest = json.loads((tmp_path / "out" / schema.MANIFEST_FILE).read_text())
     reasons = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
     assert reasons == {"cats/pipe.jpg": "not a regular file (a FIFO); never opened",
@@ -204,3 +202,216 @@ def test_any_legal_folder_name_is_a_class_name_through_conversion(tmp_path, name
     manifest = convert(images, tmp_path / "out")
     assert manifest["classes"] == sorted([name, "plain"])
     assert (tmp_path / "out" / schema.LABELS_FILE).read_text().splitlines() == manifest["classes"]
+
+
+# --- Training runs that must not train or export the wrong thing -------------------------------------
+
+ODD_CLASS_NAMES = ["$x^$", "100% {a}", "日本語"]
+TINY_TRAINING = [
+    "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
+    "--epochs=1", "--fine_tune_epochs=1", "--steps_per_epoch=2",
+]
+
+
+@pytest.fixture(scope="module")
+def odd_data(tmp_path_factory) -> Path:
+    """Three classes whose folder names matplotlib, CSV and shells find awkward; train/validation/test shards."""
+    root = tmp_path_factory.mktemp("odd")
+    images = make_classes(root / "images", {name: 12 for name in ODD_CLASS_NAMES})
+    convert(images, root / "tfrecords", validation_fraction=0.25, test_fraction=0.25, num_shards=2)
+    return root / "tfrecords"
+
+
+@pytest.fixture(scope="module")
+def trained(odd_data, tmp_path_factory) -> Path:
+    model_dir = tmp_path_factory.mktemp("odd_model") / "model"
+    result = run_cli("trainer.train", f"--data_dir={odd_data}", f"--model_dir={model_dir}", *TINY_TRAINING,
+                     "--confusion_matrix_images")
+    assert result.returncode == 0, result.stderr[-4000:]
+    return model_dir
+
+
+def copy_data(source: Path, destination: Path) -> Path:
+    shutil.copytree(source, destination)
+    return destination
+
+
+def manifest_of(data_dir: Path) -> dict:
+    return json.loads((data_dir / schema.MANIFEST_FILE).read_text())
+
+
+def record_ends(path: Path) -> list:
+    """Byte offsets where each TFRecord record ends (length, CRC, data, CRC)."""
+    data, ends, offset = path.read_bytes(), [], 0
+    while offset < len(data):
+        offset += 8 + 4 + int.from_bytes(data[offset:offset + 8], "little") + 4
+        ends.append(offset)
+    return ends
+
+
+def test_odd_class_names_reach_every_output(trained, odd_data, tmp_path):
+    names = sorted(ODD_CLASS_NAMES)
+    assert (trained / "labels.txt").read_text(encoding="utf-8").splitlines() == names
+    assert json.loads((trained / "evaluation.json").read_text())["class_names"] == names
+    for png in ("confusion_matrix.png", "errors.png", "learning_curves.png"):
+        assert (trained / png).stat().st_size > 0
+    image = next((odd_data.parent / "images" / names[0]).iterdir())
+    result = run_cli("trainer.predict", f"--model_dir={trained}", f"--output={tmp_path / 'predictions.csv'}", str(image))
+    assert result.returncode == 0, result.stderr[-3000:]
+    predictions = (tmp_path / "predictions.csv").read_text(encoding="utf-8")
+    assert any(name in predictions for name in names)
+    # The TensorBoard confusion-matrix images of every epoch were drawn with these names too.
+    assert list((trained / "logs" / "validation").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("change, message", [
+    (["--backbone=resnet50", "--image_size=48"], r"backbone was 'mobilenet_v2', now 'resnet50'.*image_size was 32, now 48"),
+    (["--data_dir={other}"], r"classes was \[.*\], now \['circle', 'square', 'triangle'\]"),
+])
+def test_rerun_with_another_model_or_data_stops_before_touching_anything(
+    trained, odd_data, demo_data_dir, change, message
+):
+    # Before: other data "resumed" the old checkpoint, trained nothing and wrote its class names over the
+    # model; another backbone ended in a traceback after rewriting flags.txt.
+    before = tree(trained)
+    arguments = [f"--data_dir={odd_data}", f"--model_dir={trained}", *TINY_TRAINING]
+    for flag in change:
+        name = flag.split("=")[0]
+        arguments = [argument for argument in arguments if not argument.startswith(name + "=")]
+        arguments.append(flag.format(other=demo_data_dir))
+    result = run_cli("trainer.train", *arguments)
+    assert_one_line_error(result, r"--model_dir '.*' holds another model \(.*" + message + r".*new --model_dir")
+    assert tree(trained) == before
+
+
+def test_a_folder_that_is_not_a_run_is_refused_as_model_dir(odd_data, tmp_path):
+    (tmp_path / "not_a_run").mkdir()
+    (tmp_path / "not_a_run" / "thesis.tex").write_text("mine")
+    result = run_cli("trainer.train", f"--data_dir={odd_data}", f"--model_dir={tmp_path / 'not_a_run'}", *TINY_TRAINING)
+    assert_one_line_error(result, r"is not empty \('thesis.tex'\) and has no run.json")
+    assert sorted(path.name for path in (tmp_path / "not_a_run").iterdir()) == ["thesis.tex"]
+
+
+@pytest.mark.parametrize("damage", ["cut_at_record_boundary", "cut_mid_record", "missing"])
+def test_a_shard_cut_short_or_missing_stops_before_training(odd_data, tmp_path, damage):
+    data = copy_data(odd_data, tmp_path / "data")
+    shard = data / manifest_of(data)["splits"]["train"]["shards"][0]["file"]
+    ends = record_ends(shard)
+    if damage == "cut_at_record_boundary":
+        # Before: trained on what was left, exit 0.
+        shard.write_bytes(shard.read_bytes()[:ends[len(ends) // 2 - 1]])
+    elif damage == "cut_mid_record":
+        shard.write_bytes(shard.read_bytes()[:ends[0] + 20])
+    else:
+        shard.unlink()
+    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+    pattern = r"is missing" if damage == "missing" else r"has \d+ bytes, the manifest says \d+"
+    assert_one_line_error(result, rf"shard {shard.name} {pattern}.*python -m tfrecords.verify")
+    assert not (tmp_path / "model").exists()
+
+
+def test_a_flipped_bit_stops_training_naming_the_shard(odd_data, tmp_path):
+    data = copy_data(odd_data, tmp_path / "data")
+    shard = data / manifest_of(data)["splits"]["train"]["shards"][1]["file"]
+    damaged = bytearray(shard.read_bytes())
+    damaged[record_ends(shard)[0] + 100] ^= 0x10  # inside the second record's image bytes: same size
+    shard.write_bytes(bytes(damaged))
+    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+    assert_one_line_error(
+        result, rf"shard .*{shard.name}: a record failed to read \(corrupted record at \d+\).*tfrecords.verify"
+    )
+    assert not (tmp_path / "model" / "run.lock").exists()
+
+
+def test_reordered_class_names_never_train(odd_data, tmp_path):
+    data = copy_data(odd_data, tmp_path / "data")
+    manifest = manifest_of(data)
+    manifest["classes"] = manifest["classes"][::-1]
+    (data / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    # Before: trained and exported with the names swapped.
+    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+    assert_one_line_error(result, r"labels.txt lists .*, the manifest .* \(label ids would be swapped\)")
+    # labels.txt edited the same way: the records' own class names give it away while reading.
+    (data / schema.LABELS_FILE).write_text("".join(name + "\n" for name in manifest["classes"]), encoding="utf-8")
+    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+    assert_one_line_error(result, r"shard .*\.tfrecord: record of '.*' has label \d for class '.*', but the manifest's")
+
+
+def test_a_record_outside_the_manifests_classes_fails_while_reading(odd_data):
+    from trainer import data as data_lib
+
+    manifest = manifest_of(odd_data)
+    fewer = manifest["classes"][:2]
+    records = tf.data.TFRecordDataset(
+        [str(odd_data / shard["file"]) for shard in manifest["splits"]["train"]["shards"]]
+    ).map(lambda record: data_lib.parse_record(record, fewer))
+    with pytest.raises(tf.errors.InvalidArgumentError, match=data_lib.RECORD_MISMATCH) as caught:
+        for _ in records:
+            pass
+    described = data_lib.describe_read_error(caught.value, str(odd_data), {**manifest, "classes": fewer})
+    assert re.search(r"shard .*train-0000\d-of-00002.tfrecord: record of '.*' has label 2 for class", described)
+
+
+def test_evaluate_and_predict_check_the_models_classes(trained, odd_data, demo_data_dir, tmp_path):
+    result = run_cli("trainer.evaluate", f"--model_dir={trained}", f"--data_dir={demo_data_dir}",
+                     f"--output_dir={tmp_path / 'evaluation'}")
+    assert_one_line_error(result, r"has 3 classes .*|classes .* differ from the model's")
+    # A labels.txt that names the classes in another order than the SavedModel would rename predictions.
+    model_dir = tmp_path / "model"
+    shutil.copytree(trained, model_dir)
+    names = sorted(ODD_CLASS_NAMES)
+    swapped = names[1:] + names[:1]  # every class renamed
+    (model_dir / "labels.txt").write_text("".join(name + "\n" for name in swapped), encoding="utf-8")
+    image = next((odd_data.parent / "images" / ODD_CLASS_NAMES[0]).iterdir())
+    result = run_cli("trainer.predict", f"--model_dir={model_dir}", str(image))
+    assert_one_line_error(result, r"labels.txt calls class \d .* but the SavedModel calls it")
+
+
+# --- Interrupted and concurrent training runs ------------------------------------------------------------
+
+PHASE_2_TRAINING = [
+    "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
+    "--epochs=2", "--fine_tune_epochs=6", "--steps_per_epoch=2",
+]
+
+
+def history_length(model_dir: Path) -> int:
+    try:
+        return len(json.loads((model_dir / "history.json").read_text()))
+    except (OSError, ValueError):
+        return 0
+
+
+def test_concurrent_run_is_refused_and_a_kill_in_phase_2_resumes_to_the_end(demo_data_dir, tmp_path):
+    model_dir = tmp_path / "model"
+    command = [f"--data_dir={demo_data_dir}", f"--model_dir={model_dir}", *PHASE_2_TRAINING]
+    first = subprocess.Popen([sys.executable, "-m", "trainer.train", *command], cwd=REPO_ROOT, env=ENVIRONMENT,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (model_dir / "run.lock").exists() and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        # Before: a second run wrote the same model_dir at the same time.
+        second = run_cli("trainer.train", *command)
+        assert_one_line_error(second, r"is in use by another run \(host .*, pid \d+.*if that run is dead, delete")
+        # kill -9 at a random point of phase 2 (epochs 3 to 8).
+        kill_after = random.randint(3, 6)
+        while history_length(model_dir) < kill_after and first.poll() is None and time.time() < deadline + 180:
+            time.sleep(0.02)
+        time.sleep(random.uniform(0.0, 0.5))
+        assert first.poll() is None, "training ended before the kill"
+    finally:
+        first.kill()
+        first.communicate()
+    assert first.returncode == -signal.SIGKILL
+    killed_at = history_length(model_dir)
+    assert killed_at >= 3 and (model_dir / "run.lock").exists()
+    resumed = run_cli("trainer.train", *command)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "taking over the lock of a dead run" in resumed.stdout
+    assert "restored" in resumed.stderr and "phase2" in resumed.stderr
+    first_epoch = int(re.search(r"Epoch (\d+)/8 \(phase2\)", resumed.stdout).group(1))
+    assert 3 <= first_epoch <= killed_at + 1
+    history = json.loads((model_dir / "metrics.json").read_text())["history"]
+    assert [entry["epoch"] for entry in history] == list(range(1, 9))
+    assert not (model_dir / "run.lock").exists()

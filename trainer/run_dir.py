@@ -137,6 +137,8 @@ def acquire_lock(model_dir: str) -> Lock:
     Raises:
         RunDirError: another live run holds the lock (the message says how to clear it if it is dead).
     """
+    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+        raise RunDirError(f"--model_dir {model_dir!r} is a file; pass a folder (new, or of an earlier run to resume)")
     tf.io.gfile.makedirs(model_dir)
     path = tf.io.gfile.join(model_dir, LOCK_FILE)
     content = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
@@ -190,10 +192,12 @@ def _process_alive(pid: int) -> bool:
 def _read_lock(path: str) -> dict:
     try:
         with tf.io.gfile.GFile(path, "r") as file:
-            return json.loads(file.read() or "{}")
-    except (tf.errors.NotFoundError, json.JSONDecodeError):
-        # Vanished or half-written: treat as a lock of unknown age, which is stale.
-        return {}
+            return json.loads(file.read())
+    except json.JSONDecodeError:
+        # Created but not yet written (or its writer died then): as old as the file itself.
+        return {"heartbeat": tf.io.gfile.stat(path).mtime_nsec / 1e9}
+    except tf.errors.NotFoundError:
+        return {}  # released meanwhile: stale, so the caller retries the create
 
 
 def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
@@ -202,9 +206,14 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
     if path.startswith("gs://"):
         return _write_gcs_lock(path, text, exclusive=exclusive)
     if "://" not in path:
-        flags = os.O_WRONLY | os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+        if not exclusive:
+            # A heartbeat replaces the file whole (rename), so a reader never sees it half-written.
+            with open(path + ".beat", "w") as file:
+                file.write(text)
+            os.replace(path + ".beat", path)
+            return True
         try:
-            descriptor = os.open(path, flags, 0o644)
+            descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             return False
         with os.fdopen(descriptor, "w") as file:
