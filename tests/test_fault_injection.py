@@ -160,9 +160,8 @@ def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path):
     (output / "labels.txt").write_text("my labels\n")
     before = tree(output)
     # Before: the shard-named file and _progress/ were deleted and labels.txt overwritten.
-    result = run_cli("tfrecords.build", f"--input_dir={images}", f"--output_dir={output}", "--num_shards=1",
-                     "--overwrite")
-    assert_one_line_error(result, r"is not empty \('_progress', 'labels.txt', .*not written by tfrecords.build")
+    with pytest.raises(build.InputError, match=r"is not empty \('_progress', 'labels.txt', .*not written by tfrecords.build"):
+        convert(images, output, overwrite=True)
     assert tree(output) == before
 
 
@@ -284,30 +283,38 @@ def test_rerun_with_another_model_or_data_stops_before_touching_anything(
     assert tree(trained) == before
 
 
-def test_a_folder_that_is_not_a_run_is_refused_as_model_dir(odd_data, tmp_path):
-    (tmp_path / "not_a_run").mkdir()
-    (tmp_path / "not_a_run" / "thesis.tex").write_text("mine")
-    result = run_cli("trainer.train", f"--data_dir={odd_data}", f"--model_dir={tmp_path / 'not_a_run'}", *TINY_TRAINING)
-    assert_one_line_error(result, r"is not empty \('thesis.tex'\) and has no run.json")
-    assert sorted(path.name for path in (tmp_path / "not_a_run").iterdir()) == ["thesis.tex"]
-
-
-@pytest.mark.parametrize("damage", ["cut_at_record_boundary", "cut_mid_record", "missing"])
-def test_a_shard_cut_short_or_missing_stops_before_training(odd_data, tmp_path, damage):
+def test_a_shard_cut_at_a_record_boundary_stops_before_training(odd_data, tmp_path):
     data = copy_data(odd_data, tmp_path / "data")
     shard = data / manifest_of(data)["splits"]["train"]["shards"][0]["file"]
     ends = record_ends(shard)
-    if damage == "cut_at_record_boundary":
-        # Before: trained on what was left, exit 0.
-        shard.write_bytes(shard.read_bytes()[:ends[len(ends) // 2 - 1]])
-    elif damage == "cut_mid_record":
-        shard.write_bytes(shard.read_bytes()[:ends[0] + 20])
-    else:
-        shard.unlink()
+    # Before: every remaining record reads fine, so it trained on what was left, exit 0.
+    shard.write_bytes(shard.read_bytes()[:ends[len(ends) // 2 - 1]])
     result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
-    pattern = r"is missing" if damage == "missing" else r"has \d+ bytes, the manifest says \d+"
-    assert_one_line_error(result, rf"shard {shard.name} {pattern}.*python -m tfrecords.verify")
+    assert_one_line_error(result, rf"shard {shard.name} has \d+ bytes, the manifest says \d+.*python -m tfrecords.verify")
     assert not (tmp_path / "model").exists()
+
+
+@pytest.mark.parametrize("damage", ["cut_mid_record", "missing", "labels_reordered", "counts_changed"])
+def test_data_that_differs_from_its_manifest_is_found_without_reading_it(odd_data, tmp_path, damage):
+    from trainer import data as data_lib
+
+    data = copy_data(odd_data, tmp_path / "data")
+    manifest = manifest_of(data)
+    shard = data / manifest["splits"]["train"]["shards"][0]["file"]
+    if damage == "cut_mid_record":
+        shard.write_bytes(shard.read_bytes()[:record_ends(shard)[0] + 20])
+        pattern = rf"shard {shard.name} has \d+ bytes, the manifest says"
+    elif damage == "missing":
+        shard.unlink()
+        pattern = rf"shard {shard.name} is missing"
+    elif damage == "labels_reordered":
+        (data / schema.LABELS_FILE).write_text("".join(name + "\n" for name in manifest["classes"][::-1]), encoding="utf-8")
+        pattern = r"labels.txt lists .*, the manifest .* \(label ids would be swapped\)"
+    else:
+        manifest["splits"]["train"]["num_examples"] += 1
+        pattern = r"the manifest's 'train' split counts disagree"
+    with pytest.raises(ValueError, match=pattern + r".*python -m tfrecords.verify"):
+        data_lib.check_data(str(data), manifest)
 
 
 def test_a_flipped_bit_stops_training_naming_the_shard(odd_data, tmp_path):
@@ -328,10 +335,8 @@ def test_reordered_class_names_never_train(odd_data, tmp_path):
     manifest = manifest_of(data)
     manifest["classes"] = manifest["classes"][::-1]
     (data / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
-    # Before: trained and exported with the names swapped.
-    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
-    assert_one_line_error(result, r"labels.txt lists .*, the manifest .* \(label ids would be swapped\)")
-    # labels.txt edited the same way: the records' own class names give it away while reading.
+    # Before: trained and exported with the names swapped. With labels.txt reordered the same way, only the
+    # records' own class names give it away, while reading.
     (data / schema.LABELS_FILE).write_text("".join(name + "\n" for name in manifest["classes"]), encoding="utf-8")
     result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
     assert_one_line_error(result, r"shard .*\.tfrecord: record of '.*' has label \d for class '.*', but the manifest's")
@@ -352,10 +357,8 @@ def test_a_record_outside_the_manifests_classes_fails_while_reading(odd_data):
     assert re.search(r"shard .*train-0000\d-of-00002.tfrecord: record of '.*' has label 2 for class", described)
 
 
-def test_evaluate_and_predict_check_the_models_classes(trained, odd_data, demo_data_dir, tmp_path):
-    result = run_cli("trainer.evaluate", f"--model_dir={trained}", f"--data_dir={demo_data_dir}",
-                     f"--output_dir={tmp_path / 'evaluation'}")
-    assert_one_line_error(result, r"has 3 classes .*|classes .* differ from the model's")
+def test_predict_checks_labels_against_the_models_own_class_names(trained, odd_data, tmp_path):
+    # (trainer.evaluate's check of the data's classes against the model's: test_evaluate.)
     # A labels.txt that names the classes in another order than the SavedModel would rename predictions.
     model_dir = tmp_path / "model"
     shutil.copytree(trained, model_dir)
@@ -415,3 +418,47 @@ def test_concurrent_run_is_refused_and_a_kill_in_phase_2_resumes_to_the_end(demo
     history = json.loads((model_dir / "metrics.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == list(range(1, 9))
     assert not (model_dir / "run.lock").exists()
+
+
+# --- Bad training input: one error line, exit 2 ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backbone_files(tmp_path_factory) -> dict:
+    """Two tiny .keras feature extractors: one of standard layers, one with a Lambda layer (code)."""
+    import keras
+
+    folder_path = tmp_path_factory.mktemp("backbones")
+    inputs = keras.Input((None, None, 3))
+    standard = keras.Model(inputs, keras.layers.Conv2D(4, 3, strides=2)(inputs))
+    standard.save(folder_path / "standard.keras")
+    with_code = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(keras.layers.Conv2D(4, 3)(inputs)))
+    with_code.save(folder_path / "with_code.keras")
+    return {"standard": folder_path / "standard.keras", "with_code": folder_path / "with_code.keras"}
+
+
+def test_weights_flag_with_a_backbone_file_is_refused(backbone_files):
+    from trainer import model as model_lib
+
+    with pytest.raises(ValueError, match=r"--weights 'none' cannot apply to backbone file '.*standard.keras': it carries"):
+        model_lib.check_weights(f"mobilenet_v2+{backbone_files['standard']}", "none")
+    model_lib.check_weights(str(backbone_files["standard"]), "imagenet")
+
+
+@pytest.mark.parametrize("flags, message", [
+    # Before each of these ended in a traceback.
+    (["--image_size=16"], r"--backbone 'mobilenet_v2' cannot be built at --image_size 16: .*32"),
+    (["--backbone={with_code}", "--preprocess=none", "--weights=imagenet"],
+     r"--backbone file '.*with_code.keras' cannot be loaded: Keras safe mode refused it"),
+])
+def test_bad_model_input_is_a_one_line_error(odd_data, backbone_files, tmp_path, flags, message):
+    model_dir = tmp_path / "model"
+    arguments = [f"--data_dir={odd_data}", f"--model_dir={model_dir}", *TINY_TRAINING]
+    for flag in flags:
+        name = flag.split("=")[0]
+        arguments = [argument for argument in arguments if not argument.startswith(name + "=")]
+        arguments.append(flag.format(**backbone_files))
+    result = run_cli("trainer.train", *arguments)
+    assert_one_line_error(result, message)
+    # At most the run's identity was written: nothing trained, and a corrected rerun may start anew.
+    assert not model_dir.exists() or sorted(path.name for path in model_dir.iterdir()) == ["flags.txt", "run.json"]

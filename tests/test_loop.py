@@ -85,7 +85,16 @@ def test_history_persists_and_forgets_epochs_past_a_checkpoint(tmp_path):
     assert not (tmp_path / "other" / loop.HISTORY_FILE).exists()
 
 
-def test_train_phase_resumes_from_its_checkpoint(tmp_path):
+@pytest.fixture
+def preemption():
+    """A SIGTERM watcher that gives the previous handler back: a handler left behind would be inherited
+    by the processes later tests fork, which then could not be terminated."""
+    watcher = loop.PreemptionWatcher()
+    yield watcher
+    watcher.close()
+
+
+def test_train_phase_resumes_from_its_checkpoint(tmp_path, preemption):
     strategy = tf.distribute.get_strategy()
     images, labels = separable_batches(6)
     train_dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
@@ -99,7 +108,7 @@ def test_train_phase_resumes_from_its_checkpoint(tmp_path):
             model_dir=str(tmp_path / "run"), train_dataset=train_dataset, validation_dataset=validation,
             global_batch_size=8, initial_epoch=0, epochs=epochs, steps_per_epoch=3, history=history,
             early_stopping_patience=0, profile_steps=(2, 3), checkpoint_every_steps=0,
-            preemption=loop.PreemptionWatcher(),
+            preemption=preemption,
         )
         return model
 
@@ -124,7 +133,7 @@ def test_parse_profile_steps():
 
 
 @pytest.mark.parametrize("steps_per_execution, jit_compile", [(3, False), (1, True)])
-def test_in_graph_steps_and_xla_compilation(tmp_path, steps_per_execution, jit_compile):
+def test_in_graph_steps_and_xla_compilation(tmp_path, steps_per_execution, jit_compile, preemption):
     images, labels = separable_batches(12)
     train_dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
     validation = tf.data.Dataset.from_tensor_slices((images[:2], labels[:2], np.ones((2, 8), "float32")))
@@ -135,7 +144,7 @@ def test_in_graph_steps_and_xla_compilation(tmp_path, steps_per_execution, jit_c
         strategy=tf.distribute.get_strategy(), model_dir=str(tmp_path / "run"), train_dataset=train_dataset,
         validation_dataset=validation, global_batch_size=8, initial_epoch=0, epochs=3, steps_per_epoch=4,
         history=history, early_stopping_patience=0, profile_steps=None, checkpoint_every_steps=2,
-        preemption=loop.PreemptionWatcher(), steps_per_execution=steps_per_execution, jit_compile=jit_compile,
+        preemption=preemption, steps_per_execution=steps_per_execution, jit_compile=jit_compile,
     )
     assert [entry["epoch"] for entry in history.epochs] == [1, 2, 3]
     waits = [entry["input_wait_fraction"] for entry in history.epochs]

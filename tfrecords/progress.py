@@ -7,6 +7,7 @@ while a long item (a whole shard) is still running.
 
 import multiprocessing
 import os
+import signal
 import sys
 import time
 
@@ -73,6 +74,9 @@ def map_items(function, items: list, *, num_workers: int, description: str, unit
 
 def _initialize_worker(counter) -> None:
     global _report
+    # A forked worker inherits the parent's signal handlers; one that only sets a flag on SIGTERM (as the
+    # trainer's preemption watcher does) would make the pool's terminate() wait for the worker forever.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def add(count: int) -> None:
         with counter.get_lock():

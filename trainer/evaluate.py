@@ -184,6 +184,7 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--max_error_images {FLAGS.max_error_images} must be 0 or more")
         manifest = data.read_manifest(FLAGS.data_dir)
         data.shard_paths(FLAGS.data_dir, manifest, FLAGS.split)  # raises naming the splits there are
+        data.check_data(FLAGS.data_dir, manifest)
         model = load_model(FLAGS.model_dir)
         class_names = manifest["classes"]
         check_class_names(
@@ -206,6 +207,12 @@ def main(argv: list[str]) -> None:
         learning_curves = write_learning_curves(FLAGS.model_dir)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except tf.errors.OpError as error:
+        problem = data.describe_read_error(error, FLAGS.data_dir, manifest)
+        if problem is None:
+            raise
+        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     print(f"{FLAGS.split} split of {FLAGS.data_dir}: {result['num_examples']} images\n")
     print(report.format_report(result))

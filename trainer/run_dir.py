@@ -235,6 +235,7 @@ def _write_gcs_lock(path: str, text: str, *, exclusive: bool) -> bool:
     bucket_name, _, name = path[len("gs://"):].partition("/")
     blob = storage.Client().bucket(bucket_name).blob(name)
     try:
+        # Generation 0 means "no live object": the create succeeds for exactly one writer.
         blob.upload_from_string(text, if_generation_match=0 if exclusive else None)
     except exceptions.PreconditionFailed:
         return False
