@@ -174,7 +174,7 @@ def test_output_inside_input_and_input_inside_output_are_refused(tmp_path):
     assert sorted(path.name for path in images.iterdir()) == ["cats", "dogs"]
 
 
-def test_overwrite_replaces_only_the_converters_own_files_and_only_after_listing(tmp_path):
+def test_overwrite_replaces_only_the_converters_own_files_and_only_once_the_new_conversion_succeeded(tmp_path):
     images = make_classes(tmp_path / "images", {"cats": 2, "dogs": 2})
     output = tmp_path / "out"
     first = convert(images, output)
@@ -189,10 +189,19 @@ def test_overwrite_replaces_only_the_converters_own_files_and_only_after_listing
         convert(images, output, overwrite=True)
     assert tree(output) == finished
     make_classes(images, {"dogs": 3})
-    second = convert(images, output, overwrite=True)
+    # A rerun that fails only while decoding (too many undecodable files) must leave it intact too.
+    (images / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(build.TooManySkippedError):
+        convert(images, output, overwrite=True, max_skipped_fraction=0.0)
+    assert {name: data for name, data in tree(output).items() if not name.startswith("_replacement/")} == finished
+    second = convert(images, output, overwrite=True, max_skipped_fraction=0.5)
     assert second["splits"]["train"]["class_counts"] == {"cats": 2, "dogs": 3} != first["splits"]["train"]["class_counts"]
     assert (output / "_progress" / "notes.txt").read_text() == "a user's file"
     assert (output / "README.md").read_text() == "a user's file"
+    assert not (output / writer.REPLACEMENT_FOLDER).exists()
+    assert sorted(path.name for path in output.iterdir()) == sorted(
+        [".tfrecords_build", "README.md", "_progress", "labels.txt", "manifest.json", "train-00000-of-00001.tfrecord"]
+    )
 
 
 @pytest.mark.parametrize("name", ["$x^2$", "100%", "{braces}", "a\\b", "日本語", "with space", "-dash"])

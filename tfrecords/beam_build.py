@@ -116,7 +116,7 @@ def build_with_beam(
         max_skipped_fraction=max_skipped_fraction, labels_csv=labels_csv,
     )
     records = write_shards(
-        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
+        tasks=conversion.plan.tasks, output_dir=conversion.write_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
         classes=conversion.classes, pipeline_options=pipeline_options,
     )
     return build.finish(

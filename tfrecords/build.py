@@ -171,12 +171,15 @@ class Conversion:
         source: the manifest's description of the input (input_dir or tfds_name, layout, seed, ...).
         plan: the plan.Plan: shard tasks, and files skipped before decoding.
         num_sources: files listed (None for TFDS), the base of --max_skipped_fraction.
+        write_dir: where the shards are written: output_dir, or with --overwrite of a finished conversion
+            its writer.REPLACEMENT_FOLDER, swapped in by finish().
     """
 
     classes: list
     source: dict
     plan: plan.Plan
     num_sources: int | None
+    write_dir: str
 
 
 def build(
@@ -233,7 +236,7 @@ def build(
         tfds_data_dir=tfds_data_dir, tfds_splits=tfds_splits,
     )
     records = writer.write_shards(
-        tasks=conversion.plan.tasks, output_dir=output_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
+        tasks=conversion.plan.tasks, output_dir=conversion.write_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
         classes=conversion.classes, num_workers=num_workers or progress.default_num_workers(),
     )
     return finish(
@@ -311,12 +314,10 @@ def prepare(
             check_classes_kept(classes=classes, listing=listing, shard_plan=shard_plan)
         except ValueError as error:
             raise InputError(str(error)) from error
-    # Only now, with the input listed and planned, is anything written (or an earlier conversion replaced).
+    # Only now, with the input listed and planned, is anything written.
     writer.claim_output_dir(output_dir)
-    writer.prepare_output_dir(
-        output_dir=output_dir, overwrite=overwrite, planned_files=[task.file for task in shard_plan.tasks]
-    )
-    return Conversion(classes=classes, source=source, plan=shard_plan, num_sources=num_sources)
+    write_dir = writer.prepare_output_dir(output_dir=output_dir, planned_files=[task.file for task in shard_plan.tasks])
+    return Conversion(classes=classes, source=source, plan=shard_plan, num_sources=num_sources, write_dir=write_dir)
 
 
 def finish(
@@ -344,6 +345,8 @@ def finish(
     splits = writer.summarize_splits(tasks=tasks, records=records, classes=conversion.classes)
     if conversion.num_sources is not None:
         _check_no_class_empty(classes=conversion.classes, splits=splits, skipped=skipped)
+    # The new conversion has succeeded: only now may it replace an earlier one (--overwrite).
+    writer.replace_finished(output_dir=output_dir, write_dir=conversion.write_dir, tasks=tasks)
     writer.write_labels(output_dir=output_dir, classes=conversion.classes)
     writer.remove_empty_splits(output_dir=output_dir, tasks=tasks, splits=splits)
     manifest = writer.make_manifest(

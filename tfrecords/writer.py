@@ -19,6 +19,8 @@ FORMAT_VERSION = 1
 # Written into an output folder before anything else: it marks the folder as this converter's, so a
 # rerun may resume or replace what is there. A non-empty folder without it (or a manifest) is refused.
 OWNER_FILE = ".tfrecords_build"
+# With --overwrite, the new conversion is written here and swapped in only once it has succeeded.
+REPLACEMENT_FOLDER = "_replacement"
 
 
 def check_output_dir(*, output_dir: str, overwrite: bool, input_dir: str | None) -> None:
@@ -87,33 +89,66 @@ def _resolved(path: str) -> str:
     return os.path.realpath(path)
 
 
-def prepare_output_dir(*, output_dir: str, overwrite: bool, planned_files: list) -> None:
-    """Clears what must not survive into this conversion; keeps shards a resumed run may reuse.
+def prepare_output_dir(*, output_dir: str, planned_files: list) -> str:
+    """Readies the folder the new shards are written to; returns it.
 
-    Only this converter's own outputs are ever removed (check_output_dir refused folders it did not
-    write). With overwrite, the manifest and labels of an earlier finished conversion go first (so an
-    interrupted rerun never leaves a manifest naming deleted shards); that happens only after the new
-    input was listed and planned, so a conversion refused for its input leaves the earlier one intact.
-    Shard files whose names are not in this plan (another shard count, a split that is now empty) and
-    `.incomplete` files always go.
-
-    Args:
-        output_dir: the output folder, which exists.
-        overwrite: the --overwrite flag.
-        planned_files: the shard file names of this plan.
+    Over a finished conversion (only reached with --overwrite), the new shards go to the REPLACEMENT_FOLDER
+    inside output_dir, and replace_finished() swaps them in once the conversion has succeeded: until then
+    the earlier conversion stays whole, and if the new one fails (too many undecodable files) it is never
+    touched. Otherwise the shards go to output_dir itself. Either way, shard files whose names are not in
+    this plan (another shard count, a split now empty) and `.incomplete` files go, so a resumed run keeps
+    only shards it may reuse. Only this converter's own files are ever removed (check_output_dir refused
+    folders it did not write).
     """
-    if overwrite:
+    replacement = tf.io.gfile.join(output_dir, REPLACEMENT_FOLDER)
+    if tf.io.gfile.exists(tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)):
+        write_dir = replacement
+        tf.io.gfile.makedirs(write_dir)
+    else:
+        write_dir = output_dir
+        # Left by a swap that was interrupted: its shards are rewritten (or kept, once moved) in output_dir.
+        remove_own_files(folder=replacement, keep=[], progress=True)
+    remove_own_files(folder=write_dir, keep=planned_files, manifest_and_labels=False)
+    return write_dir
+
+
+def remove_own_files(*, folder: str, keep: list, manifest_and_labels: bool = True, progress: bool = False) -> None:
+    """Removes this converter's own files from folder: its shards but those named in keep, `.incomplete`
+    files, the manifest and labels (unless manifest_and_labels is off) and, with progress, its progress
+    records and then the folder itself if that leaves it empty."""
+    if not tf.io.gfile.exists(folder):
+        return
+    keep = set(keep)
+    if manifest_and_labels:
         for name in (schema.MANIFEST_FILE, schema.LABELS_FILE):
-            path = tf.io.gfile.join(output_dir, name)
-            if tf.io.gfile.exists(path):
-                tf.io.gfile.remove(path)
-    planned = set(planned_files)
+            if tf.io.gfile.exists(tf.io.gfile.join(folder, name)):
+                tf.io.gfile.remove(tf.io.gfile.join(folder, name))
     for split in schema.SPLITS:
         for suffix in ("", shards.INCOMPLETE_SUFFIX):
-            pattern = tf.io.gfile.join(output_dir, f"{split}-*-of-*.tfrecord{suffix}")
-            for path in tf.io.gfile.glob(pattern):
-                if suffix or path.rsplit("/", 1)[-1] not in planned:
+            for path in tf.io.gfile.glob(tf.io.gfile.join(folder, f"{split}-*-of-*.tfrecord{suffix}")):
+                if suffix or path.rsplit("/", 1)[-1] not in keep:
                     tf.io.gfile.remove(path)
+    if progress:
+        remove_progress(output_dir=folder)
+        if not tf.io.gfile.listdir(folder):
+            tf.io.gfile.rmtree(folder)
+
+
+def replace_finished(*, output_dir: str, write_dir: str, tasks: list) -> None:
+    """Swaps a successful --overwrite conversion (in write_dir) in for the finished one in output_dir.
+
+    The old manifest goes first, so an interruption leaves an unfinished conversion (a rerun rewrites what
+    is missing), never a manifest naming shards that were replaced.
+    """
+    if write_dir == output_dir:
+        return
+    planned = [task.file for task in tasks]
+    remove_own_files(folder=output_dir, keep=planned)
+    tf.io.gfile.makedirs(tf.io.gfile.join(output_dir, shards.PROGRESS_FOLDER))
+    for file in planned:
+        tf.io.gfile.rename(tf.io.gfile.join(write_dir, file), tf.io.gfile.join(output_dir, file), overwrite=True)
+        tf.io.gfile.rename(shards.record_path(write_dir, file), shards.record_path(output_dir, file), overwrite=True)
+    remove_own_files(folder=write_dir, keep=[], progress=True)
 
 
 def write_shards(
