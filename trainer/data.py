@@ -9,6 +9,7 @@ Training decodes a random resized crop straight from the JPEG bytes (tf.io.decod
 decodes the window it keeps); evaluation and serving take a central crop (decode_and_resize).
 """
 
+import contextlib
 import json
 import re
 
@@ -85,6 +86,22 @@ def check_data(data_dir: str, manifest: dict) -> None:
                     f"--data_dir {data_dir!r}: shard {shard['file']} has {size} bytes, the manifest says "
                     f"{shard['size_bytes']} (cut short or replaced); {verify}"
                 )
+
+
+class DataError(ValueError):
+    """A shard failed to read, or a record disagreed with the manifest, during a run (the message names it)."""
+
+
+@contextlib.contextmanager
+def data_errors(data_dir: str, manifest: dict):
+    """Turns a shard's read or label error inside the block into a DataError naming the shard."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        problem = describe_read_error(error, data_dir, manifest)
+        if problem is None:
+            raise
+        raise DataError(problem) from error
 
 
 def describe_read_error(error: tf.errors.OpError, data_dir: str, manifest: dict) -> str | None:

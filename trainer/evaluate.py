@@ -192,27 +192,22 @@ def main(argv: list[str]) -> None:
             num_outputs=int(model.output_shape[-1]),
         )
         output_dir = FLAGS.output_dir or tf.io.gfile.join(FLAGS.model_dir, f"evaluation_{FLAGS.split}")
-        result = evaluate_model(
-            model=model,
-            data_dir=FLAGS.data_dir,
-            manifest=manifest,
-            split=FLAGS.split,
-            image_size=model_image_size(model),
-            batch_size=FLAGS.batch_size,
-            class_names=class_names,
-            top_k=FLAGS.top_k,
-            output_dir=output_dir,
-            max_error_images=FLAGS.max_error_images,
-        )
+        with data.data_errors(FLAGS.data_dir, manifest):
+            result = evaluate_model(
+                model=model,
+                data_dir=FLAGS.data_dir,
+                manifest=manifest,
+                split=FLAGS.split,
+                image_size=model_image_size(model),
+                batch_size=FLAGS.batch_size,
+                class_names=class_names,
+                top_k=FLAGS.top_k,
+                output_dir=output_dir,
+                max_error_images=FLAGS.max_error_images,
+            )
         learning_curves = write_learning_curves(FLAGS.model_dir)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except tf.errors.OpError as error:
-        problem = data.describe_read_error(error, FLAGS.data_dir, manifest)
-        if problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     print(f"{FLAGS.split} split of {FLAGS.data_dir}: {result['num_examples']} images\n")
     print(report.format_report(result))

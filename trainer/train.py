@@ -357,25 +357,20 @@ def train_with_arguments(*, strategy, manifest, preprocess, image_size, learning
         seed=FLAGS.seed,
     )
     try:
-        metrics = job.train_and_export(**arguments)
-        if FLAGS.baseline_cnn:
-            baseline_dir = tf.io.gfile.join(FLAGS.model_dir, model_lib.BASELINE_CNN_NAME)
-            baseline = job.train_and_export(**{**arguments, "model_dir": baseline_dir, "export_tflite": False}, baseline_cnn=True)
-            metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
+        with data.data_errors(FLAGS.data_dir, manifest):
+            metrics = job.train_and_export(**arguments)
+            if FLAGS.baseline_cnn:
+                baseline_dir = tf.io.gfile.join(FLAGS.model_dir, model_lib.BASELINE_CNN_NAME)
+                baseline = job.train_and_export(**{**arguments, "model_dir": baseline_dir, "export_tflite": False}, baseline_cnn=True)
+                metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
     except loop.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except FloatingPointError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
-    except model_lib.BackboneError as error:
+    except (model_lib.BackboneError, data.DataError) as error:
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except tf.errors.OpError as error:
-        problem = data.describe_read_error(error, FLAGS.data_dir, manifest)
-        if problem is None:
-            raise
-        print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
     if distribute.is_chief(strategy):
         split = metrics["evaluated_split"]
