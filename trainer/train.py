@@ -224,8 +224,6 @@ def main(argv: list[str]) -> None:
         for split in ("train", "validation"):
             data.shard_paths(FLAGS.data_dir, manifest, split)
         data.check_data(FLAGS.data_dir, manifest)
-        if tf.io.gfile.exists(FLAGS.model_dir) and not tf.io.gfile.isdir(FLAGS.model_dir):
-            raise ValueError(f"--model_dir {FLAGS.model_dir!r} is a file; pass a folder (new, or of a run to resume)")
         if FLAGS.data_threads < 0:
             raise ValueError(f"--data_threads {FLAGS.data_threads} must be 0 (two per core) or a thread count")
         if FLAGS.steps_per_execution < 1:
