@@ -388,6 +388,13 @@ class _Walk:
                         f"are the same folder ({real}), so their files would get both labels; keep one"
                     )
                 self.real_roots[real] = relative_root
+        self.real_root_of = {root: real for real, root in self.real_roots.items()}
+        # Class folders are siblings, so another one lies inside a class folder only through a link; where
+        # none does, a path inside its own class folder belongs to it without comparing every class folder.
+        self.holds_other_roots = {
+            root: any(other.startswith(real + os.sep) for other in self.real_roots)
+            for real, root in self.real_roots.items()
+        }
 
     def files_under(self, relative_root: str) -> list:
         """Relative paths of the files listed for the class folder relative_root, sorted."""
@@ -458,6 +465,9 @@ class _Walk:
 
     def _belongs(self, real: str, relative_path: str, relative_root: str) -> bool:
         """False (and the path skipped) when a link leads out of this class folder into another one."""
+        own = self.real_root_of[relative_root]
+        if (real == own or real.startswith(own + os.sep)) and not self.holds_other_roots[relative_root]:
+            return True
         owner = None
         for real_root, root in self.real_roots.items():
             if (real == real_root or real.startswith(real_root + os.sep)) and (

@@ -24,6 +24,8 @@ import time
 from absl import logging
 import tensorflow as tf
 
+from trainer import loop
+
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 30.0
@@ -96,11 +98,7 @@ def has_trained(model_dir: str) -> bool:
 
 def write_identity(*, model_dir: str, identity: dict) -> None:
     """Writes run.json (atomically) into model_dir, which exists."""
-    path = tf.io.gfile.join(model_dir, RUN_FILE)
-    temporary = path + ".incomplete"
-    with tf.io.gfile.GFile(temporary, "w") as file:
-        file.write(json.dumps(identity, indent=2, sort_keys=True) + "\n")
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+    loop.write_text(tf.io.gfile.join(model_dir, RUN_FILE), json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass
@@ -248,13 +246,11 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
     text = json.dumps(content) + "\n"
     if path.startswith("gs://"):
         return _write_gcs_lock(path, text, exclusive=exclusive)
+    if not exclusive:
+        # A heartbeat replaces the file whole (rename), so a reader never sees it half-written.
+        loop.write_text(path, text)
+        return True
     if "://" not in path:
-        if not exclusive:
-            # A heartbeat replaces the file whole (rename), so a reader never sees it half-written.
-            with open(path + ".beat", "w") as file:
-                file.write(text)
-            os.replace(path + ".beat", path)
-            return True
         try:
             descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -263,10 +259,9 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
             file.write(text)
         return True
     # Other file systems (ram:// in tests, hdfs://) have no create-if-absent: check, then write.
-    if exclusive and tf.io.gfile.exists(path):
+    if tf.io.gfile.exists(path):
         return False
-    with tf.io.gfile.GFile(path, "w") as file:
-        file.write(text)
+    loop.write_text(path, text)
     return True
 
 
