@@ -26,11 +26,13 @@ def demo_image_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data_dir(demo_image_dir, tmp_path_factory) -> Path:
     """demo_image_dir converted by tfrecords.build: train/validation/test splits, 2 shards each."""
-    from tfrecords import build
+    from tfrecords import conversion
 
     output_dir = tmp_path_factory.mktemp("demo_tfrecords")
-    build.build(
-        input_dir=str(demo_image_dir), output_dir=str(output_dir), validation_fraction=0.2,
-        test_fraction=0.2, num_shards=2, target_shard_mb=100, seed=42, overwrite=True,
+    conversion.build(
+        conversion.Source(input_dir=str(demo_image_dir)), str(output_dir),
+        conversion.ConversionOptions(
+            validation_fraction=0.2, test_fraction=0.2, num_shards=2, seed=42, overwrite=True, num_workers=1
+        ),
     )
     return output_dir

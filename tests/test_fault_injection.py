@@ -22,7 +22,7 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO_ROOT
-from tfrecords import build
+from tfrecords import conversion
 from tfrecords import folder
 from tfrecords import schema
 from tfrecords import writer
@@ -49,7 +49,8 @@ def make_classes(root: Path, counts: dict) -> Path:
 
 
 def convert(input_dir: Path, output_dir: Path, **overrides) -> dict:
-    return build.build(input_dir=str(input_dir), output_dir=str(output_dir), **{**SETTINGS, **overrides})
+    options = conversion.ConversionOptions(**{"num_workers": 1, **SETTINGS, **overrides})
+    return conversion.build(conversion.Source(input_dir=str(input_dir)), str(output_dir), options)
 
 
 def run_cli(module: str, *arguments: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -92,7 +93,7 @@ def test_a_class_made_only_of_links_into_another_class_is_refused(tmp_path):
     (images / "birds").mkdir()
     for path in (images / "dogs").iterdir():
         (images / "birds" / path.name).symlink_to(path)
-    with pytest.raises(build.InputError, match=r"class 'birds' would have 0 images: 2 of its entries are links"):
+    with pytest.raises(conversion.InputError, match=r"class 'birds' would have 0 images: 2 of its entries are links"):
         convert(images, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -127,7 +128,7 @@ def test_special_files_are_skipped_with_a_reason_and_never_opened(tmp_path):
     result = run_cli("tfrecords.build", f"--input_dir={images}", f"--output_dir={tmp_path / 'out'}", "--num_shards=1",
                      timeout=120)
     assert_one_line_error(result, r"2 of 6 files \(33.3%\) could not be decoded", code=1)
-    build.build(input_dir=str(images), output_dir=str(tmp_path / "out"), **{**SETTINGS, "max_skipped_fraction": 0.5})
+    convert(images, tmp_path / "out", max_skipped_fraction=0.5)
     manifest = json.loads((tmp_path / "out" / schema.MANIFEST_FILE).read_text())
     reasons = {entry["path"]: entry["reason"] for entry in manifest["skipped"]}
     assert reasons == {"cats/pipe.jpg": "not a regular file (a FIFO); never opened",
@@ -146,7 +147,7 @@ def test_unreadable_class_subfolder_stops_the_listing(tmp_path, monkeypatch):
         return real_scandir(path)
 
     monkeypatch.setattr(folder.os, "scandir", scandir)
-    with pytest.raises(build.InputError, match=r"cannot read folder 'dogs/locked' \(Permission denied\)"):
+    with pytest.raises(conversion.InputError, match=r"cannot read folder 'dogs/locked' \(Permission denied\)"):
         convert(images, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -160,16 +161,16 @@ def test_foreign_output_folder_is_refused_and_left_untouched(tmp_path):
     (output / "labels.txt").write_text("my labels\n")
     before = tree(output)
     # Before: the shard-named file and _progress/ were deleted and labels.txt overwritten.
-    with pytest.raises(build.InputError, match=r"is not empty \('_progress', 'labels.txt', .*not written by tfrecords.build"):
+    with pytest.raises(conversion.InputError, match=r"is not empty \('_progress', 'labels.txt', .*not written by tfrecords.build"):
         convert(images, output, overwrite=True)
     assert tree(output) == before
 
 
 def test_output_inside_input_and_input_inside_output_are_refused(tmp_path):
     images = make_classes(tmp_path / "images", {"cats": 2, "dogs": 2})
-    with pytest.raises(build.InputError, match=r"is inside --input_dir"):
+    with pytest.raises(conversion.InputError, match=r"is inside --input_dir"):
         convert(images, images / "tfrecords")
-    with pytest.raises(build.InputError, match=r"--input_dir .* is inside --output_dir"):
+    with pytest.raises(conversion.InputError, match=r"--input_dir .* is inside --output_dir"):
         convert(images, tmp_path)
     assert sorted(path.name for path in images.iterdir()) == ["cats", "dogs"]
 
@@ -185,13 +186,13 @@ def test_overwrite_replaces_only_the_converters_own_files_and_only_once_the_new_
     for path in (images / "dogs").iterdir():
         path.unlink()
     finished = tree(output)
-    with pytest.raises(build.InputError, match=r"class 'dogs' would have 0 images"):
+    with pytest.raises(conversion.InputError, match=r"class 'dogs' would have 0 images"):
         convert(images, output, overwrite=True)
     assert tree(output) == finished
     make_classes(images, {"dogs": 3})
     # A rerun that fails only while decoding (too many undecodable files) must leave it intact too.
     (images / "dogs" / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(build.TooManySkippedError):
+    with pytest.raises(conversion.TooManySkippedError):
         convert(images, output, overwrite=True, max_skipped_fraction=0.0)
     assert {name: data for name, data in tree(output).items() if not name.startswith("_replacement/")} == finished
     second = convert(images, output, overwrite=True, max_skipped_fraction=0.5)

@@ -17,442 +17,48 @@ tfrecords/schema.py, `labels.txt` (one class name per line, line i is label id i
 skipped file with the reason. Files that are not decodable images, and exact duplicates, are skipped;
 more undecodable files than --max_skipped_fraction fails the run (exit 1, no manifest).
 
-Stages: folder.py lists, plan.py hashes, deduplicates and assigns files to shards, shards.py writes one
-shard (resumably), writer.py runs the workers and writes labels and manifest; tfrecords/beam_build.py
-runs the same plan as an Apache Beam (Dataflow) pipeline, with the same output. A rerun of an interrupted
+This module reads the flags; tfrecords/conversion.py does the work: folder.py lists, plan.py hashes,
+deduplicates and assigns files to shards, shards.py writes one shard (resumably), writer.py runs the
+workers, schema.py writes labels and manifest; tfrecords/beam_build.py runs the same plan as an Apache Beam (Dataflow) pipeline, with the same output. A rerun of an interrupted
 conversion (no manifest yet) with the same flags keeps the complete shards; check a finished one with
 `python -m tfrecords.verify --data_dir=<output_dir>`.
 """
 
-import dataclasses
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
-import tensorflow as tf
 
-from tfrecords import folder
-from tfrecords import images
-from tfrecords import plan
-from tfrecords import progress
-from tfrecords import schema
-from tfrecords import writer
+from tfrecords import conversion
 
+conversion.define_conversion_flags()
+flags.DEFINE_integer(
+    "num_workers",
+    0,
+    "Processes that decode and write shards (each writes whole shards). 0 uses all cores. The "
+    "output is byte-identical whatever the number.",
+)
+flags.DEFINE_string(
+    "tfds_name",
+    None,
+    "Convert a TensorFlow Datasets dataset instead of --input_dir, e.g. tf_flowers, "
+    "oxford_flowers102, cassava (optionally name:version).",
+)
+flags.DEFINE_string(
+    "tfds_data_dir",
+    None,
+    "TFDS data folder (local or gs://); default ~/tensorflow_datasets. Downloaded and prepared there "
+    "if missing.",
+)
+flags.DEFINE_string(
+    "tfds_splits",
+    "",
+    "With --tfds_name: comma-separated <our split>=<TFDS split> pairs, e.g. "
+    "train=train[:80%],validation=train[80%:]. Empty uses the dataset's train/validation/test splits, "
+    "and splits a dataset that has only `train` by --validation_fraction and --test_fraction.",
+)
 FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-    """Defines this program's flags.
-
-    Called by run(), not at import: tests and trainer code import build() next to trainer.train, which
-    defines its own --seed, and absl refuses a flag name defined twice.
-    """
-    define_conversion_flags()
-    flags.DEFINE_integer(
-        "num_workers",
-        0,
-        "Processes that decode and write shards (each writes whole shards). 0 uses all cores. The "
-        "output is byte-identical whatever the number.",
-    )
-    flags.DEFINE_string(
-        "tfds_name",
-        None,
-        "Convert a TensorFlow Datasets dataset instead of --input_dir, e.g. tf_flowers, "
-        "oxford_flowers102, cassava (optionally name:version).",
-    )
-    flags.DEFINE_string(
-        "tfds_data_dir",
-        None,
-        "TFDS data folder (local or gs://); default ~/tensorflow_datasets. Downloaded and prepared there "
-        "if missing.",
-    )
-    flags.DEFINE_string(
-        "tfds_splits",
-        "",
-        "With --tfds_name: comma-separated <our split>=<TFDS split> pairs, e.g. "
-        "train=train[:80%],validation=train[80%:]. Empty uses the dataset's train/validation/test splits, "
-        "and splits a dataset that has only `train` by --validation_fraction and --test_fraction.",
-    )
-
-
-def define_conversion_flags() -> None:
-    """Defines the flags shared with tfrecords/beam_build.py (which has no --num_workers: Beam owns it)."""
-    flags.DEFINE_string(
-        "input_dir",
-        None,
-        "Image folder, local or gs://: <input_dir>/<class>/<image files>, or pre-split "
-        "<input_dir>/{train,validation|val,test}/<class>/<image files>, or any files listed by "
-        "--labels_csv. Not used with --tfds_name.",
-    )
-    flags.DEFINE_string(
-        "output_dir",
-        None,
-        "Folder for the shards, labels.txt and manifest.json, local or gs://; created if missing.",
-    )
-    flags.DEFINE_float(
-        "validation_fraction",
-        0.2,
-        "Share of the files that goes to the validation split. Used only for class folders; "
-        "pre-split folders keep their splits.",
-    )
-    flags.DEFINE_float(
-        "test_fraction",
-        0.1,
-        "Share of the files that goes to the test split (0 for none). Used only for class folders; "
-        "pre-split folders keep their splits.",
-    )
-    flags.DEFINE_integer(
-        "num_shards",
-        0,
-        "Shards per split. 0 picks the number from --target_shard_mb.",
-    )
-    flags.DEFINE_float(
-        "target_shard_mb",
-        100,
-        "With --num_shards=0, aim at shards of about this many MiB (of source files). 100 to 200 MiB "
-        "reads well from gs://.",
-    )
-    flags.DEFINE_integer(
-        "seed",
-        42,
-        "Seed of the train/validation/test assignment and of the example order. Keep it fixed so files "
-        "keep their split across reruns.",
-    )
-    flags.DEFINE_bool(
-        "overwrite",
-        False,
-        "Replace an earlier conversion in --output_dir. Without it, an --output_dir that already has a "
-        "manifest.json is refused.",
-    )
-    flags.DEFINE_integer(
-        "max_side",
-        0,
-        "If positive, downscale images whose longer side is larger, keeping the aspect, before storing "
-        "(e.g. 320 when training at 160-299 px). 0 keeps the original size.",
-    )
-    flags.DEFINE_integer(
-        "jpeg_quality",
-        images.DEFAULT_JPEG_QUALITY,
-        "JPEG quality (1-95) of the images that are re-encoded: downscaled by --max_side, rotated upright, "
-        "or not RGB JPEG. Other JPEGs are stored as they came. 90 decodes about 1.2x faster in training "
-        "than 95, with 30% smaller files.",
-    )
-    flags.DEFINE_float(
-        "max_skipped_fraction",
-        0.01,
-        "Fail (exit 1, no manifest) when more than this share of the files cannot be decoded: that "
-        "usually means a wrong folder. Duplicates do not count. 1 never fails.",
-    )
-    flags.DEFINE_string(
-        "labels_csv",
-        None,
-        "CSV file (local or gs://) of `path,label` rows, path relative to --input_dir, for datasets "
-        "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
-        "folders.",
-    )
-    flags.mark_flag_as_required("output_dir")
-
-
-class InputError(ValueError):
-    """A problem with the flags or the input folder, found before anything is written."""
-
-
-class TooManySkippedError(RuntimeError):
-    """More files than --max_skipped_fraction allows could not be decoded; no manifest was written."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Conversion:
-    """What prepare() decided before any image is decoded; finish() makes the manifest from it.
-
-    Attributes:
-        classes: class names in label order.
-        source: the manifest's description of the input (input_dir or tfds_name, layout, seed, ...).
-        plan: the plan.Plan: shard tasks, and files skipped before decoding.
-        num_sources: files listed (None for TFDS), the base of --max_skipped_fraction.
-        write_dir: where the shards are written: output_dir, or with --overwrite of a finished conversion
-            its writer.REPLACEMENT_FOLDER, swapped in by finish().
-    """
-
-    classes: list
-    source: dict
-    plan: plan.Plan
-    num_sources: int | None
-    write_dir: str
-
-
-def build(
-    *,
-    input_dir: str | None,
-    output_dir: str,
-    validation_fraction: float,
-    test_fraction: float,
-    num_shards: int,
-    target_shard_mb: float,
-    seed: int,
-    overwrite: bool,
-    num_workers: int = 1,
-    max_side: int = 0,
-    jpeg_quality: int = images.DEFAULT_JPEG_QUALITY,
-    max_skipped_fraction: float = 0.01,
-    labels_csv: str | None = None,
-    tfds_name: str | None = None,
-    tfds_data_dir: str | None = None,
-    tfds_splits: str = "",
-) -> dict:
-    """Converts input_dir (or a TFDS dataset) into TFRecord shards, labels.txt and manifest.json.
-
-    Args:
-        input_dir: image folder, local or gs://, in one of the layouts of tfrecords/folder.py.
-        output_dir: output folder, local or gs://; created if missing.
-        validation_fraction: share of files for validation (hash-split layouts only).
-        test_fraction: share of files for test (hash-split layouts only).
-        num_shards: shards per split; 0 picks the number from target_shard_mb.
-        target_shard_mb: automatic shard size, in MiB of source files.
-        seed: seed of the split assignment and of the example order.
-        overwrite: replace a finished conversion in output_dir instead of refusing.
-        num_workers: processes hashing files and writing shards; 0 means all cores.
-        max_side: downscale so the longer side is at most this; 0 keeps the size.
-        jpeg_quality: JPEG quality of re-encoded images.
-        max_skipped_fraction: fail when a larger share of the files cannot be decoded.
-        labels_csv: optional CSV of path,label rows (paths relative to input_dir).
-        tfds_name: convert this TFDS dataset instead of input_dir.
-        tfds_data_dir: TFDS data folder.
-        tfds_splits: mapping of our splits to TFDS splits, "train=train[:80%],...".
-
-    Returns:
-        The manifest dict, as written to manifest.json.
-
-    Raises:
-        InputError: (a ValueError) the flags or the input are unusable; nothing was written.
-        TooManySkippedError: too many undecodable files; shards were written, the manifest was not.
-    """
-    conversion = prepare(
-        input_dir=input_dir, output_dir=output_dir, validation_fraction=validation_fraction,
-        test_fraction=test_fraction, num_shards=num_shards, target_shard_mb=target_shard_mb, seed=seed,
-        overwrite=overwrite, num_workers=num_workers, max_side=max_side, jpeg_quality=jpeg_quality,
-        max_skipped_fraction=max_skipped_fraction, labels_csv=labels_csv, tfds_name=tfds_name,
-        tfds_data_dir=tfds_data_dir, tfds_splits=tfds_splits,
-    )
-    records = writer.write_shards(
-        tasks=conversion.plan.tasks, output_dir=conversion.write_dir, max_side=max_side or None, jpeg_quality=jpeg_quality,
-        classes=conversion.classes, num_workers=num_workers or progress.default_num_workers(),
-    )
-    return finish(
-        conversion=conversion, records=records, output_dir=output_dir, max_side=max_side, jpeg_quality=jpeg_quality,
-        max_skipped_fraction=max_skipped_fraction,
-    )
-
-
-def prepare(
-    *, input_dir: str | None, output_dir: str, validation_fraction: float, test_fraction: float, num_shards: int,
-    target_shard_mb: float, seed: int, overwrite: bool, num_workers: int, max_side: int, jpeg_quality: int,
-    max_skipped_fraction: float, labels_csv: str | None, tfds_name: str | None = None,
-    tfds_data_dir: str | None = None, tfds_splits: str = "",
-) -> Conversion:
-    """Checks the settings, lists, hashes and plans the input, and readies output_dir for the shards.
-
-    The first half of build() (arguments as there; num_workers processes hash), shared with
-    tfrecords/beam_build.py, so both converters write the same shards from the same plan.
-
-    Returns:
-        A Conversion.
-
-    Raises:
-        InputError: (a ValueError) the flags or the input are unusable; nothing was written.
-    """
-    # Only this validation step turns ValueErrors into InputError: a ValueError raised while writing
-    # is a bug and must keep its traceback.
-    try:
-        writer.check_output_dir(output_dir=output_dir, overwrite=overwrite, input_dir=input_dir)
-        _check_settings(
-            num_shards=num_shards, target_shard_mb=target_shard_mb, num_workers=num_workers,
-            max_side=max_side, jpeg_quality=jpeg_quality, max_skipped_fraction=max_skipped_fraction,
-        )
-        num_workers = num_workers or progress.default_num_workers()
-        if tfds_name:
-            if input_dir or labels_csv:
-                raise ValueError(f"--tfds_name={tfds_name!r} replaces --input_dir and --labels_csv; pass only one source")
-            # Imported here: tensorflow_datasets takes seconds to import and is only needed for this source.
-            from tfrecords import tfds_source
-
-            classes, tasks, source = tfds_source.plan_tfds(
-                name=tfds_name, data_dir=tfds_data_dir, splits=tfds_splits, num_shards=num_shards,
-                validation_fraction=validation_fraction, test_fraction=test_fraction, max_side=max_side or None,
-                jpeg_quality=jpeg_quality,
-            )
-            shard_plan = plan.Plan(tasks=tasks, skipped=[], label_conflicts=[])
-            num_sources = None
-        else:
-            if not input_dir:
-                raise ValueError("--input_dir is missing; pass an image folder (or --tfds_name)")
-            listing = folder.list_images(
-                input_dir=input_dir, validation_fraction=validation_fraction, test_fraction=test_fraction,
-                seed=seed, labels_csv=labels_csv,
-            )
-            classes = listing.classes
-            source = {
-                "input_dir": input_dir, "layout": listing.layout, "seed": seed,
-                "validation_fraction": validation_fraction, "test_fraction": test_fraction,
-            }
-            shard_plan = None
-            num_sources = len(listing.files) + len(listing.skipped)
-    except ValueError as error:
-        raise InputError(str(error)) from error
-
-    if shard_plan is None:
-        shard_plan = plan.make_plan(
-            files=listing.files, classes=classes, num_shards=num_shards, target_shard_mb=target_shard_mb,
-            seed=seed, max_side=max_side or None, jpeg_quality=jpeg_quality, num_workers=num_workers,
-        )
-        shard_plan = dataclasses.replace(
-            shard_plan, skipped=listing.skipped + shard_plan.skipped,
-            label_conflicts=listing.label_conflicts + shard_plan.label_conflicts,
-        )
-        try:
-            check_classes_kept(classes=classes, listing=listing, shard_plan=shard_plan)
-        except ValueError as error:
-            raise InputError(str(error)) from error
-    # Only now, with the input listed and planned, is anything written.
-    writer.claim_output_dir(output_dir)
-    write_dir = writer.prepare_output_dir(output_dir=output_dir, planned_files=[task.file for task in shard_plan.tasks])
-    return Conversion(classes=classes, source=source, plan=shard_plan, num_sources=num_sources, write_dir=write_dir)
-
-
-def finish(
-    *, conversion: Conversion, records: list, output_dir: str, max_side: int, jpeg_quality: int,
-    max_skipped_fraction: float,
-) -> dict:
-    """Checks the skipped share, writes labels.txt and manifest.json from the shard records; returns the manifest.
-
-    Args:
-        conversion: from prepare().
-        records: shards.write_shard's record of every task of conversion.plan, in plan order.
-        output_dir: the output folder.
-        max_side: the --max_side value (recorded in the manifest).
-        jpeg_quality: the --jpeg_quality value (recorded in the manifest).
-        max_skipped_fraction: fail when a larger share of the files cannot be decoded.
-
-    Raises:
-        TooManySkippedError: too many undecodable files; the manifest was not written.
-    """
-    tasks = conversion.plan.tasks
-    skipped = conversion.plan.skipped + [entry for record in records for entry in record["skipped"]]
-    _check_skipped(
-        skipped=skipped, num_sources=conversion.num_sources, records=records, max_skipped_fraction=max_skipped_fraction
-    )
-    splits = writer.summarize_splits(tasks=tasks, records=records, classes=conversion.classes)
-    if conversion.num_sources is not None:
-        _check_no_class_empty(classes=conversion.classes, splits=splits, skipped=skipped)
-    # The new conversion has succeeded: only now may it replace an earlier one (--overwrite).
-    writer.replace_finished(output_dir=output_dir, write_dir=conversion.write_dir, tasks=tasks)
-    writer.write_labels(output_dir=output_dir, classes=conversion.classes)
-    writer.remove_empty_splits(output_dir=output_dir, tasks=tasks, splits=splits)
-    manifest = writer.make_manifest(
-        source={**conversion.source, "max_side": max_side, "jpeg_quality": jpeg_quality},
-        classes=conversion.classes,
-        splits=splits,
-        skipped=skipped,
-        label_conflicts=conversion.plan.label_conflicts,
-    )
-    writer.write_manifest(output_dir=output_dir, manifest=manifest)
-    writer.remove_progress(output_dir=output_dir)
-    return manifest
-
-
-def check_classes_kept(*, classes: list, listing: folder.Listing, shard_plan: plan.Plan) -> None:
-    """Refuses a class left empty, or with fewer files than it lost to other classes (links, copies).
-
-    Without it, a link from one class folder into another, or copies of one class's images in another,
-    would leave a class with no images while the conversion exits 0.
-
-    Raises:
-        ValueError: naming the class, what it lost and to which class.
-    """
-    kept = {name: 0 for name in classes}
-    for task in shard_plan.tasks:
-        for image in task.images:
-            kept[image.class_name] += 1
-    lost = {name: [] for name in classes}
-    for conflict in shard_plan.label_conflicts:
-        listed_class = conflict["classes"][0]
-        for path, class_name in zip(conflict["paths"][1:], conflict["classes"][1:]):
-            if class_name != listed_class:
-                lost[class_name].append(f"{path} -> {conflict['paths'][0]} ({listed_class})")
-    for name in classes:
-        if kept[name] == 0 or len(lost[name]) > kept[name]:
-            listed = sum(source_file.class_name == name for source_file in listing.files)
-            why = (
-                f"{len(lost[name])} of its entries are links to or copies of images kept in other classes, e.g. "
-                f"{lost[name][:2]}" if lost[name] else f"its folder holds no usable file ({listed} listed)"
-            )
-            raise ValueError(
-                f"class {name!r} would have {kept[name]} images: {why}; fix the folder (remove the links or "
-                "copies from one class, or the empty class folder) and convert again"
-            )
-
-
-def summarize(*, manifest: dict, output_dir: str) -> str:
-    """Returns the one-line summary printed at the end of a run."""
-    converted = sum(split["num_examples"] for split in manifest["splits"].values())
-    per_split = ", ".join(f"{name} {split['num_examples']}" for name, split in manifest["splits"].items())
-    manifest_path = tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)
-    return (
-        f"converted {converted}, skipped {len(manifest['skipped'])} (see {manifest_path}): "
-        f"{per_split or 'no examples'}"
-    )
-
-
-def _check_no_class_empty(*, classes: list, splits: dict, skipped: list) -> None:
-    """Raises TooManySkippedError when a class of a folder has no decodable image left in any split."""
-    for name in classes:
-        if not any(split["class_counts"][name] for split in splits.values()):
-            examples = [entry for entry in skipped if entry["path"].split("/")[0] == name or f"/{name}/" in entry["path"]]
-            reason = f" (e.g. {examples[0]['path']}: {examples[0]['reason']})" if examples else ""
-            raise TooManySkippedError(
-                f"class {name!r} has no decodable image left: all its files were skipped{reason}; a model could "
-                "never predict it. Fix or remove that class folder and rerun (written shards are kept)"
-            )
-
-
-def _check_skipped(*, skipped: list, num_sources: int | None, records: list, max_skipped_fraction: float) -> None:
-    """Raises TooManySkippedError when too many files could not be decoded (duplicates do not count)."""
-    unreadable = [entry for entry in skipped if not entry["reason"].startswith(plan.SECOND_PATH_REASONS)]
-    if num_sources is None:
-        num_sources = len(unreadable) + sum(record["num_examples"] for record in records)
-    if not unreadable or len(unreadable) <= max_skipped_fraction * num_sources:
-        return
-    reasons = {}
-    for entry in unreadable:
-        reasons.setdefault(entry["reason"].split(":")[0], entry["path"])
-    examples = "; ".join(f"{reason} (e.g. {path})" for reason, path in sorted(reasons.items())[:3])
-    raise TooManySkippedError(
-        f"{len(unreadable)} of {num_sources} files ({len(unreadable) / num_sources:.1%}) could not be "
-        f"decoded, more than --max_skipped_fraction={max_skipped_fraction}: {examples}. Check --input_dir; "
-        "if these files are expected, rerun with a larger --max_skipped_fraction (written shards are kept)"
-    )
-
-
-def _check_settings(
-    *, num_shards: int, target_shard_mb: float, num_workers: int, max_side: int, jpeg_quality: int,
-    max_skipped_fraction: float,
-) -> None:
-    if num_shards < 0:
-        raise ValueError(f"--num_shards={num_shards} is negative; use 0 (automatic) or a positive count")
-    if num_shards == 0 and target_shard_mb <= 0:
-        raise ValueError(
-            f"--target_shard_mb={target_shard_mb} must be positive when --num_shards=0; e.g. 100"
-        )
-    if num_workers < 0:
-        raise ValueError(f"--num_workers={num_workers} is negative; use 0 (all cores) or a positive count")
-    if max_side < 0:
-        raise ValueError(f"--max_side={max_side} is negative; use 0 (keep the size) or e.g. 320")
-    if not 1 <= jpeg_quality <= 95:
-        # Pillow's own advice: above 95 files grow with hardly any gain in quality.
-        raise ValueError(f"--jpeg_quality={jpeg_quality} is not in [1, 95]; e.g. 90")
-    if not 0 <= max_skipped_fraction <= 1:
-        raise ValueError(f"--max_skipped_fraction={max_skipped_fraction} is not in [0, 1]; e.g. 0.01")
 
 
 def main(argv: list) -> int:
@@ -463,39 +69,33 @@ def main(argv: list) -> int:
         "seed", "overwrite", "num_workers", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv", "tfds_name",
         "tfds_data_dir", "tfds_splits",
     ]
-    settings = {name: FLAGS[name].value for name in names}
     # In --flagfile syntax, so a run can be repeated with --flagfile=<output_dir>/flags.txt.
-    flags_text = "".join(f"--{name}={value}\n" for name, value in settings.items() if value is not None)
+    flags_text = "".join(f"--{name}={FLAGS[name].value}\n" for name in names if FLAGS[name].value is not None)
     logging.info("Resolved flags:\n%s", flags_text)
     try:
-        manifest = build(**settings)
-    except InputError as error:
+        source = conversion.Source(
+            input_dir=FLAGS.input_dir, labels_csv=FLAGS.labels_csv, tfds_name=FLAGS.tfds_name,
+            tfds_data_dir=FLAGS.tfds_data_dir, tfds_splits=FLAGS.tfds_splits,
+        )
+        options = conversion.ConversionOptions(
+            validation_fraction=FLAGS.validation_fraction, test_fraction=FLAGS.test_fraction,
+            num_shards=FLAGS.num_shards, target_shard_mb=FLAGS.target_shard_mb, seed=FLAGS.seed,
+            overwrite=FLAGS.overwrite, num_workers=FLAGS.num_workers, max_side=FLAGS.max_side,
+            jpeg_quality=FLAGS.jpeg_quality, max_skipped_fraction=FLAGS.max_skipped_fraction,
+        )
+        manifest = conversion.build(source, FLAGS.output_dir, options)
+    except conversion.InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except TooManySkippedError as error:
+    except conversion.TooManySkippedError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    return report(manifest=manifest, flags_text=flags_text, output_dir=FLAGS.output_dir, input_dir=FLAGS.input_dir)
-
-
-def report(*, manifest: dict, flags_text: str, output_dir: str, input_dir: str) -> int:
-    """Writes flags.txt, prints the summary line, and returns the exit code of a finished conversion."""
-    with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, "flags.txt"), "w") as flags_file:
-        flags_file.write(flags_text)
-    print(summarize(manifest=manifest, output_dir=output_dir))
-    if not manifest["splits"]:
-        print(
-            f"error: none of the files in --input_dir {input_dir!r} could be read as an image; "
-            "the reasons are in the manifest's 'skipped' list",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+    return conversion.report(manifest=manifest, flags_text=flags_text, output_dir=FLAGS.output_dir,
+                             input_dir=FLAGS.input_dir)
 
 
 def run() -> None:
     """Entry point of `python -m tfrecords.build` and of the `tfrecords.build` console script."""
-    define_flags()
     app.run(main)
 
 

@@ -74,19 +74,7 @@ def load_image(
             "PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True, so truncated images would pass silently; "
             "set it back to False before converting"
         )
-    if not data:
-        raise ImageError("empty file")
-    try:
-        image = Image.open(io.BytesIO(data))
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
-    except Image.DecompressionBombError as error:
-        raise ImageError(f"image too large: {error}") from None
-    except PILLOW_ERRORS as error:
-        raise ImageError(f"truncated or corrupt image: {error}") from None
-    if image.format not in ACCEPTED_FORMATS:
-        raise ImageError(f"unsupported format {image.format} (accepted: {', '.join(ACCEPTED_FORMATS)})")
-
+    image = _open(data)
     width, height = image.size
     target_size = _target_size(width=width, height=height, max_side=max_side)
     # JPEG headers carry EXIF, so the header alone says whether the file is kept; then a 1/8-scale
@@ -131,6 +119,23 @@ def load_image(
     except PILLOW_ERRORS as error:
         raise ImageError(f"cannot convert image to RGB JPEG: {error}") from None
     return output.getvalue(), image.height, image.width
+
+
+def _open(data: bytes) -> Image.Image:
+    """Opens an image file (its header only) of an accepted format; raises ImageError otherwise."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"image too large: {error}") from None
+    except PILLOW_ERRORS as error:
+        raise ImageError(f"truncated or corrupt image: {error}") from None
+    if image.format not in ACCEPTED_FORMATS:
+        raise ImageError(f"unsupported format {image.format} (accepted: {', '.join(ACCEPTED_FORMATS)})")
+    return image
 
 
 def _target_size(*, width: int, height: int, max_side: int | None) -> tuple[int, int] | None:

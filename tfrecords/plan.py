@@ -155,8 +155,26 @@ def make_plan(
                 "jpeg_quality": jpeg_quality,
                 "images": [[m.relative_path, m.class_name, m.label, digests[m.relative_path]] for m in members],
             }
-            tasks.append(shards.ShardTask(split=split, file=file, images=tuple(members), fingerprint=fingerprint(identity)))
+            task = shards.ShardTask(split=split, file=file, source=FileSource(tuple(members)), fingerprint=fingerprint(identity))
+            tasks.append(task)
     return Plan(tasks=tasks, skipped=skipped, label_conflicts=list(label_conflicts.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class FileSource:
+    """The image files of one shard (a ShardTask's source), read in order."""
+
+    images: tuple
+
+    def read(self):
+        """Yields (SourceImage, bytes or the read error) for every image, in order."""
+        for image in self.images:
+            try:
+                with tf.io.gfile.GFile(image.path, "rb") as source_file:
+                    yield image, source_file.read()
+            except tf.errors.OpError as error:
+                # A file deleted or unreadable since the listing: skipped like an undecodable one.
+                yield image, error
 
 
 def fingerprint(identity: dict) -> str:

@@ -10,8 +10,16 @@ Every example holds one image, stored as JPEG bytes, with its label and where it
     image/class/text  bytes   class name
     image/source      bytes   path of the source file relative to the input folder
 
-Shards are named `<split>-%05d-of-%05d.tfrecord` (TF Model Garden style).
+Shards are named `<split>-%05d-of-%05d.tfrecord` (TF Model Garden style). Beside them:
+
+    labels.txt        one class name per line; line i is label id i (also beside every exported model)
+    manifest.json     the classes, each split's shards (with sizes and sha256) and counts, skipped files
+
+This module is the one data contract: the converter writes these files and the trainer reads them only
+through the functions here. write_text is the one atomic small-file write of the project.
 """
+
+import json
 
 import tensorflow as tf
 
@@ -19,6 +27,7 @@ SHARD_PATTERN = "{split}-{index:05d}-of-{count:05d}.tfrecord"
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.txt"
 SPLITS = ("train", "validation", "test")
+INCOMPLETE_SUFFIX = ".incomplete"
 
 FEATURES = {
     "image/encoded": tf.io.FixedLenFeature([], tf.string),
@@ -73,3 +82,50 @@ def parse_example(serialized: tf.Tensor) -> dict:
     Works eagerly and inside tf.data (`dataset.map(parse_example)`).
     """
     return tf.io.parse_single_example(serialized, FEATURES)
+
+
+def write_text(path: str, text: str) -> None:
+    """Writes a small text file through tf.io.gfile under a temporary name, then renames it: readers never
+    see half a file (a rename is atomic locally; on gs:// the object appears whole)."""
+    temporary_path = path + INCOMPLETE_SUFFIX
+    with tf.io.gfile.GFile(temporary_path, "w") as output:
+        output.write(text)
+    tf.io.gfile.rename(temporary_path, path, overwrite=True)
+
+
+def write_labels(folder: str, class_names: list) -> None:
+    """Writes <folder>/labels.txt: one class name per line, line i is label id i."""
+    write_text(tf.io.gfile.join(folder, LABELS_FILE), "".join(f"{name}\n" for name in class_names))
+
+
+def read_labels(folder: str) -> list | None:
+    """Returns the class names of <folder>/labels.txt in label-id order, or None when there is no such file."""
+    path = tf.io.gfile.join(folder, LABELS_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    with tf.io.gfile.GFile(path, "r") as file:
+        return [line for line in file.read().splitlines() if line]
+
+
+def write_manifest(data_dir: str, manifest: dict) -> None:
+    """Writes <data_dir>/manifest.json, atomically (the converter writes it last: its presence means done)."""
+    write_text(tf.io.gfile.join(data_dir, MANIFEST_FILE), json.dumps(manifest, indent=2) + "\n")
+
+
+def has_manifest(data_dir: str) -> bool:
+    return tf.io.gfile.exists(tf.io.gfile.join(data_dir, MANIFEST_FILE))
+
+
+def read_manifest(data_dir: str) -> dict:
+    """Reads <data_dir>/manifest.json written by `python -m tfrecords.build`.
+
+    Raises:
+        ValueError: there is none (naming --data_dir and the command that writes one).
+    """
+    if not has_manifest(data_dir):
+        raise ValueError(
+            f"--data_dir {data_dir!r} has no {MANIFEST_FILE}; "
+            "create it with: python -m tfrecords.build --input_dir=<image folder> --output_dir=<data_dir>"
+        )
+    with tf.io.gfile.GFile(tf.io.gfile.join(data_dir, MANIFEST_FILE), "r") as file:
+        return json.load(file)

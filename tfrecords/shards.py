@@ -24,7 +24,7 @@ from tfrecords import images
 from tfrecords import progress
 from tfrecords import schema
 
-INCOMPLETE_SUFFIX = ".incomplete"
+INCOMPLETE_SUFFIX = schema.INCOMPLETE_SUFFIX
 PROGRESS_FOLDER = "_progress"
 CRC_MASK_DELTA = 0xA282EAD8
 READ_CHUNK_BYTES = 8 * 2**20
@@ -47,16 +47,21 @@ class ShardTask:
     Attributes:
         split: one of schema.SPLITS.
         file: the shard's file name, schema.shard_name(split, index, count).
-        images: the SourceImages of this shard, in order (file sources).
-        tfds: for a TFDS source, the keyword arguments of tfrecords.tfds_source.read_examples.
+        source: where its images come from, an object that reads itself: `source.read()` yields
+            (SourceImage, bytes or the read error) in order, and `source.images` holds the SourceImages
+            known before reading (() when only reading tells). plan.FileSource and
+            tfds_source.TfdsSource are the two kinds; this module knows neither.
         fingerprint: sha256 of everything that determines the shard's bytes.
     """
 
     split: str
     file: str
-    images: tuple = ()
-    tfds: dict | None = None
+    source: object
     fingerprint: str = ""
+
+    @property
+    def images(self) -> tuple:
+        return self.source.images
 
 
 def record_path(output_dir: str, file: str) -> str:
@@ -111,7 +116,7 @@ def write_shard(job: tuple) -> dict:
     with tf.io.gfile.GFile(temporary_path, "wb") as output:
         # GFile creates the file on the first write; a shard whose every file is skipped is still written.
         output.write(b"")
-        for source, data in _read_sources(task):
+        for source, data in task.source.read():
             progress.report()
             try:
                 if isinstance(data, Exception):
@@ -145,7 +150,9 @@ def write_shard(job: tuple) -> dict:
         "skipped": skipped,
         "fingerprint": task.fingerprint,
     }
-    _write_text_atomically(record_path(output_dir, task.file), json.dumps(record, indent=1))
+    path = record_path(output_dir, task.file)
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    schema.write_text(path, json.dumps(record, indent=1))
     tf.io.gfile.rename(temporary_path, final_path, overwrite=True)
     return record
 
@@ -159,28 +166,3 @@ def frame_record(data: bytes) -> bytes:
 def _masked_crc(data: bytes) -> int:
     crc = google_crc32c.value(data)
     return (((crc >> 15) | (crc << 17)) + CRC_MASK_DELTA) & 0xFFFFFFFF
-
-
-def _read_sources(task: ShardTask):
-    """Yields (SourceImage, bytes or the read error) for every image of the task, in order."""
-    if task.tfds is not None:
-        # Imported here: the TFDS path is optional and importing tensorflow_datasets takes seconds.
-        from tfrecords import tfds_source
-
-        yield from tfds_source.read_examples(**task.tfds)
-        return
-    for source in task.images:
-        try:
-            with tf.io.gfile.GFile(source.path, "rb") as source_file:
-                yield source, source_file.read()
-        except tf.errors.OpError as error:
-            # A file deleted or unreadable since the listing: skipped like an undecodable one.
-            yield source, error
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
-    temporary_path = path + INCOMPLETE_SUFFIX
-    with tf.io.gfile.GFile(temporary_path, "w") as output:
-        output.write(text)
-    tf.io.gfile.rename(temporary_path, path, overwrite=True)

@@ -9,6 +9,7 @@ examples are not deduplicated. The image feature is the dataset's first `Image` 
 its first `ClassLabel`; class names come from that ClassLabel.
 """
 
+import dataclasses
 import math
 
 import tensorflow_datasets as tfds
@@ -71,24 +72,39 @@ def plan_tfds(
                 "version": plan.SHARD_FORMAT_VERSION, "file": file, "max_side": max_side,
                 "jpeg_quality": jpeg_quality, "tfds_version": str(builder.info.version), **read,
             }
-            tasks.append(shards.ShardTask(split=split, file=file, tfds=read, fingerprint=plan.fingerprint(identity)))
+            tasks.append(shards.ShardTask(split=split, file=file, source=TfdsSource(**read), fingerprint=plan.fingerprint(identity)))
     source = {"tfds_name": name, "tfds_version": str(builder.info.version), "layout": "tfds", "tfds_splits": mapping}
     return classes, tasks, source
 
 
-def read_examples(*, name, data_dir, split, index, count, image_key, label_key, classes):
-    """Yields (SourceImage, encoded image bytes) for part `index` of `count` of a TFDS split."""
-    part = tfds.even_splits(split, n=count)[index]
-    dataset = tfds.load(
-        name, split=part, data_dir=data_dir, shuffle_files=False, download=False,
-        decoders={image_key: tfds.decode.SkipDecoding()},
-    )
-    for position, example in enumerate(tfds.as_numpy(dataset)):
-        label = int(example[label_key])
-        source = shards.SourceImage(
-            path="", relative_path=f"{split}/part{index}of{count}/{position}", class_name=classes[label], label=label,
+@dataclasses.dataclass(frozen=True)
+class TfdsSource:
+    """Part `index` of `count` of a TFDS split (a ShardTask's source), in TFDS's stored order."""
+
+    name: str
+    data_dir: str | None
+    split: str
+    index: int
+    count: int
+    image_key: str
+    label_key: str
+    classes: list
+    images = ()  # the examples are known only by reading them
+
+    def read(self):
+        """Yields (SourceImage, encoded image bytes) for every example of the part."""
+        part = tfds.even_splits(self.split, n=self.count)[self.index]
+        dataset = tfds.load(
+            self.name, split=part, data_dir=self.data_dir, shuffle_files=False, download=False,
+            decoders={self.image_key: tfds.decode.SkipDecoding()},
         )
-        yield source, bytes(example[image_key])
+        for position, example in enumerate(tfds.as_numpy(dataset)):
+            label = int(example[self.label_key])
+            source = shards.SourceImage(
+                path="", relative_path=f"{self.split}/part{self.index}of{self.count}/{position}",
+                class_name=self.classes[label], label=label,
+            )
+            yield source, bytes(example[self.image_key])
 
 
 def _default_splits(*, available: list, validation_fraction: float, test_fraction: float) -> dict:

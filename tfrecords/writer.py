@@ -69,7 +69,7 @@ def is_owned(output_dir: str) -> bool:
         return False
     try:
         # Conversions from before OWNER_FILE existed: a manifest of this format is proof enough.
-        return "format_version" in read_manifest(output_dir)
+        return "format_version" in schema.read_manifest(output_dir)
     except (ValueError, tf.errors.OpError):
         return False
 
@@ -79,7 +79,7 @@ def claim_output_dir(output_dir: str) -> None:
     tf.io.gfile.makedirs(output_dir)
     path = tf.io.gfile.join(output_dir, OWNER_FILE)
     if not tf.io.gfile.exists(path):
-        _write_text_atomically(path, json.dumps({"written_by": "tfrecords.build", "format_version": FORMAT_VERSION}) + "\n")
+        schema.write_text(path, json.dumps({"written_by": "tfrecords.build", "format_version": FORMAT_VERSION}) + "\n")
 
 
 def _resolved(path: str) -> str:
@@ -215,24 +215,6 @@ def remove_progress(*, output_dir: str) -> None:
         tf.io.gfile.rmtree(folder)  # empty: nothing but the folder itself goes
 
 
-def write_labels(*, output_dir: str, classes: list) -> None:
-    """Writes labels.txt: one class name per line, line i is label id i."""
-    text = "".join(f"{name}\n" for name in classes)
-    _write_text_atomically(tf.io.gfile.join(output_dir, schema.LABELS_FILE), text)
-
-
-def write_manifest(*, output_dir: str, manifest: dict) -> None:
-    """Writes manifest.json (under a temporary name, then renamed, so readers never see half a file)."""
-    text = json.dumps(manifest, indent=2) + "\n"
-    _write_text_atomically(tf.io.gfile.join(output_dir, schema.MANIFEST_FILE), text)
-
-
-def read_manifest(data_dir: str) -> dict:
-    """Reads <data_dir>/manifest.json."""
-    with tf.io.gfile.GFile(tf.io.gfile.join(data_dir, schema.MANIFEST_FILE), "r") as manifest_file:
-        return json.load(manifest_file)
-
-
 def make_manifest(*, source: dict, classes: list, splits: dict, skipped: list, label_conflicts: list) -> dict:
     """Returns the manifest dict.
 
@@ -252,10 +234,3 @@ def make_manifest(*, source: dict, classes: list, splits: dict, skipped: list, l
         "skipped": sorted(skipped, key=lambda entry: entry["path"]),
         "label_conflicts": label_conflicts,
     }
-
-
-def _write_text_atomically(path: str, text: str) -> None:
-    temporary_path = path + shards.INCOMPLETE_SUFFIX
-    with tf.io.gfile.GFile(temporary_path, "w") as output:
-        output.write(text)
-    tf.io.gfile.rename(temporary_path, path, overwrite=True)

@@ -10,12 +10,12 @@ import sys
 import pytest
 import tensorflow as tf
 
-from tfrecords import build
+from tfrecords import conversion
 from tfrecords import demo_images
 from tfrecords import folder
 from tfrecords import plan
 from tfrecords import schema
-from tfrecords import verify
+from tfrecords import verification
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["circle", "square", "triangle"]
@@ -52,9 +52,11 @@ def _build(input_dir, output_dir, **overrides) -> dict:
         "seed": 42,
         "overwrite": False,
         "max_skipped_fraction": 1.0,
+        "num_workers": 1,
     }
     settings.update(overrides)
-    return build.build(input_dir=str(input_dir), output_dir=str(output_dir), **settings)
+    source = conversion.Source(input_dir=str(input_dir), labels_csv=settings.pop("labels_csv", None))
+    return conversion.build(source, str(output_dir), conversion.ConversionOptions(**settings))
 
 
 def _jpeg_bytes(color=(200, 30, 30), size=(40, 30)) -> bytes:
@@ -151,7 +153,7 @@ def test_shards_exist_are_balanced_and_decode(built, image_dir):
     assert sources == expected
     assert not list(output_dir.glob("*.incomplete"))
     assert not (output_dir / "_progress").exists()
-    assert verify.verify(data_dir=str(output_dir)) == ([], 6, len(sources))
+    assert verification.verify(data_dir=str(output_dir)) == ([], 6, len(sources))
 
 
 def test_splits_are_stable_whatever_the_listing(image_dir, tmp_path):
@@ -227,12 +229,12 @@ def test_folder_of_only_bad_files_is_refused_without_a_manifest(tmp_path):
     for class_name in ("cats", "dogs"):
         (tmp_path / "images" / class_name).mkdir(parents=True)
         (tmp_path / "images" / class_name / "readme.jpg").write_text(f"not an image of {class_name}\n")
-    with pytest.raises(build.TooManySkippedError, match=r"2 of 2 files \(100.0%\) could not be decoded"):
+    with pytest.raises(conversion.TooManySkippedError, match=r"2 of 2 files \(100.0%\) could not be decoded"):
         _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0,
                max_skipped_fraction=0.01)
     assert not (tmp_path / "output" / schema.MANIFEST_FILE).exists()
     # Even when skipping is allowed, a class with no image left is an error, not an empty split.
-    with pytest.raises(build.TooManySkippedError, match=r"class 'cats' has no decodable image left.*cats/readme.jpg"):
+    with pytest.raises(conversion.TooManySkippedError, match=r"class 'cats' has no decodable image left.*cats/readme.jpg"):
         _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
     assert not (tmp_path / "output" / schema.MANIFEST_FILE).exists()
 
@@ -242,7 +244,7 @@ def test_copies_of_one_class_in_another_leave_it_empty_and_are_refused(tmp_path)
         (tmp_path / "images" / class_name).mkdir(parents=True)
         # Identical files: the dogs' copy would be skipped as a duplicate of the cat, leaving dogs empty.
         (tmp_path / "images" / class_name / "same.jpg").write_bytes(_jpeg_bytes())
-    with pytest.raises(build.InputError, match=r"class 'dogs' would have 0 images: 1 of its entries are links to or copies"):
+    with pytest.raises(conversion.InputError, match=r"class 'dogs' would have 0 images: 1 of its entries are links to or copies"):
         _build(tmp_path / "images", tmp_path / "output", validation_fraction=0.0, test_fraction=0.0)
     assert not (tmp_path / "output").exists()
 
@@ -310,9 +312,9 @@ def test_program_input_errors_exit_2_with_one_line(tmp_path, make_input_dir, mes
 def test_tfds_source_with_mock_data(tmp_path):
     tfds = pytest.importorskip("tensorflow_datasets")
     with tfds.testing.mock_data(num_examples=6):
-        manifest = build.build(
-            input_dir=None, output_dir=str(tmp_path / "output"), validation_fraction=0.2, test_fraction=0.1,
-            num_shards=2, target_shard_mb=100, seed=42, overwrite=False, tfds_name="tf_flowers", max_side=16,
+        manifest = conversion.build(
+            conversion.Source(tfds_name="tf_flowers"), str(tmp_path / "output"),
+            conversion.ConversionOptions(validation_fraction=0.2, test_fraction=0.1, num_shards=2, max_side=16, num_workers=1),
         )
     assert manifest["layout"] == "tfds" and manifest["tfds_name"] == "tf_flowers"
     assert manifest["tfds_splits"] == {"train": "train[30%:]", "validation": "train[10%:30%]", "test": "train[:10%]"}
@@ -321,7 +323,7 @@ def test_tfds_source_with_mock_data(tmp_path):
     assert {name: split["num_examples"] for name, split in manifest["splits"].items()} == {
         "train": 12, "validation": 12, "test": 12
     }
-    problems, num_shards, num_examples = verify.verify(data_dir=str(tmp_path / "output"))
+    problems, num_shards, num_examples = verification.verify(data_dir=str(tmp_path / "output"))
     assert (problems, num_shards, num_examples) == ([], 6, 36)
     for serialized in tf.data.TFRecordDataset(str(tmp_path / "output" / "train-00000-of-00002.tfrecord")):
         assert max(int(schema.parse_example(serialized)["image/height"]), 1) <= 16
@@ -358,7 +360,7 @@ def test_labels_csv(image_dir, tmp_path):
     assert "square/./square_000.jpg" not in sources and any(source.startswith("square/square_") for source in sources)
     # A row naming a file that is not there is an input error, before anything is written.
     (tmp_path / "missing.csv").write_text("\n".join(rows + ["missing.jpg,angular"]) + "\n")
-    with pytest.raises(build.InputError, match=r"names 1 files that are not in --input_dir .*'missing.jpg'"):
+    with pytest.raises(conversion.InputError, match=r"names 1 files that are not in --input_dir .*'missing.jpg'"):
         _build(image_dir, tmp_path / "other", labels_csv=str(tmp_path / "missing.csv"))
     assert not (tmp_path / "other").exists()
     (tmp_path / "bad.csv").write_text("../outside.jpg,round\n")
@@ -403,7 +405,7 @@ def test_every_odd_image_is_converted_or_skipped_with_a_reason(tmp_path):
     assert sorted(skipped) == sorted(expected_skipped)
     assert all(skipped[name].startswith(reason) for name, reason in expected_skipped.items())
     assert manifest["splits"]["train"]["num_examples"] == len(ODD_IMAGES) - len(expected_skipped)
-    assert verify.verify(data_dir=str(tmp_path / "output"))[0] == []
+    assert verification.verify(data_dir=str(tmp_path / "output"))[0] == []
 
 
 def test_ram_filesystem_input_and_output(image_dir):
@@ -415,7 +417,7 @@ def test_ram_filesystem_input_and_output(image_dir):
     manifest = _build("ram://images", "ram://output", num_shards=1)
     assert sum(split["num_examples"] for split in manifest["splits"].values()) == len(CLASSES) * NUM_PER_CLASS
     assert tf.io.gfile.exists("ram://output/manifest.json")
-    assert verify.verify(data_dir="ram://output")[0] == []
+    assert verification.verify(data_dir="ram://output")[0] == []
 
 
 @pytest.mark.parametrize(

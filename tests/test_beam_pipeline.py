@@ -8,8 +8,8 @@ import pytest
 
 beam_options = pytest.importorskip("apache_beam.options.pipeline_options")
 
-from tfrecords import beam_build  # noqa: E402 (after the importorskip: apache_beam is the `beam` extra)
-from tfrecords import build  # noqa: E402
+from tfrecords import beam_pipeline  # noqa: E402 (after the importorskip: apache_beam is the `beam` extra)
+from tfrecords import conversion  # noqa: E402
 from tfrecords import demo_images  # noqa: E402
 from tfrecords import shards  # noqa: E402
 
@@ -49,7 +49,8 @@ def image_dir(tmp_path_factory) -> Path:
 def local_output(image_dir, tmp_path_factory) -> tuple:
     """The output of the local converter (tfrecords.build) with SETTINGS: (manifest, its files' bytes)."""
     output_dir = tmp_path_factory.mktemp("local") / "output"
-    manifest = build.build(input_dir=str(image_dir), output_dir=str(output_dir), num_workers=1, **SETTINGS)
+    options = conversion.ConversionOptions(num_workers=1, **SETTINGS)
+    manifest = conversion.build(conversion.Source(input_dir=str(image_dir)), str(output_dir), options)
     return manifest, _output_files(output_dir)
 
 
@@ -71,7 +72,7 @@ def test_program_output_is_byte_identical_to_local_converter(image_dir, local_ou
     flags = [f"--{name}={value}" for name, value in SETTINGS.items() if name != "overwrite"]
     result = _run_beam_build(f"--input_dir={image_dir}", f"--output_dir={output_dir}", *flags, RUNNER)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == build.summarize(manifest=local_manifest, output_dir=str(output_dir))
+    assert result.stdout.strip() == conversion.summarize(manifest=local_manifest, output_dir=str(output_dir))
 
     beam_files = _output_files(output_dir)
     shard_names = [shard["file"] for split in local_manifest["splits"].values() for shard in split["shards"]]
@@ -91,20 +92,19 @@ def test_program_output_is_byte_identical_to_local_converter(image_dir, local_ou
 
 def test_resumed_pipeline_keeps_a_complete_shard(image_dir, local_output, tmp_path, monkeypatch):
     _, local_files = local_output
-    monkeypatch.setattr(beam_build, "TASKS_PER_PLAN_FILE", 2)  # a plan in several files
+    monkeypatch.setattr(beam_pipeline, "TASKS_PER_PLAN_FILE", 2)  # a plan in several files
     output_dir = tmp_path / "output"
     # An interrupted run: one shard complete (with its progress record), a stray partial file, no manifest.
-    conversion = build.prepare(
-        input_dir=str(image_dir), output_dir=str(output_dir), num_workers=1, labels_csv=None, **SETTINGS
-    )
-    first = conversion.plan.tasks[0]
-    shards.write_shard((first, str(output_dir), SETTINGS["max_side"], SETTINGS["jpeg_quality"], conversion.classes))
-    (output_dir / (conversion.plan.tasks[1].file + shards.INCOMPLETE_SUFFIX)).write_bytes(b"partial")
+    options = conversion.ConversionOptions(num_workers=1, **SETTINGS)
+    prepared = conversion.prepare(conversion.Source(input_dir=str(image_dir)), str(output_dir), options)
+    first = prepared.plan.tasks[0]
+    shards.write_shard((first, str(output_dir), SETTINGS["max_side"], SETTINGS["jpeg_quality"], prepared.classes))
+    (output_dir / (prepared.plan.tasks[1].file + shards.INCOMPLETE_SUFFIX)).write_bytes(b"partial")
     kept_mtime = (output_dir / first.file).stat().st_mtime_ns
 
-    manifest = beam_build.build_with_beam(
-        input_dir=str(image_dir), output_dir=str(output_dir), labels_csv=None,
-        pipeline_options=beam_build.make_pipeline_options([RUNNER]), **SETTINGS,
+    manifest = beam_pipeline.build_with_beam(
+        conversion.Source(input_dir=str(image_dir)), str(output_dir), conversion.ConversionOptions(**SETTINGS),
+        beam_pipeline.make_pipeline_options([RUNNER]),
     )
     assert _output_files(output_dir) == local_files
     assert (output_dir / first.file).stat().st_mtime_ns == kept_mtime
@@ -112,13 +112,12 @@ def test_resumed_pipeline_keeps_a_complete_shard(image_dir, local_output, tmp_pa
 
 
 def test_plan_line_round_trip(image_dir, tmp_path):
-    conversion = build.prepare(
-        input_dir=str(image_dir), output_dir=str(tmp_path / "output"), num_workers=1, labels_csv=None, **SETTINGS
-    )
-    for task in conversion.plan.tasks:
-        line = beam_build.task_to_json(task)
+    options = conversion.ConversionOptions(num_workers=1, **SETTINGS)
+    prepared = conversion.prepare(conversion.Source(input_dir=str(image_dir)), str(tmp_path / "output"), options)
+    for task in prepared.plan.tasks:
+        line = beam_pipeline.task_to_json(task)
         assert "\n" not in line
-        assert beam_build.task_from_json(line) == task
+        assert beam_pipeline.task_from_json(line) == task
 
 
 @pytest.mark.parametrize(
