@@ -23,6 +23,7 @@ MultiWorkerMirroredStrategy needs; the restarted trainer resumes from its last c
 command; without it the spec is written to --spec_file (or a temporary file) and that command is run.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -96,14 +97,24 @@ def make_trainer_arguments(*, shape: str, trainer_flags: list[str]) -> list[str]
     raise ValueError(f"Unknown shape: {shape!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """The machine of every worker pool (the flags of the same names); empty values take the shape's defaults."""
+
+    machine_type: str = ""
+    accelerator_type: str = ""
+    accelerator_count: int = 0
+    tpu_topology: str = ""
+
+
 def make_job_spec(
-    *, shape: str, image_uri: str, trainer_flags: list[str], num_workers: int, machine_type: str,
-    accelerator_type: str, accelerator_count: int, tpu_topology: str, staging_bucket: str | None,
-    service_account: str, spot: bool, restart_job_on_worker_restart: bool, timeout_hours: int,
+    *, shape: str, image_uri: str, trainer_flags: list[str], num_workers: int, machine: Machine,
+    staging_bucket: str | None, service_account: str, spot: bool, restart_job_on_worker_restart: bool,
+    timeout_hours: int,
 ) -> dict:
     """The CustomJobSpec (the `jobSpec` of a CustomJob; the file `gcloud ai custom-jobs create --config` reads).
 
-    Args: as the flags of the same names; empty machine/accelerator values take the shape's defaults.
+    Args: as the flags of the same names, the machine's in `machine`.
 
     Raises:
         ValueError: a flag value that Vertex AI would reject or that contradicts the shape.
@@ -112,10 +123,10 @@ def make_job_spec(
         raise ValueError(f"--shape {shape!r} must be one of {', '.join(SHAPES)}")
     if not image_uri or any(character.isspace() for character in image_uri):
         raise ValueError(f"--image_uri {image_uri!r} must be a container image, e.g. REGION-docker.pkg.dev/PROJECT/REPO/IMAGE:TAG")
-    machine_type = machine_type or DEFAULT_MACHINE_TYPES[shape]
+    machine_type = machine.machine_type or DEFAULT_MACHINE_TYPES[shape]
     default_type, default_count = DEFAULT_ACCELERATORS[shape]
-    accelerator_type = accelerator_type or default_type
-    accelerator_count = accelerator_count or default_count
+    accelerator_type = machine.accelerator_type or default_type
+    accelerator_count = machine.accelerator_count or default_count
     if accelerator_count < 0:
         raise ValueError(f"--accelerator_count {accelerator_count} must be >= 0")
     if shape == "multi_worker" and num_workers < 2:
@@ -134,7 +145,7 @@ def make_job_spec(
 
     machine_spec = make_machine_spec(
         machine_type=machine_type, accelerator_type=accelerator_type, accelerator_count=accelerator_count,
-        tpu_topology=tpu_topology,
+        tpu_topology=machine.tpu_topology,
     )
     container_spec = {"imageUri": image_uri, "args": make_trainer_arguments(shape=shape, trainer_flags=trainer_flags)}
 
@@ -178,8 +189,8 @@ def main(argv: list[str]) -> int:
     try:
         spec = make_job_spec(
             shape=FLAGS.shape, image_uri=FLAGS.image_uri or "", trainer_flags=argv[1:], num_workers=FLAGS.num_workers,
-            machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
-            accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology,
+            machine=Machine(machine_type=FLAGS.machine_type, accelerator_type=FLAGS.accelerator_type,
+                            accelerator_count=FLAGS.accelerator_count, tpu_topology=FLAGS.tpu_topology),
             staging_bucket=FLAGS.staging_bucket, service_account=FLAGS.service_account, spot=FLAGS.spot,
             restart_job_on_worker_restart=FLAGS.restart_job_on_worker_restart, timeout_hours=FLAGS.timeout_hours,
         )

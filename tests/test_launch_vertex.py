@@ -17,6 +17,15 @@ DEFAULTS = dict(
 )
 
 
+MACHINE_FIELDS = ("machine_type", "accelerator_type", "accelerator_count", "tpu_topology")
+
+
+def make_job_spec(**settings) -> dict:
+    """vertex.make_job_spec with the machine's fields given like the others."""
+    machine = vertex.Machine(**{name: settings.pop(name) for name in MACHINE_FIELDS})
+    return vertex.make_job_spec(machine=machine, **settings)
+
+
 def check_pool(pool, *, replica_count, image_uri, strategy):
     assert pool["replicaCount"] == replica_count
     assert pool["machineSpec"]["machineType"]
@@ -27,7 +36,7 @@ def check_pool(pool, *, replica_count, image_uri, strategy):
 
 
 def test_single_machine_with_gpus_is_mirrored():
-    spec = vertex.make_job_spec(shape="single", **{**DEFAULTS, "accelerator_type": "NVIDIA_L4", "accelerator_count": 4})
+    spec = make_job_spec(shape="single", **{**DEFAULTS, "accelerator_type": "NVIDIA_L4", "accelerator_count": 4})
     (pool,) = spec["workerPoolSpecs"]
     check_pool(pool, replica_count=1, image_uri=DEFAULTS["image_uri"], strategy="mirrored")
     assert pool["machineSpec"] == {"machineType": "n1-standard-8", "acceleratorType": "NVIDIA_L4", "acceleratorCount": 4}
@@ -36,7 +45,7 @@ def test_single_machine_with_gpus_is_mirrored():
 
 
 def test_multi_worker_has_a_chief_pool_and_a_workers_pool():
-    spec = vertex.make_job_spec(shape="multi_worker", **{**DEFAULTS, "spot": True, "timeout_hours": 2})
+    spec = make_job_spec(shape="multi_worker", **{**DEFAULTS, "spot": True, "timeout_hours": 2})
     chief, workers = spec["workerPoolSpecs"]
     check_pool(chief, replica_count=1, image_uri=DEFAULTS["image_uri"], strategy="multi_worker")
     check_pool(workers, replica_count=2, image_uri=DEFAULTS["image_uri"], strategy="multi_worker")
@@ -45,12 +54,12 @@ def test_multi_worker_has_a_chief_pool_and_a_workers_pool():
 
 
 def test_tpu_runs_the_tpu_strategy_locally_in_bfloat16():
-    spec = vertex.make_job_spec(shape="tpu", **DEFAULTS)
+    spec = make_job_spec(shape="tpu", **DEFAULTS)
     (pool,) = spec["workerPoolSpecs"]
     check_pool(pool, replica_count=1, image_uri=DEFAULTS["image_uri"], strategy="tpu")
     assert pool["machineSpec"] == {"machineType": "cloud-tpu", "acceleratorType": "TPU_V3", "acceleratorCount": 8}
     assert pool["containerSpec"]["args"][2:] == ["--strategy=tpu", "--tpu=local", "--precision=mixed_bfloat16"]
-    v5e = vertex.make_job_spec(shape="tpu", **{**DEFAULTS, "machine_type": "ct5lp-hightpu-4t", "accelerator_type": "TPU_V5_LITEPOD",
+    v5e = make_job_spec(shape="tpu", **{**DEFAULTS, "machine_type": "ct5lp-hightpu-4t", "accelerator_type": "TPU_V5_LITEPOD",
                                                "accelerator_count": 4, "tpu_topology": "2x2",
                                                "trainer_flags": ["--precision=float32"]})
     assert v5e["workerPoolSpecs"][0]["machineSpec"]["tpuTopology"] == "2x2"
@@ -67,7 +76,7 @@ def test_tpu_runs_the_tpu_strategy_locally_in_bfloat16():
 ])
 def test_invalid_flags_are_named(changes, message):
     with pytest.raises(ValueError, match=message):
-        vertex.make_job_spec(**{**DEFAULTS, **changes})
+        make_job_spec(**{**DEFAULTS, **changes})
 
 
 def run_cli(*args):
