@@ -77,7 +77,7 @@ def run_logged(command: list[str], log_path: str) -> float:
 
 def read_split_sources(data_dir: str) -> dict[str, list[tuple[str, str]]]:
     """Returns {split: [(path relative to the input folder, class name), ...]} read from our shards."""
-    manifest = data.read_manifest(data_dir)
+    manifest = schema.read_manifest(data_dir)
     splits = {}
     for split in SPLITS:
         examples = tf.data.TFRecordDataset(data.shard_paths(data_dir, manifest, split)).map(schema.parse_example)
@@ -234,7 +234,7 @@ def format_row(name: str, results: dict, wall_seconds: float, seeds_seconds: flo
 
 def run_seeds(data_dir: str, results_path: str) -> dict:
     """Mirrors our splits as symlink folders, trains the tutorials' recipe, saves and returns its results."""
-    manifest = data.read_manifest(data_dir)
+    manifest = schema.read_manifest(data_dir)
     splits = read_split_sources(data_dir)
     split_folders = link_split_folders(FLAGS.image_dir, splits, manifest["classes"],
                                        os.path.join(FLAGS.work_dir, "split_folders"))
@@ -293,7 +293,7 @@ def compare(ours_flags: list[str], results_path: str) -> None:
     ]
     print(f"converting: {shlex.join(build_command)}", flush=True)
     build_seconds = run_logged(build_command, os.path.join(FLAGS.work_dir, "build.log"))
-    manifest = data.read_manifest(data_dir)
+    manifest = schema.read_manifest(data_dir)
     split_sizes = {split: manifest["splits"][split]["num_examples"] for split in SPLITS if split in manifest["splits"]}
     print(f"splits: {split_sizes}, classes: {manifest['classes']}", flush=True)
 

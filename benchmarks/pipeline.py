@@ -23,6 +23,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import common
+from tfrecords import schema
 from trainer import data
 
 FLAGS = flags.FLAGS
@@ -62,8 +63,8 @@ def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs)
         kwargs["flip"] = False
         augmentation = data.make_augmentation(flip=True, pixels="uint8")
     return data.make_dataset(
-        data_dir=data_dir, manifest=data.read_manifest(data_dir), split="train", image_size=image_size,
-        batch_size=batch_size, training=True, augmentation=augmentation, **kwargs,
+        data_dir=data_dir, manifest=schema.read_manifest(data_dir), split="train", image_size=image_size,
+        batch_size=batch_size, training=True, augmentation=augmentation, options=data.PipelineOptions(**kwargs),
     )
 
 

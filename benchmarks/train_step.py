@@ -22,6 +22,7 @@ import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import common
+from tfrecords import schema
 from trainer import data
 from trainer import model as model_lib
 
@@ -42,10 +43,7 @@ class EpochTimer(keras.callbacks.Callback):
 
 def build(num_classes: int, augmentation=None) -> keras.Model:
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(
-        backbone="mobilenet_v2", num_classes=num_classes, image_size=FLAGS.image_size, weights="none",
-        preprocess="tf", dropout=0.2, augmentation=augmentation,
-    )
+    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=FLAGS.image_size, weights="none", preprocess="tf", dropout=0.2), num_classes=num_classes, augmentation=augmentation)
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     return model
 
@@ -69,7 +67,7 @@ def main(argv):
         FLAGS.image_dir, FLAGS.converted_dir or os.path.join(FLAGS.work_dir, f"max_side_{FLAGS.max_side}"),
         max_side=FLAGS.max_side,
     )
-    manifest = data.read_manifest(data_dir)
+    manifest = schema.read_manifest(data_dir)
     num_classes = len(manifest["classes"])
     rng = np.random.default_rng(0)
     images = tf.constant(rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32))
@@ -79,7 +77,7 @@ def main(argv):
     def ours(augmentation, flip=True):
         return data.make_dataset(
             data_dir=data_dir, manifest=manifest, split="train", image_size=size, batch_size=batch,
-            training=True, augmentation=augmentation, flip=flip,
+            training=True, augmentation=augmentation, options=data.PipelineOptions(flip=flip),
         )
 
     feeds = {

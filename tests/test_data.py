@@ -1,6 +1,7 @@
 """trainer/data.py: the pipeline reads the converter's shards back, batched, decoded and augmented."""
 
 import io
+import dataclasses
 import json
 
 import numpy as np
@@ -8,22 +9,23 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from tfrecords import schema
 from trainer import data
 
 
 def test_read_manifest_without_one_names_the_flag(tmp_path):
     with pytest.raises(ValueError, match=r"--data_dir '.*' has no manifest.json; create it with"):
-        data.read_manifest(str(tmp_path))
+        schema.read_manifest(str(tmp_path))
 
 
 def test_missing_split_is_named(demo_data_dir):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     with pytest.raises(ValueError, match=r"has no 'extra' split"):
         data.shard_paths(str(demo_data_dir), manifest, "extra")
 
 
 def test_evaluation_dataset_reads_every_example_once_in_order(demo_data_dir):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     expected = manifest["splits"]["validation"]["num_examples"]
     dataset = data.make_dataset(
         data_dir=str(demo_data_dir), manifest=manifest, split="validation", image_size=40, batch_size=4,
@@ -47,11 +49,11 @@ def test_evaluation_dataset_reads_every_example_once_in_order(demo_data_dir):
 
 
 def test_training_dataset_repeats_with_full_augmented_batches(demo_data_dir):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     augmentation = data.make_augmentation(flip=True, rotation=0.1, zoom=0.1, seed=0, pixels="uint8")
     dataset = data.make_dataset(
         data_dir=str(demo_data_dir), manifest=manifest, split="train", image_size=40, batch_size=8,
-        training=True, augmentation=augmentation, seed=0,
+        training=True, augmentation=augmentation, options=data.PipelineOptions(seed=0),
     )
     num_batches = 3 * manifest["splits"]["train"]["num_examples"] // 8 + 1  # more than one epoch
     for images, labels in dataset.take(num_batches):
@@ -97,14 +99,14 @@ def test_decode_and_resize_eagerly_and_in_tf_data(image_format):
 
 def test_manifest_is_what_the_converter_wrote(demo_data_dir):
     with open(demo_data_dir / "manifest.json") as file:
-        assert data.read_manifest(str(demo_data_dir)) == json.load(file)
+        assert schema.read_manifest(str(demo_data_dir)) == json.load(file)
 
 
 def test_padded_evaluation_gives_exact_loss_and_accuracy(demo_data_dir):
     """Loss and accuracy over padded batches equal those over the real examples alone."""
     import keras
 
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     keras.utils.set_random_seed(0)
     inputs = keras.Input((16, 16, 3))
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Rescaling(1 / 255)(inputs))
@@ -200,12 +202,19 @@ def test_random_crop_eagerly_and_in_tf_data(image_format):
         np.testing.assert_array_equal(whole, exact)
 
 
+PIPELINE_OPTIONS = {field.name for field in dataclasses.fields(data.PipelineOptions)}
+
+
 def training_dataset(demo_data_dir, **kwargs):
-    manifest = data.read_manifest(str(demo_data_dir))
+    """make_dataset of the demo train split; keyword arguments that are PipelineOptions' fields go there."""
+    manifest = schema.read_manifest(str(demo_data_dir))
+    options = data.PipelineOptions(**{key: value for key, value in kwargs.items() if key in PIPELINE_OPTIONS})
     arguments = dict(
         data_dir=str(demo_data_dir), manifest=manifest, split="train", image_size=16, batch_size=4, training=True,
+        options=options,
     )
-    return data.make_dataset(**{**arguments, **kwargs})
+    arguments.update((key, value) for key, value in kwargs.items() if key not in PIPELINE_OPTIONS)
+    return data.make_dataset(**arguments)
 
 
 def first_batches(dataset, count=3):
@@ -237,7 +246,7 @@ def test_options_reach_the_dataset(demo_data_dir):
 
 @pytest.mark.parametrize("cache", ["memory", "file"])
 def test_cache_keeps_random_crops_new_each_epoch(demo_data_dir, tmp_path, cache):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     num_examples = manifest["splits"]["train"]["num_examples"]
     cache = str(tmp_path / "cache") if cache == "file" else cache
     dataset = training_dataset(demo_data_dir, batch_size=num_examples, cache=cache, seed=3, deterministic=True)
@@ -248,7 +257,7 @@ def test_cache_keeps_random_crops_new_each_epoch(demo_data_dir, tmp_path, cache)
         assert any(name.startswith("train") for name in (tmp_path / "cache").iterdir() for name in [name.name])
     evaluation = data.make_dataset(
         data_dir=str(demo_data_dir), manifest=manifest, split="validation", image_size=16, batch_size=4,
-        training=False, cache=cache,
+        training=False, options=data.PipelineOptions(cache=cache),
     )
     first, second = list(evaluation), list(evaluation)  # the second pass reads the cache
     for batch_a, batch_b in zip(first, second):
@@ -264,7 +273,7 @@ def image_keys(dataset, count):
 
 @pytest.mark.parametrize("num_pipelines", [2, 3])  # 2 shards: one each; 3: more pipelines than shards
 def test_input_context_shards_training_data_and_batches_per_replica(demo_data_dir, num_pipelines):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     shards = manifest["splits"]["train"]["shards"]
     assert len(shards) == 2
     num_examples = manifest["splits"]["train"]["num_examples"]
@@ -287,7 +296,7 @@ def test_input_context_shards_training_data_and_batches_per_replica(demo_data_di
 
 
 def test_input_context_splits_evaluation_evenly_and_exactly(demo_data_dir):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     num_examples = manifest["splits"]["validation"]["num_examples"]
     labels, weights, lengths = [], [], []
     for pipeline_id in range(2):
@@ -323,7 +332,7 @@ def data_service_address():
 
 @pytest.mark.parametrize("mode", ["parallel_epochs", "distributed_epoch"])
 def test_tf_data_service_runs_the_training_pipeline(demo_data_dir, data_service_address, mode):
-    manifest = data.read_manifest(str(demo_data_dir))
+    manifest = schema.read_manifest(str(demo_data_dir))
     augmentation = data.make_augmentation(flip=True, rotation=0.1, seed=0)
     dataset = training_dataset(demo_data_dir, augmentation=augmentation, data_service=data_service_address,
                                data_service_mode=mode)

@@ -227,9 +227,7 @@ def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
     # And the mechanism itself: fine-tuning changed the top of the backbone, but not one BatchNorm statistic.
     # Read from phase 2's own checkpoint: the final model may hold phase 1's weights, restored as the best.
     pretrained = keras.saving.load_model(LITE0_BACKBONE, compile=False)
-    after_phase2 = model_lib.build_model(
-        backbone=str(LITE0_BACKBONE), num_classes=5, image_size=96, weights="imagenet", preprocess="tf", dropout=0.2
-    )
+    after_phase2 = model_lib.build_model(model_lib.ModelSpec(backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2), num_classes=5)
     checkpoint = tf.train.latest_checkpoint(str(model_dir / "checkpoints" / "phase2"))
     tf.train.Checkpoint(model=after_phase2).restore(checkpoint).expect_partial().assert_existing_objects_matched()
     fine_tuned = model_lib.get_backbones(after_phase2)[0]

@@ -1,4 +1,4 @@
-"""tf.data pipelines over the converter's shards, and the manifest that describes them.
+"""tf.data pipelines over the converter's shards (their manifest and labels are read through tfrecords/schema.py).
 
 One function per dataset, in the canonical order:
 list shards -> interleave -> [cache] -> shuffle -> repeat -> map(parse + decode + crop + resize) -> batch
@@ -10,13 +10,13 @@ decodes the window it keeps); evaluation and serving take a central crop (decode
 """
 
 import contextlib
-import json
+import dataclasses
+import os
 import re
 
 import keras
 import tensorflow as tf
 
-from tfrecords import progress
 from tfrecords import schema
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -29,18 +29,83 @@ CROP_MAX_ATTEMPTS = 10
 MAX_INTERLEAVE_FILES = 16
 # Starts the message of a record whose label disagrees with the manifest (parse_record).
 RECORD_MISMATCH = "record label does not match the manifest:"
+DATA_SERVICE_MODES = ("parallel_epochs", "distributed_epoch")
+AUGMENTATION_LAYERS = ("rotation", "zoom", "translation", "contrast", "brightness")
 
 
-def read_manifest(data_dir: str) -> dict:
-    """Reads `<data_dir>/manifest.json` written by `python -m tfrecords.build`."""
-    path = tf.io.gfile.join(data_dir, schema.MANIFEST_FILE)
-    if not tf.io.gfile.exists(path):
-        raise ValueError(
-            f"--data_dir {data_dir!r} has no {schema.MANIFEST_FILE}; "
-            "create it with: python -m tfrecords.build --input_dir=<image folder> --output_dir=<data_dir>"
-        )
-    with tf.io.gfile.GFile(path, "r") as file:
-        return json.load(file)
+@dataclasses.dataclass(frozen=True)
+class PipelineOptions:
+    """How make_dataset reads, decodes and feeds the shards (the flags of the same names).
+
+    shuffle_buffer: examples in the training shuffle buffer.
+    seed: seed of the shuffles and the random crops (None: different every run).
+    deterministic: a fixed element order in training too (evaluation always has one).
+    cache: "" (none), "memory", or a local folder for cache files. The encoded bytes are cached, before
+        the random crop, so every epoch still gets new crops.
+    crop_min_area: smallest share of the image a training crop covers; 1.0 turns random crops off.
+    flip: random left-right flips of training images, done in the decode (see decode_random_crop).
+    ram_budget_gb, private_threads: see dataset_options.
+    data_service: "grpc://host:port" of a tf.data service dispatcher that runs the training pipeline on
+        its workers; "" runs it here. Evaluation always runs here.
+    data_service_mode: "parallel_epochs" (every worker runs the whole pipeline) or "distributed_epoch"
+        (the workers split the files between them).
+    """
+
+    shuffle_buffer: int = 1000
+    seed: int | None = None
+    deterministic: bool = False
+    cache: str = ""
+    crop_min_area: float = 0.25
+    flip: bool = True
+    ram_budget_gb: float = 0.0
+    private_threads: int = 0
+    data_service: str = ""
+    data_service_mode: str = "parallel_epochs"
+
+    def __post_init__(self):
+        if self.data_service_mode not in DATA_SERVICE_MODES:
+            raise ValueError(f"--tf_data_service_mode {self.data_service_mode!r} is not one of {DATA_SERVICE_MODES}")
+        if not 0.0 < self.crop_min_area <= 1.0:
+            raise ValueError(f"--crop_min_area {self.crop_min_area!r} must be within (0, 1]; 1 turns random crops off")
+        if self.private_threads < 0:
+            raise ValueError(f"--data_threads {self.private_threads} must be 0 (two per core) or a thread count")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"--shuffle_buffer {self.shuffle_buffer} must be at least 1")
+
+    @property
+    def augments(self) -> bool:
+        """True when the decode itself augments (random crops or flips)."""
+        return self.flip or self.crop_min_area < 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAugmentation:
+    """The Keras augmentation layers of training (the --augment_* flags; 0 = off) and where they run:
+    "host" (in tf.data, on uint8 batches) or "device" (the model's first layers, inactive at inference)."""
+
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    contrast: float = 0.0
+    brightness: float = 0.0
+    on: str = "host"
+
+    def __post_init__(self):
+        if self.on not in ("host", "device"):
+            raise ValueError(f"--augment_on {self.on!r} must be host or device")
+        make_augmentation(flip=False, **self.factors())  # raises ValueError naming a bad --augment_* value
+
+    def factors(self) -> dict:
+        return {name: getattr(self, name) for name in AUGMENTATION_LAYERS}
+
+    def any(self) -> bool:
+        return any(self.factors().values())
+
+    def make_layers(self, *, on: str, seed: int | None):
+        """The layers when they run `on` "host" or "device" (else None), for uint8 or float32 batches."""
+        if on != self.on:
+            return None
+        return make_augmentation(flip=False, seed=seed, pixels="uint8" if on == "host" else "float32", **self.factors())
 
 
 def check_data(data_dir: str, manifest: dict) -> None:
@@ -58,11 +123,9 @@ def check_data(data_dir: str, manifest: dict) -> None:
     classes = manifest.get("classes") or []
     if len(set(classes)) != len(classes) or not all(isinstance(name, str) and name for name in classes):
         raise ValueError(f"--data_dir {data_dir!r}: the manifest's classes {classes[:5]}... are not distinct names; {verify}")
-    labels_path = tf.io.gfile.join(data_dir, schema.LABELS_FILE)
-    if not tf.io.gfile.exists(labels_path):
+    labels = schema.read_labels(data_dir)
+    if labels is None:
         raise ValueError(f"--data_dir {data_dir!r} has no {schema.LABELS_FILE}; {verify}")
-    with tf.io.gfile.GFile(labels_path, "r") as file:
-        labels = file.read().splitlines()
     if labels != classes:
         raise ValueError(
             f"--data_dir {data_dir!r}: {schema.LABELS_FILE} lists {labels[:5]}..., the manifest {classes[:5]}... "
@@ -398,7 +461,8 @@ def default_private_threads() -> int:
     pool made the default-policy pipeline a few percent faster alone and phase-1 fit() fed by it about 4%
     faster (benchmarks/, medians). Two per core leave slack for threads that wait on reads (gs:// shards).
     """
-    return 2 * progress.default_num_workers()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return 2 * cores
 
 
 def _cache(dataset: tf.data.Dataset, cache: str, split: str, input_context) -> tf.data.Dataset:
@@ -420,18 +484,9 @@ def make_dataset(
     image_size: int,
     batch_size: int,
     training: bool,
+    options: PipelineOptions = PipelineOptions(),
     augmentation=None,
-    shuffle_buffer: int = 1000,
-    seed: int | None = None,
-    deterministic: bool = False,
-    cache: str = "",
-    crop_min_area: float = 0.25,
-    flip: bool = True,
-    ram_budget_gb: float = 0.0,
-    private_threads: int = 0,
     input_context: tf.distribute.InputContext | None = None,
-    data_service: str = "",
-    data_service_mode: str = "parallel_epochs",
 ) -> tf.data.Dataset:
     """Builds the (images, labels) dataset of one split.
 
@@ -440,92 +495,45 @@ def make_dataset(
 
     Args:
         data_dir: the converter's output folder (local or gs://).
-        manifest: its manifest (read_manifest).
+        manifest: its manifest (schema.read_manifest).
         split: "train", "validation" or "test".
         image_size: output height and width.
         batch_size: global batch size (with input_context, each replica's batch is its share).
         training: shuffle, repeat forever, random-crop, drop the last partial batch and augment; otherwise
             one pass in a fixed order, central crop, the last batch padded.
+        options: how to read, shuffle, crop, flip and feed (PipelineOptions).
         augmentation: a Keras layer applied to training batches in tf.data (make_augmentation with
             pixels="uint8": the batches it gets are uint8), or None (no augmentation, or augmentation in
-            the model).
-        shuffle_buffer: examples in the shuffle buffer.
-        seed: seed of the shuffles and the random crops (None: different every run).
-        deterministic: force a fixed element order in training too (evaluation always has one).
-        cache: "" (none), "memory", or a local folder for cache files. The encoded bytes are cached, before
-            the random crop, so every epoch still gets new crops.
-        crop_min_area: smallest share of the image a training crop covers; 1.0 turns random crops off.
-        flip: random left-right flips of training images, done in the decode (see decode_random_crop);
-            leave RandomFlip out of `augmentation` then.
-        ram_budget_gb: see dataset_options.
-        private_threads: see dataset_options.
+            the model). Leave RandomFlip out of it: options.flip flips in the decode.
         input_context: from distribute_datasets_from_function: this pipeline reads its share of the
             files (of the examples when there are fewer files than pipelines) in per-replica batches.
-        data_service: "grpc://host:port" of a tf.data service dispatcher that runs the training pipeline
-            on its workers; "" runs it here. Evaluation always runs here.
-        data_service_mode: "parallel_epochs" (every worker runs the whole pipeline) or
-            "distributed_epoch" (the workers split the files between them).
 
     Returns:
         For training, a dataset of (float32 [batch, image_size, image_size, 3] images, int32 [batch]
         labels); otherwise (images, labels, float32 [batch] sample weights), the weights being 0 for
         the padding that fills the last batch (see pad_with_zero_weights).
     """
-    if data_service_mode not in ("parallel_epochs", "distributed_epoch"):
-        raise ValueError(f"--tf_data_service_mode {data_service_mode!r} is not parallel_epochs or distributed_epoch")
-    if not 0.0 < crop_min_area <= 1.0:
-        raise ValueError(f"--crop_min_area {crop_min_area!r} must be within (0, 1]; 1 turns random crops off")
-    files = shard_paths(data_dir, manifest, split)
     num_examples = manifest["splits"][split]["num_examples"]
     num_pipelines = input_context.num_input_pipelines if input_context else 1
     pipeline_id = input_context.input_pipeline_id if input_context else 0
     local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
-    ordered = deterministic or not training
-    # Each pipeline reads its own files when there are enough; otherwise (and always for evaluation,
-    # whose padded pass must split evenly) all read every file and keep every num_pipelines-th example.
-    shard_files = training and num_pipelines > 1 and len(files) >= num_pipelines
-    if shard_files:
-        files = files[pipeline_id::num_pipelines]
-    dataset = tf.data.Dataset.from_tensor_slices(files)
-    if training:
-        dataset = dataset.shuffle(len(files), seed=seed)
-    # Several shards are read at once so one slow file (or GCS object) does not stall the stream.
-    dataset = dataset.interleave(
-        tf.data.TFRecordDataset,
-        cycle_length=min(len(files), MAX_INTERLEAVE_FILES),
-        num_parallel_calls=AUTOTUNE,
-        # Example-level sharding below needs the same order in every pipeline.
-        deterministic=ordered or (num_pipelines > 1 and not shard_files),
+    ordered = options.deterministic or not training
+    dataset = _read_records(
+        shard_paths(data_dir, manifest, split), training=training, ordered=ordered, seed=options.seed,
+        input_context=input_context,
     )
-    if training and num_pipelines > 1 and not shard_files:
-        dataset = dataset.shard(num_pipelines, pipeline_id)
     # Cache the still-encoded records, before the random crop, so later epochs get new crops; and
     # before shuffle so the cache holds each example once.
-    dataset = _cache(dataset, cache, split, input_context)
+    dataset = _cache(dataset, options.cache, split, input_context)
     if training:
         # Shuffle before repeat so each epoch sees every example once.
-        dataset = dataset.shuffle(shuffle_buffer, seed=seed).repeat()
+        dataset = dataset.shuffle(options.shuffle_buffer, seed=options.seed).repeat()
         # A per-example seed makes the crops reproducible when a seed is given.
         dataset = dataset.enumerate()
-
-        def parse(index, serialized):
-            features = parse_record(serialized, manifest["classes"])
-            crop_seed = None if seed is None else tf.stack([tf.constant(seed, tf.int64), index])
-            image = decode_random_crop(
-                features["image/encoded"], image_size, min_area=crop_min_area, flip=flip, seed=crop_seed
-            )
-            if augmentation is not None:
-                # Batched and augmented as uint8 (make_augmentation's pixels="uint8"), float32 after.
-                image = tf.cast(tf.round(image), tf.uint8)
-            return image, tf.cast(features["image/class/label"], tf.int32)
-
-    else:
-
-        def parse(serialized):
-            features = parse_record(serialized, manifest["classes"])
-            image = decode_and_resize(features["image/encoded"], image_size)
-            return image, tf.cast(features["image/class/label"], tf.int32)
-
+    parse = _parse_function(
+        training=training, class_names=manifest["classes"], image_size=image_size, options=options,
+        uint8=augmentation is not None,
+    )
     dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if not training:
         # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
@@ -551,11 +559,101 @@ def make_dataset(
             deterministic=ordered,
         )
     dataset = dataset.with_options(
-        dataset_options(deterministic=ordered, ram_budget_gb=ram_budget_gb, private_threads=private_threads)
+        dataset_options(deterministic=ordered, ram_budget_gb=options.ram_budget_gb, private_threads=options.private_threads)
     )
-    if training and data_service:
+    if training and options.data_service:
         # Everything above runs on the service's workers; only the finished batches travel here.
         dataset = dataset.apply(
-            tf.data.experimental.service.distribute(processing_mode=data_service_mode, service=data_service)
+            tf.data.experimental.service.distribute(processing_mode=options.data_service_mode, service=options.data_service)
         )
     return dataset.prefetch(AUTOTUNE)
+
+
+def _read_records(files: list[str], *, training: bool, ordered: bool, seed, input_context) -> tf.data.Dataset:
+    """The serialized records of a split's shards, this input pipeline's share of them."""
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    # Each pipeline reads its own files when there are enough; otherwise (and always for evaluation,
+    # whose padded pass must split evenly) all read every file and keep every num_pipelines-th example.
+    shard_files = training and num_pipelines > 1 and len(files) >= num_pipelines
+    if shard_files:
+        files = files[pipeline_id::num_pipelines]
+    dataset = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        dataset = dataset.shuffle(len(files), seed=seed)
+    # Several shards are read at once so one slow file (or GCS object) does not stall the stream.
+    dataset = dataset.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), MAX_INTERLEAVE_FILES),
+        num_parallel_calls=AUTOTUNE,
+        # Example-level sharding below needs the same order in every pipeline.
+        deterministic=ordered or (num_pipelines > 1 and not shard_files),
+    )
+    if training and num_pipelines > 1 and not shard_files:
+        dataset = dataset.shard(num_pipelines, pipeline_id)
+    return dataset
+
+
+def _parse_function(*, training: bool, class_names: list, image_size: int, options: PipelineOptions, uint8: bool):
+    """The per-record map of make_dataset: parse, decode (random crop and flip in training), label."""
+    seed = options.seed
+    if not training:
+        def parse(serialized):
+            features = parse_record(serialized, class_names)
+            image = decode_and_resize(features["image/encoded"], image_size)
+            return image, tf.cast(features["image/class/label"], tf.int32)
+
+        return parse
+
+    def parse_for_training(index, serialized):
+        features = parse_record(serialized, class_names)
+        crop_seed = None if seed is None else tf.stack([tf.constant(seed, tf.int64), index])
+        image = decode_random_crop(
+            features["image/encoded"], image_size, min_area=options.crop_min_area, flip=options.flip, seed=crop_seed
+        )
+        if uint8:
+            # Batched and augmented as uint8 (make_augmentation's pixels="uint8"), float32 after.
+            image = tf.cast(tf.round(image), tf.uint8)
+        return image, tf.cast(features["image/class/label"], tf.int32)
+
+    return parse_for_training
+
+
+class DistributedSplits:
+    """The run's image datasets, one per split, each built once per input pipeline (per worker) reading
+    its own files and batching per replica: the same code feeds one GPU, a multi-GPU host and many hosts.
+
+    Args:
+        strategy: the tf.distribute strategy.
+        data_dir, manifest: the converted data (schema.read_manifest).
+        image_size, batch_size: output size and global batch size.
+        options: PipelineOptions.
+        augmentation: Keras layers run on training batches in tf.data (LayerAugmentation.make_layers), or None.
+    """
+
+    def __init__(self, *, strategy, data_dir: str, manifest: dict, image_size: int, batch_size: int,
+                 options: PipelineOptions, augmentation=None):
+        self.strategy, self.data_dir, self.manifest = strategy, data_dir, manifest
+        self.image_size, self.batch_size, self.options, self.augmentation = image_size, batch_size, options, augmentation
+
+    def images(self, split: str, *, training: bool):
+        """The distributed dataset of a split (make_dataset's, for training or for one evaluation pass)."""
+        return self.strategy.distribute_datasets_from_function(lambda input_context: make_dataset(
+            data_dir=self.data_dir, manifest=self.manifest, split=split, image_size=self.image_size,
+            batch_size=self.batch_size, training=training, options=self.options, augmentation=self.augmentation,
+            input_context=input_context,
+        ))
+
+    def sample(self, num_images: int = 8):
+        """A few training images as they leave the pipeline on this host (no tf.data service, no cache)."""
+        options = dataclasses.replace(self.options, data_service="", cache="")
+        images, _ = next(iter(make_dataset(
+            data_dir=self.data_dir, manifest=self.manifest, split="train", image_size=self.image_size,
+            batch_size=num_images, training=True, options=options, augmentation=self.augmentation,
+        )))
+        return images
+
+
+def evaluation_split(manifest: dict) -> str:
+    """The split a run reports: test when the data has one, else validation."""
+    return "test" if "test" in manifest["splits"] else "validation"

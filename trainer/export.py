@@ -18,19 +18,21 @@ The TFLite model takes float32 [1, image_size, image_size, 3] pixels in [0, 255]
 resized) and returns the probabilities; `labels.txt` beside it lists the class names, one per line.
 """
 
+import dataclasses
 import tempfile
 
 import keras
 import numpy as np
 import tensorflow as tf
 
-from trainer import data
+from tfrecords import schema
+from trainer import data, distribute
 
 SAVED_MODEL_DIR = "saved_model"
 KERAS_MODEL_FILE = "model.keras"
 # Where a training run puts export_tflite's files: <model_dir>/tflite/{model.tflite, labels.txt, ...}.
 TFLITE_DIR = "tflite"
-LABELS_FILE = "labels.txt"
+LABELS_FILE = schema.LABELS_FILE
 BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
 DEFAULT_TOP_K = 5
@@ -56,6 +58,44 @@ def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = d
     offset, crop = data.central_crop_window(tf.shape(images)[1:3], crop_fraction)
     images = tf.image.crop_to_bounding_box(images, offset[0], offset[1], crop[0], crop[1])
     return data.resize_pixels(images, image_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """What a training run exports besides the SavedModel and model.keras (the flags of the same names).
+
+    top_k: how many best classes the SavedModel's top_k_* outputs list (and the report's top-k accuracy).
+    tflite: also write <model_dir>/tflite/ (float32 and dynamic-range files, labels.txt).
+    """
+
+    top_k: int = DEFAULT_TOP_K
+    tflite: bool = False
+
+    def __post_init__(self):
+        if self.top_k < 1:
+            raise ValueError(f"--top_k {self.top_k} must be at least 1")
+
+
+def export_run(*, model: keras.Model, class_names: list[str], model_dir: str, options: ExportOptions, strategy) -> None:
+    """Writes a finished run's exports into model_dir: saved_model/, model.keras, labels.txt, [tflite/].
+
+    Every worker exports the SavedModel (saving may need collectives); only the chief's copy is kept,
+    and only the chief writes the rest.
+    """
+    image_size = int(model.input_shape[1])
+    export_write_dir = distribute.write_dir(tf.io.gfile.join(model_dir, SAVED_MODEL_DIR), strategy)
+    export_saved_model(
+        model=model, class_names=class_names, image_size=image_size, export_dir=export_write_dir, top_k=options.top_k
+    )
+    distribute.remove_write_dir(export_write_dir, strategy)
+    if not distribute.is_chief(strategy):
+        return
+    schema.write_labels(model_dir, class_names)
+    model.save(tf.io.gfile.join(model_dir, KERAS_MODEL_FILE))
+    if options.tflite:
+        for quantization in TFLITE_FILES:
+            export_tflite(model=model, class_names=class_names, image_size=image_size,
+                          output_dir=tf.io.gfile.join(model_dir, TFLITE_DIR), quantization=quantization)
 
 
 def _check_class_names(class_names: list[str]) -> None:
@@ -215,8 +255,7 @@ def export_tflite(
     tflite_path = tf.io.gfile.join(output_dir, TFLITE_FILES[quantization])
     with tf.io.gfile.GFile(tflite_path, "wb") as file:
         file.write(tflite_model)
-    with tf.io.gfile.GFile(tf.io.gfile.join(output_dir, LABELS_FILE), "w") as file:
-        file.write("".join(f"{name}\n" for name in class_names))
+    schema.write_labels(output_dir, class_names)
     return tflite_path
 
 

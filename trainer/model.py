@@ -13,6 +13,8 @@ mode in both phases (the classic fine-tuning failure is letting a small dataset 
 statistics). Preprocessing lives inside the model so an exported model takes plain pixels.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 from keras import layers
@@ -83,20 +85,6 @@ def is_backbone_file(backbone: str) -> bool:
     return ENSEMBLE_SEPARATOR not in backbone and backbone.endswith(BACKBONE_FILE_SUFFIX)
 
 
-def default_image_size(backbone: str) -> int:
-    """The image size a backbone was trained at (for a backbone file: its fixed input size, else 224).
-
-    An ensemble shares one input, so it gets the largest of its members' sizes: the backbone trained
-    at the highest resolution keeps its detail, the others see larger-than-trained images, which
-    convolutional backbones accept ("inception_v3+resnet50" -> 299).
-    """
-    check_backbone_name(backbone)
-    return max(
-        DEFAULT_FILE_IMAGE_SIZE if is_backbone_file(member) else BACKBONES[member][2]
-        for member in split_backbones(backbone)
-    )
-
-
 def check_backbone_name(backbone: str) -> None:
     """Raises ValueError naming the choices when a member of `backbone` is neither built in nor a .keras file."""
     for member in split_backbones(backbone):
@@ -121,18 +109,15 @@ def check_backbone_layer(backbone: str, backbone_layer: str | None) -> None:
         )
 
 
-def resolve_preprocess(backbone: str, preprocess: str) -> str:
-    """Returns the preprocess mode: the backbone's own for "auto", else the one asked for.
+def resolve_preprocess(members: list[str], preprocess: str) -> list[str]:
+    """Returns each member's preprocess mode: its own for "auto", else the one asked for (for all).
 
-    For an ensemble it returns one mode per member joined by "+" ("inception_v3+resnet50" -> "tf+caffe"):
-    "auto" resolves each member to its own mode; an explicit mode applies to every member. A backbone
-    file cannot say how it scales pixels, so an ensemble with one needs an explicit mode.
+    A backbone file cannot say how it scales pixels, so "auto" is refused for one.
     """
-    members = split_backbones(backbone)
     if preprocess != "auto":
         if preprocess not in PREPROCESS_MODES:
             raise ValueError(f"--preprocess {preprocess!r} is not one of auto, {', '.join(PREPROCESS_MODES)}")
-        return ENSEMBLE_SEPARATOR.join([preprocess] * len(members))
+        return [preprocess] * len(members)
     files = [member for member in members if is_backbone_file(member)]
     if files:
         every_member = " (it applies to every member of the ensemble)" if len(members) > 1 else ""
@@ -141,8 +126,84 @@ def resolve_preprocess(backbone: str, preprocess: str) -> str:
             "--preprocess=tf ([-1, 1]), torch (ImageNet mean/std), caffe (BGR minus mean) or none ([0, 255])"
             + every_member
         )
+    return [BACKBONES[member][1] for member in members]
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One backbone of the model, resolved once from --backbone and --preprocess.
+
+    source: a key of BACKBONES or a path to a .keras feature-extractor file.
+    preprocess: the mode of PREPROCESS_MODES its pixels are scaled with.
+    image_size: the size it was trained at (a file's: DEFAULT_FILE_IMAGE_SIZE).
+    name: its layer name in the model, unique within an ensemble.
+    """
+
+    source: str
+    preprocess: str
+    image_size: int
+    name: str
+
+
+def resolve_backbones(backbone: str, preprocess: str = "auto") -> tuple[Backbone, ...]:
+    """Returns the Backbone of each member of --backbone ("inception_v3+resnet50" gives two).
+
+    Raises:
+        ValueError: an unknown member, or --preprocess=auto for a backbone file.
+    """
     check_backbone_name(backbone)
-    return ENSEMBLE_SEPARATOR.join(BACKBONES[member][1] for member in members)
+    members = split_backbones(backbone)
+    return tuple(
+        Backbone(member, mode, DEFAULT_FILE_IMAGE_SIZE if is_backbone_file(member) else BACKBONES[member][2], name)
+        for member, mode, name in zip(members, resolve_preprocess(members, preprocess), member_names(members))
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What the classifier is made of (the flags of the same names), checked and resolved once.
+
+    backbone: --backbone as given; `backbones` holds its resolved members.
+    preprocess: --preprocess (auto: each backbone's own).
+    backbone_layer: cut the backbone at this layer ("" = the whole backbone); not for ensembles.
+    weights: imagenet, none, or a weights file.
+    image_size: input height and width; 0 becomes the backbones' default (an ensemble's largest: the
+        backbone trained at the highest resolution keeps its detail, convolutional ones accept larger).
+    dropout: dropout rate before the classifier.
+    baseline_cnn: build the small from-scratch CNN instead (same input size, head and dropout).
+    """
+
+    backbone: str = "mobilenet_v2"
+    preprocess: str = "auto"
+    backbone_layer: str = ""
+    weights: str = "imagenet"
+    image_size: int = 0
+    dropout: float = 0.2
+    baseline_cnn: bool = False
+    backbones: tuple[Backbone, ...] = dataclasses.field(init=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "backbones", resolve_backbones(self.backbone, self.preprocess))
+        check_backbone_layer(self.backbone, self.backbone_layer)
+        check_weights(self.backbone, self.weights)
+        if self.weights not in ("imagenet", "none") and not tf.io.gfile.exists(self.weights):
+            raise ValueError(f"--weights {self.weights!r} is neither imagenet, none nor an existing weights file")
+        if self.image_size < 0:
+            raise ValueError(f"--image_size {self.image_size} must be positive, or 0 for the backbone's default")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"--dropout {self.dropout} must be within [0, 1)")
+        if not self.image_size:
+            object.__setattr__(self, "image_size", max(member.image_size for member in self.backbones))
+
+    @property
+    def name(self) -> str:
+        """The model's name in reports: the --backbone, or baseline_cnn."""
+        return BASELINE_CNN_NAME if self.baseline_cnn else self.backbone
+
+    @property
+    def preprocess_modes(self) -> str:
+        """The resolved modes, joined like --backbone ("tf+caffe"): recorded in run.json."""
+        return ENSEMBLE_SEPARATOR.join(member.preprocess for member in self.backbones)
 
 
 def make_backbone(backbone: str, *, image_size: int, weights: str, layer_name: str | None = None) -> keras.Model:
@@ -257,64 +318,45 @@ def add_head(features, *, num_classes: int, dropout: float):
     return layers.Dense(num_classes, activation="softmax", dtype="float32", name="classifier")(features)
 
 
-def build_model(
-    *,
-    backbone: str,
-    num_classes: int,
-    image_size: int,
-    weights: str,
-    preprocess: str,
-    dropout: float,
-    augmentation: keras.Sequential | None = None,
-    backbone_layer: str | None = None,
-) -> keras.Model:
-    """Builds the phase-1 classifier: frozen backbone(s), new trainable head.
+def build_model(spec: ModelSpec, *, num_classes: int, augmentation: keras.Sequential | None = None) -> keras.Model:
+    """Builds the phase-1 classifier: frozen backbone(s), new trainable head (or spec's baseline CNN).
 
-    Build it inside `strategy.scope()`, after setting the mixed-precision policy.
+    Build it inside `strategy.scope()`, after setting the mixed-precision policy. An ensemble gives each
+    backbone its own Preprocess and pooling; the head sees their pooled features concatenated.
 
     Args:
-        backbone: a key of BACKBONES or a path to a `.keras` backbone file, or several joined by "+"
-            for an ensemble: each member then gets its own Preprocess and pooling, and the head sees
-            their pooled features concatenated.
+        spec: the ModelSpec.
         num_classes: number of output classes.
-        image_size: input height and width in pixels (shared by an ensemble's members).
-        weights: see make_backbone; applies to every member.
-        preprocess: a mode of PREPROCESS_MODES, already resolved (see resolve_preprocess); for an
-            ensemble one mode per member joined by "+", or one mode for all.
-        dropout: dropout rate before the classifier.
         augmentation: Keras preprocessing layers (data.make_augmentation) to run on the accelerator,
             right after the input; they act only in training and pass images through at inference.
             None: no augmentation in the model (it happens in tf.data, or not at all).
-        backbone_layer: take the features from this backbone layer (see make_backbone); not for ensembles.
 
     Returns:
         An uncompiled functional model taking float RGB [0, 255] images and returning probabilities.
     """
-    check_backbone_layer(backbone, backbone_layer)
-    members = split_backbones(backbone)
-    modes = preprocess.split(ENSEMBLE_SEPARATOR)
-    modes = modes * len(members) if len(modes) == 1 else modes
-    if len(modes) != len(members):
-        raise ValueError(
-            f"preprocess {preprocess!r} gives {len(modes)} modes for the {len(members)} backbones of {backbone!r}; "
-            "give one mode, or one per backbone joined by '+' (resolve_preprocess does this)"
+    if spec.baseline_cnn:
+        return build_baseline_cnn(
+            num_classes=num_classes, image_size=spec.image_size, dropout=spec.dropout, augmentation=augmentation
         )
-    inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
+    inputs = keras.Input(shape=(spec.image_size, spec.image_size, 3), name="image")
     images = add_augmentation(inputs, augmentation)
     pooled = []
-    for member, name, mode in zip(members, member_names(members), modes):
-        feature_extractor = make_backbone(member, image_size=image_size, weights=weights, layer_name=backbone_layer)
+    ensemble = len(spec.backbones) > 1
+    for member in spec.backbones:
+        feature_extractor = make_backbone(
+            member.source, image_size=spec.image_size, weights=spec.weights, layer_name=spec.backbone_layer or None
+        )
         feature_extractor.trainable = False
         suffix = ""
-        if len(members) > 1:
-            feature_extractor.name = name  # unique within the model: two files may hold same-named models
-            suffix = f"_{name}"
+        if ensemble:
+            feature_extractor.name = member.name  # unique within the model: two files may hold same-named models
+            suffix = f"_{member.name}"
         # float32 even under mixed precision: ImageNet mean subtraction in bfloat16 would round pixels.
-        x = Preprocess(mode, name=f"preprocess{suffix}", dtype="float32")(images)
+        x = Preprocess(member.preprocess, name=f"preprocess{suffix}", dtype="float32")(images)
         x = feature_extractor(x, training=False)
         pooled.append(layers.GlobalAveragePooling2D(name=f"pool{suffix}")(x))
     features = pooled[0] if len(pooled) == 1 else layers.Concatenate(name="features")(pooled)
-    outputs = add_head(features, num_classes=num_classes, dropout=dropout)
+    outputs = add_head(features, num_classes=num_classes, dropout=spec.dropout)
     return keras.Model(inputs, outputs, name="classifier_model")
 
 
@@ -408,7 +450,7 @@ def unfreeze_backbone(model: keras.Model, fine_tune_at: str) -> int:
 
     In an ensemble, a fraction applies to each backbone's own layers; an index or a layer name must
     exist in every backbone (the error names the one that lacks it, and nothing is changed).
-    Recompile the model afterwards: Keras reads `trainable` at compile time.
+    Build the phase's optimizer and train step after this: they take the trainable variables as they are then.
 
     Returns:
         The number of backbone layers left frozen below the cut, summed over the backbones.

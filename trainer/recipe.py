@@ -5,6 +5,8 @@ cosine decay to zero, by default): the warmup keeps the first updates of a new h
 unfrozen backbone layers, small while the optimizer's moment estimates are still noise.
 """
 
+import dataclasses
+
 import keras
 import tensorflow as tf
 
@@ -13,6 +15,54 @@ LEARNING_RATE_SCHEDULES = ("cosine", "constant")
 CLASS_WEIGHT_MODES = ("none", "balanced")
 # Weight decay would pull these towards zero for no benefit: biases and the scale/offset of normalization.
 NO_WEIGHT_DECAY_NAMES = ("bias", "gamma", "beta")
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The loss and the shape of each phase's learning rate (the flags of the same names).
+
+    lr_schedule: "cosine" (decays to 0 at the phase's end) or "constant", after the warmup.
+    warmup_fraction: share of each phase's steps spent warming the rate up linearly from 0.
+    weight_decay: decoupled weight decay (biases and normalization excepted); 0 = none.
+    label_smoothing: of the training loss; 0 = none.
+    class_weight: "none" or "balanced" (see class_weights).
+    """
+
+    lr_schedule: str = "cosine"
+    warmup_fraction: float = 0.1
+    weight_decay: float = 0.0
+    label_smoothing: float = 0.1
+    class_weight: str = "none"
+
+    def __post_init__(self):
+        if self.lr_schedule not in LEARNING_RATE_SCHEDULES:
+            raise ValueError(f"--lr_schedule {self.lr_schedule!r} is not one of {LEARNING_RATE_SCHEDULES}")
+        if not 0.0 <= self.warmup_fraction < 1.0:
+            raise ValueError(f"--warmup_fraction {self.warmup_fraction} must be within [0, 1)")
+        if self.weight_decay < 0:
+            raise ValueError(f"--weight_decay {self.weight_decay!r} must be >= 0")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label_smoothing {self.label_smoothing!r} must be within [0, 1)")
+        if self.class_weight not in CLASS_WEIGHT_MODES:
+            raise ValueError(f"--class_weight {self.class_weight!r} is not one of {CLASS_WEIGHT_MODES}")
+
+    def loss_function(self, manifest: dict):
+        """The per-example training loss for the data of `manifest` (its train split's class counts)."""
+        weights = class_weights(
+            mode=self.class_weight, class_counts=manifest["splits"]["train"]["class_counts"],
+            class_names=manifest["classes"],
+        )
+        return make_loss_function(label_smoothing=self.label_smoothing, class_weights=weights)
+
+    def optimizer(self, *, name: str, learning_rate: float, total_steps: int, precision: str, model: keras.Model):
+        """A fresh optimizer for one phase: its own warmup and decay over total_steps. Call in strategy.scope()."""
+        schedule = make_learning_rate(
+            schedule=self.lr_schedule, learning_rate=learning_rate, total_steps=total_steps,
+            warmup_steps=int(round(self.warmup_fraction * total_steps)),
+        )
+        return make_optimizer(
+            name=name, learning_rate=schedule, weight_decay=self.weight_decay, precision=precision, model=model
+        )
 
 
 def make_learning_rate(*, schedule: str, learning_rate: float, total_steps: int, warmup_steps: int):

@@ -24,13 +24,13 @@ import time
 from absl import logging
 import tensorflow as tf
 
-from trainer import loop
+from tfrecords import schema
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"
 HEARTBEAT_SECONDS = 30.0
 STALE_SECONDS = 300.0
-# What only training writes (loop.CHECKPOINT_DIR, loop.HISTORY_FILE, and the final metrics).
+# What only training writes (checkpoints.CHECKPOINT_DIR, reporting.HISTORY_FILE, run.METRICS_FILE).
 TRAINING_OUTPUTS = ("checkpoints", "history.json", "metrics.json")
 
 
@@ -92,13 +92,13 @@ def check_identity(*, model_dir: str, identity: dict) -> None:
 
 
 def has_trained(model_dir: str) -> bool:
-    """True when model_dir holds a checkpoint, a training history or metrics (names as in trainer/loop.py)."""
+    """True when model_dir holds a checkpoint, a training history or metrics (names as in trainer/checkpoints.py, reporting.py, run.py)."""
     return any(tf.io.gfile.exists(tf.io.gfile.join(model_dir, name)) for name in TRAINING_OUTPUTS)
 
 
 def write_identity(*, model_dir: str, identity: dict) -> None:
     """Writes run.json (atomically) into model_dir, which exists."""
-    loop.write_text(tf.io.gfile.join(model_dir, RUN_FILE), json.dumps(identity, indent=2, sort_keys=True) + "\n")
+    schema.write_text(tf.io.gfile.join(model_dir, RUN_FILE), json.dumps(identity, indent=2, sort_keys=True) + "\n")
 
 
 @dataclasses.dataclass
@@ -248,7 +248,7 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
         return _write_gcs_lock(path, text, exclusive=exclusive)
     if not exclusive:
         # A heartbeat replaces the file whole (rename), so a reader never sees it half-written.
-        loop.write_text(path, text)
+        schema.write_text(path, text)
         return True
     if "://" not in path:
         try:
@@ -261,7 +261,7 @@ def _write_lock(path: str, content: dict, *, exclusive: bool) -> bool:
     # Other file systems (ram:// in tests, hdfs://) have no create-if-absent: check, then write.
     if tf.io.gfile.exists(path):
         return False
-    loop.write_text(path, text)
+    schema.write_text(path, text)
     return True
 
 

@@ -5,23 +5,173 @@ r"""Two-phase transfer learning on the converter's shards, then evaluation and e
 
 Phase 1 trains a new head on the frozen backbone (on cached backbone features by default); phase 2
 unfreezes the backbone from --fine_tune_at (BatchNormalization stays in inference mode) and continues at a
-lower learning rate, with the epoch count continuing so TensorBoard shows one curve per metric. This module
-checks the flags and calls trainer/job.py (the run, evaluation and export), which uses trainer/transfer.py
-(the phases) and trainer/loop.py (the same loop under every strategy). Re-running the same command after an interruption resumes from the latest checkpoint in
+lower learning rate, with the epoch count continuing so TensorBoard shows one curve per metric.
+Re-running the same command after an interruption resumes from the latest checkpoint in
 <model_dir>/checkpoints (mid-epoch); a SIGTERM (preemption) saves one and exits with code 75.
+
+This module only reads the flags: main() builds each stage's options inside one error boundary, takes
+the model_dir's lock and calls trainer/run.py's train_and_evaluate (see ARCHITECTURE.md).
 """
 
-import json
+import dataclasses
 import sys
 
 import tensorflow as tf
 from absl import app, flags, logging
 
-from trainer import data, distribute, export, job, loop, model as model_lib, recipe, run_dir
-
-FLAGS = flags.FLAGS
+from tfrecords import schema
+from trainer import checkpoints, data, distribute, export, loop, model as model_lib, recipe, run_dir, transfer
+from trainer import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
+
+flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
+flags.DEFINE_string(
+    "backbone", "mobilenet_v2",
+    f"One of {sorted(model_lib.BACKBONES)}, or a path to a .keras feature-extractor file (then set --preprocess); "
+    "several joined by '+' (inception_v3+xception+resnet50) make an ensemble: their pooled features are "
+    "concatenated under one head (each with its own preprocessing, an explicit --preprocess applies to all; "
+    "the image size defaults to the largest member's).",
+)
+flags.DEFINE_string(
+    "backbone_layer", "",
+    "Cut the backbone at this layer (e.g. mixed7 of inception_v3) and classify from its features; '' = the whole backbone.",
+)
+flags.DEFINE_bool(
+    "baseline_cnn", False,
+    "Also train a small CNN from scratch on the same data with the same epoch budget (into <model_dir>/baseline_cnn) "
+    "and report it next to the transfer-learning model.",
+)
+flags.DEFINE_string(
+    "weights", "imagenet",
+    "Backbone weights: imagenet (downloaded by Keras, or read from ~/.keras/models offline), none (random), "
+    "or a path to a weights file.",
+)
+flags.DEFINE_enum(
+    "preprocess", "auto", ["auto", *model_lib.PREPROCESS_MODES],
+    "How pixels are scaled for the backbone: auto (the backbone's own), tf ([-1, 1]), torch (ImageNet mean/std), "
+    "caffe (BGR minus ImageNet mean), none ([0, 255]).",
+)
+flags.DEFINE_integer("image_size", 0, "Input height and width in pixels; 0 = the backbone's default.")
+flags.DEFINE_integer("batch_size", 32, "Global batch size, divided across replicas.")
+flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES), "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
+flags.DEFINE_integer(
+    "num_cpu_devices", 1,
+    "Split the host CPU into this many logical devices, so --strategy=mirrored runs several replicas "
+    "without GPUs (for testing multi-replica code).",
+)
+flags.DEFINE_enum(
+    "precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+    "Keras dtype policy: mixed_float16 for GPUs, mixed_bfloat16 for TPUs; float32 is fastest on CPUs.",
+)
+flags.DEFINE_integer(
+    "epochs", 10, "Phase-1 epochs: head only, backbone frozen (on cached features they take seconds)."
+)
+flags.DEFINE_integer("fine_tune_epochs", 3, "Phase-2 epochs: top of the backbone unfrozen; 0 skips phase 2.")
+flags.DEFINE_float("learning_rate", 1e-3, "Phase-1 peak learning rate.")
+flags.DEFINE_float("fine_tune_learning_rate", None, "Phase-2 peak learning rate; default --learning_rate / 10.")
+flags.DEFINE_enum("optimizer", "adam", list(recipe.OPTIMIZERS), "Phase-1 optimizer (sgd: Nesterov momentum 0.9).")
+flags.DEFINE_enum(
+    "fine_tune_optimizer", "", ["", *recipe.OPTIMIZERS], "Phase-2 optimizer; '' = the same as --optimizer."
+)
+flags.DEFINE_enum(
+    "lr_schedule", "cosine", list(recipe.LEARNING_RATE_SCHEDULES),
+    "Learning rate within each phase, after the warmup: cosine (decays to 0 at the phase's end) or constant.",
+)
+flags.DEFINE_float("warmup_fraction", 0.1, "Share of each phase's steps spent warming the rate up linearly from 0.")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (biases and normalization excepted); 0 = none.")
+flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the training loss; 0 = none.")
+flags.DEFINE_enum(
+    "class_weight", "none", list(recipe.CLASS_WEIGHT_MODES),
+    "balanced: weigh each class's loss by num_examples / (num_classes * class_count), for imbalanced folders.",
+)
+flags.DEFINE_bool(
+    "cache_features", True,
+    "Phase 1 on cached backbone features: the frozen backbone runs once per image (per view), then the head trains "
+    "on its output in seconds. Same model as without it when augmentation is off.",
+)
+flags.DEFINE_integer(
+    "feature_views", 2,
+    "With --cache_features and augmentation on: augmented views (random crops, flips, layers) cached per image.",
+)
+flags.DEFINE_integer(
+    "unfreeze_stages", 1,
+    "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
+)
+flags.DEFINE_string(
+    "fine_tune_at", "0.7",
+    "First backbone layer unfrozen in phase 2: an index (100), a fraction of the layers (0.7 = freeze the "
+    "bottom 70%) or a layer name (mixed7).",
+)
+flags.DEFINE_float("dropout", 0.2, "Dropout rate before the classifier.")
+flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch; 0 = one pass over the train split.")
+flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
+flags.DEFINE_bool("augment", True, "Random crops, flips and the --augment_* layers on training images; --noaugment turns all off.")
+flags.DEFINE_enum(
+    "augment_on", "host", ["host", "device"],
+    "Where the --augment_* Keras layers run: host (in tf.data) or device (first layers of the model, on the "
+    "GPU/TPU, inactive at inference).",
+)
+flags.DEFINE_bool("augment_flip", True, "Random horizontal flips (done in the decode, on the host).")
+flags.DEFINE_float(
+    "augment_rotation", 0.0,
+    "RandomRotation factor, a fraction of a full turn; 0 = off. Costly on a CPU host: prefer --augment_on=device.",
+)
+flags.DEFINE_float("augment_zoom", 0.0, "RandomZoom factor; 0 = off.")
+flags.DEFINE_float("augment_translation", 0.0, "RandomTranslation factor, a fraction of height and width; 0 = off.")
+flags.DEFINE_float("augment_contrast", 0.0, "RandomContrast factor; 0 = off.")
+flags.DEFINE_float("augment_brightness", 0.0, "RandomBrightness factor, a fraction of 255; 0 = off.")
+flags.DEFINE_float("crop_min_area", 0.25, "Smallest share of an image a random training crop covers; 1 = no random crop.")
+flags.DEFINE_bool("deterministic", False, "Fixed element order in training (slower); with --seed, runs repeat exactly.")
+flags.DEFINE_string("cache", "", "Cache the encoded examples: '' (none), 'memory', or a local folder for cache files.")
+flags.DEFINE_float(
+    "autotune_ram_budget_gb", 0.0, "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM)."
+)
+flags.DEFINE_integer(
+    "data_threads", 0, "Threads of the input pipeline's own tf.data thread pool; 0 = two per available core."
+)
+flags.DEFINE_string(
+    "tf_data_service", "",
+    "grpc://host:port of a tf.data service dispatcher to run the training pipeline on (extra CPU hosts); '' = here.",
+)
+flags.DEFINE_enum(
+    "tf_data_service_mode", "parallel_epochs", ["parallel_epochs", "distributed_epoch"],
+    "parallel_epochs: every service worker runs the whole pipeline; distributed_epoch: workers split the files.",
+)
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
+flags.DEFINE_string(
+    "profile_batches", "",
+    "Trace these phase-1 training steps (from 1), e.g. '10,20', for TensorBoard's profiler; '' = off.",
+)
+flags.DEFINE_integer(
+    "steps_per_execution", 1,
+    "Training steps per tf.function call. TPUs want many (e.g. 50) to avoid a host round trip per step; "
+    "above 1 the per-epoch input-wait share cannot be measured.",
+)
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (helps GPUs; slow on CPUs; TPUs always compile).")
+flags.DEFINE_integer("num_gpus", 0, "With --strategy=mirrored, use only the first N GPUs; 0 = all.")
+flags.DEFINE_enum(
+    "learning_rate_scaling", "none", ["none", "linear"],
+    "linear: multiply both learning rates by --batch_size / --base_batch_size (Goyal et al. 2017), so a "
+    "recipe tuned at one batch size carries over when more replicas bring a larger global batch.",
+)
+flags.DEFINE_integer("base_batch_size", 32, "The batch size the learning rates are given for (see --learning_rate_scaling).")
+flags.DEFINE_integer(
+    "checkpoint_every_steps", 0,
+    "Also checkpoint every N steps within an epoch (resume then loses at most N steps); 0 = per epoch.",
+)
+flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy in the evaluation report and of the SavedModel's top-k outputs.")
+flags.DEFINE_bool(
+    "confusion_matrix_images", False, "Write the validation confusion matrix to TensorBoard as an image every epoch."
+)
+flags.DEFINE_bool(
+    "export_tflite", False,
+    "Also write <model_dir>/tflite/: model.tflite (float32), model_dynamic_range.tflite (int8 weights) and labels.txt.",
+)
+flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
+FLAGS = flags.FLAGS
 
 
 def own_flags_text() -> str:
@@ -30,168 +180,52 @@ def own_flags_text() -> str:
     return "".join(flag.serialize() + "\n" for flag in FLAGS.get_flags_for_module(module) if flag.value is not None)
 
 
-def define_flags() -> None:
-    """Defines this program's flags; called by run(), not at import, so modules that share flag
-    names (--model_dir, --seed) can be imported together by tests and other code."""
-    flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
-    flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
-    flags.DEFINE_string(
-        "backbone", "mobilenet_v2",
-        f"One of {sorted(model_lib.BACKBONES)}, or a path to a .keras feature-extractor file (then set --preprocess); "
-        "several joined by '+' (inception_v3+xception+resnet50) make an ensemble: their pooled features are "
-        "concatenated under one head (each with its own preprocessing, an explicit --preprocess applies to all; "
-        "the image size defaults to the largest member's).",
+def options_from_flags() -> run_lib.RunOptions:
+    """Each stage's options from the flags; every one checks its own values (ValueError naming the flag)."""
+    augment = FLAGS.augment
+    return run_lib.RunOptions(
+        data_dir=FLAGS.data_dir,
+        model_dir=FLAGS.model_dir,
+        model=model_lib.ModelSpec(
+            backbone=FLAGS.backbone, preprocess=FLAGS.preprocess, backbone_layer=FLAGS.backbone_layer,
+            weights=FLAGS.weights, image_size=FLAGS.image_size, dropout=FLAGS.dropout,
+        ),
+        pipeline=data.PipelineOptions(
+            shuffle_buffer=FLAGS.shuffle_buffer, seed=FLAGS.seed, deterministic=FLAGS.deterministic, cache=FLAGS.cache,
+            crop_min_area=FLAGS.crop_min_area if augment else 1.0, flip=augment and FLAGS.augment_flip,
+            ram_budget_gb=FLAGS.autotune_ram_budget_gb, private_threads=FLAGS.data_threads,
+            data_service=FLAGS.tf_data_service, data_service_mode=FLAGS.tf_data_service_mode,
+        ),
+        augmentation=data.LayerAugmentation(
+            rotation=FLAGS.augment_rotation if augment else 0.0, zoom=FLAGS.augment_zoom if augment else 0.0,
+            translation=FLAGS.augment_translation if augment else 0.0,
+            contrast=FLAGS.augment_contrast if augment else 0.0,
+            brightness=FLAGS.augment_brightness if augment else 0.0, on=FLAGS.augment_on,
+        ),
+        schedule=transfer.PhaseSchedule(
+            epochs=FLAGS.epochs, fine_tune_epochs=FLAGS.fine_tune_epochs, learning_rate=FLAGS.learning_rate,
+            fine_tune_learning_rate=FLAGS.fine_tune_learning_rate, optimizer=FLAGS.optimizer,
+            fine_tune_optimizer=FLAGS.fine_tune_optimizer, fine_tune_at=FLAGS.fine_tune_at,
+            unfreeze_stages=FLAGS.unfreeze_stages, cache_features=FLAGS.cache_features,
+            feature_views=FLAGS.feature_views, learning_rate_scaling=FLAGS.learning_rate_scaling,
+            base_batch_size=FLAGS.base_batch_size,
+        ),
+        recipe=recipe.Recipe(
+            lr_schedule=FLAGS.lr_schedule, warmup_fraction=FLAGS.warmup_fraction, weight_decay=FLAGS.weight_decay,
+            label_smoothing=FLAGS.label_smoothing, class_weight=FLAGS.class_weight,
+        ),
+        loop=loop.LoopOptions(
+            steps_per_epoch=FLAGS.steps_per_epoch, steps_per_execution=FLAGS.steps_per_execution,
+            jit_compile=FLAGS.jit_compile, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
+            early_stopping_patience=FLAGS.early_stopping_patience,
+            profile_steps=loop.parse_profile_steps(FLAGS.profile_batches),
+            confusion_matrix_images=FLAGS.confusion_matrix_images,
+        ),
+        export=export.ExportOptions(top_k=FLAGS.top_k, tflite=FLAGS.export_tflite),
+        batch_size=FLAGS.batch_size,
+        precision=FLAGS.precision,
+        seed=FLAGS.seed,
     )
-    flags.DEFINE_string(
-        "backbone_layer", "",
-        "Cut the backbone at this layer (e.g. mixed7 of inception_v3) and classify from its features; '' = the whole backbone.",
-    )
-    flags.DEFINE_bool(
-        "baseline_cnn", False,
-        "Also train a small CNN from scratch on the same data with the same epoch budget (into <model_dir>/baseline_cnn) "
-        "and report it next to the transfer-learning model.",
-    )
-    flags.DEFINE_string(
-        "weights", "imagenet",
-        "Backbone weights: imagenet (downloaded by Keras, or read from ~/.keras/models offline), none (random), "
-        "or a path to a weights file.",
-    )
-    flags.DEFINE_enum(
-        "preprocess", "auto", ["auto", *model_lib.PREPROCESS_MODES],
-        "How pixels are scaled for the backbone: auto (the backbone's own), tf ([-1, 1]), torch (ImageNet mean/std), "
-        "caffe (BGR minus ImageNet mean), none ([0, 255]).",
-    )
-    flags.DEFINE_integer("image_size", 0, "Input height and width in pixels; 0 = the backbone's default.")
-    flags.DEFINE_integer("batch_size", 32, "Global batch size, divided across replicas.")
-    flags.DEFINE_enum("strategy", "default", list(distribute.STRATEGIES), "tf.distribute strategy.")
-    flags.DEFINE_string("tpu", "", "TPU name or grpc:// address for --strategy=tpu ('local' on a TPU VM).")
-    flags.DEFINE_integer(
-        "num_cpu_devices", 1,
-        "Split the host CPU into this many logical devices, so --strategy=mirrored runs several replicas "
-        "without GPUs (for testing multi-replica code).",
-    )
-    flags.DEFINE_enum(
-        "precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-        "Keras dtype policy: mixed_float16 for GPUs, mixed_bfloat16 for TPUs; float32 is fastest on CPUs.",
-    )
-    flags.DEFINE_integer(
-        "epochs", 10, "Phase-1 epochs: head only, backbone frozen (on cached features they take seconds)."
-    )
-    flags.DEFINE_integer("fine_tune_epochs", 3, "Phase-2 epochs: top of the backbone unfrozen; 0 skips phase 2.")
-    flags.DEFINE_float("learning_rate", 1e-3, "Phase-1 peak learning rate.")
-    flags.DEFINE_float("fine_tune_learning_rate", None, "Phase-2 peak learning rate; default --learning_rate / 10.")
-    flags.DEFINE_enum("optimizer", "adam", list(recipe.OPTIMIZERS), "Phase-1 optimizer (sgd: Nesterov momentum 0.9).")
-    flags.DEFINE_enum(
-        "fine_tune_optimizer", "", ["", *recipe.OPTIMIZERS], "Phase-2 optimizer; '' = the same as --optimizer."
-    )
-    flags.DEFINE_enum(
-        "lr_schedule", "cosine", list(recipe.LEARNING_RATE_SCHEDULES),
-        "Learning rate within each phase, after the warmup: cosine (decays to 0 at the phase's end) or constant.",
-    )
-    flags.DEFINE_float("warmup_fraction", 0.1, "Share of each phase's steps spent warming the rate up linearly from 0.")
-    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (biases and normalization excepted); 0 = none.")
-    flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the training loss; 0 = none.")
-    flags.DEFINE_enum(
-        "class_weight", "none", list(recipe.CLASS_WEIGHT_MODES),
-        "balanced: weigh each class's loss by num_examples / (num_classes * class_count), for imbalanced folders.",
-    )
-    flags.DEFINE_bool(
-        "cache_features", True,
-        "Phase 1 on cached backbone features: the frozen backbone runs once per image (per view), then the head trains "
-        "on its output in seconds. Same model as without it when augmentation is off.",
-    )
-    flags.DEFINE_integer(
-        "feature_views", 2,
-        "With --cache_features and augmentation on: augmented views (random crops, flips, layers) cached per image.",
-    )
-    flags.DEFINE_integer(
-        "unfreeze_stages", 1,
-        "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
-    )
-    flags.DEFINE_string(
-        "fine_tune_at", "0.7",
-        "First backbone layer unfrozen in phase 2: an index (100), a fraction of the layers (0.7 = freeze the "
-        "bottom 70%) or a layer name (mixed7).",
-    )
-    flags.DEFINE_float("dropout", 0.2, "Dropout rate before the classifier.")
-    flags.DEFINE_integer("steps_per_epoch", 0, "Training steps per epoch; 0 = one pass over the train split.")
-    flags.DEFINE_integer("shuffle_buffer", 1000, "Examples in the training shuffle buffer.")
-    flags.DEFINE_bool("augment", True, "Random crops, flips and the --augment_* layers on training images; --noaugment turns all off.")
-    flags.DEFINE_enum(
-        "augment_on", "host", ["host", "device"],
-        "Where the --augment_* Keras layers run: host (in tf.data) or device (first layers of the model, on the "
-        "GPU/TPU, inactive at inference).",
-    )
-    flags.DEFINE_bool("augment_flip", True, "Random horizontal flips (done in the decode, on the host).")
-    flags.DEFINE_float(
-        "augment_rotation", 0.0,
-        "RandomRotation factor, a fraction of a full turn; 0 = off. Costly on a CPU host: prefer --augment_on=device.",
-    )
-    flags.DEFINE_float("augment_zoom", 0.0, "RandomZoom factor; 0 = off.")
-    flags.DEFINE_float("augment_translation", 0.0, "RandomTranslation factor, a fraction of height and width; 0 = off.")
-    flags.DEFINE_float("augment_contrast", 0.0, "RandomContrast factor; 0 = off.")
-    flags.DEFINE_float("augment_brightness", 0.0, "RandomBrightness factor, a fraction of 255; 0 = off.")
-    flags.DEFINE_float("crop_min_area", 0.25, "Smallest share of an image a random training crop covers; 1 = no random crop.")
-    flags.DEFINE_bool("deterministic", False, "Fixed element order in training (slower); with --seed, runs repeat exactly.")
-    flags.DEFINE_string("cache", "", "Cache the encoded examples: '' (none), 'memory', or a local folder for cache files.")
-    flags.DEFINE_float(
-        "autotune_ram_budget_gb", 0.0, "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM)."
-    )
-    flags.DEFINE_integer(
-        "data_threads", 0, "Threads of the input pipeline's own tf.data thread pool; 0 = two per available core."
-    )
-    flags.DEFINE_string(
-        "tf_data_service", "",
-        "grpc://host:port of a tf.data service dispatcher to run the training pipeline on (extra CPU hosts); '' = here.",
-    )
-    flags.DEFINE_enum(
-        "tf_data_service_mode", "parallel_epochs", ["parallel_epochs", "distributed_epoch"],
-        "parallel_epochs: every service worker runs the whole pipeline; distributed_epoch: workers split the files.",
-    )
-    flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
-    flags.DEFINE_string(
-        "profile_batches", "",
-        "Trace these phase-1 training steps (from 1), e.g. '10,20', for TensorBoard's profiler; '' = off.",
-    )
-    flags.DEFINE_integer(
-        "steps_per_execution", 1,
-        "Training steps per tf.function call. TPUs want many (e.g. 50) to avoid a host round trip per step; "
-        "above 1 the per-epoch input-wait share cannot be measured.",
-    )
-    flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (helps GPUs; slow on CPUs; TPUs always compile).")
-    flags.DEFINE_integer("num_gpus", 0, "With --strategy=mirrored, use only the first N GPUs; 0 = all.")
-    flags.DEFINE_enum(
-        "learning_rate_scaling", "none", ["none", "linear"],
-        "linear: multiply both learning rates by --batch_size / --base_batch_size (Goyal et al. 2017), so a "
-        "recipe tuned at one batch size carries over when more replicas bring a larger global batch.",
-    )
-    flags.DEFINE_integer("base_batch_size", 32, "The batch size the learning rates are given for (see --learning_rate_scaling).")
-    flags.DEFINE_integer(
-        "checkpoint_every_steps", 0,
-        "Also checkpoint every N steps within an epoch (resume then loses at most N steps); 0 = per epoch.",
-    )
-    flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy in the evaluation report and of the SavedModel's top-k outputs.")
-    flags.DEFINE_bool(
-        "confusion_matrix_images", False, "Write the validation confusion matrix to TensorBoard as an image every epoch."
-    )
-    flags.DEFINE_bool(
-        "export_tflite", False,
-        "Also write <model_dir>/tflite/: model.tflite (float32), model_dynamic_range.tflite (int8 weights) and labels.txt.",
-    )
-    flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
-
-
-def parse_profile_steps(text: str) -> tuple[int, int] | None:
-    """Parses --profile_batches ("10,20", or "" for off) into (first, last) steps, counted from 1."""
-    if not text.strip():
-        return None
-    parts = text.split(",")
-    if len(parts) != 2 or not all(part.strip().isdigit() for part in parts):
-        raise ValueError(f"--profile_batches {text!r} must be 'FIRST,LAST' step numbers, e.g. '10,20'")
-    first, last = (int(part) for part in parts)
-    if not 1 <= first <= last:
-        raise ValueError(f"--profile_batches {text!r} needs 1 <= FIRST <= LAST")
-    return first, last
 
 
 def main(argv: list[str]) -> None:
@@ -204,189 +238,89 @@ def main(argv: list[str]) -> None:
             raise ValueError("--data_dir and --model_dir are required")
         # First TensorFlow work of the run: multi-worker collectives must be configured before any other.
         strategy = distribute.make_strategy(FLAGS.strategy, tpu=FLAGS.tpu, num_gpus=FLAGS.num_gpus)
-        model_lib.check_backbone_name(FLAGS.backbone)
-        model_lib.check_backbone_layer(FLAGS.backbone, FLAGS.backbone_layer)
-        preprocess = model_lib.resolve_preprocess(FLAGS.backbone, FLAGS.preprocess)
-        model_lib.check_weights(FLAGS.backbone, FLAGS.weights)
-        if FLAGS.weights not in ("imagenet", "none") and not tf.io.gfile.exists(FLAGS.weights):
-            raise ValueError(f"--weights {FLAGS.weights!r} is neither imagenet, none nor an existing weights file")
-        profile_steps = parse_profile_steps(FLAGS.profile_batches)
-        augmentation_factors = {
-            name: getattr(FLAGS, f"augment_{name}") if FLAGS.augment else 0.0
-            for name in ("rotation", "zoom", "translation", "contrast", "brightness")
-        }
-        data.make_augmentation(**augmentation_factors)  # raises ValueError naming a bad --augment_* value
-        if not 0.0 < FLAGS.crop_min_area <= 1.0:
-            raise ValueError(f"--crop_min_area {FLAGS.crop_min_area} must be in (0, 1]")
-        manifest = data.read_manifest(FLAGS.data_dir)
-        if len(manifest["classes"]) < 2:
-            raise ValueError(f"--data_dir {FLAGS.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
-        for split in ("train", "validation"):
-            data.shard_paths(FLAGS.data_dir, manifest, split)
-        data.check_data(FLAGS.data_dir, manifest)
-        if FLAGS.data_threads < 0:
-            raise ValueError(f"--data_threads {FLAGS.data_threads} must be 0 (two per core) or a thread count")
-        if FLAGS.steps_per_execution < 1:
-            raise ValueError(f"--steps_per_execution {FLAGS.steps_per_execution} must be at least 1")
-        if not 0.0 <= FLAGS.warmup_fraction < 1.0:
-            raise ValueError(f"--warmup_fraction {FLAGS.warmup_fraction} must be within [0, 1)")
-        if FLAGS.feature_views < 1 or FLAGS.unfreeze_stages < 1 or FLAGS.top_k < 1:
-            raise ValueError("--feature_views, --unfreeze_stages and --top_k must be at least 1")
-        recipe.make_loss_function(label_smoothing=FLAGS.label_smoothing, class_weights=None)  # checks the value
-        recipe.class_weights(
-            mode=FLAGS.class_weight, class_counts=manifest["splits"]["train"]["class_counts"],
-            class_names=manifest["classes"],
-        )
-        distribute.check_batch_size(FLAGS.batch_size, strategy.num_replicas_in_sync)
+        options = options_from_flags()
+        manifest = schema.read_manifest(options.data_dir)
+        check_data(options, manifest)
+        distribute.check_batch_size(options.batch_size, strategy.num_replicas_in_sync)
     except ValueError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-
-    image_size = FLAGS.image_size or model_lib.default_image_size(FLAGS.backbone)
-    learning_rate = FLAGS.learning_rate
-    fine_tune_learning_rate = FLAGS.fine_tune_learning_rate or learning_rate / 10
-    if FLAGS.learning_rate_scaling == "linear":
-        learning_rate *= FLAGS.batch_size / FLAGS.base_batch_size
-        fine_tune_learning_rate *= FLAGS.batch_size / FLAGS.base_batch_size
-    logging.info("learning rates: %g (phase 1), %g (phase 2)", learning_rate, fine_tune_learning_rate)
+        fail(error)
+    logging.info("learning rates: %g (phase 1), %g (phase 2)", *options.schedule.learning_rates(options.batch_size))
     flags_text = own_flags_text()
     logging.info("flags:\n%s", flags_text)
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     lock = None
     if distribute.is_chief(strategy):
-        identity = run_identity(manifest=manifest, preprocess=preprocess, image_size=image_size)
         try:
             # The lock first: no other run may write between the identity check and this run's writes.
-            lock = run_dir.acquire_lock(FLAGS.model_dir)
-            run_dir.check_identity(model_dir=FLAGS.model_dir, identity=identity)
+            lock = run_dir.acquire_lock(options.model_dir)
+            run_dir.check_identity(model_dir=options.model_dir, identity=options.identity(manifest))
         except run_dir.RunDirError as error:
             if lock is not None:
                 lock.release()
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-        run_dir.write_identity(model_dir=FLAGS.model_dir, identity=identity)
-        loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "flags.txt"), flags_text)
+            fail(error)
+        run_dir.write_identity(model_dir=options.model_dir, identity=options.identity(manifest))
+        schema.write_text(tf.io.gfile.join(options.model_dir, "flags.txt"), flags_text)
     try:
-        train_with_arguments(strategy=strategy, manifest=manifest, preprocess=preprocess, image_size=image_size,
-                             learning_rate=learning_rate, fine_tune_learning_rate=fine_tune_learning_rate,
-                             profile_steps=profile_steps, augmentation_factors=augmentation_factors)
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-def run_identity(*, manifest: dict, preprocess: str, image_size: int) -> dict:
-    """What defines this run's model: a rerun into the same --model_dir must match it to resume."""
-    augmentation_in_model = {}
-    if FLAGS.augment and FLAGS.augment_on == "device":
-        # These layers (with their random-seed state) are part of the model and its checkpoints.
-        augmentation_in_model = {
-            name: getattr(FLAGS, f"augment_{name}")
-            for name in ("rotation", "zoom", "translation", "contrast", "brightness")
-            if getattr(FLAGS, f"augment_{name}")
-        }
-    return {
-        "classes": manifest["classes"],
-        "data_fingerprint": run_dir.manifest_fingerprint(manifest),
-        "backbone": FLAGS.backbone,
-        "backbone_layer": FLAGS.backbone_layer,
-        "weights": FLAGS.weights,
-        "preprocess": preprocess,
-        "image_size": image_size,
-        "dropout": FLAGS.dropout,
-        "augmentation_in_model": augmentation_in_model,
-        "baseline_cnn": FLAGS.baseline_cnn,
-    }
-
-
-def train_with_arguments(*, strategy, manifest, preprocess, image_size, learning_rate, fine_tune_learning_rate,
-                         profile_steps, augmentation_factors) -> None:
-    """Trains, evaluates and exports (the rest of main, run while the chief holds the model_dir lock)."""
-    arguments = dict(
-        strategy=strategy,
-        data_dir=FLAGS.data_dir,
-        manifest=manifest,
-        model_dir=FLAGS.model_dir,
-        backbone=FLAGS.backbone,
-        backbone_layer=FLAGS.backbone_layer,
-        weights=FLAGS.weights,
-        preprocess=preprocess,
-        image_size=image_size,
-        batch_size=FLAGS.batch_size,
-        precision=FLAGS.precision,
-        epochs=FLAGS.epochs,
-        fine_tune_epochs=FLAGS.fine_tune_epochs,
-        learning_rate=learning_rate,
-        fine_tune_learning_rate=fine_tune_learning_rate,
-        optimizer=FLAGS.optimizer,
-        fine_tune_optimizer=FLAGS.fine_tune_optimizer or FLAGS.optimizer,
-        lr_schedule=FLAGS.lr_schedule,
-        warmup_fraction=FLAGS.warmup_fraction,
-        weight_decay=FLAGS.weight_decay,
-        label_smoothing=FLAGS.label_smoothing,
-        class_weight=FLAGS.class_weight,
-        fine_tune_at=FLAGS.fine_tune_at,
-        unfreeze_stages=FLAGS.unfreeze_stages,
-        cache_features=FLAGS.cache_features,
-        feature_views=FLAGS.feature_views,
-        dropout=FLAGS.dropout,
-        steps_per_epoch=FLAGS.steps_per_epoch,
-        augment_on=FLAGS.augment_on,
-        augmentation_factors=augmentation_factors,
-        dataset_arguments=dict(
-            flip=FLAGS.augment and FLAGS.augment_flip,
-            crop_min_area=FLAGS.crop_min_area if FLAGS.augment else 1.0,
-            shuffle_buffer=FLAGS.shuffle_buffer,
-            deterministic=FLAGS.deterministic,
-            cache=FLAGS.cache,
-            ram_budget_gb=FLAGS.autotune_ram_budget_gb,
-            private_threads=FLAGS.data_threads,
-            data_service=FLAGS.tf_data_service,
-            data_service_mode=FLAGS.tf_data_service_mode,
-        ),
-        early_stopping_patience=FLAGS.early_stopping_patience,
-        profile_steps=profile_steps,
-        checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-        steps_per_execution=FLAGS.steps_per_execution,
-        jit_compile=FLAGS.jit_compile,
-        confusion_matrix_images=FLAGS.confusion_matrix_images,
-        top_k=FLAGS.top_k,
-        export_tflite=FLAGS.export_tflite,
-        seed=FLAGS.seed,
-    )
-    try:
-        with data.data_errors(FLAGS.data_dir, manifest):
-            metrics = job.train_and_export(**arguments)
+        with data.data_errors(options.data_dir, manifest):
+            metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest)
             if FLAGS.baseline_cnn:
-                baseline_dir = tf.io.gfile.join(FLAGS.model_dir, model_lib.BASELINE_CNN_NAME)
-                baseline = job.train_and_export(**{**arguments, "model_dir": baseline_dir, "export_tflite": False}, baseline_cnn=True)
+                baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest)
                 metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
-    except loop.Preempted as stop:
+    except checkpoints.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except FloatingPointError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
+        fail(error, exit_code=1)
     except (model_lib.BackboneError, data.DataError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
+        fail(error)
+    finally:
+        if lock is not None:
+            lock.release()
     if distribute.is_chief(strategy):
-        split = metrics["evaluated_split"]
-        if FLAGS.baseline_cnn:
-            loop.write_text(tf.io.gfile.join(FLAGS.model_dir, "metrics.json"), json.dumps(metrics, indent=2))
-            print(f"{'model':<40} {split + ' accuracy':>15}")
-            print(f"{FLAGS.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
-            print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
-        print(
-            f"{split} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
-            f"model in {FLAGS.model_dir} (SavedModel: {tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR)}; "
-            f"report: {tf.io.gfile.join(FLAGS.model_dir, 'evaluation.txt')})"
-        )
+        print_summary(options, metrics)
+
+
+def check_data(options: run_lib.RunOptions, manifest: dict) -> None:
+    """Checks the data against the run's options before anything is written (ValueError naming the problem)."""
+    if len(manifest["classes"]) < 2:
+        raise ValueError(f"--data_dir {options.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
+    for split in ("train", "validation"):
+        data.shard_paths(options.data_dir, manifest, split)
+    data.check_data(options.data_dir, manifest)
+    options.recipe.loss_function(manifest)  # --class_weight=balanced needs every class in the train split
+
+
+def baseline_options(options: run_lib.RunOptions) -> run_lib.RunOptions:
+    """The from-scratch CNN's run: same data, epochs and recipe, into <model_dir>/baseline_cnn, no TFLite."""
+    return dataclasses.replace(
+        options, model_dir=tf.io.gfile.join(options.model_dir, model_lib.BASELINE_CNN_NAME),
+        model=dataclasses.replace(options.model, baseline_cnn=True),
+        export=dataclasses.replace(options.export, tflite=False),
+    )
+
+
+def print_summary(options: run_lib.RunOptions, metrics: dict) -> None:
+    model_dir, split = options.model_dir, metrics["evaluated_split"]
+    if "baseline_cnn" in metrics:
+        run_lib.write_metrics(model_dir, metrics)
+        print(f"{'model':<40} {split + ' accuracy':>15}")
+        print(f"{options.model.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
+        print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
+    print(
+        f"{split} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
+        f"model in {model_dir} (SavedModel: {tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)}; "
+        f"report: {tf.io.gfile.join(model_dir, 'evaluation.txt')})"
+    )
+
+
+def fail(error: Exception, exit_code: int = 2) -> None:
+    """Ends the program with a one-line error."""
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(exit_code)
 
 
 def run() -> None:
     """Entry point of `python -m` and of the console script."""
-    define_flags()
     app.run(main)
 
 

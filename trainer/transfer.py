@@ -1,22 +1,68 @@
-"""Two-phase transfer learning: which phases run, with what, and the guards around them.
+"""Two-phase transfer learning: which phases run, and what each one trains on.
 
     phase1            backbone frozen, new head; on cached backbone features when possible (features.py)
     phase2            backbone unfrozen from --fine_tune_at (BatchNormalization stays frozen), lower rate;
     phase2-stage2...  with --unfreeze_stages > 1, phase 2 unfreezes gradually: each stage goes deeper,
                       each with a fresh optimizer and its own warmup + decay
+    baseline_cnn      the from-scratch reference model: one phase of epochs + fine_tune_epochs epochs
 
-Each phase has its own checkpoint folder; a rerun skips every phase before the last one that has a
-checkpoint (a later checkpoint holds the whole model). At the end the weights with the best validation
-accuracy are restored, with a warning naming the likely cause when the last epoch was not the best.
+trainer/run.py runs them in order (checkpoints.py: a rerun skips the phases a later checkpoint replaces).
 """
 
 import dataclasses
 
 import keras
-import tensorflow as tf
 from absl import logging
 
-from trainer import features as features_lib, loop, model as model_lib, recipe
+from trainer import checkpoints, features as features_lib, model as model_lib, recipe, steps
+
+
+@dataclasses.dataclass(frozen=True)
+class PhaseSchedule:
+    """How long each phase trains and how fast (the flags of the same names).
+
+    epochs: phase-1 epochs (head only). fine_tune_epochs: phase-2 epochs; 0 skips phase 2.
+    learning_rate: phase-1 peak rate. fine_tune_learning_rate: phase 2's; None = learning_rate / 10.
+    optimizer: phase 1's. fine_tune_optimizer: phase 2's; "" = the same as optimizer.
+    fine_tune_at: first unfrozen backbone layer: an index, a fraction of the layers, or a layer name.
+    unfreeze_stages: phase 2 in this many stages, unfreezing from the top down to fine_tune_at.
+    cache_features: phase 1 on cached backbone features (features.py). feature_views: augmented views
+        per image cached when training images are augmented.
+    learning_rate_scaling: "linear" multiplies both rates by batch_size / base_batch_size; "none" not.
+    """
+
+    epochs: int = 10
+    fine_tune_epochs: int = 3
+    learning_rate: float = 1e-3
+    fine_tune_learning_rate: float | None = None
+    optimizer: str = "adam"
+    fine_tune_optimizer: str = ""
+    fine_tune_at: str = "0.7"
+    unfreeze_stages: int = 1
+    cache_features: bool = True
+    feature_views: int = 2
+    learning_rate_scaling: str = "none"
+    base_batch_size: int = 32
+
+    def __post_init__(self):
+        if self.epochs < 0 or self.fine_tune_epochs < 0:
+            raise ValueError(f"--epochs {self.epochs} and --fine_tune_epochs {self.fine_tune_epochs} must be >= 0")
+        for flag, name in (("optimizer", self.optimizer), ("fine_tune_optimizer", self.fine_tune_optimizer or "adam")):
+            if name not in recipe.OPTIMIZERS:
+                raise ValueError(f"--{flag} {name!r} is not one of {recipe.OPTIMIZERS}")
+        if self.feature_views < 1 or self.unfreeze_stages < 1:
+            raise ValueError("--feature_views and --unfreeze_stages must be at least 1")
+        if self.learning_rate_scaling not in ("none", "linear") or self.base_batch_size < 1:
+            raise ValueError(
+                f"--learning_rate_scaling {self.learning_rate_scaling!r} must be none or linear, "
+                f"--base_batch_size {self.base_batch_size} at least 1"
+            )
+
+    def learning_rates(self, batch_size: int) -> tuple[float, float]:
+        """(phase 1's, phase 2's) peak learning rates at this global batch size."""
+        scale = batch_size / self.base_batch_size if self.learning_rate_scaling == "linear" else 1.0
+        fine_tune = self.fine_tune_learning_rate or self.learning_rate / 10
+        return self.learning_rate * scale, fine_tune * scale
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,153 +83,116 @@ class Phase:
     fine_tune_at: str | None
 
 
-def plan_phases(
-    *,
-    epochs: int,
-    fine_tune_epochs: int,
-    learning_rate: float,
-    fine_tune_learning_rate: float,
-    optimizer: str,
-    fine_tune_optimizer: str,
-    fine_tune_at: str,
-    fine_tune_fraction: float,
-    unfreeze_stages: int,
-) -> list[Phase]:
+def plan_phases(schedule: PhaseSchedule, *, batch_size: int, model: keras.Model) -> list[Phase]:
     """Returns the phases of a run in order.
 
     With unfreeze_stages = k > 1, phase 2's epochs are split into k stages whose first unfrozen layer
     moves from the top of the backbone down to fine_tune_at in k even steps (gradual unfreezing, as in
-    ULMFiT); fine_tune_fraction is fine_tune_at as a share of the backbone's layers, for the stages before
-    the last (which uses fine_tune_at itself).
+    ULMFiT). A model without a backbone (the baseline CNN) trains whole in one phase of the same budget.
+
+    Raises:
+        ValueError: --fine_tune_at names no layer of a backbone (checked now, not after phase 1).
     """
-    if unfreeze_stages < 1:
-        raise ValueError(f"--unfreeze_stages {unfreeze_stages} must be at least 1")
+    learning_rate, fine_tune_learning_rate = schedule.learning_rates(batch_size)
+    backbones = model_lib.get_backbones(model)
+    if not backbones:
+        total = schedule.epochs + schedule.fine_tune_epochs
+        return [Phase(model_lib.BASELINE_CNN_NAME, 0, total, learning_rate, schedule.optimizer, None)]
+    # The shallowest cut over the ensemble's members, as a share of the layers, for the stages before the last.
+    fine_tune_fraction = min(
+        model_lib.resolve_fine_tune_at(member, schedule.fine_tune_at) / len(member.layers) for member in backbones
+    )
+    epochs, fine_tune_epochs = schedule.epochs, schedule.fine_tune_epochs
+    optimizer = schedule.fine_tune_optimizer or schedule.optimizer
     phases = []
     if epochs > 0:
-        phases.append(Phase("phase1", 0, epochs, learning_rate, optimizer, None))
+        phases.append(Phase("phase1", 0, epochs, learning_rate, schedule.optimizer, None))
     if fine_tune_epochs <= 0:
         return phases
-    stages = min(unfreeze_stages, fine_tune_epochs)
-    if stages == 1:
-        return phases + [Phase("phase2", epochs, epochs + fine_tune_epochs, fine_tune_learning_rate, fine_tune_optimizer, fine_tune_at)]
+    stages = min(schedule.unfreeze_stages, fine_tune_epochs)
     first_epoch = epochs
     for stage in range(1, stages + 1):
         last_epoch = epochs + round(fine_tune_epochs * stage / stages)
-        start = fine_tune_at if stage == stages else f"{1 - (1 - fine_tune_fraction) * stage / stages:.4f}"
+        start = schedule.fine_tune_at if stage == stages else f"{1 - (1 - fine_tune_fraction) * stage / stages:.4f}"
         name = "phase2" if stage == 1 else f"phase2-stage{stage}"
-        phases.append(Phase(name, first_epoch, last_epoch, fine_tune_learning_rate, fine_tune_optimizer, start))
+        phases.append(Phase(name, first_epoch, last_epoch, fine_tune_learning_rate, optimizer, start))
         first_epoch = last_epoch
     return phases
 
 
-def has_checkpoint(model_dir: str, phase: Phase) -> bool:
-    return tf.train.latest_checkpoint(tf.io.gfile.join(model_dir, loop.CHECKPOINT_DIR, phase.name)) is not None
+def replaced_by_later_checkpoint(model_dir: str, phases: list[Phase], index: int) -> bool:
+    """True when a later phase has a checkpoint: it holds the whole model, so phase `index` is done."""
+    return any(checkpoints.has_checkpoint(model_dir, later.name) for later in phases[index + 1:])
 
 
-def run_phases(
-    *,
-    phases: list[Phase],
-    model: keras.Model,
-    strategy: tf.distribute.Strategy,
-    model_dir: str,
-    make_dataset,
-    batch_size: int,
-    steps_per_epoch: int,
-    num_train_examples: int,
-    precision: str,
-    lr_schedule: str,
-    warmup_fraction: float,
-    weight_decay: float,
-    loss_function,
-    cache_features: bool,
-    feature_views: int,
-    augmented: bool,
-    seed: int,
-    profile_steps: tuple[int, int] | None,
-    after_phase,
-    loop_arguments: dict,
-) -> None:
-    """Trains the phases in order, each from its latest checkpoint, skipping those a later one replaces.
+def unfreeze(model: keras.Model, phase: Phase, *, strategy) -> None:
+    """Unfreezes the backbone for a fine-tuning phase, in strategy.scope()."""
+    with strategy.scope():
+        frozen = model_lib.unfreeze_backbone(model, phase.fine_tune_at)
+    logging.info("%s: backbone unfrozen from layer %s, %d layers left frozen below "
+                 "(BatchNormalization stays frozen)", phase.name, phase.fine_tune_at, frozen)
+
+
+
+
+
+@dataclasses.dataclass
+class PhaseData:
+    """What one phase trains and on what.
+
+    model: the trained model (the whole classifier, or only its head on cached features).
+    train_dataset: distributed, endless (images or features, labels) batches.
+    validation_dataset: distributed, one pass of (inputs, labels, weights) batches.
+    evaluation_step: steps.make_evaluation_step of `model`.
+    evaluate(split): steps.evaluate's result for a split with the current weights, on the same inputs.
+    """
+
+    model: keras.Model
+    train_dataset: object
+    validation_dataset: object
+    evaluation_step: object
+    evaluate: object
+
+
+def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
+               augmented: bool, seed) -> PhaseData:
+    """The whole model on images, or (phase 1 with --cache_features) its head on cached backbone features.
 
     Args:
-        phases: from plan_phases.
-        model: the classifier, built in strategy.scope().
-        make_dataset: make_dataset(split, training, **overrides) -> distributed image dataset.
-        cache_features: run phase 1 on cached backbone features (see features.py).
-        feature_views: augmented views per image cached when `augmented`.
-        augmented: training images are augmented (random crops, flips or layers).
-        profile_steps: steps of the first phase to profile (see loop.train_phase).
-        after_phase: after_phase(phase, evaluate_on) is called at the end of each phase, where
-            evaluate_on(split) returns loop.evaluate's result for that split with the current weights.
-        loop_arguments: the remaining keyword arguments of loop.train_phase (history, preemption, ...).
-    Raises:
-        loop.Preempted, FloatingPointError: as loop.train_phase.
+        evaluation_step: the whole model's steps.make_evaluation_step, traced once for the run:
+            unfreezing layers does not change inference.
+        splits: the run's data.DistributedSplits.
+        augmented: training images are augmented (random crops, flips or layers): then
+            schedule.feature_views views per image are cached, else one.
     """
-    # One evaluation function for the whole model, traced once: unfreezing layers does not change inference.
-    model_evaluation_step = loop.make_evaluation_step(model=model, strategy=strategy, num_classes=model.output_shape[-1])
-
-    def evaluate_model_on(split):
-        return loop.evaluate(model_evaluation_step, make_dataset(split, False))
-
-    backbone_phase_started = False
-    for index, phase in enumerate(phases):
-        if any(has_checkpoint(model_dir, later) for later in phases[index + 1:]):
-            continue
-        trained_model, evaluate_on = model, None
-        if phase.fine_tune_at is None and cache_features and model_lib.get_backbones(model):
-            feature_model, trained_model = features_lib.split_model(model)
-            views = feature_views if augmented else 1
-            train_dataset, validation_dataset, evaluate_on = cached_feature_datasets(
-                feature_model=feature_model, strategy=strategy, make_dataset=make_dataset, batch_size=batch_size,
-                num_train_examples=num_train_examples, views=views, augmented=augmented, seed=seed,
-                evaluation_step=loop.make_evaluation_step(
-                    model=trained_model, strategy=strategy, num_classes=model.output_shape[-1]
-                ),
-            )
-        else:
-            train_dataset, validation_dataset = make_dataset("train", True), make_dataset("validation", False)
-        if phase.fine_tune_at is not None:
-            with strategy.scope():
-                frozen = model_lib.unfreeze_backbone(model, phase.fine_tune_at)
-            if not backbone_phase_started:
-                logging.info("%s: backbone unfrozen from --fine_tune_at=%s, %d layers left frozen below "
-                             "(BatchNormalization stays frozen)", phase.name, phase.fine_tune_at, frozen)
-            backbone_phase_started = True
-        total_steps = (phase.last_epoch - phase.first_epoch) * steps_per_epoch
-        with strategy.scope():
-            # A fresh optimizer per phase, for its own set of trainable weights and its own schedule.
-            learning_rate = recipe.make_learning_rate(
-                schedule=lr_schedule, learning_rate=phase.learning_rate, total_steps=total_steps,
-                warmup_steps=int(round(warmup_fraction * total_steps)),
-            )
-            optimizer = recipe.make_optimizer(
-                name=phase.optimizer, learning_rate=learning_rate, weight_decay=weight_decay,
-                precision=precision, model=trained_model,
-            )
-        loop.train_phase(
-            phase=phase.name, model=trained_model, weights_model=model, optimizer=optimizer,
-            strategy=strategy, model_dir=model_dir, train_dataset=train_dataset,
-            validation_dataset=validation_dataset, global_batch_size=batch_size, initial_epoch=phase.first_epoch,
-            epochs=phase.last_epoch, steps_per_epoch=steps_per_epoch, loss_function=loss_function,
-            profile_steps=profile_steps if index == 0 else None, **loop_arguments,
+    if phase.fine_tune_at is None and schedule.cache_features and model_lib.get_backbones(model):
+        return cached_feature_data(
+            model=model, splits=splits, views=schedule.feature_views if augmented else 1, augmented=augmented, seed=seed
         )
-        after_phase(phase, evaluate_on or evaluate_model_on)
+    return PhaseData(
+        model=model,
+        train_dataset=splits.images("train", training=True),
+        validation_dataset=splits.images("validation", training=False),
+        evaluation_step=evaluation_step,
+        evaluate=lambda split: steps.evaluate(evaluation_step, splits.images(split, training=False)),
+    )
 
 
-def cached_feature_datasets(
-    *, feature_model, strategy, make_dataset, batch_size, num_train_examples, views, augmented, seed, evaluation_step
-):
-    """Computes phase 1's features; returns (train dataset, validation dataset, evaluate_on(split))."""
+def cached_feature_data(*, model, splits, views: int, augmented: bool, seed) -> PhaseData:
+    """Computes phase 1's features once; the head then trains on them (features.py)."""
+    feature_model, head = features_lib.split_model(model)
+    strategy, batch_size = splits.strategy, splits.batch_size
     train_features, train_labels = features_lib.training_features(
-        feature_model=feature_model, strategy=strategy, dataset=make_dataset("train", True),
-        num_examples=num_train_examples, batch_size=batch_size, views=views, training=augmented,
+        feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
+        num_examples=splits.manifest["splits"]["train"]["num_examples"], batch_size=batch_size, views=views,
+        training=augmented,
     )
     evaluation_arrays = {}
 
     def evaluation_dataset(split):
         if split not in evaluation_arrays:
             evaluation_arrays[split] = features_lib.compute_features(
-                feature_model=feature_model, strategy=strategy, dataset=make_dataset(split, False),
+                feature_model=feature_model, strategy=strategy, dataset=splits.images(split, training=False),
                 num_batches=None, training=False,
             )
         return strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
@@ -193,37 +202,11 @@ def cached_feature_datasets(
     train_dataset = strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
         arrays=(train_features, train_labels), batch_size=batch_size, training=True, seed=seed, input_context=context,
     ))
-
-    def evaluate_on(split):
-        return loop.evaluate(evaluation_step, evaluation_dataset(split))
-
-    return train_dataset, evaluation_dataset("validation"), evaluate_on
-
-
-def restore_best_weights(*, model: keras.Model, model_dir: str, history: loop.History) -> dict | None:
-    """Restores the weights of the best validation accuracy when the last epoch was worse.
-
-    Returns the best history entry when weights were restored, else None. Logs a warning naming the
-    likely cause: phase 2 is where transfer learning classically goes wrong.
-    """
-    if not history.epochs:
-        return None
-    best = max(history.epochs, key=lambda entry: entry["val_accuracy"])
-    last = history.epochs[-1]
-    path = tf.io.gfile.join(model_dir, loop.CHECKPOINT_DIR, loop.BEST_WEIGHTS)
-    if last["val_accuracy"] >= best["val_accuracy"] or not tf.io.gfile.exists(path):
-        return None
-    if best["phase"] == "phase1" and last["phase"] != "phase1":
-        cause = (
-            "fine-tuning made it worse than the frozen backbone: --fine_tune_learning_rate is likely too high, "
-            "or --fine_tune_at unfreezes too many layers for this much data"
-        )
-    else:
-        cause = "the later epochs overfit or the rate was too high: try fewer epochs or --early_stopping_patience"
-    logging.warning(
-        "validation accuracy ended at %.4f (epoch %d, %s), below its best %.4f (epoch %d, %s): %s. "
-        "Restored the best weights.",
-        last["val_accuracy"], last["epoch"], last["phase"], best["val_accuracy"], best["epoch"], best["phase"], cause,
+    evaluation_step = steps.make_evaluation_step(model=head, strategy=strategy)
+    return PhaseData(
+        model=head,
+        train_dataset=train_dataset,
+        validation_dataset=evaluation_dataset("validation"),
+        evaluation_step=evaluation_step,
+        evaluate=lambda split: steps.evaluate(evaluation_step, evaluation_dataset(split)),
     )
-    model.load_weights(path)
-    return best

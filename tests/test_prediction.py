@@ -1,4 +1,4 @@
-"""trainer/predict.py: batched labelling, path expansion, bad files, CSV/JSON/table output, CLI exit codes."""
+"""trainer/prediction.py: batched labelling, path expansion, bad files, CSV/JSON/table output, CLI exit codes."""
 
 import csv
 import io
@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from trainer import export, predict
+from trainer import export, prediction
 from trainer import model as model_lib
 
 CLASS_NAMES = ["cat", "dog", "fox", "owl"]
@@ -24,10 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A --model_dir holding an exported 4-class model and its labels.txt."""
-    model = model_lib.build_model(
-        backbone="mobilenet_v2", num_classes=len(CLASS_NAMES), image_size=IMAGE_SIZE, weights="none",
-        preprocess="tf", dropout=0.0,
-    )
+    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0), num_classes=len(CLASS_NAMES))
     # A random head, so the probabilities differ between classes and the top-k order means something (the
     # untrained backbone's features are near zero whatever the image, so the head's bias decides).
     head = model.layers[-1]
@@ -37,7 +34,7 @@ def model_dir(tmp_path_factory):
     export.export_saved_model(
         model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, export_dir=str(folder / export.SAVED_MODEL_DIR)
     )
-    (folder / predict.LABELS_FILE).write_text("".join(name + "\n" for name in CLASS_NAMES))
+    (folder / prediction.LABELS_FILE).write_text("".join(name + "\n" for name in CLASS_NAMES))
     return folder
 
 
@@ -85,13 +82,13 @@ def check_sorted_top_k(result: dict, top_k: int) -> None:
 
 def test_batched_results_equal_one_image_per_call(serve, tmp_path):
     paths = write_images(tmp_path, [f"image{index}.{'jpg' if index % 2 else 'png'}" for index in range(7)])
-    results, failures = predict.predict_files(
+    results, failures = prediction.predict_files(
         serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=10, batch_size=3, num_read_threads=2
     )
     assert failures == {}
     assert [result["path"] for result in results] == paths
     for path, result in zip(paths, results):
-        outputs = serve(image_bytes=tf.constant([predict.read_file(path)]))
+        outputs = serve(image_bytes=tf.constant([prediction.read_file(path)]))
         assert result["class_name"] == outputs["class_names"][0].numpy().decode()
         np.testing.assert_allclose(
             [entry["probability"] for entry in result["top_k"]],
@@ -102,15 +99,15 @@ def test_batched_results_equal_one_image_per_call(serve, tmp_path):
 
 def test_predict_files_rejects_bad_arguments(serve):
     with pytest.raises(ValueError, match="--top_k 0 must be at least 1"):
-        predict.predict_files(serve=serve, paths=[], class_names=CLASS_NAMES, top_k=0, batch_size=1)
+        prediction.predict_files(serve=serve, paths=[], class_names=CLASS_NAMES, top_k=0, batch_size=1)
     with pytest.raises(ValueError, match="--batch_size 0 must be at least 1"):
-        predict.predict_files(serve=serve, paths=[], class_names=CLASS_NAMES, top_k=1, batch_size=0)
+        prediction.predict_files(serve=serve, paths=[], class_names=CLASS_NAMES, top_k=1, batch_size=0)
 
 
 def test_labels_that_do_not_match_the_model_are_a_clear_error(serve, tmp_path):
     (path,) = write_images(tmp_path, ["one.png"])
     with pytest.raises(ValueError, match="outputs 4 class probabilities but labels.txt lists 2"):
-        predict.predict_files(serve=serve, paths=[path], class_names=["a", "b"], top_k=1, batch_size=1)
+        prediction.predict_files(serve=serve, paths=[path], class_names=["a", "b"], top_k=1, batch_size=1)
 
 
 def test_list_images_expands_folders_and_globs(tmp_path):
@@ -118,7 +115,7 @@ def test_list_images_expands_folders_and_globs(tmp_path):
         "photos/b.png", "photos/a.jpg", "photos/.hidden.png", "photos/nested/c.png", "photos/.cache/d.png",
         "loose1.png", "loose2.png", ".loose3.png", "globbed/e.png",
     ])
-    found = predict.list_images([
+    found = prediction.list_images([
         str(tmp_path / "photos"), str(tmp_path / "loose*.png"), str(tmp_path / "photos" / "a.jpg"),
         str(tmp_path / "glob*"),
     ])
@@ -126,12 +123,12 @@ def test_list_images_expands_folders_and_globs(tmp_path):
         "/photos/a.jpg", "/photos/b.png", "/photos/nested/c.png", "/loose1.png", "/loose2.png", "/globbed/e.png",
     ]
     # A hidden file named explicitly is kept.
-    assert predict.list_images([str(tmp_path / ".loose3.png")]) == [str(tmp_path / ".loose3.png")]
+    assert prediction.list_images([str(tmp_path / ".loose3.png")]) == [str(tmp_path / ".loose3.png")]
     with pytest.raises(ValueError, match="neither a file, a folder nor a glob"):
-        predict.list_images([str(tmp_path / "missing*.jpg")])
+        prediction.list_images([str(tmp_path / "missing*.jpg")])
     (tmp_path / "empty" / ".only_hidden").mkdir(parents=True)
     with pytest.raises(ValueError, match="has no files"):
-        predict.list_images([str(tmp_path / "empty")])
+        prediction.list_images([str(tmp_path / "empty")])
 
 
 def test_corrupt_file_among_good_ones_is_reported_and_the_rest_labelled(model_dir, serve, tmp_path):
@@ -140,13 +137,13 @@ def test_corrupt_file_among_good_ones_is_reported_and_the_rest_labelled(model_di
     (images / "c.jpg").write_bytes(b"not an image")
     (images / "empty.png").write_bytes(b"")
     bad = [str(images / "c.jpg"), str(images / "empty.png")]
-    results, failures = predict.predict_files(
-        serve=serve, paths=predict.list_images([str(images)]), class_names=CLASS_NAMES, top_k=2, batch_size=4
+    results, failures = prediction.predict_files(
+        serve=serve, paths=prediction.list_images([str(images)]), class_names=CLASS_NAMES, top_k=2, batch_size=4
     )
     assert [result["path"] for result in results] == good
     assert failures == {path: "not a decodable image" for path in bad}
     vanished = str(images / "vanished.png")  # listed, then deleted before it was read
-    results, failures = predict.predict_files(
+    results, failures = prediction.predict_files(
         serve=serve, paths=[vanished, good[0]], class_names=CLASS_NAMES, top_k=2, batch_size=4
     )
     assert [result["path"] for result in results] == good[:1]
@@ -186,9 +183,9 @@ def test_cli_usage_errors_exit_2_with_one_line(model_dir, tmp_path, arguments, m
 
 def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
     paths = write_images(tmp_path, ["a.png", "b.jpg", "c.png"])
-    results, _ = predict.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=3, batch_size=8)
+    results, _ = prediction.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=3, batch_size=8)
 
-    predict.write_predictions(results=results, path=str(tmp_path / "predictions.csv"))
+    prediction.write_predictions(results=results, path=str(tmp_path / "predictions.csv"))
     with open(tmp_path / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == [
@@ -202,7 +199,7 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
         check_sorted_top_k({"class_name": row["class_name"], "probability": float(row["probability"]), "top_k": top}, 3)
         assert row["class_name"] == result["class_name"]
 
-    predict.write_predictions(results=results, path=str(tmp_path / "predictions.json"))
+    prediction.write_predictions(results=results, path=str(tmp_path / "predictions.json"))
     written = json.loads((tmp_path / "predictions.json").read_text())
     assert [item["path"] for item in written] == paths
     for item, result in zip(written, results):
@@ -213,15 +210,15 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
     ]
 
     with pytest.raises(ValueError, match="must end in .csv or .json"):
-        predict.write_predictions(results=results, path=str(tmp_path / "predictions.tsv"))
+        prediction.write_predictions(results=results, path=str(tmp_path / "predictions.tsv"))
 
-    table = predict.format_table(results).splitlines()
+    table = prediction.format_table(results).splitlines()
     assert table[0].split() == ["path", "class_name", "probability", "top_k"]
     assert [line.split()[:3] for line in table[1:]] == [
         [result["path"], result["class_name"], f"{result['probability']:.4f}"] for result in results
     ]
     assert all(line.count(",") == 2 for line in table[1:])  # three "name probability" pairs
-    assert predict.format_table([]) == ""
+    assert prediction.format_table([]) == ""
 
 
 def test_ram_filesystem_for_images_and_output(serve):
@@ -230,11 +227,11 @@ def test_ram_filesystem_for_images_and_output(serve):
     for name, encoded in [("a.png", encode(0)), ("nested/b.jpg", encode(1, "JPEG")), (".hidden.png", encode(2))]:
         with tf.io.gfile.GFile(f"{root}/images/{name}", "wb") as file:
             file.write(encoded)
-    paths = predict.list_images([f"{root}/images"])
+    paths = prediction.list_images([f"{root}/images"])
     assert paths == [f"{root}/images/a.png", f"{root}/images/nested/b.jpg"]
-    results, failures = predict.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=2, batch_size=2)
+    results, failures = prediction.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=2, batch_size=2)
     assert failures == {} and len(results) == 2
-    predict.write_predictions(results=results, path=f"{root}/out/predictions.json")
+    prediction.write_predictions(results=results, path=f"{root}/out/predictions.json")
     with tf.io.gfile.GFile(f"{root}/out/predictions.json", "r") as file:
         assert [item["path"] for item in json.load(file)] == paths
     assert tf.io.gfile.listdir(f"{root}/out") == ["predictions.json"]

@@ -1,4 +1,4 @@
-"""trainer/evaluate.py: evaluate_model on the demo TFRecords, the learning curves, and the CLI as a subprocess."""
+"""trainer/evaluation.py: evaluate_model on the demo TFRecords, the learning curves, and the CLI as a subprocess."""
 
 import io
 import json
@@ -10,24 +10,23 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO_ROOT
-from trainer import data, evaluate, export, loop
+from tfrecords import schema
+from trainer import data, evaluation, export, reporting
 from trainer import model as model_lib
 
 IMAGE_SIZE = 32
 ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
-REPORT_FILES = [evaluate.EVALUATION_JSON, evaluate.EVALUATION_TEXT, evaluate.CONFUSION_MATRIX_PNG, evaluate.ERRORS_PNG]
+REPORT_FILES = [evaluation.EVALUATION_JSON, evaluation.EVALUATION_TEXT, evaluation.CONFUSION_MATRIX_PNG, evaluation.ERRORS_PNG]
 
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return model_lib.build_model(
-        backbone="mobilenet_v2", num_classes=3, image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0
-    )
+    return model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
 
 
 @pytest.fixture(scope="module")
 def manifest(demo_data_dir):
-    return data.read_manifest(str(demo_data_dir))
+    return schema.read_manifest(str(demo_data_dir))
 
 
 def check_png(path):
@@ -40,7 +39,7 @@ def test_evaluate_model_covers_every_test_example_once(tiny_model, demo_data_dir
     split = manifest["splits"]["test"]
     # A batch size that does not divide the split: the padding of the last batch must be dropped.
     batch_size = 5 if split["num_examples"] % 5 else 7
-    result = evaluate.evaluate_model(
+    result = evaluation.evaluate_model(
         model=tiny_model, data_dir=str(demo_data_dir), manifest=manifest, split="test", image_size=IMAGE_SIZE,
         batch_size=batch_size, class_names=manifest["classes"], top_k=2, output_dir=str(tmp_path / "report"),
         max_error_images=4,
@@ -54,17 +53,17 @@ def test_evaluate_model_covers_every_test_example_once(tiny_model, demo_data_dir
     assert result["top_k"] == 2 and result["top_k_accuracy"] >= result["accuracy"]
     for name in REPORT_FILES:
         assert (tmp_path / "report" / name).exists()
-    assert json.loads((tmp_path / "report" / evaluate.EVALUATION_JSON).read_text()) == result
-    text = (tmp_path / "report" / evaluate.EVALUATION_TEXT).read_text()
+    assert json.loads((tmp_path / "report" / evaluation.EVALUATION_JSON).read_text()) == result
+    text = (tmp_path / "report" / evaluation.EVALUATION_TEXT).read_text()
     assert all(name in text for name in manifest["classes"])
-    check_png(tmp_path / "report" / evaluate.CONFUSION_MATRIX_PNG)
-    check_png(tmp_path / "report" / evaluate.ERRORS_PNG)
+    check_png(tmp_path / "report" / evaluation.CONFUSION_MATRIX_PNG)
+    check_png(tmp_path / "report" / evaluation.ERRORS_PNG)
 
 
 def test_evaluate_model_rejects_a_missing_split(tiny_model, demo_data_dir, manifest, tmp_path):
     manifest = {**manifest, "splits": {"train": manifest["splits"]["train"]}}
     with pytest.raises(ValueError, match="has no 'test' split"):
-        evaluate.evaluate_model(
+        evaluation.evaluate_model(
             model=tiny_model, data_dir=str(demo_data_dir), manifest=manifest, split="test", image_size=IMAGE_SIZE,
             batch_size=8, class_names=["circle", "square", "triangle"], top_k=5, output_dir=str(tmp_path),
         )
@@ -72,38 +71,38 @@ def test_evaluate_model_rejects_a_missing_split(tiny_model, demo_data_dir, manif
 
 def test_evaluate_model_rejects_a_bad_top_k(tiny_model, demo_data_dir, manifest, tmp_path):
     with pytest.raises(ValueError, match="--top_k 0 must be at least 1"):
-        evaluate.evaluate_model(
+        evaluation.evaluate_model(
             model=tiny_model, data_dir=str(demo_data_dir), manifest=manifest, split="test", image_size=IMAGE_SIZE,
             batch_size=8, class_names=manifest["classes"], top_k=0, output_dir=str(tmp_path),
         )
 
 
 def test_write_learning_curves(tmp_path):
-    assert evaluate.write_learning_curves(str(tmp_path)) is None
+    assert evaluation.write_learning_curves(str(tmp_path)) is None
     history = [
         {"epoch": epoch, "phase": phase, "loss": 1.0 / epoch, "accuracy": 0.5, "val_loss": 1.1 / epoch,
          "val_accuracy": 0.4, "learning_rate": 1e-3, "images_per_second": 10.0, "input_wait_fraction": 0.1}
         for epoch, phase in [(1, "phase1"), (2, "phase1"), (3, "phase2")]
     ]
-    (tmp_path / loop.HISTORY_FILE).write_text(json.dumps(history))
-    path = evaluate.write_learning_curves(str(tmp_path))
-    assert path == str(tmp_path / evaluate.LEARNING_CURVES_PNG)
-    check_png(tmp_path / evaluate.LEARNING_CURVES_PNG)
+    (tmp_path / reporting.HISTORY_FILE).write_text(json.dumps(history))
+    path = evaluation.write_learning_curves(str(tmp_path))
+    assert path == str(tmp_path / evaluation.LEARNING_CURVES_PNG)
+    check_png(tmp_path / evaluation.LEARNING_CURVES_PNG)
 
 
 def test_load_model_without_a_model_says_train_first(tmp_path):
     with pytest.raises(ValueError, match=f"has no {export.KERAS_MODEL_FILE}; train first"):
-        evaluate.load_model(str(tmp_path))
+        evaluation.load_model(str(tmp_path))
 
 
 def test_class_names_must_match_the_model(tmp_path):
     (tmp_path / "labels.txt").write_text("circle\nsquare\ntriangle\n")
-    evaluate.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["circle", "square", "triangle"],
+    evaluation.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["circle", "square", "triangle"],
                                num_outputs=3)
     with pytest.raises(ValueError, match="has 2 classes but the model predicts 3"):
-        evaluate.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["a", "b"], num_outputs=3)
+        evaluation.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["a", "b"], num_outputs=3)
     with pytest.raises(ValueError, match="differ from the model's"):
-        evaluate.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["a", "b", "c"], num_outputs=3)
+        evaluation.check_class_names(model_dir=str(tmp_path), data_dir="d", class_names=["a", "b", "c"], num_outputs=3)
 
 
 def run_evaluate(*arguments: str) -> subprocess.CompletedProcess:
@@ -118,16 +117,16 @@ def test_cli_writes_report_and_plots(tiny_model, demo_data_dir, manifest, tmp_pa
     model_dir.mkdir()
     tiny_model.save(str(model_dir / export.KERAS_MODEL_FILE))
     history = [{"epoch": 1, "phase": "phase1", "loss": 1.0, "accuracy": 0.4, "val_loss": 1.1, "val_accuracy": 0.3}]
-    (model_dir / loop.HISTORY_FILE).write_text(json.dumps(history))
+    (model_dir / reporting.HISTORY_FILE).write_text(json.dumps(history))
     result = run_evaluate(f"--model_dir={model_dir}", f"--data_dir={demo_data_dir}", "--batch_size=8", "--top_k=2")
     assert result.returncode == 0, result.stderr[-4000:]
     output_dir = model_dir / "evaluation_test"
     for name in REPORT_FILES:
         assert (output_dir / name).exists()
         assert f"wrote {output_dir / name}" in result.stdout
-    assert (model_dir / evaluate.LEARNING_CURVES_PNG).exists()
+    assert (model_dir / evaluation.LEARNING_CURVES_PNG).exists()
     assert "top-2 accuracy" in result.stdout and all(name in result.stdout for name in manifest["classes"])
-    report = json.loads((output_dir / evaluate.EVALUATION_JSON).read_text())
+    report = json.loads((output_dir / evaluation.EVALUATION_JSON).read_text())
     assert report["num_examples"] == manifest["splits"]["test"]["num_examples"]
 
 

@@ -1,0 +1,82 @@
+"""trainer/features.py: phase 1 on cached backbone features trains the same head as on images."""
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfrecords import schema
+from trainer import checkpoints, data, features, loop, recipe, reporting, steps, transfer
+from trainer import model as model_lib
+
+IMAGE_SIZE = 32
+
+
+def tiny_backbone_file(tmp_path) -> str:
+    """A small random convolutional feature extractor saved as a .keras backbone file (varied features)."""
+    backbone = keras.Sequential([
+        keras.Input((None, None, 3)),
+        keras.layers.Conv2D(8, 3, strides=2, activation="relu"),
+        keras.layers.BatchNormalization(),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+    ], name="tiny_backbone")
+    path = str(tmp_path / "tiny_backbone.keras")
+    backbone.save(path)
+    return path
+
+
+def test_split_model_shares_weights_and_gives_the_full_models_output(tmp_path):
+    model = model_lib.build_model(model_lib.ModelSpec(backbone=tiny_backbone_file(tmp_path), image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.3), num_classes=3)
+    feature_model, head = features.split_model(model)
+    images = np.random.default_rng(0).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(head(feature_model(images)), model(images), rtol=1e-5, atol=1e-6)
+    assert {id(weight) for weight in head.weights} <= {id(weight) for weight in model.weights}
+
+
+def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool) -> keras.Model:
+    """Phase 1 on the whole train split as one batch (order-free), no augmentation, no dropout."""
+    manifest = schema.read_manifest(str(demo_data_dir))
+    num_train = manifest["splits"]["train"]["num_examples"]
+    strategy = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(1)
+    spec = model_lib.ModelSpec(backbone=backbone_file, image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.0)
+    model = model_lib.build_model(spec, num_classes=3)
+    splits = data.DistributedSplits(
+        strategy=strategy, data_dir=str(demo_data_dir), manifest=manifest, image_size=IMAGE_SIZE, batch_size=num_train,
+        # In order: otherwise a fast image of the next epoch may take a slow one's place in a batch.
+        options=data.PipelineOptions(crop_min_area=1.0, flip=False, seed=3, deterministic=True),
+    )
+    model_dir = str(tmp_path / ("cached" if cache_features else "slow"))
+    phase = transfer.Phase("phase1", 0, 4, 0.05, "adam", None)
+    schedule = transfer.PhaseSchedule(cache_features=cache_features, feature_views=4)
+    trained = transfer.phase_data(phase, model=model, evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),
+                                  splits=splits, schedule=schedule, augmented=False, seed=3)
+    assert (trained.model is model) == (not cache_features)
+    optimizer = recipe.Recipe(lr_schedule="constant", warmup_fraction=0.0).optimizer(
+        name="adam", learning_rate=0.05, total_steps=4, precision="float32", model=trained.model
+    )
+    with checkpoints.PreemptionWatcher() as preemption:
+        loop.train_phase(
+            phase, trained, optimizer=optimizer, loss_function=recipe.make_loss_function(label_smoothing=0.0, class_weights=None),
+            global_batch_size=num_train, strategy=strategy, model_dir=model_dir,
+            reporter=reporting.EpochReporter(model_dir=model_dir, chief=True), preemption=preemption,
+            options=loop.LoopOptions(steps_per_epoch=1), weights_model=model,
+        )
+    return model
+
+
+def test_cached_features_train_the_same_head_as_the_slow_path(tmp_path, demo_data_dir):
+    backbone_file = tiny_backbone_file(tmp_path)
+    slow = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=False)
+    cached = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=True)
+    slow_kernel, slow_bias = (keras.ops.convert_to_numpy(w) for w in slow.get_layer("classifier").weights)
+    cached_kernel, cached_bias = (keras.ops.convert_to_numpy(w) for w in cached.get_layer("classifier").weights)
+    initial = model_lib.build_model(model_lib.ModelSpec(backbone=backbone_file, image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=3)
+    # The head did train (4 Adam steps of 0.05 move every weight), and both paths moved it alike.
+    assert np.abs(slow_kernel - keras.ops.convert_to_numpy(initial.get_layer("classifier").weights[0])).max() > 0.05
+    np.testing.assert_allclose(cached_kernel, slow_kernel, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cached_bias, slow_bias, rtol=1e-4, atol=1e-5)
+    # The backbone is untouched by either path.
+    for slow_weight, cached_weight in zip(model_lib.get_backbones(slow)[0].weights, model_lib.get_backbones(cached)[0].weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(slow_weight), keras.ops.convert_to_numpy(cached_weight))
+
+

@@ -1,0 +1,200 @@
+"""One training run, top to bottom: datasets -> model -> phases -> best weights -> evaluate -> export.
+
+`trainer/train.py` (the entry point) reads the flags into a RunOptions and calls train_and_evaluate,
+which calls loop.train_phase once per phase: two hops from main to the epoch loop. Each stage's options
+are its own module's small frozen dataclass (data.PipelineOptions, model.ModelSpec, ...).
+"""
+
+# The options' fields are named after their modules (recipe: recipe.Recipe): annotations stay unevaluated.
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfrecords import schema
+from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
+from trainer import run_dir, steps, transfer
+
+METRICS_FILE = "metrics.json"
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Everything one run needs, each stage's part in its own options (built by train.py from the flags).
+
+    data_dir, model_dir: the converted data and the run folder (local or gs://).
+    batch_size: global batch size, divided across replicas.
+    precision: the Keras dtype policy (mixed_float16 for GPUs, mixed_bfloat16 for TPUs).
+    seed: seed of weights initialisation, shuffling and augmentation.
+    """
+
+    data_dir: str
+    model_dir: str
+    model: model_lib.ModelSpec = model_lib.ModelSpec()
+    pipeline: data.PipelineOptions = data.PipelineOptions()
+    augmentation: data.LayerAugmentation = data.LayerAugmentation()
+    schedule: transfer.PhaseSchedule = transfer.PhaseSchedule()
+    recipe: recipe.Recipe = recipe.Recipe()
+    loop: loop.LoopOptions = loop.LoopOptions()
+    export: export.ExportOptions = export.ExportOptions()
+    batch_size: int = 32
+    precision: str = "float32"
+    seed: int = 42
+
+    def __post_init__(self):
+        if not self.data_dir or not self.model_dir:
+            raise ValueError("--data_dir and --model_dir are required")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size {self.batch_size} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r} is not one of {PRECISIONS}")
+
+    @property
+    def augmented(self) -> bool:
+        """Training images are augmented (random crops, flips or layers)."""
+        return self.pipeline.augments or self.augmentation.any()
+
+    def identity(self, manifest: dict) -> dict:
+        """What defines this run's model (run_dir.check_identity): a rerun into the same --model_dir must match it."""
+        # Layers on the device are part of the model and its checkpoints (with their random-seed state).
+        on_device = self.augmentation.on == "device"
+        return {
+            "classes": manifest["classes"],
+            "data_fingerprint": run_dir.manifest_fingerprint(manifest),
+            "backbone": self.model.backbone,
+            "backbone_layer": self.model.backbone_layer,
+            "weights": self.model.weights,
+            "preprocess": self.model.preprocess_modes,
+            "image_size": self.model.image_size,
+            "dropout": self.model.dropout,
+            "augmentation_in_model": {name: value for name, value in self.augmentation.factors().items()
+                                      if on_device and value},
+            "baseline_cnn": self.model.baseline_cnn,
+        }
+
+
+def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict) -> dict:
+    """Trains the phases, restores the best weights, evaluates, exports; returns what metrics.json holds.
+
+    Raises:
+        checkpoints.Preempted: a SIGTERM stopped training after saving a checkpoint.
+        FloatingPointError: the training loss stopped being finite.
+    """
+    class_names, model_dir, chief = manifest["classes"], options.model_dir, distribute.is_chief(strategy)
+    keras.utils.set_random_seed(options.seed)
+    keras.mixed_precision.set_global_policy(options.precision)
+    loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(
+        1, manifest["splits"]["train"]["num_examples"] // options.batch_size))
+    splits = data.DistributedSplits(
+        strategy=strategy, data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
+        batch_size=options.batch_size, options=options.pipeline,
+        augmentation=options.augmentation.make_layers(on="host", seed=options.seed),
+    )
+    with strategy.scope():
+        device_augmentation = options.augmentation.make_layers(on="device", seed=options.seed)
+        model = model_lib.build_model(options.model, num_classes=len(class_names), augmentation=device_augmentation)
+    if chief and options.augmented:
+        write_augmented_images(model_dir, splits, device_augmentation)
+    evaluation_step = steps.make_evaluation_step(model=model, strategy=strategy)  # traced once per run
+    phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
+    loss_function = options.recipe.loss_function(manifest)
+    reporter = reporting.EpochReporter(
+        model_dir=model_dir, chief=chief, class_names=class_names if loop_options.confusion_matrix_images else None
+    )
+    eval_split = data.evaluation_split(manifest)
+    # A resumed run skips finished phases: their results come from the metrics.json of the run before.
+    phase_results, evaluated = read_metrics(model_dir).get("phases", {}), None
+    with checkpoints.PreemptionWatcher() as preemption:
+        for index, phase in enumerate(phases):
+            if transfer.replaced_by_later_checkpoint(model_dir, phases, index):
+                continue
+            if phase.fine_tune_at is not None:
+                transfer.unfreeze(model, phase, strategy=strategy)
+            trained = transfer.phase_data(phase, model=model, evaluation_step=evaluation_step, splits=splits,
+                                          schedule=options.schedule, augmented=options.augmented, seed=options.seed)
+            with strategy.scope():
+                optimizer = options.recipe.optimizer(
+                    name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,
+                    total_steps=(phase.last_epoch - phase.first_epoch) * loop_options.steps_per_epoch, model=trained.model,
+                )
+            result = loop.train_phase(
+                phase, trained, optimizer=optimizer, loss_function=loss_function, global_batch_size=options.batch_size, strategy=strategy, model_dir=model_dir, reporter=reporter,
+                preemption=preemption, weights_model=model,
+                options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
+            )
+            # The validation accuracy is the phase's last epoch's; the evaluation split is measured here.
+            evaluated = trained.evaluate(eval_split)
+            phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
+                                         f"{eval_split}_accuracy": evaluated["accuracy"]}
+            logging.info("%s done: validation accuracy %.4f, %s accuracy %.4f", phase.name,
+                         result["validation_accuracy"], eval_split, evaluated["accuracy"])
+    restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=reporter.history.epochs)
+    if restored or evaluated is None:  # else the last phase's evaluation holds for these weights
+        evaluated = steps.evaluate(evaluation_step, splits.images(eval_split, training=False))
+    metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
+                           restored=restored, history=reporter.history.epochs, strategy=strategy)
+    logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
+    # Every worker logs this; under multi_worker they must agree (the tests compare them).
+    logging.info("weights fingerprint %s", weights_fingerprint(model))
+    export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export, strategy=strategy)
+    if chief:
+        write_metrics(model_dir, metrics)
+        # The full report (per-class, confusion matrix, worst errors) and the learning curves.
+        evaluation.evaluate_model(
+            model=model, data_dir=options.data_dir, manifest=manifest, split=eval_split,
+            image_size=options.model.image_size, batch_size=options.batch_size, class_names=class_names,
+            top_k=options.export.top_k, output_dir=model_dir,
+        )
+        evaluation.write_learning_curves(model_dir)
+    return metrics
+
+
+def make_metrics(options: RunOptions, *, manifest, evaluated, split, phases, restored, history, strategy) -> dict:
+    """What metrics.json holds: the final accuracy on `split` (with its size), per-phase results, history."""
+    return {
+        "evaluated_split": split,
+        "num_examples": manifest["splits"][split]["num_examples"],
+        "loss": evaluated["loss"],
+        "accuracy": evaluated["accuracy"],
+        "backbone": options.model.name,
+        "image_size": options.model.image_size,
+        "num_classes": len(manifest["classes"]),
+        "num_replicas": strategy.num_replicas_in_sync,
+        "phases": phases,
+        "restored_best_weights_of_epoch": restored["epoch"] if restored else None,
+        "history": history,
+    }
+
+
+def read_metrics(model_dir: str) -> dict:
+    path = tf.io.gfile.join(model_dir, METRICS_FILE)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as file:
+        return json.load(file)
+
+
+def write_metrics(model_dir: str, metrics: dict) -> None:
+    schema.write_text(tf.io.gfile.join(model_dir, METRICS_FILE), json.dumps(metrics, indent=2))
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short digest of every weight's bytes: equal on all workers when they are in sync."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_augmented_images(model_dir: str, splits: data.DistributedSplits, device_augmentation) -> None:
+    """Puts a few augmented training images in TensorBoard (step 0), so users see what the model sees."""
+    images = splits.sample(8)
+    if device_augmentation is not None:
+        images = device_augmentation(images, training=True)
+    reporting.write_image_summary(model_dir=model_dir, name="augmented_training_images", images=images)
