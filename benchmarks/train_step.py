@@ -43,7 +43,12 @@ class EpochTimer(keras.callbacks.Callback):
 
 def build(num_classes: int, augmentation=None) -> keras.Model:
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=FLAGS.image_size, weights="none", preprocess="tf", dropout=0.2), num_classes=num_classes, augmentation=augmentation)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2", image_size=FLAGS.image_size, weights="none", preprocess="tf", dropout=0.2,
+        ),
+        num_classes=num_classes, augmentation=augmentation,
+    )
     model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy")
     return model
 

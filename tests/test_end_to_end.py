@@ -116,9 +116,10 @@ def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):
     assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
 
 
+LONG_EPOCHS = 12  # long enough to be killed at epoch 2 or 3 with epochs left to resume
 LONG_TRAINING = [
     "--backbone=mobilenet_v2", "--weights=none", "--image_size=32", "--batch_size=8",
-    "--epochs=30", "--fine_tune_epochs=0", "--steps_per_epoch=2",
+    f"--epochs={LONG_EPOCHS}", "--fine_tune_epochs=0", "--steps_per_epoch=2",
 ]
 
 
@@ -143,11 +144,11 @@ def wait_for_epochs(process: subprocess.Popen, model_dir: Path, count: int) -> N
 def resume_and_check(converted, model_dir: Path) -> int:
     """Reruns the same command; checks it resumed and ended with one history entry per epoch."""
     resumed = run_cli("trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *LONG_TRAINING)
-    first_epoch = int(re.search(r"Epoch (\d+)/30", resumed.stdout).group(1))
+    first_epoch = int(re.search(rf"Epoch (\d+)/{LONG_EPOCHS}", resumed.stdout).group(1))
     assert first_epoch > 1, resumed.stdout[:2000]
     assert "restored" in resumed.stderr
     history = json.loads((model_dir / "metrics.json").read_text())["history"]
-    assert [entry["epoch"] for entry in history] == list(range(1, 31))
+    assert [entry["epoch"] for entry in history] == list(range(1, LONG_EPOCHS + 1))
     return first_epoch
 
 
@@ -227,7 +228,12 @@ def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
     # And the mechanism itself: fine-tuning changed the top of the backbone, but not one BatchNorm statistic.
     # Read from phase 2's own checkpoint: the final model may hold phase 1's weights, restored as the best.
     pretrained = keras.saving.load_model(LITE0_BACKBONE, compile=False)
-    after_phase2 = model_lib.build_model(model_lib.ModelSpec(backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2), num_classes=5)
+    after_phase2 = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2,
+        ),
+        num_classes=5,
+    )
     checkpoint = tf.train.latest_checkpoint(str(model_dir / "checkpoints" / "phase2"))
     tf.train.Checkpoint(model=after_phase2).restore(checkpoint).expect_partial().assert_existing_objects_matched()
     fine_tuned = model_lib.get_backbones(after_phase2)[0]

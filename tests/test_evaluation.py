@@ -21,7 +21,12 @@ REPORT_FILES = [evaluation.EVALUATION_JSON, evaluation.EVALUATION_TEXT, evaluati
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    return model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
+    return model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=3,
+    )
 
 
 @pytest.fixture(scope="module")

@@ -279,7 +279,12 @@ def test_labels_file_lists_the_class_names_in_label_order(tflite_dir):
 
 
 def test_a_real_backbone_converts_to_float_tflite(tmp_path, test_images):
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=3,
+    )
     # Untrained, its glorot kernels shrink the features to ~1e-12; He-normal ones keep them near unit scale.
     rng = np.random.default_rng(0)
     for layer in model_lib.get_backbone(model).layers:

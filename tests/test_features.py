@@ -25,7 +25,12 @@ def tiny_backbone_file(tmp_path) -> str:
 
 
 def test_split_model_shares_weights_and_gives_the_full_models_output(tmp_path):
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=tiny_backbone_file(tmp_path), image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.3), num_classes=3)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=tiny_backbone_file(tmp_path), image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.3,
+        ),
+        num_classes=3,
+    )
     feature_model, head = features.split_model(model)
     images = np.random.default_rng(0).uniform(0, 255, (4, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
     np.testing.assert_allclose(head(feature_model(images)), model(images), rtol=1e-5, atol=1e-6)
@@ -70,7 +75,12 @@ def test_cached_features_train_the_same_head_as_the_slow_path(tmp_path, demo_dat
     cached = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=True)
     slow_kernel, slow_bias = (keras.ops.convert_to_numpy(w) for w in slow.get_layer("classifier").weights)
     cached_kernel, cached_bias = (keras.ops.convert_to_numpy(w) for w in cached.get_layer("classifier").weights)
-    initial = model_lib.build_model(model_lib.ModelSpec(backbone=backbone_file, image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=3)
+    initial = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=backbone_file, image_size=IMAGE_SIZE, weights="imagenet", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=3,
+    )
     # The head did train (4 Adam steps of 0.05 move every weight), and both paths moved it alike.
     assert np.abs(slow_kernel - keras.ops.convert_to_numpy(initial.get_layer("classifier").weights[0])).max() > 0.05
     np.testing.assert_allclose(cached_kernel, slow_kernel, rtol=1e-4, atol=1e-5)

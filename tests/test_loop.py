@@ -18,7 +18,12 @@ def adam(model, precision="float32"):
 def tiny_model(tmp_path, precision="float32"):
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    return model_lib.build_model(model_lib.ModelSpec(backbone=save_tiny_backbone(tmp_path / "tiny_backbone.keras"), image_size=16, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=2)
+    return model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=save_tiny_backbone(tmp_path / "tiny_backbone.keras"), image_size=16, weights="imagenet", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=2,
+    )
 
 
 def separable_batches(count: int, batch_size: int = 8):

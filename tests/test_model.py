@@ -31,7 +31,10 @@ def test_every_backbone_has_a_preprocess_reference():
 
 @pytest.mark.parametrize("backbone", sorted(model_lib.BACKBONES))
 def test_backbone_builds_and_predicts_probabilities(backbone):
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=backbone, image_size=TINY_SIZE, weights="none", preprocess="auto", dropout=0.1), num_classes=3)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone=backbone, image_size=TINY_SIZE, weights="none", preprocess="auto", dropout=0.1),
+        num_classes=3,
+    )
     images = np.random.default_rng(0).uniform(0, 255, (2, TINY_SIZE, TINY_SIZE, 3)).astype("float32")
     probabilities = keras.ops.convert_to_numpy(model(images, training=False))
     assert probabilities.shape == (2, 3)
@@ -91,7 +94,10 @@ def test_missing_backbone_file_is_refused(tmp_path):
 
 @pytest.fixture(scope="module")
 def small_model():
-    return model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
+    return model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0),
+        num_classes=3,
+    )
 
 
 def test_fine_tune_at_accepts_index_fraction_and_name(small_model):
@@ -113,7 +119,10 @@ def test_fine_tune_at_accepts_index_fraction_and_name(small_model):
 
 
 def test_unfreeze_keeps_batchnorm_and_the_bottom_frozen():
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0),
+        num_classes=3,
+    )
     start = model_lib.unfreeze_backbone(model, "0.5")
     backbone = model_lib.get_backbone(model)
     for index, layer in enumerate(backbone.layers):
@@ -138,7 +147,10 @@ def save_tiny_backbone(path) -> str:
 
 def test_fine_tuning_never_changes_batchnorm_statistics(tmp_path):
     backbone_file = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=backbone_file, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=3)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone=backbone_file, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0),
+        num_classes=3,
+    )
     model_lib.unfreeze_backbone(model, "0")
     model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="sparse_categorical_crossentropy")
     backbone = model_lib.get_backbone(model)
@@ -156,7 +168,10 @@ def test_fine_tuning_never_changes_batchnorm_statistics(tmp_path):
 
 def test_backbone_from_a_keras_file(tmp_path):
     path = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=path, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=2)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone=path, image_size=32, weights="imagenet", preprocess="tf", dropout=0.0),
+        num_classes=2,
+    )
     assert model.output_shape == (None, 2)
     with pytest.raises(ValueError, match="carries its own weights"):
         model_lib.make_backbone(path, image_size=32, weights="none")
@@ -174,7 +189,12 @@ def test_saved_keras_model_loads_in_safe_mode(tmp_path, small_model):
 
 @pytest.mark.skipif(not LITE0_BACKBONE.exists(), reason="../shared/models is not beside this checkout")
 def test_pretrained_backbone_file_from_shared():
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2), num_classes=5)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2,
+        ),
+        num_classes=5,
+    )
     assert model.output_shape == (None, 5)
     assert len(model_lib.get_backbone(model).layers) == 150
 
@@ -183,12 +203,18 @@ def test_device_augmentation_acts_in_training_only_and_saves(tmp_path):
     from trainer import data
 
     augmentation = data.make_augmentation(flip=True, rotation=0.2, contrast=0.3, seed=0)
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0), num_classes=3, augmentation=augmentation)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0),
+        num_classes=3, augmentation=augmentation,
+    )
     names = [layer.name for layer in model.layers]
     assert names.index("preprocess") == 1 + len(augmentation.layers)  # input, augmentation, preprocess
     assert model_lib.get_backbone(model) is not None  # still exactly one nested model
     images = np.random.default_rng(3).uniform(0, 255, (4, 32, 32, 3)).astype("float32")
-    plain = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0), num_classes=3)
+    plain = model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0),
+        num_classes=3,
+    )
     plain.set_weights(model.get_weights())
     inference = keras.ops.convert_to_numpy(model(images, training=False))
     np.testing.assert_allclose(inference, keras.ops.convert_to_numpy(plain(images, training=False)), rtol=1e-5)
@@ -233,7 +259,10 @@ def test_ensemble_with_a_backbone_file_needs_an_explicit_preprocess(tmp_path):
 @pytest.fixture(scope="module")
 def ensemble_model():
     backbone = "mobilenet_v2+mobilenet_v3_small"
-    return model_lib.build_model(model_lib.ModelSpec(backbone=backbone, image_size=32, weights="none", preprocess="auto", dropout=0.1), num_classes=3)
+    return model_lib.build_model(
+        model_lib.ModelSpec(backbone=backbone, image_size=32, weights="none", preprocess="auto", dropout=0.1),
+        num_classes=3,
+    )
 
 
 def test_ensemble_has_a_backbone_preprocess_and_pool_per_member(ensemble_model):
@@ -263,7 +292,12 @@ def test_unfreeze_applies_to_every_backbone_of_an_ensemble(tmp_path):
     first = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
     (tmp_path / "other").mkdir()
     second = save_tiny_backbone(tmp_path / "other" / "tiny_backbone.keras")  # same file name: renamed to stay unique
-    model = model_lib.build_model(model_lib.ModelSpec(backbone=f"{first}+{second}", image_size=32, weights="imagenet", preprocess="tf", dropout=0.0), num_classes=2)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone=f"{first}+{second}", image_size=32, weights="imagenet", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=2,
+    )
     backbones = model_lib.get_backbones(model)
     assert [backbone.name for backbone in backbones] == ["tiny_backbone", "tiny_backbone_2"]
     with pytest.raises(ValueError, match="outside the backbone 'tiny_backbone'"):
@@ -282,7 +316,12 @@ def test_unfreeze_applies_to_every_backbone_of_an_ensemble(tmp_path):
 
 
 def test_unfreeze_a_mobilenet_ensemble_by_layer_name_needs_it_in_every_backbone():
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2+mobilenet_v3_small", image_size=32, weights="none", preprocess="auto", dropout=0.0), num_classes=2)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2+mobilenet_v3_small", image_size=32, weights="none", preprocess="auto", dropout=0.0,
+        ),
+        num_classes=2,
+    )
     with pytest.raises(ValueError, match="'block_16_expand' is not a layer of backbone 'mobilenet_v3_small'"):
         model_lib.unfreeze_backbone(model, "block_16_expand")
     model_lib.unfreeze_backbone(model, "-20")
@@ -296,7 +335,12 @@ def test_backbone_cut_at_a_named_layer():
     assert backbone.name.startswith("mobilenetv2")
     assert backbone.output.shape[-1] == 576
     assert backbone.layers[-1].name == "block_13_expand_relu"
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0, backbone_layer="block_6_expand_relu"), num_classes=2)
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2", image_size=32, weights="none", preprocess="tf", dropout=0.0, backbone_layer="block_6_expand_relu",
+        ),
+        num_classes=2,
+    )
     assert model.get_layer("pool").input.shape[-1] == 192
     assert model_lib.get_backbone(model).layers[-1].name == "block_6_expand_relu"
 
@@ -305,7 +349,12 @@ def test_backbone_cut_errors():
     with pytest.raises(ValueError, match=r"--backbone_layer 'mixed7' is not a layer of backbone .* e\.g\. \['"):
         model_lib.make_backbone("mobilenet_v2", image_size=32, weights="none", layer_name="mixed7")
     with pytest.raises(ValueError, match="cannot apply to ensemble"):
-        model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2+resnet50", image_size=32, weights="none", preprocess="tf", dropout=0.0, backbone_layer="block_6_expand_relu"), num_classes=2)
+        model_lib.build_model(
+            model_lib.ModelSpec(
+                backbone="mobilenet_v2+resnet50", image_size=32, weights="none", preprocess="tf", dropout=0.0, backbone_layer="block_6_expand_relu",
+            ),
+            num_classes=2,
+        )
 
 
 def test_baseline_cnn_trains_and_loads_in_safe_mode(tmp_path):

@@ -24,7 +24,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A --model_dir holding an exported 4-class model and its labels.txt."""
-    model = model_lib.build_model(model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0), num_classes=len(CLASS_NAMES))
+    model = model_lib.build_model(
+        model_lib.ModelSpec(
+            backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0,
+        ),
+        num_classes=len(CLASS_NAMES),
+    )
     # A random head, so the probabilities differ between classes and the top-k order means something (the
     # untrained backbone's features are near zero whatever the image, so the head's bias decides).
     head = model.layers[-1]

@@ -490,8 +490,7 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Builds the (images, labels) dataset of one split.
 
-    Use it directly for one input pipeline, or as
-    `strategy.distribute_datasets_from_function(lambda context: make_dataset(..., input_context=context))`.
+    Use it directly for one input pipeline, or through DistributedSplits (one per input_context).
 
     Args:
         data_dir: the converter's output folder (local or gs://).
@@ -513,9 +512,6 @@ def make_dataset(
         labels); otherwise (images, labels, float32 [batch] sample weights), the weights being 0 for
         the padding that fills the last batch (see pad_with_zero_weights).
     """
-    num_examples = manifest["splits"][split]["num_examples"]
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    pipeline_id = input_context.input_pipeline_id if input_context else 0
     local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
     ordered = options.deterministic or not training
     dataset = _read_records(
@@ -536,21 +532,12 @@ def make_dataset(
     )
     dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if not training:
-        # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
-        # the same number of whole per-replica batches, so replicas stay in step to the end of the pass.
-        dataset = pad_with_zero_weights(dataset, num_examples, batch_size, image_size)
-        if num_pipelines > 1:
-            dataset = dataset.shard(num_pipelines, pipeline_id)
-    # Every batch is full (training drops the remainder, evaluation pads it): batches then split
-    # evenly across replicas and keep static shapes, which TPUs need.
-    dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=ordered)
-    if not training:
-        # Interleaving hides the length; stating it lets Keras show progress and end the pass
-        # without an "input ran out of data" warning.
-        padded_examples = -(-num_examples // batch_size) * batch_size
-        dataset = dataset.apply(
-            tf.data.experimental.assert_cardinality(padded_examples // num_pipelines // local_batch_size)
-        )
+        dataset = _batch_for_evaluation(dataset, num_examples=manifest["splits"][split]["num_examples"],
+                                        batch_size=batch_size, image_size=image_size, input_context=input_context)
+    else:
+        # Every batch is full (the remainder dropped): batches split evenly across replicas and keep
+        # static shapes, which TPUs need.
+        dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if training and augmentation is not None:
         # Augment whole batches: one vectorised op per batch is far cheaper than one per image.
         dataset = dataset.map(
@@ -592,6 +579,22 @@ def _read_records(files: list[str], *, training: bool, ordered: bool, seed, inpu
     if training and num_pipelines > 1 and not shard_files:
         dataset = dataset.shard(num_pipelines, pipeline_id)
     return dataset
+
+
+def _batch_for_evaluation(dataset, *, num_examples: int, batch_size: int, image_size: int, input_context):
+    """One pass in whole per-replica batches, padded with zero-weight examples (pad_with_zero_weights)."""
+    num_pipelines = input_context.num_input_pipelines if input_context else 1
+    local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
+    # the same number of whole per-replica batches, so replicas stay in step to the end of the pass.
+    dataset = pad_with_zero_weights(dataset, num_examples, batch_size, image_size)
+    if num_pipelines > 1:
+        dataset = dataset.shard(num_pipelines, input_context.input_pipeline_id)
+    dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=True)
+    # Interleaving hides the length; stating it lets Keras show progress and end the pass
+    # without an "input ran out of data" warning.
+    padded_examples = -(-num_examples // batch_size) * batch_size
+    return dataset.apply(tf.data.experimental.assert_cardinality(padded_examples // num_pipelines // local_batch_size))
 
 
 def _parse_function(*, training: bool, class_names: list, image_size: int, options: PipelineOptions, uint8: bool):

@@ -124,8 +124,9 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
                     total_steps=(phase.last_epoch - phase.first_epoch) * loop_options.steps_per_epoch, model=trained.model,
                 )
             result = loop.train_phase(
-                phase, trained, optimizer=optimizer, loss_function=loss_function, global_batch_size=options.batch_size, strategy=strategy, model_dir=model_dir, reporter=reporter,
-                preemption=preemption, weights_model=model,
+                phase, trained, optimizer=optimizer, loss_function=loss_function, global_batch_size=options.batch_size,
+                strategy=strategy, model_dir=model_dir, reporter=reporter, preemption=preemption, weights_model=model,
+                # Profiling traces steps of the first phase only.
                 options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
             )
             # The validation accuracy is the phase's last epoch's; the evaluation split is measured here.
