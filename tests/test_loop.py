@@ -7,31 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_model import save_tiny_backbone
-from trainer import checkpoints, loop, recipe, reporting, steps, transfer
-from trainer import model as model_lib
-
-
-def adam(model, precision="float32"):
-    return recipe.make_optimizer(name="adam", learning_rate=1e-2, weight_decay=0.0, precision=precision, model=model)
-
-def tiny_model(tmp_path, precision="float32"):
-    keras.mixed_precision.set_global_policy(precision)
-    keras.utils.set_random_seed(0)
-    return model_lib.build_model(
-        model_lib.ModelSpec(
-            backbone=save_tiny_backbone(tmp_path / "tiny_backbone.keras"), image_size=16, weights="imagenet", preprocess="tf", dropout=0.0,
-        ),
-        num_classes=2,
-    )
-
-
-def separable_batches(count: int, batch_size: int = 8):
-    """Bright images are class 1, dark ones class 0: learnable in a few steps."""
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 2, (count, batch_size)).astype("int32")
-    images = rng.uniform(0, 100, (count, batch_size, 16, 16, 3)).astype("float32") + 150 * labels[..., None, None, None]
-    return images, labels
+from tests.test_steps import adam, separable_batches, tiny_model
+from trainer import checkpoints, loop, reporting, steps, transfer
 
 
 def phase_data(model, train_dataset, validation) -> transfer.PhaseData:

@@ -13,15 +13,14 @@ from trainer import model as model_lib
 def adam(model, precision="float32"):
     return recipe.make_optimizer(name="adam", learning_rate=1e-2, weight_decay=0.0, precision=precision, model=model)
 
+
 def tiny_model(tmp_path, precision="float32"):
+    """A classifier on a tiny saved backbone (16 px, 2 classes), built under `precision`."""
     keras.mixed_precision.set_global_policy(precision)
     keras.utils.set_random_seed(0)
-    return model_lib.build_model(
-        model_lib.ModelSpec(
-            backbone=save_tiny_backbone(tmp_path / "tiny_backbone.keras"), image_size=16, weights="imagenet", preprocess="tf", dropout=0.0,
-        ),
-        num_classes=2,
-    )
+    backbone = save_tiny_backbone(tmp_path / "tiny_backbone.keras")
+    spec = model_lib.ModelSpec(backbone=backbone, image_size=16, weights="imagenet", preprocess="tf", dropout=0.0)
+    return model_lib.build_model(spec, num_classes=2)
 
 
 def separable_batches(count: int, batch_size: int = 8):
