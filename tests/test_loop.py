@@ -94,7 +94,9 @@ def test_early_stopping_waits_for_patience_epochs_without_a_lower_loss():
 def test_a_loss_that_is_not_finite_stops_with_what_to_do():
     validation = {"loss": 1.0, "accuracy": 0.5}
     with pytest.raises(FloatingPointError, match="phase2: training loss is nan at epoch 4; lower --learning_rate"):
-        loop.epoch_entry("phase2", 4, tf.constant([float("nan"), 1.0, 8.0]), validation, keras.optimizers.SGD(), 1.0, 0.1)
+        loop.check_finite_loss("phase2", 4, tf.constant([float("nan"), 1.0, 8.0]))
+    entry = loop.epoch_entry("phase2", 4, tf.constant([4.0, 6.0, 8.0]), validation, keras.optimizers.SGD(), 2.0, 0.1)
+    assert (entry["loss"], entry["accuracy"], entry["images_per_second"]) == (0.5, 0.75, 4.0)
 
 
 def test_loop_options_check_their_flags():

@@ -17,8 +17,6 @@ from absl import logging
 
 from trainer import checkpoints, distribute, steps
 
-PROFILE_LOG_DIR = "logs"  # TensorBoard's log folder (reporting.LOG_DIR): the profile shows next to the scalars
-
 
 @dataclasses.dataclass(frozen=True)
 class LoopOptions:
@@ -90,7 +88,7 @@ def train_phase(
             of it (the head trained on cached features); None: trained.model.
 
     Returns:
-        phase_result's dict: {"phase", "epochs_trained", "validation_accuracy", "stopped_early"}.
+        phase_result's dict: {"phase", "validation_accuracy"}.
 
     Raises:
         checkpoints.Preempted: after SIGTERM, once the checkpoint is saved.
@@ -105,16 +103,15 @@ def train_phase(
         logging.info("%s: restored %s (%d epochs and %d steps done)", phase.name, latest,
                      int(checkpoint.epoch), int(checkpoint.step))
     reporter.history.keep_until(int(checkpoint.epoch))
-    resumed_at = int(checkpoint.epoch)
-    if resumed_at >= phase.last_epoch:
+    if int(checkpoint.epoch) >= phase.last_epoch:
         logging.info("%s already finished in an earlier run (delete --model_dir to retrain)", phase.name)
-        return phase_result(phase, reporter.history.epochs, epochs_trained=0, stopped_early=False)
+        return phase_result(phase, reporter.history.epochs)
     step_runner = StepRunner(
         steps.make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size,
                               jit_compile=options.jit_compile, loss_function=loss_function),
         iter(trained.train_dataset), options.steps_per_execution,
     )
-    profiler = Profiler(options.profile_steps, model_dir, enabled=distribute.is_chief(strategy))
+    profiler = Profiler(options.profile_steps, reporter.log_dir, enabled=distribute.is_chief(strategy))
     stopper = EarlyStopping(options.early_stopping_patience, phase.name)
     steps_per_epoch = options.steps_per_epoch
     while int(checkpoint.epoch) < phase.last_epoch:
@@ -122,6 +119,7 @@ def train_phase(
             step_runner, checkpoint=checkpoint, steps_per_epoch=steps_per_epoch, profiler=profiler,
             preemption=preemption, checkpoint_every_steps=options.checkpoint_every_steps, phase_name=phase.name,
         )
+        check_finite_loss(phase.name, int(checkpoint.epoch) + 1, totals)
         validation = steps.evaluate(trained.evaluation_step, trained.validation_dataset)
         entry = epoch_entry(phase.name, int(checkpoint.epoch) + 1, totals, validation, optimizer, elapsed, input_wait)
         improved = entry["val_accuracy"] > reporter.history.best_validation_accuracy()
@@ -135,19 +133,13 @@ def train_phase(
             checkpoint.epoch.assign(phase.last_epoch)  # the checkpoint below then marks the phase as finished
         checkpoint.save()
     profiler.stop()  # the phase ended inside the profiled range
-    epochs_trained = len(reporter.history.epochs) - len([e for e in reporter.history.epochs if e["epoch"] <= resumed_at])
-    return phase_result(phase, reporter.history.epochs, epochs_trained=epochs_trained, stopped_early=stopper.stopped)
+    return phase_result(phase, reporter.history.epochs)
 
 
-def phase_result(phase, history_epochs: list[dict], *, epochs_trained: int, stopped_early: bool) -> dict:
-    """What train_phase returns: the phase's name, the epochs this run trained, its last validation accuracy."""
+def phase_result(phase, history_epochs: list[dict]) -> dict:
+    """What train_phase returns: the phase's name and the validation accuracy of its last epoch."""
     entries = [entry for entry in history_epochs if entry["phase"] == phase.name]
-    return {
-        "phase": phase.name,
-        "epochs_trained": epochs_trained,
-        "validation_accuracy": entries[-1]["val_accuracy"] if entries else None,
-        "stopped_early": stopped_early,
-    }
+    return {"phase": phase.name, "validation_accuracy": entries[-1]["val_accuracy"] if entries else None}
 
 
 def train_epoch(step_runner, *, checkpoint, steps_per_epoch, profiler, preemption, checkpoint_every_steps, phase_name):
@@ -192,15 +184,21 @@ class StepRunner:
         return self.train_steps(self.iterator, tf.constant(num_steps)), None
 
 
-def epoch_entry(phase_name, epoch, totals, validation, optimizer, elapsed, input_wait) -> dict:
-    """The history entry of an epoch; raises FloatingPointError when the training loss is not finite."""
-    loss_sum, correct, count = totals.numpy().tolist()
+def check_finite_loss(phase_name: str, epoch: int, totals) -> None:
+    """Raises FloatingPointError when an epoch's training loss is not finite (before validating it)."""
+    loss_sum, _, count = totals.numpy().tolist()
     train_loss = loss_sum / max(count, 1)
     if not math.isfinite(train_loss):
         raise FloatingPointError(
             f"{phase_name}: training loss is {train_loss} at epoch {epoch}; "
             "lower --learning_rate (or --fine_tune_learning_rate), or check the data"
         )
+
+
+def epoch_entry(phase_name, epoch, totals, validation, optimizer, elapsed, input_wait) -> dict:
+    """The history entry of an epoch."""
+    loss_sum, correct, count = totals.numpy().tolist()
+    train_loss = loss_sum / max(count, 1)
     return {
         "epoch": epoch,
         "phase": phase_name,
@@ -238,9 +236,9 @@ class EarlyStopping:
 class Profiler:
     """Traces training steps first..last of a phase (counted from 1) for TensorBoard's profiler."""
 
-    def __init__(self, profile_steps: tuple[int, int] | None, model_dir: str, *, enabled: bool):
+    def __init__(self, profile_steps: tuple[int, int] | None, log_dir: str, *, enabled: bool):
         self.profile_steps = profile_steps if enabled else None
-        self.log_dir = tf.io.gfile.join(model_dir, PROFILE_LOG_DIR)
+        self.log_dir = log_dir  # TensorBoard's: the profile shows next to the scalars
         self.steps_done, self.running = 0, False
 
     def before(self, num_steps: int) -> None:

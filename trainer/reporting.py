@@ -48,10 +48,11 @@ class EpochReporter:
 
     def __init__(self, *, model_dir: str, chief: bool, class_names: list[str] | None = None):
         self.history = History(model_dir, chief)
+        self.log_dir = tf.io.gfile.join(model_dir, LOG_DIR)
         self.chief = chief
         self.class_names = class_names
         self.writers = {
-            name: tf.summary.create_file_writer(tf.io.gfile.join(model_dir, LOG_DIR, name)) if chief
+            name: tf.summary.create_file_writer(tf.io.gfile.join(self.log_dir, name)) if chief
             else tf.summary.create_noop_writer()
             for name in ("train", "validation")
         }
