@@ -20,7 +20,7 @@ def verify(*, data_dir: str) -> tuple[list, int, int]:
     Raises:
         ValueError: data_dir has no manifest.json.
     """
-    if not tf.io.gfile.exists(tf.io.gfile.join(data_dir, schema.MANIFEST_FILE)):
+    if not schema.has_manifest(data_dir):
         raise ValueError(f"--data_dir {data_dir!r} has no {schema.MANIFEST_FILE}; is it a tfrecords.build output?")
     manifest = schema.read_manifest(data_dir)
     classes = manifest["classes"]

@@ -53,7 +53,7 @@ def check_output_dir(*, output_dir: str, overwrite: bool, input_dir: str | None)
             f"{', ...' if len(names) > 3 else ''}) and was not written by tfrecords.build; nothing in it is "
             "touched: choose a new or empty folder"
         )
-    if not overwrite and tf.io.gfile.exists(tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)):
+    if not overwrite and schema.has_manifest(output_dir):
         raise ValueError(
             f"--output_dir {output_dir!r} already holds a conversion ({schema.MANIFEST_FILE}); "
             "pass --overwrite to replace it, or choose another --output_dir"
@@ -64,8 +64,7 @@ def is_owned(output_dir: str) -> bool:
     """True when output_dir was written by this converter: it has OWNER_FILE, or a manifest of ours."""
     if tf.io.gfile.exists(tf.io.gfile.join(output_dir, OWNER_FILE)):
         return True
-    manifest_path = tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)
-    if not tf.io.gfile.exists(manifest_path):
+    if not schema.has_manifest(output_dir):
         return False
     try:
         # Conversions from before OWNER_FILE existed: a manifest of this format is proof enough.
@@ -101,7 +100,7 @@ def prepare_output_dir(*, output_dir: str, planned_files: list) -> str:
     folders it did not write).
     """
     replacement = tf.io.gfile.join(output_dir, REPLACEMENT_FOLDER)
-    if tf.io.gfile.exists(tf.io.gfile.join(output_dir, schema.MANIFEST_FILE)):
+    if schema.has_manifest(output_dir):
         write_dir = replacement
         tf.io.gfile.makedirs(write_dir)
     else:

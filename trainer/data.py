@@ -512,7 +512,7 @@ def make_dataset(
         labels); otherwise (images, labels, float32 [batch] sample weights), the weights being 0 for
         the padding that fills the last batch (see pad_with_zero_weights).
     """
-    local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    _, _, local_batch_size = _pipeline_share(input_context, batch_size)
     ordered = options.deterministic or not training
     dataset = _read_records(
         shard_paths(data_dir, manifest, split), training=training, ordered=ordered, seed=options.seed,
@@ -556,10 +556,20 @@ def make_dataset(
     return dataset.prefetch(AUTOTUNE)
 
 
+def _pipeline_share(input_context: tf.distribute.InputContext | None, batch_size: int) -> tuple[int, int, int]:
+    """(number of input pipelines, this pipeline's id, its per-replica batch size); one pipeline without a context.
+
+    batch_size: the global batch size; 0 when only the pipelines matter.
+    """
+    if input_context is None:
+        return 1, 0, batch_size
+    local_batch_size = input_context.get_per_replica_batch_size(batch_size) if batch_size else 0
+    return input_context.num_input_pipelines, input_context.input_pipeline_id, local_batch_size
+
+
 def _read_records(files: list[str], *, training: bool, ordered: bool, seed, input_context) -> tf.data.Dataset:
     """The serialized records of a split's shards, this input pipeline's share of them."""
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    pipeline_id = input_context.input_pipeline_id if input_context else 0
+    num_pipelines, pipeline_id, _ = _pipeline_share(input_context, batch_size=0)
     # Each pipeline reads its own files when there are enough; otherwise (and always for evaluation,
     # whose padded pass must split evenly) all read every file and keep every num_pipelines-th example.
     shard_files = training and num_pipelines > 1 and len(files) >= num_pipelines
@@ -583,13 +593,12 @@ def _read_records(files: list[str], *, training: bool, ordered: bool, seed, inpu
 
 def _batch_for_evaluation(dataset, *, num_examples: int, batch_size: int, image_size: int, input_context):
     """One pass in whole per-replica batches, padded with zero-weight examples (pad_with_zero_weights)."""
-    num_pipelines = input_context.num_input_pipelines if input_context else 1
-    local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
+    num_pipelines, pipeline_id, local_batch_size = _pipeline_share(input_context, batch_size)
     # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
     # the same number of whole per-replica batches, so replicas stay in step to the end of the pass.
     dataset = pad_with_zero_weights(dataset, num_examples, batch_size, image_size)
     if num_pipelines > 1:
-        dataset = dataset.shard(num_pipelines, input_context.input_pipeline_id)
+        dataset = dataset.shard(num_pipelines, pipeline_id)
     dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=True)
     # Interleaving hides the length; stating it lets Keras show progress and end the pass
     # without an "input ran out of data" warning.

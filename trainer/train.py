@@ -250,15 +250,16 @@ def main(argv: list[str]) -> None:
     logging.info("strategy %s with %d replicas", FLAGS.strategy, strategy.num_replicas_in_sync)
     lock = None
     if distribute.is_chief(strategy):
+        identity = options.identity(manifest)
         try:
             # The lock first: no other run may write between the identity check and this run's writes.
             lock = run_dir.acquire_lock(options.model_dir)
-            run_dir.check_identity(model_dir=options.model_dir, identity=options.identity(manifest))
+            run_dir.check_identity(model_dir=options.model_dir, identity=identity)
         except run_dir.RunDirError as error:
             if lock is not None:
                 lock.release()
             fail(error)
-        run_dir.write_identity(model_dir=options.model_dir, identity=options.identity(manifest))
+        run_dir.write_identity(model_dir=options.model_dir, identity=identity)
         schema.write_text(tf.io.gfile.join(options.model_dir, "flags.txt"), flags_text)
     try:
         with data.data_errors(options.data_dir, manifest):
