@@ -375,3 +375,14 @@ def test_training_without_flip_or_crop_gives_whole_images(demo_data_dir):
     evaluation_like = training_dataset(demo_data_dir, crop_min_area=1.0, flip=False, seed=0, deterministic=True)
     for (images_a, _), (images_b, _) in zip(first_batches(dataset, 2), first_batches(evaluation_like, 2)):
         np.testing.assert_array_equal(images_a, images_b)
+
+
+def test_pipeline_and_augmentation_options_name_the_flag_of_a_bad_value():
+    with pytest.raises(ValueError, match="--shuffle_buffer 0 must be at least 1"):
+        data.PipelineOptions(shuffle_buffer=0)
+    with pytest.raises(ValueError, match="--data_threads -1 must be 0"):
+        data.PipelineOptions(private_threads=-1)
+    with pytest.raises(ValueError, match="--augment_on 'gpu' must be host or device"):
+        data.LayerAugmentation(on="gpu")
+    with pytest.raises(ValueError, match=r"--augment_rotation 1.5 must be within \[0, 1\]"):
+        data.LayerAugmentation(rotation=1.5)

@@ -71,6 +71,8 @@ def test_model_spec_checks_its_flags(tmp_path):
         model_lib.ModelSpec(backbone="inception_v3+xception", backbone_layer="mixed7")
     with pytest.raises(ValueError, match="--dropout 1.5 must be within"):
         model_lib.ModelSpec(dropout=1.5)
+    with pytest.raises(ValueError, match="--image_size -1 must be positive, or 0 for the backbone's default"):
+        model_lib.ModelSpec(image_size=-1)
     spec = model_lib.ModelSpec(backbone="inception_v3+resnet50", weights="none")
     assert [member.name for member in spec.backbones] == ["inception_v3", "resnet50"]
     assert spec.preprocess_modes == "tf+caffe" and spec.name == "inception_v3+resnet50"

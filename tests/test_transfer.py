@@ -60,3 +60,8 @@ def test_the_baseline_cnn_trains_whole_in_one_phase_of_the_same_budget():
     model = model_lib.build_model(model_lib.ModelSpec(image_size=32, weights="none", baseline_cnn=True), num_classes=3)
     phases = transfer.plan_phases(transfer.PhaseSchedule(epochs=3, fine_tune_epochs=2), batch_size=8, model=model)
     assert phases == [transfer.Phase("baseline_cnn", 0, 5, 1e-3, "adam", None)]
+
+
+def test_negative_epochs_are_refused_naming_both_flags():
+    with pytest.raises(ValueError, match="--epochs -1 and --fine_tune_epochs 3 must be >= 0"):
+        transfer.PhaseSchedule(epochs=-1)
