@@ -10,7 +10,7 @@ COPY setup.py README.md ./
 COPY tfrecords/ tfrecords/
 COPY trainer/ trainer/
 COPY launch/ launch/
-RUN python -m pip install --no-cache-dir .
+RUN python -m pip install --no-cache-dir ".[lite,tflite]"
 
 # Optional: bake pretrained weights in for clusters without internet access, e.g.
 #   COPY weights/ /root/.keras/models/

@@ -1,11 +1,19 @@
 """Shared fixtures: a small generated image folder converted to TFRecords, and ../shared paths."""
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Converted EfficientNet-Lite weights are cached in the Keras cache folder: the tests' own, not the user's
+# (subprocesses inherit it). Set before anything imports Keras.
+KERAS_HOME = tempfile.mkdtemp(prefix="tests_keras_home_")
+os.environ["KERAS_HOME"] = KERAS_HOME
+atexit.register(shutil.rmtree, KERAS_HOME, ignore_errors=True)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DIR = REPO_ROOT.parent / "shared"

@@ -15,6 +15,10 @@ TINY_SIZE = 75  # the smallest size every backbone accepts (InceptionV3 needs 75
 PREPROCESS_MODULES = {
     "densenet121": "densenet",
     "efficientnet_b0": "efficientnet",
+    # EfficientNet-Lite has no keras.applications module; its [-1, 1] scaling is MobileNetV2's.
+    "efficientnet_lite0": "mobilenet_v2",
+    "efficientnet_lite1": "mobilenet_v2",
+    "efficientnet_lite2": "mobilenet_v2",
     "inception_v3": "inception_v3",
     "mobilenet_v2": "mobilenet_v2",
     "mobilenet_v3_small": "mobilenet_v3",

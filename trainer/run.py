@@ -36,7 +36,8 @@ class RunOptions:
 
     data_dir: str
     model_dir: str
-    model: model_lib.ModelSpec = model_lib.ModelSpec()
+    # A factory: the default backbone's ImageNet weights are checked for when a spec is made, not at import.
+    model: model_lib.ModelSpec = dataclasses.field(default_factory=model_lib.ModelSpec)
     pipeline: data.PipelineOptions = data.PipelineOptions()
     augmentation: data.LayerAugmentation = data.LayerAugmentation()
     schedule: transfer.PhaseSchedule = transfer.PhaseSchedule()

