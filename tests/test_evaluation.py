@@ -144,3 +144,24 @@ def test_cli_without_a_model_is_a_one_line_error(demo_data_dir, tmp_path):
         f"error: --model_dir {str(tmp_path / 'missing')!r} has no {export.KERAS_MODEL_FILE}; train first: "
         "python -m trainer.train --data_dir=<data_dir> --model_dir=<model_dir>"
     )
+
+
+def test_cli_without_split_evaluates_what_training_reports_validation_when_there_is_no_test(
+    tiny_model, demo_image_dir, tmp_path
+):
+    from tfrecords import conversion
+
+    data_dir = tmp_path / "no_test_split"
+    conversion.build(conversion.Source(input_dir=str(demo_image_dir)), str(data_dir), conversion.ConversionOptions(
+        validation_fraction=0.25, test_fraction=0.0, num_shards=1, seed=1, num_workers=1))
+    manifest = schema.read_manifest(str(data_dir))
+    assert "test" not in manifest["splits"] and data.evaluation_split(manifest) == "validation"
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    tiny_model.save(str(model_dir / export.KERAS_MODEL_FILE))
+    result = run_evaluate(f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.startswith(f"validation split of {data_dir}: {manifest['splits']['validation']['num_examples']} images")
+    report = json.loads((model_dir / "evaluation_validation" / evaluation.EVALUATION_JSON).read_text())
+    assert report["split"] == "validation"
+    assert report["num_examples"] == manifest["splits"]["validation"]["num_examples"]

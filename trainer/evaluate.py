@@ -1,7 +1,8 @@
 """Evaluates a trained model on one split: metrics table, confusion matrix, worst errors, learning curves.
 
-    python -m trainer.evaluate --model_dir=/tmp/flowers_model --data_dir=/tmp/flowers_tfrecords --split=test
+    python -m trainer.evaluate --model_dir=/tmp/flowers_model --data_dir=/tmp/flowers_tfrecords
 
+Without --split it evaluates the split training reports: test when the data has one, else validation.
 Loads <model_dir>/model.keras, streams the split once (central crops, as in training's evaluation), and writes
 into --output_dir (default <model_dir>/evaluation_<split>): evaluation.json (accuracy, top-k accuracy,
 per-class precision/recall/F1, macro and weighted averages, confusion matrix), evaluation.txt (the same as a
@@ -20,7 +21,10 @@ from trainer import data, evaluation, report
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m trainer.train` run.")
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
-flags.DEFINE_string("split", "test", "Split of --data_dir to evaluate: test, validation or train.")
+flags.DEFINE_string(
+    "split", "", "Split of --data_dir to evaluate: test, validation or train; '' = the one training reports "
+    "(test when the data has one, else validation)."
+)
 flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy (capped at the number of classes).")
 flags.DEFINE_integer("batch_size", 32, "Images per model call; lower it if the device runs out of memory.")
 flags.DEFINE_integer("max_error_images", 16, "Most misclassified images shown in errors.png.")
@@ -43,7 +47,8 @@ def main(argv: list[str]) -> None:
         if FLAGS.max_error_images < 0:
             raise ValueError(f"--max_error_images {FLAGS.max_error_images} must be 0 or more")
         manifest = schema.read_manifest(FLAGS.data_dir)
-        data.shard_paths(FLAGS.data_dir, manifest, FLAGS.split)  # raises naming the splits there are
+        split = FLAGS.split or data.evaluation_split(manifest)
+        data.shard_paths(FLAGS.data_dir, manifest, split)  # raises naming the splits there are
         data.check_data(FLAGS.data_dir, manifest)
         model = evaluation.load_model(FLAGS.model_dir)
         class_names = manifest["classes"]
@@ -51,13 +56,13 @@ def main(argv: list[str]) -> None:
             model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir, class_names=class_names,
             num_outputs=int(model.output_shape[-1]),
         )
-        output_dir = FLAGS.output_dir or tf.io.gfile.join(FLAGS.model_dir, f"evaluation_{FLAGS.split}")
+        output_dir = FLAGS.output_dir or tf.io.gfile.join(FLAGS.model_dir, f"evaluation_{split}")
         with data.data_errors(FLAGS.data_dir, manifest):
             result = evaluation.evaluate_model(
                 model=model,
                 data_dir=FLAGS.data_dir,
                 manifest=manifest,
-                split=FLAGS.split,
+                split=split,
                 image_size=evaluation.model_image_size(model),
                 batch_size=FLAGS.batch_size,
                 class_names=class_names,
@@ -69,7 +74,7 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    print(f"{FLAGS.split} split of {FLAGS.data_dir}: {result['num_examples']} images\n")
+    print(f"{split} split of {FLAGS.data_dir}: {result['num_examples']} images\n")
     print(report.format_report(result))
     for name in (evaluation.EVALUATION_JSON, evaluation.EVALUATION_TEXT, evaluation.CONFUSION_MATRIX_PNG, evaluation.ERRORS_PNG):
         print(f"wrote {tf.io.gfile.join(output_dir, name)}")
