@@ -340,3 +340,17 @@ def test_tflite_input_of_the_wrong_size_is_a_clear_error(tflite_dir):
 def test_loading_a_missing_tflite_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no TFLite model at"):
         export.load_tflite_interpreter(str(tmp_path / export.TFLITE_FILES["none"]))
+
+
+def test_tflite_runs_on_litert_where_it_installs_without_the_deprecation_warning(tflite_dir):
+    import importlib.util
+    import warnings
+
+    path = os.path.join(tflite_dir, export.TFLITE_FILES["none"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        interpreter = export.load_tflite_interpreter(path)
+    litert = importlib.util.find_spec("ai_edge_litert") is not None
+    assert type(interpreter).__module__.startswith("ai_edge_litert" if litert else "tensorflow")
+    if litert:  # `pip install -e .[test]` brings it on Linux and macOS
+        assert not [warning for warning in caught if "deprecated" in str(warning.message).lower()]

@@ -27,3 +27,41 @@ def test_epoch_line_says_when_the_input_wait_cannot_be_measured():
     assert line.startswith("Epoch 3/5 (phase2) - 10 steps - 2.0s - 120 img/s - input wait n/a")
     assert "val_accuracy: 0.7000" in line
     assert reporting.format_fraction(0.25) == "25%"
+
+
+def read_hparams(parent_dir) -> dict:
+    """What TensorBoard's HParams dashboard finds under parent_dir: {run: (hyperparameters, final metrics)}."""
+    from tensorboard.backend.event_processing import event_multiplexer
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    multiplexer = event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(parent_dir))
+    multiplexer.Reload()
+    found = {}
+    for run, tags in multiplexer.PluginRunToTagToContent("hparams").items():
+        start = plugin_data_pb2.HParamsPluginData.FromString(tags["_hparams_/session_start_info"]).session_start_info
+        hyperparameters = {name: getattr(value, value.WhichOneof("kind")) for name, value in start.hparams.items()}
+        scalars = multiplexer.PluginRunToTagToContent("scalars").get(run, {})
+        final = {tag: float(tf_value(multiplexer.Tensors(run, tag)[-1].tensor_proto)) for tag in scalars
+                 if tag.startswith("final/")}
+        found[run] = (hyperparameters, final)
+    return found
+
+
+def tf_value(tensor_proto):
+    import tensorflow as tf
+
+    return tf.make_ndarray(tensor_proto)
+
+
+def test_hparams_of_runs_in_one_folder_show_side_by_side(tmp_path):
+    for name, rate in (("run_a", 1e-3), ("run_b", 3e-3)):
+        reporting.write_hparams(model_dir=str(tmp_path / name), hyperparameters={
+            "model.backbone": "efficientnet_lite0", "schedule.learning_rate": rate, "augment": True, "batch_size": 32},
+            final_metrics={"test_accuracy": 0.5 + rate * 100, "best_validation_accuracy": 0.7})
+    found = read_hparams(tmp_path)
+    assert sorted(found) == ["run_a/logs", "run_b/logs"]
+    hyperparameters, final = found["run_b/logs"]
+    assert hyperparameters == {"model.backbone": "efficientnet_lite0", "schedule.learning_rate": 3e-3,
+                               "augment": True, "batch_size": 32.0}
+    assert final == pytest.approx({"final/test_accuracy": 0.8, "final/best_validation_accuracy": 0.7})

@@ -7,8 +7,9 @@ import pytest
 import tensorflow as tf
 
 from tests.test_model import save_tiny_backbone
+from tests.test_reporting import read_hparams
 from tfrecords import schema
-from trainer import data, export, loop, model as model_lib, run, transfer
+from trainer import data, export, loop, model as model_lib, model_card, run, transfer
 
 
 def tiny_options(demo_data_dir, model_dir) -> run.RunOptions:
@@ -34,6 +35,18 @@ def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
     assert schema.read_labels(str(tmp_path / "model")) == manifest["classes"]
     assert (tmp_path / "model" / export.KERAS_MODEL_FILE).exists()
     assert (tmp_path / "model" / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
+    # TensorBoard's HParams dashboard: this run's settings and final metrics.
+    (hyperparameters, final), = read_hparams(tmp_path).values()
+    assert hyperparameters["schedule.epochs"] == 2 and hyperparameters["batch_size"] == 8
+    assert hyperparameters["model.image_size"] == 32 and hyperparameters["recipe.label_smoothing"] == pytest.approx(0.1)
+    assert final["final/test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert final["final/best_validation_accuracy"] == pytest.approx(max(e["val_accuracy"] for e in metrics["history"]))
+    # The model card: the split and its size, the accuracy, and the exported signatures as saved.
+    card = (tmp_path / "model" / model_card.MODEL_CARD_FILE).read_text()
+    assert f"Split: **test**, {metrics['num_examples']} images. Accuracy **{metrics['accuracy']:.4f}**" in card
+    assert "| `serving_default` | `image_bytes`: string [None] |" in card
+    assert "| `serving_images` | `images`: uint8 [None, None, None, 3] |" in card
+    assert f"`probabilities`: float32 [None, {len(manifest['classes'])}]" in card
     # A rerun of the finished run trains nothing and reports the same numbers, phase results included.
     again = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
     assert again["history"] == metrics["history"] and again["phases"] == metrics["phases"]

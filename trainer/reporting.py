@@ -4,6 +4,7 @@ import json
 import math
 
 import tensorflow as tf
+from tensorboard.plugins.hparams import api as hparams_api
 
 from tfrecords import schema
 from trainer import report
@@ -79,6 +80,22 @@ def write_summaries(writers: dict, entry: dict) -> None:
         tf.summary.scalar("epoch_accuracy", entry["val_accuracy"])
     for writer in writers.values():
         writer.flush()
+
+
+def write_hparams(*, model_dir: str, hyperparameters: dict, final_metrics: dict) -> None:
+    """Logs the run's hyperparameters and final metrics for TensorBoard's HParams dashboard.
+
+    They go to <model_dir>/logs itself (the run's root; train/ and validation/ are its sub-runs), so
+    `tensorboard --logdir <folder of several model_dirs>` lists every run as one row of its table, with
+    these metrics as `final/<name>` columns.
+    """
+    writer = tf.summary.create_file_writer(tf.io.gfile.join(model_dir, LOG_DIR))
+    with writer.as_default(step=0):
+        hparams_api.hparams(hyperparameters, trial_id=model_dir)
+        for name, value in final_metrics.items():
+            tf.summary.scalar(f"final/{name}", value)
+    writer.flush()
+    writer.close()
 
 
 def write_png_summary(writer, name: str, png: bytes, step: int) -> None:

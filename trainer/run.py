@@ -18,7 +18,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
-from trainer import run_dir, steps, transfer
+from trainer import model_card, run_dir, steps, transfer
 
 METRICS_FILE = "metrics.json"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -60,6 +60,25 @@ class RunOptions:
     def augmented(self) -> bool:
         """Training images are augmented (random crops, flips or layers)."""
         return self.pipeline.augments or self.augmentation.any()
+
+    def hyperparameters(self) -> dict:
+        """Every scalar setting of the run's stages, as TensorBoard's HParams dashboard takes them.
+
+        Named <stage>.<field> (model.backbone, schedule.learning_rate, ...), plus batch_size, precision
+        and seed; a None becomes "default" (HParams takes only bool, int, float and str).
+        """
+        values = {"batch_size": self.batch_size, "precision": self.precision, "seed": self.seed}
+        for field in dataclasses.fields(self):
+            stage = getattr(self, field.name)
+            if not dataclasses.is_dataclass(stage):
+                continue
+            for stage_field in dataclasses.fields(stage):
+                value = getattr(stage, stage_field.name)
+                if value is None:
+                    value = "default"
+                if isinstance(value, (bool, int, float, str)):
+                    values[f"{field.name}.{stage_field.name}"] = value
+        return values
 
     def identity(self, manifest: dict) -> dict:
         """What defines this run's model (run_dir.check_identity): a rerun into the same --model_dir must match it."""
@@ -147,14 +166,28 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
     export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export, strategy=strategy)
     if chief:
         write_metrics(model_dir, metrics)
-        # The full report (per-class, confusion matrix, worst errors) and the learning curves.
-        evaluation.evaluate_model(
-            model=model, data_dir=options.data_dir, manifest=manifest, split=eval_split,
-            image_size=options.model.image_size, batch_size=options.batch_size, class_names=class_names,
-            top_k=options.export.top_k, output_dir=model_dir,
-        )
-        evaluation.write_learning_curves(model_dir)
+        write_reports(options, model=model, manifest=manifest, metrics=metrics)
     return metrics
+
+
+def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:
+    """The chief's reports of a finished run: the evaluation report and plots, the learning curves, the
+    HParams entry and MODEL_CARD.md."""
+    report = evaluation.evaluate_model(
+        model=model, data_dir=options.data_dir, manifest=manifest, split=metrics["evaluated_split"],
+        image_size=options.model.image_size, batch_size=options.batch_size, class_names=manifest["classes"],
+        top_k=options.export.top_k, output_dir=options.model_dir,
+    )
+    evaluation.write_learning_curves(options.model_dir)
+    split = metrics["evaluated_split"]
+    final_metrics = {f"{split}_accuracy": metrics["accuracy"], f"{split}_loss": metrics["loss"],
+                     f"{split}_top_{report['top_k']}_accuracy": report["top_k_accuracy"]}
+    best_validation = max((entry["val_accuracy"] for entry in metrics["history"]), default=None)
+    if best_validation is not None:
+        final_metrics["best_validation_accuracy"] = best_validation
+    reporting.write_hparams(model_dir=options.model_dir, hyperparameters=options.hyperparameters(),
+                            final_metrics=final_metrics)
+    model_card.write_model_card(model_dir=options.model_dir, manifest=manifest, metrics=metrics, evaluation=report)
 
 
 def make_metrics(options: RunOptions, *, manifest, evaluated, split, phases, restored, history, strategy) -> dict:
