@@ -1,7 +1,7 @@
 r"""Two-phase transfer learning on the converter's shards, then evaluation and export.
 
     python -m trainer.train --data_dir=/tmp/flowers_tfrecords --model_dir=/tmp/flowers_model \
-        --backbone=mobilenet_v2 --epochs=10 --fine_tune_epochs=3
+        --backbone=efficientnet_lite0 --epochs=10 --fine_tune_epochs=3
 
 Phase 1 trains a new head on the frozen backbone (on cached backbone features by default); phase 2
 unfreezes the backbone from --fine_tune_at (BatchNormalization stays in inference mode) and continues at a
@@ -306,7 +306,7 @@ def print_summary(options: run_lib.RunOptions, metrics: dict) -> None:
     model_dir, split = options.model_dir, metrics["evaluated_split"]
     if "baseline_cnn" in metrics:
         run_lib.write_metrics(model_dir, metrics)
-        print(f"{'model':<40} {split + ' accuracy':>15}")
+        print(f"{'model':<40} {split + ' accuracy':>15} (the same {metrics['num_examples']} images)")
         print(f"{options.model.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
         print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
     print(
