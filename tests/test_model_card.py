@@ -80,3 +80,19 @@ def test_card_without_a_test_split_says_its_number_is_selection_biased(tmp_path)
     assert "Split: **validation**, 82 images" in card and "**Selection-biased**" in card
     assert "| class | train | validation |" in card
     assert "No flags.txt in the model_dir" in card
+
+
+def test_card_lists_each_tflite_file_with_its_tensors_as_the_interpreter_reports_them(tmp_path):
+    import keras
+
+    from trainer import export
+
+    inputs = keras.Input((8, 8, 3), name="image")
+    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
+    export.export_tflite(model=keras.Model(inputs, outputs), class_names=CLASSES, image_size=8,
+                         output_dir=str(tmp_path / export.TFLITE_DIR), quantization="none")
+    model_card.write_model_card(model_dir=str(tmp_path), manifest=manifest(), metrics=metrics(), evaluation=evaluation())
+    card = (tmp_path / "MODEL_CARD.md").read_text()
+    line, = [line for line in card.splitlines() if line.startswith(f"- `{export.TFLITE_DIR}/")]
+    assert line.startswith(f"- `{export.TFLITE_DIR}/{export.TFLITE_FILES['none']}`: inputs `")
+    assert ": float32 [1, 8, 8, 3]; outputs `" in line and ": float32 [1, 3]" in line

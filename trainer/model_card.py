@@ -170,16 +170,32 @@ def _serving_section(model_dir: str) -> str:
         for name, (inputs, outputs) in sorted(signatures.items()):
             lines.append(f"| `{name}` | {'<br>'.join(inputs)} | {'<br>'.join(outputs)} |")
         lines += ["", "`serving_default` takes encoded image files (JPEG, PNG, GIF, BMP) and `serving_images` decoded "
-                  "uint8 RGB images of any size; both crop and resize exactly as evaluation did."]
+                  "uint8 RGB images of any size; both crop and resize exactly as evaluation did.", ""]
     else:
         lines.append(f"No SavedModel in `{export.SAVED_MODEL_DIR}/`.")
-    others = [name for name in (export.KERAS_MODEL_FILE, schema.LABELS_FILE) if tf.io.gfile.exists(tf.io.gfile.join(model_dir, name))]
     tflite_dir = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
-    if tf.io.gfile.isdir(tflite_dir):
-        others += [f"{export.TFLITE_DIR}/{name}" for name in sorted(tf.io.gfile.listdir(tflite_dir))]
+    tflite_files = sorted(name for name in tf.io.gfile.listdir(tflite_dir) if name.endswith(".tflite")) \
+        if tf.io.gfile.isdir(tflite_dir) else []
+    for name in tflite_files:
+        inputs, outputs = read_tflite_tensors(tf.io.gfile.join(tflite_dir, name))
+        lines.append(f"- `{export.TFLITE_DIR}/{name}`: inputs {', '.join(inputs)}; outputs {', '.join(outputs)} "
+                     f"(pixels in [0, 255], already centre-cropped and resized; `{export.TFLITE_DIR}/{schema.LABELS_FILE}` "
+                     "names the outputs).")
+    others = [name for name in (export.KERAS_MODEL_FILE, schema.LABELS_FILE) if tf.io.gfile.exists(tf.io.gfile.join(model_dir, name))]
     if others:
         lines += ["", "Other files: " + ", ".join(f"`{name}`" for name in others) + "."]
     return "\n".join(lines)
+
+
+def read_tflite_tensors(path: str) -> tuple[list[str], list[str]]:
+    """A TFLite file's input and output tensors ("name: dtype [shape]"), as its interpreter reports them."""
+    interpreter = export.load_tflite_interpreter(path)
+
+    def describe(details):
+        return [f"`{tensor['name']}`: {tensor['dtype'].__name__} [{', '.join(str(size) for size in tensor['shape'])}]"
+                for tensor in details]
+
+    return describe(interpreter.get_input_details()), describe(interpreter.get_output_details())
 
 
 def read_signatures(saved_model_dir: str) -> dict[str, tuple[list[str], list[str]]]:
