@@ -134,3 +134,17 @@ def test_a_state_dict_that_does_not_fit_is_refused():
     model = efficientnet_lite.build("efficientnet_lite0", include_top=True, weights=None)
     with pytest.raises(ValueError, match="does not fit efficientnet_lite0: layers without weights"):
         efficientnet_lite.assign_state_dict(model, {"_conv_stem.weight": np.zeros((32, 3, 3, 3), np.float32)})
+
+
+@needs_package("efficientnet_lite0")
+def test_the_trainers_model_carries_the_imagenet_backbone_and_saves_in_safe_mode(tmp_path):
+    spec = model_lib.ModelSpec(backbone="efficientnet_lite0", weights="imagenet", image_size=64)
+    model = model_lib.build_model(spec, num_classes=3)
+    backbone = model_lib.get_backbone(model)
+    reference = efficientnet_lite.build("efficientnet_lite0", weights="imagenet", input_shape=(64, 64, 3))
+    for ours, theirs in zip(backbone.weights, reference.weights):
+        np.testing.assert_array_equal(keras.ops.convert_to_numpy(ours), keras.ops.convert_to_numpy(theirs))
+    model.save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True, compile=False)
+    images = np.random.default_rng(2).uniform(0, 255, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(loaded(images), model(images), atol=1e-6)

@@ -187,16 +187,16 @@ def check_imagenet_weights_available(name: str) -> None:
 def load_imagenet_weights(model: keras.Model, name: str) -> None:
     """Sets `model`'s weights (with or without the top) from the cache, converting the package's once."""
     path = cache_path(name)
-    if not os.path.exists(path):
-        full = build(name, include_top=True, weights=None)
+    full = build(name, include_top=True, weights=None)
+    if os.path.exists(path):
+        full.load_weights(path)
+    else:
         assign_state_dict(full, torch_weights.read_state_dict(state_dict_path(name)))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         # Written under a temporary name and renamed, so a concurrent or killed run never leaves half a file.
         temporary = f"{path}.{os.getpid()}.tmp.weights.h5"
         full.save_weights(temporary)
         os.replace(temporary, path)
-    full = build(name, include_top=True, weights=None)
-    full.load_weights(path)
     for layer in model.layers:
         if layer.weights:
             layer.set_weights(full.get_layer(layer.name).get_weights())

@@ -173,13 +173,13 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
 def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:
     """The chief's reports of a finished run: the evaluation report and plots, the learning curves, the
     HParams entry and MODEL_CARD.md."""
+    split = metrics["evaluated_split"]
     report = evaluation.evaluate_model(
-        model=model, data_dir=options.data_dir, manifest=manifest, split=metrics["evaluated_split"],
+        model=model, data_dir=options.data_dir, manifest=manifest, split=split,
         image_size=options.model.image_size, batch_size=options.batch_size, class_names=manifest["classes"],
         top_k=options.export.top_k, output_dir=options.model_dir,
     )
     evaluation.write_learning_curves(options.model_dir)
-    split = metrics["evaluated_split"]
     final_metrics = {f"{split}_accuracy": metrics["accuracy"], f"{split}_loss": metrics["loss"],
                      f"{split}_top_{report['top_k']}_accuracy": report["top_k_accuracy"]}
     best_validation = max((entry["val_accuracy"] for entry in metrics["history"]), default=None)
