@@ -192,7 +192,8 @@ def test_random_crop_eagerly_and_in_tf_data(image_format):
     assert 0 <= eager.min() and eager.max() <= 255
     crops = {data.decode_random_crop(encoded, 20, min_area=0.3).numpy().tobytes() for _ in range(5)}
     assert len(crops) > 1  # without a seed, crops differ
-    whole = data.decode_random_crop(encoded, 20, min_area=1.0).numpy()
+    # Without the DCT-domain downscale: on pure noise it averages what bilinear resizing samples (see below).
+    whole = data.decode_random_crop(encoded, 20, min_area=1.0, dct_scale=False).numpy()
     exact = data.decode_and_resize(encoded, 20, crop_fraction=1.0).numpy()
     if image_format == "JPEG":
         # Training decodes JPEG with the fast IDCT and plain chroma upsampling: a few levels off the exact
@@ -386,3 +387,37 @@ def test_pipeline_and_augmentation_options_name_the_flag_of_a_bad_value():
         data.LayerAugmentation(on="gpu")
     with pytest.raises(ValueError, match=r"--augment_rotation 1.5 must be within \[0, 1\]"):
         data.LayerAugmentation(rotation=1.5)
+
+
+def test_dct_scale_is_the_largest_ratio_that_keeps_the_window_at_least_the_image_size():
+    smaller_sides = tf.constant([10, 159, 160, 319, 320, 639, 640, 1279, 1280, 5000])
+    branches = data.dct_scale_branch(smaller_sides, 160).numpy()
+    ratios = [data.DCT_RATIOS[branch] for branch in branches]
+    assert ratios == [1, 1, 1, 1, 2, 2, 4, 4, 8, 8]
+    assert all(side // ratio >= 160 or ratio == 1 for side, ratio in zip(smaller_sides.numpy(), ratios))
+
+
+@pytest.mark.parametrize("height, width", [(1300, 1700), (1700, 1300), (700, 2000), (333, 1001)])
+def test_dct_scaled_crops_match_the_full_resolution_decode_on_a_large_smooth_image(height, width):
+    # A smooth photo-like image (gradients and soft blobs), as a phone photo is at 1/8 scale, so both
+    # paths see the same content; differences come from the DCT-domain downscale alone.
+    rows, columns = np.mgrid[0:height, 0:width].astype(np.float32)
+    image = np.stack([rows / height * 255, columns / width * 255,
+                      127 + 100 * np.sin(rows / 97.0) * np.cos(columns / 131.0)], axis=-1)
+    encoded = tf.constant(encode(np.clip(image, 0, 255).astype(np.uint8), "JPEG"))
+    for min_area in (1.0, 0.3):
+        seed = tf.constant([3, 5], tf.int64)
+        scaled = data.decode_random_crop(encoded, 64, min_area=min_area, seed=seed).numpy()
+        full = data.decode_random_crop(encoded, 64, min_area=min_area, seed=seed, dct_scale=False).numpy()
+        assert scaled.shape == full.shape == (64, 64, 3)
+        assert np.abs(scaled - full).mean() < 2.0, (min_area, np.abs(scaled - full).mean())
+
+
+def test_dct_scaled_random_crops_never_fail_at_the_image_edges():
+    # Odd sizes, so windows that end on the last pixel round differently at each scale.
+    image = np.random.default_rng(4).integers(0, 256, (517, 771, 3), dtype=np.uint8)
+    encoded = tf.constant(encode(image, "JPEG"))
+    crops = tf.data.Dataset.range(200).map(
+        lambda index: data.decode_random_crop(encoded, 48, min_area=0.05, seed=tf.stack([index, 1])))
+    for crop in crops:
+        assert crop.shape == (48, 48, 3)

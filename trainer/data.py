@@ -27,6 +27,8 @@ EVAL_CROP_FRACTION = 0.875
 CROP_ASPECT_RATIO_RANGE = (3 / 4, 4 / 3)
 CROP_MAX_ATTEMPTS = 10
 MAX_INTERLEAVE_FILES = 16
+# The scales libjpeg decodes at in the DCT (tf.io.decode_and_crop_jpeg's `ratio`), in increasing order.
+DCT_RATIOS = (1, 2, 4, 8)
 # Starts the message of a record whose label disagrees with the manifest (parse_record).
 RECORD_MISMATCH = "record label does not match the manifest:"
 DATA_SERVICE_MODES = ("parallel_epochs", "distributed_epoch")
@@ -44,6 +46,7 @@ class PipelineOptions:
         the random crop, so every epoch still gets new crops.
     crop_min_area: smallest share of the image a training crop covers; 1.0 turns random crops off.
     flip: random left-right flips of training images, done in the decode (see decode_random_crop).
+    dct_scale: decode large training JPEGs at a reduced scale in the DCT (see decode_random_crop).
     ram_budget_gb, private_threads: see dataset_options.
     data_service: "grpc://host:port" of a tf.data service dispatcher that runs the training pipeline on
         its workers; "" runs it here. Evaluation always runs here.
@@ -57,6 +60,7 @@ class PipelineOptions:
     cache: str = ""
     crop_min_area: float = 0.25
     flip: bool = True
+    dct_scale: bool = True
     ram_budget_gb: float = 0.0
     private_threads: int = 0
     data_service: str = ""
@@ -235,26 +239,46 @@ def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
     return [tf.io.gfile.join(data_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
 
 
-def _decode_window(encoded: tf.Tensor, offset_height, offset_width, height, width, fast: bool = False) -> tf.Tensor:
+def _decode_window(
+    encoded: tf.Tensor, offset_height, offset_width, height, width, fast: bool = False, min_side: int = 0
+) -> tf.Tensor:
     """Decodes one window of an encoded image to uint8 RGB; for JPEG only that window is decoded.
 
     fast: libjpeg's fast integer IDCT and plain (not "fancy") chroma upsampling, about 1.35x faster for
-    pixels that differ by a few levels: for random training crops, not for evaluation or serving.
+        pixels that differ by a few levels: for random training crops, not for evaluation or serving.
+    min_side: above 0, a JPEG window is decoded at the smallest scale libjpeg offers (1/2, 1/4 or 1/8, in
+        the DCT: dct_scale) that keeps both its sides at least min_side pixels, so a 3000 px photo is never
+        decoded whole to be shrunk to 160 px; the window then comes out that many times smaller.
     """
     window = tf.stack([offset_height, offset_width, height, width])
+    options = dict(dct_method="INTEGER_FAST", fancy_upscaling=False) if fast else {}
 
-    def decode_jpeg_window():
-        if fast:
-            return tf.io.decode_and_crop_jpeg(
-                encoded, window, channels=3, dct_method="INTEGER_FAST", fancy_upscaling=False
-            )
-        return tf.io.decode_and_crop_jpeg(encoded, window, channels=3)
+    def decode_jpeg_window(ratio: int):
+        # libjpeg scales the whole image to ceil(side / ratio); the window is given in those coordinates.
+        scaled_shape = (tf.io.extract_jpeg_shape(encoded)[:2] + ratio - 1) // ratio
+        begin = window[:2] // ratio
+        end = tf.minimum((window[:2] + window[2:] + ratio - 1) // ratio, scaled_shape)
+        scaled_window = tf.concat([begin, tf.maximum(end - begin, 1)], axis=0)
+        return lambda: tf.io.decode_and_crop_jpeg(encoded, scaled_window, channels=3, ratio=ratio, **options)
+
+    def decode_jpeg():
+        if not min_side:
+            return tf.io.decode_and_crop_jpeg(encoded, window, channels=3, **options)
+        # `ratio` is an attribute of the op, not a tensor: one branch per scale.
+        branch = dct_scale_branch(tf.minimum(height, width), min_side)
+        return tf.switch_case(branch, [decode_jpeg_window(ratio) for ratio in DCT_RATIOS])
 
     def decode_any_then_crop():
         image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
         return tf.image.crop_to_bounding_box(image, offset_height, offset_width, height, width)
 
-    return tf.cond(tf.io.is_jpeg(encoded), decode_jpeg_window, decode_any_then_crop)
+    return tf.cond(tf.io.is_jpeg(encoded), decode_jpeg, decode_any_then_crop)
+
+
+def dct_scale_branch(smaller_side: tf.Tensor, min_side: int) -> tf.Tensor:
+    """The index into DCT_RATIOS of the largest ratio r with smaller_side / r >= min_side (1 when none)."""
+    fits = [tf.cast(smaller_side >= ratio * min_side, tf.int32) for ratio in DCT_RATIOS[1:]]
+    return tf.add_n(fits)  # the ratios grow, so the count of those that fit is the largest one's index
 
 
 def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
@@ -309,7 +333,8 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, crop_fraction: float 
 
 
 def decode_random_crop(
-    encoded: tf.Tensor, image_size: int, *, min_area: float, flip: bool = False, seed: tf.Tensor | None = None
+    encoded: tf.Tensor, image_size: int, *, min_area: float, flip: bool = False, seed: tf.Tensor | None = None,
+    dct_scale: bool = True,
 ) -> tf.Tensor:
     """Decodes a random resized crop (the Inception crop) to float32 [image_size, image_size, 3] in [0, 255].
 
@@ -324,10 +349,13 @@ def decode_random_crop(
         flip: also flip left-right at random, on the small uint8 crop: about twice as fast in tf.data as
             keras.layers.RandomFlip on float batches (benchmarks/pipeline.py).
         seed: an int [2] tensor for a reproducible crop and flip (stateless), or None for random ones.
+        dct_scale: decode a large JPEG window at 1/2, 1/4 or 1/8 scale in the DCT when it stays at least
+            image_size on both sides (never upsampled because of it): 2-4x faster on multi-megapixel photos.
     """
     shape = _image_shape(encoded)
+    min_side = image_size if dct_scale else 0
     if min_area >= 1.0:
-        image = _decode_window(encoded, 0, 0, shape[0], shape[1], fast=True)
+        image = _decode_window(encoded, 0, 0, shape[0], shape[1], fast=True, min_side=min_side)
         return resize_pixels(_random_flip(image, seed) if flip else image, image_size)
     image_shape = tf.concat([shape, [3]], axis=0)
     whole_image = tf.constant([0.0, 0.0, 1.0, 1.0], shape=[1, 1, 4])
@@ -343,7 +371,7 @@ def decode_random_crop(
         begin, size, _ = tf.image.sample_distorted_bounding_box(image_shape, **arguments)
     else:
         begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(image_shape, seed=seed, **arguments)
-    image = _decode_window(encoded, begin[0], begin[1], size[0], size[1], fast=True)
+    image = _decode_window(encoded, begin[0], begin[1], size[0], size[1], fast=True, min_side=min_side)
     return resize_pixels(_random_flip(image, seed) if flip else image, image_size)
 
 
@@ -621,7 +649,8 @@ def _parse_function(*, training: bool, class_names: list, image_size: int, optio
         features = parse_record(serialized, class_names)
         crop_seed = None if seed is None else tf.stack([tf.constant(seed, tf.int64), index])
         image = decode_random_crop(
-            features["image/encoded"], image_size, min_area=options.crop_min_area, flip=options.flip, seed=crop_seed
+            features["image/encoded"], image_size, min_area=options.crop_min_area, flip=options.flip, seed=crop_seed,
+            dct_scale=options.dct_scale,
         )
         if uint8:
             # Batched and augmented as uint8 (make_augmentation's pixels="uint8"), float32 after.
