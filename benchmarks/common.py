@@ -38,6 +38,27 @@ def _resized_copy(image_dir: str, output_dir: str, max_side: int) -> None:
                 image.save(destination, quality=90)
 
 
+def upscaled_copy(image_dir: str, output_dir: str, *, count: int, long_side: int = 3000, quality: int = 90) -> str:
+    """Writes (once) `count` photos of image_dir, spread over its classes, upscaled to phone size (4:3, long side
+    `long_side`, JPEG `quality`): real content at the resolution a phone stores, for benchmarks only."""
+    if os.path.exists(os.path.join(output_dir, ".complete")):
+        return output_dir
+    classes = sorted(name for name in os.listdir(image_dir) if os.path.isdir(os.path.join(image_dir, name)))
+    short_side = long_side * 3 // 4
+    for class_name in classes:
+        names = sorted(name for name in os.listdir(os.path.join(image_dir, class_name))
+                       if name.lower().endswith(IMAGE_EXTENSIONS))[:max(1, count // len(classes))]
+        os.makedirs(os.path.join(output_dir, class_name), exist_ok=True)
+        for name in names:
+            with Image.open(os.path.join(image_dir, class_name, name)) as image:
+                image = image.convert("RGB")
+                size = (long_side, short_side) if image.width >= image.height else (short_side, long_side)
+                destination = os.path.join(output_dir, class_name, os.path.splitext(name)[0] + ".jpg")
+                image.resize(size, Image.BICUBIC).save(destination, quality=quality)
+    open(os.path.join(output_dir, ".complete"), "w").close()
+    return output_dir
+
+
 def convert(image_dir: str, output_dir: str, max_side: int = 0, jpeg_quality: int = 0) -> str:
     """Converts image_dir (all of it into the train split) with `python -m tfrecords.build`, once.
 

@@ -10,6 +10,8 @@ Rows (all at --image_size, --batch_size, images/s and the ratio to row 1 measure
 4. read + decode + resize from the original files, nothing else (the decode ceiling).
 Rows 2 and 3 run on the folder converted as is and with --max_side (whose downscaled images the
 converter re-encodes at its default --jpeg_quality, 90; one more row reads a --jpeg_quality=95 copy).
+A second table (--large_photos, on by default) times the same pipelines on photos of --image_dir upscaled to
+phone size (3000 x 2250, JPEG 90) and converted as is, with our DCT-scaled decode and without it.
 The pipelines are timed in interleaved rounds (common.measure), each from a fresh iterator, and the
 medians reported. The last table turns images per CPU-second into how many host cores feed an
 accelerator at a given rate.
@@ -54,6 +56,7 @@ def decode_ceiling(image_dir: str, image_size: int, batch_size: int) -> tf.data.
 
 
 def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs) -> tf.data.Dataset:
+    """trainer.data.make_dataset with a named augmentation policy; kwargs are PipelineOptions fields."""
     augmentation = None
     if policy == "baseline augmentation":
         # The same flip + rotation(0.2); the flip runs in the decode (make_dataset's flip=True).
@@ -68,9 +71,8 @@ def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs)
     )
 
 
-def main(argv):
-    del argv
-    size, batch = FLAGS.image_size, FLAGS.batch_size
+def small_photo_rows(size: int, batch: int) -> list:
+    """The rows on --image_dir as it is (small photos), converted as is and with --max_side."""
     converted = {
         "as is": common.convert(FLAGS.image_dir, FLAGS.converted_dir or os.path.join(FLAGS.work_dir, "full")),
         f"max_side {FLAGS.max_side}": common.convert(
@@ -82,6 +84,7 @@ def main(argv):
         FLAGS.image_dir, os.path.join(FLAGS.work_dir, f"max_side_{FLAGS.max_side}_quality_95"),
         max_side=FLAGS.max_side, jpeg_quality=95,
     )
+    max_side_dir = converted[f"max_side {FLAGS.max_side}"]
     rows = [("1. baseline: image_dataset_from_directory + flip + rotation(0.2)",
              baseline(FLAGS.image_dir, size, batch, augment=True))]
     rows.append(("   baseline without augmentation", baseline(FLAGS.image_dir, size, batch, augment=False)))
@@ -90,16 +93,53 @@ def main(argv):
     for name, data_dir in converted.items():
         rows.append((f"3. ours, default policy (crop + flip), TFRecords {name}", ours(data_dir, size, batch, "default policy")))
     rows.append(("   ours, default policy, max_side, on TF's shared inter-op pool",
-                 common.on_shared_pool(ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "default policy"))))
-    rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards",
-                 ours(quality_95_dir, size, batch, "default policy")))
-    rows.append(("   ours, crop + keras RandomFlip on batches, max_side",
-                 ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "keras flip")))
+                 common.on_shared_pool(ours(max_side_dir, size, batch, "default policy"))))
+    rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards", ours(quality_95_dir, size, batch, "default policy")))
+    rows.append(("   ours, crop + keras RandomFlip on batches, max_side", ours(max_side_dir, size, batch, "keras flip")))
     rows.append(("   ours, default policy, cache=memory, max_side",
-                 ours(converted[f"max_side {FLAGS.max_side}"], size, batch, "default policy", cache="memory")))
+                 ours(max_side_dir, size, batch, "default policy", cache="memory")))
     rows.append(("4. decode ceiling: read + decode + resize, original files", decode_ceiling(FLAGS.image_dir, size, batch)))
+    return rows
 
-    print(f"\nimage_size={size} batch_size={batch} images={FLAGS.image_dir} cores={os.cpu_count()}")
+
+def large_photo_rows(size: int, batch: int) -> list:
+    """The rows on phone-size photos (--large_photos of --image_dir upscaled to 3000 x 2250, JPEG 90) stored as is."""
+    photos = common.upscaled_copy(FLAGS.image_dir, os.path.join(FLAGS.work_dir, "phone_size_photos"),
+                                  count=FLAGS.large_photos)
+    as_is = common.convert(photos, os.path.join(FLAGS.work_dir, "phone_size_full"))
+    max_side = common.convert(photos, os.path.join(FLAGS.work_dir, f"phone_size_max_side_{FLAGS.max_side}"),
+                              max_side=FLAGS.max_side)
+    return [
+        ("1. baseline: image_dataset_from_directory + flip + rotation(0.2)", baseline(photos, size, batch, augment=True)),
+        ("   baseline without augmentation", baseline(photos, size, batch, augment=False)),
+        ("2. ours, flip + rotation(0.2), as is, DCT-scaled decode", ours(as_is, size, batch, "baseline augmentation")),
+        ("   ours, flip + rotation(0.2), as is, full-size decode",
+         ours(as_is, size, batch, "baseline augmentation", dct_scale=False)),
+        ("3. ours, default policy, as is, DCT-scaled decode", ours(as_is, size, batch, "default policy")),
+        ("   ours, default policy, as is, full-size decode", ours(as_is, size, batch, "default policy", dct_scale=False)),
+        (f"   ours, default policy, TFRecords max_side {FLAGS.max_side}", ours(max_side, size, batch, "default policy")),
+        ("4. decode ceiling: read + decode + resize, original files", decode_ceiling(photos, size, batch)),
+    ]
+
+
+def max_side_rows(size: int, batch: int) -> list:
+    """The default policy on the phone-size photos converted at each --max_side_sweep value (0: as is)."""
+    photos = os.path.join(FLAGS.work_dir, "phone_size_photos")
+    rows = []
+    for max_side in (int(value) for value in FLAGS.max_side_sweep.split(",")):
+        data_dir = common.convert(photos, os.path.join(FLAGS.work_dir, f"phone_size_max_side_{max_side}" if max_side
+                                                       else "phone_size_full"), max_side=max_side)
+        manifest = schema.read_manifest(data_dir)
+        stored = sum(shard["size_bytes"] for shard in manifest["splits"]["train"]["shards"])
+        kilobytes = stored / manifest["splits"]["train"]["num_examples"] / 1000
+        label = f"max_side {max_side}" if max_side else "as is"
+        rows.append((f"   default policy, {label} ({kilobytes:.0f} KB per image)", ours(data_dir, size, batch, "default policy")))
+    return rows
+
+
+def report(title: str, rows: list, size: int, batch: int) -> None:
+    """Times the rows (interleaved rounds, medians) and prints rates, ratios to row 1 and cores per accelerator."""
+    print(f"\n{title}: image_size={size} batch_size={batch} cores={os.cpu_count()}")
     print(f"{FLAGS.rounds} interleaved rounds (shuffled order) of {FLAGS.num_batches} batches per pipeline, medians:", flush=True)
     measured = common.measure(
         [dataset for _, dataset in rows], batch_size=batch, num_batches=FLAGS.num_batches,
@@ -109,11 +149,25 @@ def main(argv):
     print(f"{'pipeline':<64} {'images/s':>9} {'ratio':>6} {'img/CPU-s':>10}")
     for name, rate, per_core in results:
         print(f"{name:<64} {rate:>9.0f} {rate / results[0][1]:>5.2f}x {per_core:>10.0f}")
-
     print("\nHost cores needed to feed an accelerator (from images per CPU-second above):")
     print(f"{'pipeline':<64} " + " ".join(f"{rate:>8,}/s" for rate in ACCELERATOR_RATES))
     for name, _, per_core in results:
         print(f"{name:<64} " + " ".join(f"{math.ceil(rate / per_core):>10}" for rate in ACCELERATOR_RATES))
+
+
+def main(argv):
+    del argv
+    size, batch = FLAGS.image_size, FLAGS.batch_size
+    if FLAGS.small_photos:
+        report(f"Photos as in {FLAGS.image_dir}", small_photo_rows(size, batch), size, batch)
+    if FLAGS.large_photos:
+        rows = large_photo_rows(size, batch)
+        report(f"{FLAGS.large_photos} photos of {FLAGS.image_dir} upscaled to phone size (3000 x 2250, JPEG 90)",
+               rows, size, batch)
+        if FLAGS.max_side_sweep:
+            # The tutorial's pipeline first again, so the ratios of this table have their own baseline.
+            report("The converter's --max_side on those photos (storage per image, default policy)",
+                   rows[:1] + max_side_rows(size, batch), size, batch)
 
 
 if __name__ == "__main__":
@@ -127,4 +181,10 @@ if __name__ == "__main__":
     flags.DEFINE_integer("num_batches", 80, "Batches per timed run.")
     flags.DEFINE_integer("rounds", 5, "Timed runs per pipeline, interleaved; the median is reported.")
     flags.DEFINE_integer("warmup_batches", 20, "Batches read from each fresh iterator before timing.")
+    flags.DEFINE_bool("small_photos", True, "Time the rows on --image_dir's photos as they are.")
+    flags.DEFINE_string("max_side_sweep", "0,384,512,768,1024",
+                        "The phone-size photos converted at each of these --max_side (0: as is); '' = skip.")
+    flags.DEFINE_integer(
+        "large_photos", 200, "Also time rows on this many photos of --image_dir upscaled to phone size; 0 = skip."
+    )
     app.run(main)

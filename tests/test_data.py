@@ -421,3 +421,28 @@ def test_dct_scaled_random_crops_never_fail_at_the_image_edges():
         lambda index: data.decode_random_crop(encoded, 48, min_area=0.05, seed=tf.stack([index, 1])))
     for crop in crops:
         assert crop.shape == (48, 48, 3)
+
+
+def test_shards_stored_far_larger_than_the_training_size_get_one_advice(demo_data_dir):
+    manifest = schema.read_manifest(str(demo_data_dir))
+    # The demo images' longer sides are 48-120 px: 4x a 16 px training size or more, not 4x 32 px.
+    advice = data.stored_size_advice(str(demo_data_dir), manifest, 16)
+    assert advice.startswith("the train split's images are stored at a longer side of ")
+    assert "--max_side=32 " in advice and "benchmarks/pipeline.py" in advice
+    assert data.stored_size_advice(str(demo_data_dir), manifest, 32) is None
+
+
+def test_augmentation_runs_on_the_accelerator_by_default_and_on_the_host_without_one():
+    class Extended:  # what a strategy's `extended` reports of its devices
+        def __init__(self, devices):
+            self.worker_devices = devices
+
+    class Strategy:
+        def __init__(self, devices):
+            self.extended = Extended(devices)
+
+    gpus = Strategy(["/job:localhost/replica:0/task:0/device:GPU:0", "/job:localhost/replica:0/task:0/device:GPU:1"])
+    tpu = Strategy(["/job:worker/replica:0/task:0/device:TPU:0"])
+    assert data.augmentation_place("auto", gpus) == data.augmentation_place("auto", tpu) == "device"
+    assert data.augmentation_place("auto", tf.distribute.get_strategy()) == "host"
+    assert data.augmentation_place("host", gpus) == "host" and data.augmentation_place("device", tf.distribute.get_strategy()) == "device"

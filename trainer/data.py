@@ -112,6 +112,23 @@ class LayerAugmentation:
         return make_augmentation(flip=False, seed=seed, pixels="uint8" if on == "host" else "float32", **self.factors())
 
 
+def augmentation_place(choice: str, strategy: tf.distribute.Strategy) -> str:
+    """Resolves --augment_on: "auto" is "device" when the strategy's devices are GPUs or TPUs, else "host".
+
+    On an accelerator the layers cost next to nothing; on a CPU host a RandomRotation alone costs about
+    0.7 ms per 160 px image and core (benchmarks/pipeline.py's rows 1 and 2), and on a CPU-only machine
+    "device" is the same CPU, so host keeps that work off the training step.
+    """
+    if choice != "auto":
+        return choice
+    try:
+        devices = strategy.extended.worker_devices
+    except RuntimeError:  # the default strategy runs on TensorFlow's default device: a GPU when there is one
+        devices = [device.name for device in tf.config.list_logical_devices()]
+    devices = [device.upper() for device in devices]
+    return "device" if any("GPU" in device or "TPU" in device for device in devices) else "host"
+
+
 def check_data(data_dir: str, manifest: dict) -> None:
     """Checks cheaply (no shard is read) that data_dir holds what its manifest says.
 
@@ -153,6 +170,39 @@ def check_data(data_dir: str, manifest: dict) -> None:
                     f"--data_dir {data_dir!r}: shard {shard['file']} has {size} bytes, the manifest says "
                     f"{shard['size_bytes']} (cut short or replaced); {verify}"
                 )
+
+
+# Stored images whose longer side is this many times the training size or more are worth converting smaller.
+LARGE_STORED_FACTOR = 4
+STORED_SIZE_SAMPLE = 16
+# benchmarks/pipeline.py, phone-size photos (3000 x 2250, JPEG 90) at 160 px on 2 cores, default policy:
+# shards converted with --max_side=256 against the same photos stored as is (DCT-scaled decode), median of 3.
+MEASURED_MAX_SIDE_SPEEDUP = "17x faster (6004 vs 341 images/s)"
+
+
+def stored_size_advice(data_dir: str, manifest: dict, image_size: int) -> str | None:
+    """A one-time advice when the train split's images are stored far larger than the training size, else None.
+
+    Reads the stored height and width of the first records of the first train shard (a few MB at most).
+    Decoding a multi-megapixel JPEG costs several milliseconds per image even at 1/8 scale, so a pipeline on
+    such shards stays input-bound; converting with --max_side near twice the training size removes that.
+    """
+    path = shard_paths(data_dir, manifest, "train")[0]
+    sides = []
+    for record in tf.data.TFRecordDataset(path).take(STORED_SIZE_SAMPLE):
+        features = schema.parse_example(record)
+        sides.append(max(int(features["image/height"]), int(features["image/width"])))
+    if not sides:
+        return None
+    median = sorted(sides)[len(sides) // 2]
+    if median < LARGE_STORED_FACTOR * image_size:
+        return None
+    return (
+        f"the train split's images are stored at a longer side of {median} px (median of the first {len(sides)}), "
+        f"{median / image_size:.0f}x the --image_size {image_size}: decoding them dominates the input pipeline. "
+        f"Converting with --max_side={2 * image_size} (python -m tfrecords.build ... --max_side={2 * image_size}) "
+        f"made the default policy {MEASURED_MAX_SIDE_SPEEDUP} on phone-size photos in benchmarks/pipeline.py"
+    )
 
 
 class DataError(ValueError):
