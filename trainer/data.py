@@ -362,7 +362,9 @@ def resize_pixels(image: tf.Tensor, image_size: int) -> tf.Tensor:
     )
 
 
-def decode_and_resize(encoded: tf.Tensor, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION) -> tf.Tensor:
+def decode_and_resize(
+    encoded: tf.Tensor, image_size: int, crop_fraction: float = EVAL_CROP_FRACTION, dct_scale: bool = False
+) -> tf.Tensor:
     """Decodes JPEG/PNG/GIF/BMP bytes, keeps the central crop, resizes to float32 [image_size, image_size, 3].
 
     This is the evaluation path, and the exported model's serving signature uses this same function, so a
@@ -372,13 +374,15 @@ def decode_and_resize(encoded: tf.Tensor, image_size: int, crop_fraction: float 
         encoded: scalar string tensor of encoded image bytes.
         image_size: output height and width.
         crop_fraction: share of each side kept around the centre (1.0: the whole image).
+        dct_scale: decode a large JPEG at 1/2, 1/4 or 1/8 scale in the DCT, keeping the crop at least
+            image_size on both sides (as training does); off by default, the exact path.
 
     Returns:
         float32 [image_size, image_size, 3] pixels in [0, 255].
     """
     shape = _image_shape(encoded)
     offset, crop = central_crop_window(shape, crop_fraction)
-    image = _decode_window(encoded, offset[0], offset[1], crop[0], crop[1])
+    image = _decode_window(encoded, offset[0], offset[1], crop[0], crop[1], min_side=image_size if dct_scale else 0)
     return resize_pixels(image, image_size)
 
 
