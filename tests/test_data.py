@@ -194,7 +194,7 @@ def test_random_crop_eagerly_and_in_tf_data(image_format):
     assert len(crops) > 1  # without a seed, crops differ
     # Without the DCT-domain downscale: on pure noise it averages what bilinear resizing samples (see below).
     whole = data.decode_random_crop(encoded, 20, min_area=1.0, dct_scale=False).numpy()
-    exact = data.decode_and_resize(encoded, 20, crop_fraction=1.0).numpy()
+    exact = data.decode_and_resize(encoded, 20, crop_fraction=1.0, dct_scale=False).numpy()
     if image_format == "JPEG":
         # Training decodes JPEG with the fast IDCT and plain chroma upsampling: a few levels off the exact
         # decode on average (this random-noise image, all high frequencies, is the worst case).
@@ -411,6 +411,9 @@ def test_dct_scaled_crops_match_the_full_resolution_decode_on_a_large_smooth_ima
         full = data.decode_random_crop(encoded, 64, min_area=min_area, seed=seed, dct_scale=False).numpy()
         assert scaled.shape == full.shape == (64, 64, 3)
         assert np.abs(scaled - full).mean() < 2.0, (min_area, np.abs(scaled - full).mean())
+    central_scaled = data.decode_and_resize(encoded, 64, dct_scale=True).numpy()
+    central_exact = data.decode_and_resize(encoded, 64, dct_scale=False).numpy()
+    assert np.abs(central_scaled - central_exact).mean() < 2.0
 
 
 def test_dct_scaled_random_crops_never_fail_at_the_image_edges():

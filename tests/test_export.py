@@ -155,8 +155,9 @@ def test_crop_and_resize_matches_decode_and_resize(size):
 
 # The bytes path decodes only the crop window of a JPEG (decode_and_crop_jpeg). With full-resolution colour
 # (4:4:4) that gives exactly the pixels of a full decode; with the usual half-resolution colour (4:2:0),
-# upsampling the colour at the window's edges can move a few edge pixels by some grey levels.
-@pytest.mark.parametrize("size", IMAGE_SIZES)
+# upsampling the colour at the window's edges can move a few edge pixels by some grey levels. Below twice
+# the image size no DCT scaling happens, so the two signatures agree to these tolerances.
+@pytest.mark.parametrize("size", [(45, 60), (70, 50)])
 @pytest.mark.parametrize("subsampling, tolerance", [(0, 1e-5), (2, 2e-3)], ids=["4:4:4", "4:2:0"])
 def test_images_signature_matches_the_bytes_signature(serve_bytes, serve_images, size, subsampling, tolerance):
     encoded = [encode(seed, "JPEG", size=size, smooth=True, subsampling=subsampling) for seed in (5, 6)]
@@ -169,11 +170,17 @@ def test_images_signature_matches_the_bytes_signature(serve_bytes, serve_images,
 
 
 def test_images_signature_takes_a_decoded_photo_like_its_file(serve_bytes, serve_images):
+    # 240 x 320: the bytes signature decodes it at 1/4 scale in the DCT (as evaluation does), the uint8
+    # signature resizes the full pixels it is given; on a smooth photo-like image they agree closely
+    # (README: on real phone-size photos, the same top-1 label for 96-99% of images).
     encoded = real_jpeg()
     from_bytes = serve_bytes(image_bytes=tf.constant([encoded]))
     from_images = serve_images(images=tf.io.decode_jpeg(encoded, channels=3)[tf.newaxis])
-    np.testing.assert_allclose(from_images["probabilities"], from_bytes["probabilities"], atol=2e-3)
+    np.testing.assert_allclose(from_images["probabilities"], from_bytes["probabilities"], atol=1e-2)  # 6.6e-3 seen
     np.testing.assert_array_equal(from_images["class_names"], from_bytes["class_names"])
+    exact = data.decode_and_resize(tf.constant(encoded), IMAGE_SIZE, dct_scale=False)
+    scaled = data.decode_and_resize(tf.constant(encoded), IMAGE_SIZE)
+    assert 0 < np.abs(scaled.numpy() - exact.numpy()).mean() < 2.0  # the DCT scale did apply, and stays close
 
 
 def test_loading_a_folder_without_a_saved_model_is_a_clear_error(tmp_path):

@@ -169,8 +169,10 @@ def _serving_section(model_dir: str) -> str:
         lines += ["", "| signature | inputs | outputs |", "|---|---|---|"]
         for name, (inputs, outputs) in sorted(signatures.items()):
             lines.append(f"| `{name}` | {'<br>'.join(inputs)} | {'<br>'.join(outputs)} |")
-        lines += ["", "`serving_default` takes encoded image files (JPEG, PNG, GIF, BMP) and `serving_images` decoded "
-                  "uint8 RGB images of any size; both crop and resize exactly as evaluation did.", ""]
+        lines += ["", "`serving_default` takes encoded image files (JPEG, PNG, GIF, BMP) and prepares them exactly as "
+                  "evaluation did; `serving_images` takes decoded uint8 RGB images of any size and crops and resizes "
+                  "them the same way (identical below twice the input size; large JPEGs sent as files are decoded at "
+                  "a reduced DCT scale, see the README).", ""]
     else:
         lines.append(f"No SavedModel in `{export.SAVED_MODEL_DIR}/`.")
     tflite_dir = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
