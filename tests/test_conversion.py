@@ -1,5 +1,6 @@
 """End to end conversion: tfrecords.build on generated folders, as a function and as a program."""
 
+import io
 import json
 from pathlib import Path
 import random
@@ -7,7 +8,9 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 import tensorflow as tf
 
 from tfrecords import conversion
@@ -377,6 +380,30 @@ def test_max_side_downscales_keeping_aspect(image_dir, tmp_path):
             height, width = int(example["image/height"]), int(example["image/width"])
             assert max(height, width) <= 40
             assert tf.io.decode_jpeg(example["image/encoded"]).shape[:2] == (height, width)
+
+
+def test_by_default_only_images_over_1024_px_are_downscaled_and_0_keeps_every_byte(tmp_path):
+    rng = np.random.default_rng(3)
+    originals = {}
+    for class_name, (height, width) in (("large", (1200, 1600)), ("small", (300, 400))):
+        (tmp_path / "input" / class_name).mkdir(parents=True)
+        for index in range(2):
+            encoded = io.BytesIO()
+            Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(encoded, "JPEG", quality=90)
+            (tmp_path / "input" / class_name / f"{index}.jpg").write_bytes(encoded.getvalue())
+            originals[f"{class_name}/{index}.jpg"] = encoded.getvalue()
+    for max_side, expected in ((None, {"large": (768, 1024), "small": (300, 400)}),
+                               (0, {"large": (1200, 1600), "small": (300, 400)})):
+        overrides = {} if max_side is None else {"max_side": max_side}
+        output = tmp_path / f"output_{max_side}"
+        manifest = _build(tmp_path / "input", output, validation_fraction=0.0, test_fraction=0.0, num_shards=1, **overrides)
+        assert manifest["max_side"] == (conversion.DEFAULT_MAX_SIDE if max_side is None else 0) and manifest["skipped"] == []
+        for example in _read_examples(output, manifest["splits"]["train"]["shards"][0]["file"]):
+            class_name = example["image/class/text"].numpy().decode()
+            assert (int(example["image/height"]), int(example["image/width"])) == expected[class_name]
+            if expected[class_name] != (768, 1024):  # kept: the original bytes, not a re-encoding
+                assert example["image/encoded"].numpy() == originals[example["image/source"].numpy().decode()]
+    assert conversion.DEFAULT_MAX_SIDE == 1024
 
 
 def test_a_new_jpeg_quality_rewrites_the_shards(image_dir, tmp_path):

@@ -18,6 +18,12 @@ from tfrecords import progress
 from tfrecords import schema
 from tfrecords import writer
 
+# The longer side images are stored at by default. Smaller images keep their bytes. benchmarks/pipeline.py
+# (phone-size photos, 160 px, 2 cores): 1174 images/s against 337 as stored, 148 against 678 KB per image;
+# a 4:3 photo keeps a 768 px short side, so training at up to 384 px with the default random crops (a
+# quarter of the area or more) never upsamples.
+DEFAULT_MAX_SIDE = 1024
+
 
 def define_conversion_flags() -> None:
     """Defines the conversion flags of the two entry points, tfrecords/build.py and tfrecords/beam_build.py, at
@@ -72,9 +78,10 @@ def define_conversion_flags() -> None:
     )
     flags.DEFINE_integer(
         "max_side",
-        0,
-        "If positive, downscale images whose longer side is larger, keeping the aspect, before storing "
-        "(e.g. 320 when training at 160-299 px). 0 keeps the original size.",
+        DEFAULT_MAX_SIDE,
+        "Downscale images whose longer side is larger, keeping the aspect, before storing: the default 1024 keeps "
+        "every crop of training at up to 384 px unscaled and makes phone-size photos 6x faster to train on "
+        "(README: Phone-size photos); 320 when training at 160 px is faster still; 0 keeps the original size.",
     )
     flags.DEFINE_integer(
         "jpeg_quality",
@@ -134,7 +141,7 @@ class ConversionOptions:
     seed: seed of the split assignment and of the example order.
     overwrite: replace a finished conversion in the output folder instead of refusing.
     num_workers: processes hashing files and writing shards; 0 means all cores.
-    max_side: downscale so the longer side is at most this; 0 keeps the size.
+    max_side: downscale so the longer side is at most this (DEFAULT_MAX_SIDE); 0 keeps the size.
     jpeg_quality: JPEG quality of re-encoded images.
     max_skipped_fraction: fail when a larger share of the files cannot be decoded.
     """
@@ -146,7 +153,7 @@ class ConversionOptions:
     seed: int = 42
     overwrite: bool = False
     num_workers: int = 0
-    max_side: int = 0
+    max_side: int = DEFAULT_MAX_SIDE
     jpeg_quality: int = images.DEFAULT_JPEG_QUALITY
     max_skipped_fraction: float = 0.01
 

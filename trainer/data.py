@@ -177,7 +177,7 @@ LARGE_STORED_FACTOR = 4
 STORED_SIZE_SAMPLE = 16
 # benchmarks/pipeline.py, phone-size photos (3000 x 2250, JPEG 90) at 160 px on 2 cores, default policy:
 # shards converted with --max_side=256 against the same photos stored as is (DCT-scaled decode), median of 3.
-MEASURED_MAX_SIDE_SPEEDUP = "17x faster (6004 vs 341 images/s)"
+MEASURED_MAX_SIDE_SPEEDUP = "16x faster (5423 vs 344 images/s)"
 
 
 def stored_size_advice(data_dir: str, manifest: dict, image_size: int) -> str | None:
