@@ -62,6 +62,7 @@ def upscaled_copy(image_dir: str, output_dir: str, *, count: int, long_side: int
 def convert(image_dir: str, output_dir: str, max_side: int = 0, jpeg_quality: int = 0) -> str:
     """Converts image_dir (all of it into the train split) with `python -m tfrecords.build`, once.
 
+    max_side: the converter's --max_side; 0 stores the images as they are (not the converter's default).
     jpeg_quality: the converter's --jpeg_quality for re-encoded images; 0 keeps its default.
     """
     if os.path.exists(os.path.join(output_dir, "manifest.json")):
@@ -72,8 +73,8 @@ def convert(image_dir: str, output_dir: str, max_side: int = 0, jpeg_quality: in
     ]
     if jpeg_quality:
         command.append(f"--jpeg_quality={jpeg_quality}")
-    if max_side and _converter_has_max_side():
-        command.append(f"--max_side={max_side}")
+    if _converter_has_max_side():
+        command.append(f"--max_side={max_side}")  # 0 too: "as is" must not take the converter's default
     elif max_side:
         resized_dir = output_dir + "_images"
         _resized_copy(image_dir, resized_dir, max_side)
