@@ -10,6 +10,8 @@ Rows (all at --image_size, --batch_size, images/s and the ratio to row 1 measure
 4. read + decode + resize from the original files, nothing else (the decode ceiling).
 Rows 2 and 3 run on the folder converted as is and with --max_side (whose downscaled images the
 converter re-encodes at its default --jpeg_quality, 90; one more row reads a --jpeg_quality=95 copy).
+Rows "on the device: the host's part" time what the host still does when the layers run on the
+accelerator (--augment_on=device, the default with GPUs or TPUs): the decode and flip only.
 A second table (--large_photos, on by default) times the same pipelines on photos of --image_dir upscaled to
 phone size (3000 x 2250, JPEG 90) and converted as is, with our DCT-scaled decode and without it.
 The pipelines are timed in interleaved rounds (common.measure), each from a fresh iterator, and the
@@ -62,6 +64,9 @@ def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs)
         # The same flip + rotation(0.2); the flip runs in the decode (make_dataset's flip=True).
         augmentation = data.make_augmentation(flip=False, rotation=0.2, pixels="uint8")
         kwargs.setdefault("crop_min_area", 1.0)
+    elif policy == "device rotation":
+        # --augment_on=device (the default with a GPU/TPU): the rotation is the model's, the host only flips.
+        kwargs.setdefault("crop_min_area", 1.0)
     elif policy == "keras flip":
         kwargs["flip"] = False
         augmentation = data.make_augmentation(flip=True, pixels="uint8")
@@ -96,6 +101,8 @@ def small_photo_rows(size: int, batch: int) -> list:
                  common.on_shared_pool(ours(max_side_dir, size, batch, "default policy"))))
     rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards", ours(quality_95_dir, size, batch, "default policy")))
     rows.append(("   ours, crop + keras RandomFlip on batches, max_side", ours(max_side_dir, size, batch, "keras flip")))
+    rows.append(("   ours, flip + rotation(0.2) on the device: the host's part, max_side",
+                 ours(max_side_dir, size, batch, "device rotation")))
     rows.append(("   ours, default policy, cache=memory, max_side",
                  ours(max_side_dir, size, batch, "default policy", cache="memory")))
     rows.append(("4. decode ceiling: read + decode + resize, original files", decode_ceiling(FLAGS.image_dir, size, batch)))
@@ -115,6 +122,7 @@ def large_photo_rows(size: int, batch: int) -> list:
         ("2. ours, flip + rotation(0.2), as is, DCT-scaled decode", ours(as_is, size, batch, "baseline augmentation")),
         ("   ours, flip + rotation(0.2), as is, full-size decode",
          ours(as_is, size, batch, "baseline augmentation", dct_scale=False)),
+        ("   ours, flip + rotation(0.2) on the device: the host's part", ours(as_is, size, batch, "device rotation")),
         ("3. ours, default policy, as is, DCT-scaled decode", ours(as_is, size, batch, "default policy")),
         ("   ours, default policy, as is, full-size decode", ours(as_is, size, batch, "default policy", dct_scale=False)),
         (f"   ours, default policy, TFRecords max_side {FLAGS.max_side}", ours(max_side, size, batch, "default policy")),
@@ -135,6 +143,8 @@ def max_side_rows(size: int, batch: int) -> list:
         label = f"max_side {max_side}" if max_side else "as is"
         rows.append((f"   default policy, {label} ({kilobytes:.0f} KB per image)", ours(data_dir, size, batch, "default policy")))
         rows.append((f"   flip + rotation(0.2), {label}", ours(data_dir, size, batch, "baseline augmentation")))
+        rows.append((f"   flip + rotation(0.2) on the device: the host's part, {label}",
+                     ours(data_dir, size, batch, "device rotation")))
     return rows
 
 

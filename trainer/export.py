@@ -45,10 +45,11 @@ TFLITE_FILES = {"none": "model.tflite", "dynamic_range": "model_dynamic_range.tf
 
 
 def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = data.EVAL_CROP_FRACTION) -> tf.Tensor:
-    """Keeps the central crop of a batch of decoded images and resizes it, as `data.decode_and_resize` does.
+    """Keeps the central crop of a batch of decoded images and resizes it, as `data.decode_and_resize` does
+    for images below twice image_size (above, that function decodes a JPEG at a DCT scale, which needs its bytes).
 
     It uses `data.decode_and_resize`'s own crop window and resize (antialiased only when shrinking by more
-    than 2x), so an image sent decoded gets the probabilities it gets as a file.
+    than 2x), so an image below twice image_size sent decoded gets the probabilities it gets as a file.
 
     Args:
         images: uint8 [batch, height, width, 3] RGB images (one size for the whole batch).
