@@ -116,8 +116,8 @@ def augmentation_place(choice: str, strategy: tf.distribute.Strategy) -> str:
     """Resolves --augment_on: "auto" is "device" when the strategy's devices are GPUs or TPUs, else "host".
 
     On an accelerator the layers cost next to nothing; on a CPU host a RandomRotation alone costs about
-    0.7 ms per 160 px image and core (benchmarks/pipeline.py's rows 1 and 2), and on a CPU-only machine
-    "device" is the same CPU, so host keeps that work off the training step.
+    0.7 ms per 160 px image and core (its ImageProjectiveTransformV3 kernel, profiled), and on a CPU-only
+    machine "device" is the same CPU, so host keeps that work in tf.data, overlapped with the step.
     """
     if choice != "auto":
         return choice
@@ -304,12 +304,15 @@ def _decode_window(
     options = dict(dct_method="INTEGER_FAST", fancy_upscaling=False) if fast else {}
 
     def decode_jpeg_window(ratio: int):
-        # libjpeg scales the whole image to ceil(side / ratio); the window is given in those coordinates.
-        scaled_shape = (tf.io.extract_jpeg_shape(encoded)[:2] + ratio - 1) // ratio
-        begin = window[:2] // ratio
-        end = tf.minimum((window[:2] + window[2:] + ratio - 1) // ratio, scaled_shape)
-        scaled_window = tf.concat([begin, tf.maximum(end - begin, 1)], axis=0)
-        return lambda: tf.io.decode_and_crop_jpeg(encoded, scaled_window, channels=3, ratio=ratio, **options)
+        def decode():
+            # libjpeg scales the whole image to ceil(side / ratio); the window is given in those coordinates.
+            scaled_shape = (tf.io.extract_jpeg_shape(encoded)[:2] + ratio - 1) // ratio
+            begin = window[:2] // ratio
+            end = tf.minimum((window[:2] + window[2:] + ratio - 1) // ratio, scaled_shape)
+            scaled_window = tf.concat([begin, tf.maximum(end - begin, 1)], axis=0)
+            return tf.io.decode_and_crop_jpeg(encoded, scaled_window, channels=3, ratio=ratio, **options)
+
+        return decode
 
     def decode_jpeg():
         if not min_side:
@@ -326,7 +329,7 @@ def _decode_window(
 
 
 def dct_scale_branch(smaller_side: tf.Tensor, min_side: int) -> tf.Tensor:
-    """The index into DCT_RATIOS of the largest ratio r with smaller_side / r >= min_side (1 when none)."""
+    """The index into DCT_RATIOS of the largest ratio r with smaller_side >= r * min_side (0, ratio 1, when none)."""
     fits = [tf.cast(smaller_side >= ratio * min_side, tf.int32) for ratio in DCT_RATIOS[1:]]
     return tf.add_n(fits)  # the ratios grow, so the count of those that fit is the largest one's index
 
