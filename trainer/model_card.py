@@ -172,12 +172,14 @@ def _serving_section(model_dir: str) -> str:
         lines += ["", "`serving_default` takes encoded image files (JPEG, PNG, GIF, BMP) and prepares them exactly as "
                   "evaluation did; `serving_images` takes decoded uint8 RGB images of any size and crops and resizes "
                   "them the same way (identical below twice the input size; large JPEGs sent as files are decoded at "
-                  "a reduced DCT scale, see the README).", ""]
+                  "a reduced DCT scale, see the README)."]
     else:
         lines.append(f"No SavedModel in `{export.SAVED_MODEL_DIR}/`.")
     tflite_dir = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
     tflite_files = sorted(name for name in tf.io.gfile.listdir(tflite_dir) if name.endswith(".tflite")) \
         if tf.io.gfile.isdir(tflite_dir) else []
+    if tflite_files:
+        lines.append("")
     for name in tflite_files:
         inputs, outputs = read_tflite_tensors(tf.io.gfile.join(tflite_dir, name))
         lines.append(f"- `{export.TFLITE_DIR}/{name}`: inputs {', '.join(inputs)}; outputs {', '.join(outputs)} "
