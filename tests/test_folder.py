@@ -186,3 +186,54 @@ def test_fraction_errors(tmp_path, validation_fraction, test_fraction, message):
     _touch(tmp_path, "dogs/1.jpg")
     with pytest.raises(ValueError, match=message):
         _list(tmp_path, validation_fraction=validation_fraction, test_fraction=test_fraction)
+
+
+def _copy_to_ram(local_root, ram_root: str) -> None:
+    import tensorflow as tf
+
+    for path in sorted(local_root.rglob("*")):
+        if path.is_file():
+            target = f"{ram_root}/{path.relative_to(local_root).as_posix()}"
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            tf.io.gfile.copy(str(path), target, overwrite=True)
+
+
+@pytest.mark.parametrize("layout", ["class_folders", "pre_split"])
+def test_a_remote_input_lists_its_class_folders_concurrently_and_like_a_local_one(tmp_path, monkeypatch, layout):
+    import threading
+    import time
+
+    import tensorflow as tf
+
+    classes = [f"class_{index}" for index in range(8)]
+    prefixes = [""] if layout == "class_folders" else ["train/", "validation/"]
+    for prefix in prefixes:
+        for class_name in classes:
+            for index in range(3):
+                _touch(tmp_path / "local", f"{prefix}{class_name}/sub/{index}.jpg")
+            _touch(tmp_path / "local", f"{prefix}{class_name}/.hidden.jpg")
+    ram_root = f"ram://listing_{layout}"
+    _copy_to_ram(tmp_path / "local", ram_root)
+
+    # gs:// lists in round trips: a slow walk that records how many class folders are listed at once.
+    walk, active, most = tf.io.gfile.walk, [0], [0]
+    lock = threading.Lock()
+
+    def slow_walk(top, *arguments, **keywords):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        try:
+            yield from walk(top, *arguments, **keywords)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(tf.io.gfile, "walk", slow_walk)
+    remote = _list(ram_root)
+    local = _list(tmp_path / "local")
+    assert remote.layout == local.layout == layout and remote.classes == local.classes == classes
+    described = lambda listing: [(file.relative_path, file.class_name, file.split) for file in listing.files]
+    assert described(remote) == described(local) and len(remote.files) == 3 * len(classes) * len(prefixes)
+    assert most[0] > 1  # several class folders were being listed at the same time

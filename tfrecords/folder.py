@@ -38,9 +38,11 @@ Local folders are walked with the operating system's calls, under this policy:
 A class that ends up with no files, or with fewer files than it lost to other classes, is refused by
 tfrecords/build.py, which knows the duplicates too.
 
-gs:// and other remote paths go through tf.io.gfile (no links or special files there).
+gs:// and other remote paths go through tf.io.gfile (no links or special files there); their class folders
+are listed concurrently (REMOTE_LISTING_THREADS), each in sorted order, so the listing is the same.
 """
 
+import concurrent.futures
 import csv
 import dataclasses
 import hashlib
@@ -53,6 +55,7 @@ from absl import logging
 import tensorflow as tf
 
 LAYOUT_CLASS_FOLDERS = "class_folders"
+REMOTE_LISTING_THREADS = 16  # class folders of a gs:// input listed at once
 LAYOUT_PRE_SPLIT = "pre_split"
 LAYOUT_LABELS_CSV = "labels_csv"
 CSV_HEADER = ["path", "label"]
@@ -389,6 +392,13 @@ class _Walk:
                     )
                 self.real_roots[real] = relative_root
         self.real_root_of = {root: real for real, root in self.real_roots.items()}
+        # An object store lists a folder in pages of about a thousand names, one round trip each: the class
+        # folders are listed concurrently, so a bucket of many classes lists in the time of its largest few.
+        self.remote_files = {}
+        if not _is_local(input_dir):
+            with concurrent.futures.ThreadPoolExecutor(max_workers=REMOTE_LISTING_THREADS) as pool:
+                listings = pool.map(lambda root: _remote_files_under(input_dir, root), sorted(roots))
+                self.remote_files = dict(zip(sorted(roots), listings))
         # Class folders are siblings, so another one lies inside a class folder only through a link; where
         # none does, a path inside its own class folder belongs to it without comparing every class folder.
         self.holds_other_roots = {
@@ -399,7 +409,7 @@ class _Walk:
     def files_under(self, relative_root: str) -> list:
         """Relative paths of the files listed for the class folder relative_root, sorted."""
         if not _is_local(self.input_dir):
-            return _remote_files_under(self.input_dir, relative_root)
+            return self.remote_files[relative_root]
         files = []
         # Real entries first, links after: a file or folder reached both ways is listed under its real path.
         folders, links = [relative_root], []
