@@ -58,7 +58,8 @@ def _build(input_dir, output_dir, **overrides) -> dict:
         "num_workers": 1,
     }
     settings.update(overrides)
-    source = conversion.Source(input_dir=str(input_dir), labels_csv=settings.pop("labels_csv", None))
+    source = conversion.Source(input_dir=str(input_dir), labels_csv=settings.pop("labels_csv", None),
+                               file_list=settings.pop("file_list", None))
     return conversion.build(source, str(output_dir), conversion.ConversionOptions(**settings))
 
 
@@ -406,6 +407,19 @@ def test_by_default_only_images_over_1024_px_are_downscaled_and_0_keeps_every_by
     assert conversion.DEFAULT_MAX_SIDE == 1024
 
 
+def test_a_file_list_converts_to_the_same_shards_and_skips_a_listed_file_that_is_gone(image_dir, tmp_path):
+    walked = _build(image_dir, tmp_path / "walked")
+    names = sorted(path.relative_to(image_dir).as_posix() for path in image_dir.rglob("*") if path.is_file())
+    (tmp_path / "list.txt").write_text("\n".join(names + ["circle/deleted_since_the_inventory.jpg"]) + "\n")
+    listed = _build(image_dir, tmp_path / "listed", file_list=str(tmp_path / "list.txt"))
+    for split, info in walked["splits"].items():
+        assert [shard["sha256"] for shard in listed["splits"][split]["shards"]] == [shard["sha256"] for shard in info["shards"]]
+    gone = [entry for entry in listed["skipped"] if entry["path"] == "circle/deleted_since_the_inventory.jpg"]
+    assert gone == [{"path": "circle/deleted_since_the_inventory.jpg", "reason": "named in --file_list but not in --input_dir"}]
+    assert [entry for entry in listed["skipped"] if entry not in gone] == walked["skipped"]
+    assert listed["file_list"] == str(tmp_path / "list.txt") and "file_list" not in walked
+
+
 def test_a_new_jpeg_quality_rewrites_the_shards(image_dir, tmp_path):
     # The quality is part of each shard's fingerprint: a rerun must not keep shards of the old quality.
     _build(image_dir, tmp_path / "output", max_side=40, num_shards=1)
@@ -455,6 +469,7 @@ def test_ram_filesystem_input_and_output(image_dir):
         ("--num_workers=-2", "error: --num_workers=-2 is negative"),
         ("--max_skipped_fraction=2", "error: --max_skipped_fraction=2.0 is not in [0, 1]"),
         ("--num_shards=-1", "error: --num_shards=-1 is negative"),
+        ("--file_list=/no/such/inventory.txt", "error: --file_list '/no/such/inventory.txt' does not exist"),
     ],
 )
 def test_program_flag_errors_exit_2_and_keep_earlier_output(built, image_dir, flag, message):
@@ -484,3 +499,17 @@ def test_verify_program_finds_a_corrupt_shard(image_dir, tmp_path):
     assert result.returncode == 1
     assert "problem: train-00000-of-00002.tfrecord: sha256 differs from the manifest" in result.stdout
     assert "FAILED" in result.stdout.splitlines()[-1]
+
+
+def test_a_file_list_of_a_remote_input_names_an_object_that_is_gone(image_dir, tmp_path):
+    names = []
+    for path in sorted(image_dir.glob("*/*.*")):
+        relative = path.relative_to(image_dir).as_posix()
+        tf.io.gfile.makedirs(f"ram://listed_images/{relative.split('/')[0]}")
+        tf.io.gfile.copy(str(path), f"ram://listed_images/{relative}", overwrite=True)
+        names.append(f"ram://listed_images/{relative}")
+    (tmp_path / "inventory.txt").write_text("\n".join(names + ["ram://listed_images/square/gone.jpg"]) + "\n")
+    manifest = _build("ram://listed_images", "ram://listed_output", num_shards=1, file_list=str(tmp_path / "inventory.txt"))
+    assert sum(split["num_examples"] for split in manifest["splits"].values()) == len(CLASSES) * NUM_PER_CLASS
+    gone = [entry for entry in manifest["skipped"] if entry["path"] == "square/gone.jpg"]
+    assert len(gone) == 1 and gone[0]["reason"].startswith("cannot read file"), manifest["skipped"]

@@ -237,3 +237,83 @@ def test_a_remote_input_lists_its_class_folders_concurrently_and_like_a_local_on
     described = lambda listing: [(file.relative_path, file.class_name, file.split) for file in listing.files]
     assert described(remote) == described(local) and len(remote.files) == 3 * len(classes) * len(prefixes)
     assert most[0] > 1  # several class folders were being listed at the same time
+
+
+def _relative_files(listing) -> list:
+    return [(file.relative_path, file.class_name, file.label, file.split) for file in listing.files]
+
+
+@pytest.mark.parametrize("layout", ["class_folders", "pre_split"])
+def test_a_file_list_gives_the_listing_of_the_walk_without_walking(tmp_path, layout):
+    prefixes = [""] if layout == "class_folders" else ["train/", "validation/", "test/"]
+    names = []
+    for prefix in prefixes:
+        for class_name in ("cats", "dogs", "owls"):
+            for index in range(4):
+                names.append(f"{prefix}{class_name}/nested/{index}.jpg")
+            names += [f"{prefix}{class_name}/.DS_Store", f"{prefix}{class_name}/__MACOSX/x.jpg"]
+    names.append("README.txt")  # a top-level file: ignored by both
+    for name in names:
+        _touch(tmp_path / "images", name)
+    walked = _list(tmp_path / "images")
+    # Relative paths, full paths, a duplicate, a blank line and a comment: the same files.
+    lines = ["# inventory of 2026-12-01", ""] + [
+        str(tmp_path / "images" / name) if index % 2 else name for index, name in enumerate(names)
+    ] + [names[0]]
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    listed = _list(tmp_path / "images", file_list=str(tmp_path / "list.txt"))
+    assert listed.layout == walked.layout == layout and listed.classes == walked.classes == ["cats", "dogs", "owls"]
+    assert _relative_files(listed) == _relative_files(walked) and len(listed.files) == 12 * len(prefixes)
+
+
+def test_a_file_list_of_a_remote_input_is_read_without_a_call_per_object(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    (tmp_path / "list.txt").write_text("gs://bucket/photos/cats/1.jpg\ngs://bucket/photos/dogs/2.jpg\ndogs/3.jpg\n")
+    real_exists, asked = tf.io.gfile.exists, []
+    monkeypatch.setattr(tf.io.gfile, "isdir", lambda path: path == "gs://bucket/photos")
+    monkeypatch.setattr(tf.io.gfile, "exists", lambda path: asked.append(path) or real_exists(path))
+    listing = _list("gs://bucket/photos", file_list=str(tmp_path / "list.txt"), validation_fraction=0.0,
+                    test_fraction=0.0)
+    assert [file.path for file in listing.files] == [
+        "gs://bucket/photos/cats/1.jpg", "gs://bucket/photos/dogs/2.jpg", "gs://bucket/photos/dogs/3.jpg"]
+    assert asked == [str(tmp_path / "list.txt")]  # the list itself, never an object
+
+
+def test_a_file_list_skips_links_and_special_files_of_a_local_input(tmp_path):
+    import os
+
+    for name in ("cats/1.jpg", "dogs/1.jpg"):
+        _touch(tmp_path / "images", name)
+    os.symlink(tmp_path / "images" / "dogs" / "1.jpg", tmp_path / "images" / "cats" / "link.jpg")
+    os.mkfifo(tmp_path / "images" / "cats" / "fifo.jpg")
+    (tmp_path / "list.txt").write_text("cats/1.jpg\ncats/link.jpg\ncats/fifo.jpg\ndogs/1.jpg\n")
+    listing = _list(tmp_path / "images", file_list=str(tmp_path / "list.txt"))
+    assert [file.relative_path for file in listing.files] == ["cats/1.jpg", "dogs/1.jpg"]
+    assert listing.skipped == [  # in path order
+        {"path": "cats/fifo.jpg", "reason": "not a regular file (a FIFO); never opened"},
+        {"path": "cats/link.jpg", "reason": "a symbolic link; --file_list names the real files"},
+    ]
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["../outside/cats/1.jpg", "dogs/1.jpg"], r"line 1 path '../outside/cats/1.jpg' is not inside --input_dir"),
+    (["gs://other/cats/1.jpg", "dogs/1.jpg"], r"line 1 path 'gs://other/cats/1.jpg' is not inside --input_dir"),
+    (["/elsewhere/cats/1.jpg"], r"is not inside --input_dir"),
+    (["cats/1.jpg", "cats/2.jpg"], r"has only one class folder \('cats'\)"),
+    (["# nothing"], r"has no class subfolders"),
+    (["train/cats/1.jpg", "val/cats/2.jpg", "validation/dogs/3.jpg"], r"names both 'validation' and 'val' folders"),
+])
+def test_a_bad_file_list_is_one_clear_error(tmp_path, lines, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list.txt").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        _list(tmp_path / "images", file_list=str(tmp_path / "list.txt"))
+
+
+def test_a_missing_file_list_or_two_listings_are_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"--file_list '.*missing.txt' does not exist"):
+        _list(tmp_path / "images", file_list=str(tmp_path / "missing.txt"))
+    with pytest.raises(ValueError, match="--labels_csv and --file_list both list the files"):
+        _list(tmp_path / "images", file_list="a.txt", labels_csv="b.csv")

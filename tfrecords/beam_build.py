@@ -46,7 +46,7 @@ from tfrecords import conversion
 
 CONVERSION_FLAGS = [
     "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb", "seed",
-    "overwrite", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv",
+    "overwrite", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv", "file_list",
 ]
 # tfrecords.build's conversion flags, same names, defaults and help.
 conversion.define_conversion_flags()
@@ -63,7 +63,7 @@ def main(argv: list) -> int:
     flags_text = "".join(f"--{name}={FLAGS[name].value}\n" for name in CONVERSION_FLAGS if FLAGS[name].value is not None)
     logging.info("Resolved flags:\n%sBeam pipeline options: %s", flags_text, " ".join(argv[1:]) or "(none)")
     try:
-        source = conversion.Source(input_dir=FLAGS.input_dir, labels_csv=FLAGS.labels_csv)
+        source = conversion.Source(input_dir=FLAGS.input_dir, labels_csv=FLAGS.labels_csv, file_list=FLAGS.file_list)
         options = conversion.ConversionOptions(
             validation_fraction=FLAGS.validation_fraction, test_fraction=FLAGS.test_fraction,
             num_shards=FLAGS.num_shards, target_shard_mb=FLAGS.target_shard_mb, seed=FLAGS.seed,

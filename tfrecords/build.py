@@ -66,15 +66,16 @@ def main(argv: list) -> int:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     names = [
         "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb",
-        "seed", "overwrite", "num_workers", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv", "tfds_name",
-        "tfds_data_dir", "tfds_splits",
+        "seed", "overwrite", "num_workers", "max_side", "jpeg_quality", "max_skipped_fraction", "labels_csv",
+        "file_list", "tfds_name", "tfds_data_dir", "tfds_splits",
     ]
     # In --flagfile syntax, so a run can be repeated with --flagfile=<output_dir>/flags.txt.
     flags_text = "".join(f"--{name}={FLAGS[name].value}\n" for name in names if FLAGS[name].value is not None)
     logging.info("Resolved flags:\n%s", flags_text)
     try:
         source = conversion.Source(
-            input_dir=FLAGS.input_dir, labels_csv=FLAGS.labels_csv, tfds_name=FLAGS.tfds_name,
+            input_dir=FLAGS.input_dir, labels_csv=FLAGS.labels_csv, file_list=FLAGS.file_list,
+            tfds_name=FLAGS.tfds_name,
             tfds_data_dir=FLAGS.tfds_data_dir, tfds_splits=FLAGS.tfds_splits,
         )
         options = conversion.ConversionOptions(

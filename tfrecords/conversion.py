@@ -103,6 +103,13 @@ def define_conversion_flags() -> None:
         "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
         "folders.",
     )
+    flags.DEFINE_string(
+        "file_list",
+        None,
+        "Text file (local or gs://) of the image files' paths, one per line (relative to --input_dir or full "
+        "paths under it, e.g. from an object inventory), laid out as class folders or pre-split folders: "
+        "--input_dir is then never walked, for buckets of millions of objects.",
+    )
     flags.mark_flag_as_required("output_dir")
 
 
@@ -117,17 +124,20 @@ class TooManySkippedError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Source:
     """What to convert (the flags of the same names): an image folder (input_dir, optionally labelled by
-    labels_csv) or a TFDS dataset (tfds_name, tfds_data_dir, tfds_splits)."""
+    labels_csv, or listed by file_list) or a TFDS dataset (tfds_name, tfds_data_dir, tfds_splits)."""
 
     input_dir: str | None = None
     labels_csv: str | None = None
+    file_list: str | None = None
     tfds_name: str | None = None
     tfds_data_dir: str | None = None
     tfds_splits: str = ""
 
     def __post_init__(self):
-        if self.tfds_name and (self.input_dir or self.labels_csv):
-            raise InputError(f"--tfds_name={self.tfds_name!r} replaces --input_dir and --labels_csv; pass only one source")
+        if self.tfds_name and (self.input_dir or self.labels_csv or self.file_list):
+            raise InputError(
+                f"--tfds_name={self.tfds_name!r} replaces --input_dir, --labels_csv and --file_list; pass only one source"
+            )
         if not self.tfds_name and not self.input_dir:
             raise InputError("--input_dir is missing; pass an image folder (or --tfds_name)")
 
@@ -239,12 +249,13 @@ def prepare(source: Source, output_dir: str, options: ConversionOptions) -> Conv
         else:
             listing = folder.list_images(
                 input_dir=input_dir, validation_fraction=validation_fraction, test_fraction=test_fraction,
-                seed=seed, labels_csv=source.labels_csv,
+                seed=seed, labels_csv=source.labels_csv, file_list=source.file_list,
             )
             classes = listing.classes
             description = {
                 "input_dir": input_dir, "layout": listing.layout, "seed": seed,
                 "validation_fraction": validation_fraction, "test_fraction": test_fraction,
+                **({"file_list": source.file_list} if source.file_list else {}),
             }
             shard_plan = None
             num_sources = len(listing.files) + len(listing.skipped)

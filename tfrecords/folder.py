@@ -13,7 +13,9 @@ gets a split from a hash of the seed and its relative path, so a file keeps its 
 listing order, and adding files never moves the others.
 
 With `labels_csv`, the files are the `path,label` rows of that CSV instead (paths relative to
-input_dir, which need not be class folders), split by the same hash as class folders.
+input_dir, which need not be class folders), split by the same hash as class folders. With `file_list`,
+the files are the paths of a text file, one per line, in either folder layout: nothing is walked
+(_list_file_list).
 
 Class names must be usable as label names: a name with a line break or another control character is
 refused (labels.txt has one name per line). Any other name, including spaces, non-ASCII letters and
@@ -125,7 +127,8 @@ def assign_split(*, relative_path: str, seed: int, validation_fraction: float, t
 
 
 def list_images(
-    *, input_dir: str, validation_fraction: float, test_fraction: float, seed: int, labels_csv: str | None = None
+    *, input_dir: str, validation_fraction: float, test_fraction: float, seed: int, labels_csv: str | None = None,
+    file_list: str | None = None,
 ) -> Listing:
     """Lists the candidate image files of input_dir, with class, label and split.
 
@@ -135,6 +138,8 @@ def list_images(
         test_fraction: share of files for test (class-folder layout only).
         seed: seed of the split assignment (class-folder layout only).
         labels_csv: optional CSV of path,label rows; replaces the folder layouts.
+        file_list: optional text file of the files' paths, one per line, in one of the two folder layouts;
+            replaces walking the folders (see _list_file_list).
 
     Returns:
         A Listing.
@@ -148,6 +153,13 @@ def list_images(
         raise ValueError(
             f"--input_dir {input_dir!r} does not exist or is not a folder; "
             "expected <input_dir>/<class>/<image files>"
+        )
+    if labels_csv and file_list:
+        raise ValueError("--labels_csv and --file_list both list the files; pass only one")
+    if file_list:
+        return _list_file_list(
+            input_dir=input_dir, file_list=file_list, validation_fraction=validation_fraction,
+            test_fraction=test_fraction, seed=seed,
         )
     if labels_csv:
         return _list_labels_csv(
@@ -238,6 +250,81 @@ def _list_pre_split(*, input_dir: str, split_folders: dict) -> Listing:
         layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path), skipped=walk.skipped,
         label_conflicts=walk.label_conflicts,
     )
+
+
+def _list_file_list(
+    *, input_dir: str, file_list: str, validation_fraction: float, test_fraction: float, seed: int
+) -> Listing:
+    """Lists the files a text file names (one path per line) instead of walking input_dir.
+
+    For inputs too large to walk, e.g. a bucket of millions of objects: the list can come from an object
+    inventory or `gsutil ls -r`. Each line is a path relative to input_dir, or a full path inside it
+    (gs://bucket/photos/cats/1.jpg for --input_dir=gs://bucket/photos); blank lines and lines starting with
+    "#" are skipped, a path listed twice counts once. The classes and splits come from the paths exactly as
+    from the folders (class folders, or pre-split train/validation|val/test folders), with the same ignore
+    rules (hidden names, __MACOSX, top-level files). Nothing is checked per object remotely: a listed object
+    that does not exist is skipped with "cannot read file" when it is read. Local paths are checked with one
+    stat each: a missing file, a symbolic link (name the real file) and anything that is not a regular file
+    are skipped with the reason. Skipped files count towards --max_skipped_fraction.
+    """
+    if not tf.io.gfile.exists(file_list):
+        raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
+    with tf.io.gfile.GFile(file_list, "rb") as list_file:
+        lines = list_file.read().decode("utf-8-sig").splitlines()
+    prefix = input_dir.rstrip("/") + "/"
+    relative_paths = set()
+    for line_number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
+        outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
+        if outside or relative_path.split("/")[0] == "..":
+            raise ValueError(
+                f"--file_list {file_list!r} line {line_number} path {line!r} is not inside --input_dir {input_dir!r}; "
+                "list paths relative to --input_dir, or full paths under it"
+            )
+        parts = relative_path.split("/")
+        if len(parts) > 1 and not any(_is_ignored(part) for part in parts):
+            relative_paths.add(relative_path)
+    top_folders = sorted({path.split("/")[0] for path in relative_paths})
+    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
+    pre_split = TRAIN_FOLDER in top_folders and bool(validation_folders)
+    if len(validation_folders) > 1:
+        raise ValueError(f"--file_list {file_list!r} names both 'validation' and 'val' folders; keep only one")
+    split_of_folder = {TRAIN_FOLDER: "train", TEST_FOLDER: "test", **{name: "validation" for name in validation_folders}}
+    entries = []  # (relative_path, class_name, split or None)
+    for relative_path in sorted(relative_paths):
+        parts = relative_path.split("/")
+        if not pre_split:
+            entries.append((relative_path, parts[0], None))
+        elif parts[0] in split_of_folder and len(parts) > 2:
+            entries.append((relative_path, parts[1], split_of_folder[parts[0]]))
+    if pre_split:
+        for name in sorted(set(top_folders) - set(split_of_folder)):
+            logging.warning("Ignoring folder %r of pre-split --file_list %r", name, file_list)
+    class_names = sorted({class_name for _, class_name, _ in entries})
+    _check_classes(class_names=class_names, input_dir=input_dir)
+    skipped, files = [], []
+    for relative_path, class_name, split in entries:
+        if _is_local(input_dir):
+            path = os.path.join(input_dir, relative_path)
+            if not os.path.lexists(path):
+                reason = "named in --file_list but not in --input_dir"
+            elif os.path.islink(path):
+                reason = "a symbolic link; --file_list names the real files"
+            else:
+                reason = _special_file_reason(path)
+            if reason:
+                skipped.append({"path": relative_path, "reason": reason})
+                continue
+        if split is None:
+            split = assign_split(relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
+                                 test_fraction=test_fraction)
+        files.append(_source_file(input_dir, relative_path, class_name, class_names.index(class_name), split))
+    _check_has_files(files=files, input_dir=input_dir)
+    return Listing(layout=LAYOUT_PRE_SPLIT if pre_split else LAYOUT_CLASS_FOLDERS, classes=class_names,
+                   files=sorted(files, key=_by_path), skipped=skipped)
 
 
 def _list_labels_csv(
