@@ -267,26 +267,7 @@ def _list_file_list(
     stat each: a missing file, a symbolic link (name the real file) and anything that is not a regular file
     are skipped with the reason. Skipped files count towards --max_skipped_fraction.
     """
-    if not tf.io.gfile.exists(file_list):
-        raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
-    with tf.io.gfile.GFile(file_list, "rb") as list_file:
-        lines = list_file.read().decode("utf-8-sig").splitlines()
-    prefix = input_dir.rstrip("/") + "/"
-    relative_paths = set()
-    for line_number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
-        outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
-        if outside or relative_path.split("/")[0] == "..":
-            raise ValueError(
-                f"--file_list {file_list!r} line {line_number} path {line!r} is not inside --input_dir {input_dir!r}; "
-                "list paths relative to --input_dir, or full paths under it"
-            )
-        parts = relative_path.split("/")
-        if len(parts) > 1 and not any(_is_ignored(part) for part in parts):
-            relative_paths.add(relative_path)
+    relative_paths = _read_file_list(file_list, input_dir)
     top_folders = sorted({path.split("/")[0] for path in relative_paths})
     validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
     pre_split = TRAIN_FOLDER in top_folders and bool(validation_folders)
@@ -307,17 +288,10 @@ def _list_file_list(
     _check_classes(class_names=class_names, input_dir=input_dir)
     skipped, files = [], []
     for relative_path, class_name, split in entries:
-        if _is_local(input_dir):
-            path = os.path.join(input_dir, relative_path)
-            if not os.path.lexists(path):
-                reason = "named in --file_list but not in --input_dir"
-            elif os.path.islink(path):
-                reason = "a symbolic link; --file_list names the real files"
-            else:
-                reason = _special_file_reason(path)
-            if reason:
-                skipped.append({"path": relative_path, "reason": reason})
-                continue
+        reason = _listed_file_reason(os.path.join(input_dir, relative_path)) if _is_local(input_dir) else None
+        if reason:
+            skipped.append({"path": relative_path, "reason": reason})
+            continue
         if split is None:
             split = assign_split(relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
                                  test_fraction=test_fraction)
@@ -325,6 +299,40 @@ def _list_file_list(
     _check_has_files(files=files, input_dir=input_dir)
     return Listing(layout=LAYOUT_PRE_SPLIT if pre_split else LAYOUT_CLASS_FOLDERS, classes=class_names,
                    files=sorted(files, key=_by_path), skipped=skipped)
+
+
+def _read_file_list(file_list: str, input_dir: str) -> set:
+    """The candidate paths of a --file_list, relative to input_dir (ignored names and top-level files left out)."""
+    if not tf.io.gfile.exists(file_list):
+        raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
+    with tf.io.gfile.GFile(file_list, "rb") as list_file:
+        lines = list_file.read().decode("utf-8-sig").splitlines()
+    prefix = input_dir.rstrip("/") + "/"
+    relative_paths = set()
+    for line_number, line in enumerate(lines, start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
+        outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
+        if outside or relative_path.split("/")[0] == "..":
+            raise ValueError(
+                f"--file_list {file_list!r} line {line_number} path {line!r} is not inside --input_dir {input_dir!r}; "
+                "list paths relative to --input_dir, or full paths under it"
+            )
+        parts = relative_path.split("/")
+        if len(parts) > 1 and not any(_is_ignored(part) for part in parts):
+            relative_paths.add(relative_path)
+    return relative_paths
+
+
+def _listed_file_reason(path: str) -> str | None:
+    """Why a local path named by --file_list is not read (one lstat, never opened), or None."""
+    if not os.path.lexists(path):
+        return "named in --file_list but not in --input_dir"
+    if os.path.islink(path):
+        return "a symbolic link; --file_list names the real files"
+    return _special_file_reason(path)
 
 
 def _list_labels_csv(
