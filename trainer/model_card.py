@@ -13,10 +13,9 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tfrecords import schema
-from trainer import data, export
+from trainer import data, export, reporting
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
-FLAGS_FILE = "flags.txt"
 WILSON_Z = 1.959964  # the normal quantile of a two-sided 95% interval
 MAX_SKIPPED_LISTED = 10
 MAX_CONFUSIONS_LISTED = 5
@@ -47,7 +46,7 @@ def write_model_card(*, model_dir: str, manifest: dict, metrics: dict, evaluatio
         _header(manifest, metrics),
         _model_section(metrics),
         _data_section(manifest),
-        _evaluation_section(metrics, evaluation),
+        _evaluation_section(evaluation),
         _serving_section(model_dir),
         _intended_use_section(manifest, metrics, evaluation),
         _flags_section(model_dir),
@@ -114,10 +113,15 @@ def _data_section(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _evaluation_section(metrics: dict, evaluation: dict) -> str:
+def accuracy_interval(evaluation: dict) -> tuple[int, float, float]:
+    """(correct images, low, high) of an evaluation report's accuracy, the 95% Wilson interval."""
+    correct = int(round(evaluation["accuracy"] * evaluation["num_examples"]))
+    return (correct, *wilson_interval(correct, evaluation["num_examples"]))
+
+
+def _evaluation_section(evaluation: dict) -> str:
     split, total = evaluation["split"], evaluation["num_examples"]
-    correct = int(round(evaluation["accuracy"] * total))
-    low, high = wilson_interval(correct, total)
+    correct, low, high = accuracy_interval(evaluation)
     lines = [
         "## Evaluation",
         "",
@@ -231,7 +235,7 @@ def _intended_use_section(manifest: dict, metrics: dict, evaluation: dict) -> st
     thin = sorted(name for name in classes if train_counts.get(name, 0) < FEW_TRAINING_IMAGES)
     largest, smallest = max(train_counts.values()), max(1, min(train_counts.get(name, 0) for name in classes))
     total = evaluation["num_examples"]
-    low, high = wilson_interval(int(round(evaluation["accuracy"] * total)), total)
+    _, low, high = accuracy_interval(evaluation)
     lines = [
         "## Intended use and limits",
         "",
@@ -256,13 +260,13 @@ def _intended_use_section(manifest: dict, metrics: dict, evaluation: dict) -> st
 
 
 def _flags_section(model_dir: str) -> str:
-    path = tf.io.gfile.join(model_dir, FLAGS_FILE)
+    path = tf.io.gfile.join(model_dir, reporting.FLAGS_FILE)
     if not tf.io.gfile.exists(path):
         return "## Flags\n\nNo flags.txt in the model_dir (the run was not started by `python -m trainer.train`)."
     with tf.io.gfile.GFile(path) as file:
         flags_text = file.read().strip()
     return ("## Flags\n\nThe resolved flags of the run (repeat it with `python -m trainer.train "
-            f"--flagfile={FLAGS_FILE}`):\n\n```\n{flags_text}\n```")
+            f"--flagfile={reporting.FLAGS_FILE}`):\n\n```\n{flags_text}\n```")
 
 
 def _cell(text: str) -> str:

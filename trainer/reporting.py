@@ -10,6 +10,7 @@ from tfrecords import schema
 from trainer import report
 
 HISTORY_FILE = "history.json"
+FLAGS_FILE = "flags.txt"  # the run's resolved flags, written by trainer/train.py
 LOG_DIR = "logs"
 
 
@@ -34,7 +35,12 @@ class History:
             schema.write_text(self.path, json.dumps(self.epochs, indent=2))
 
     def best_validation_accuracy(self) -> float:
-        return max((entry["val_accuracy"] for entry in self.epochs), default=-math.inf)
+        return best_validation_accuracy(self.epochs)
+
+
+def best_validation_accuracy(epochs: list[dict]) -> float:
+    """The best val_accuracy of history entries; -inf when there are none."""
+    return max((entry["val_accuracy"] for entry in epochs), default=-math.inf)
 
 
 class EpochReporter:

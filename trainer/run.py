@@ -182,9 +182,8 @@ def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, me
     evaluation.write_learning_curves(options.model_dir)
     final_metrics = {f"{split}_accuracy": metrics["accuracy"], f"{split}_loss": metrics["loss"],
                      f"{split}_top_{report['top_k']}_accuracy": report["top_k_accuracy"]}
-    best_validation = max((entry["val_accuracy"] for entry in metrics["history"]), default=None)
-    if best_validation is not None:
-        final_metrics["best_validation_accuracy"] = best_validation
+    if metrics["history"]:
+        final_metrics["best_validation_accuracy"] = reporting.best_validation_accuracy(metrics["history"])
     reporting.write_hparams(model_dir=options.model_dir, hyperparameters=options.hyperparameters(),
                             final_metrics=final_metrics)
     model_card.write_model_card(model_dir=options.model_dir, manifest=manifest, metrics=metrics, evaluation=report)

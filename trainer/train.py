@@ -20,7 +20,8 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tfrecords import schema
-from trainer import checkpoints, data, distribute, export, loop, model as model_lib, recipe, run_dir, transfer
+from trainer import checkpoints, data, distribute, export, loop, model as model_lib, recipe, reporting
+from trainer import run_dir, transfer
 from trainer import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
@@ -270,12 +271,14 @@ def main(argv: list[str]) -> None:
                 lock.release()
             fail(error)
         run_dir.write_identity(model_dir=options.model_dir, identity=identity)
-        schema.write_text(tf.io.gfile.join(options.model_dir, "flags.txt"), flags_text)
+        schema.write_text(tf.io.gfile.join(options.model_dir, reporting.FLAGS_FILE), flags_text)
     try:
         with data.data_errors(options.data_dir, manifest):
-            advice = data.stored_size_advice(options.data_dir, manifest, options.model.image_size)
-            if advice and distribute.is_chief(strategy):
-                logging.warning("%s", advice)  # once per run, before any epoch
+            # Once per run, by the chief only (it reads the first records of a shard), before any epoch.
+            advice = distribute.is_chief(strategy) and data.stored_size_advice(
+                options.data_dir, manifest, options.model.image_size)
+            if advice:
+                logging.warning("%s", advice)
             metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest)
             if FLAGS.baseline_cnn:
                 baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest)
