@@ -9,6 +9,7 @@ import pytest
 beam_options = pytest.importorskip("apache_beam.options.pipeline_options")
 
 from tfrecords import beam_pipeline  # noqa: E402 (after the importorskip: apache_beam is the `beam` extra)
+from tfrecords import beam_plan  # noqa: E402
 from tfrecords import conversion  # noqa: E402
 from tfrecords import demo_images  # noqa: E402
 from tfrecords import shards  # noqa: E402
@@ -92,7 +93,7 @@ def test_program_output_is_byte_identical_to_local_converter(image_dir, local_ou
 
 def test_resumed_pipeline_keeps_a_complete_shard(image_dir, local_output, tmp_path, monkeypatch):
     _, local_files = local_output
-    monkeypatch.setattr(beam_pipeline, "TASKS_PER_PLAN_FILE", 2)  # a plan in several files
+    monkeypatch.setattr(beam_plan, "LISTED_FILES_PER_PLAN_FILE", 5)  # the listing in several files
     output_dir = tmp_path / "output"
     # An interrupted run: one shard complete (with its progress record), a stray partial file, no manifest.
     options = conversion.ConversionOptions(num_workers=1, **SETTINGS)
@@ -111,13 +112,11 @@ def test_resumed_pipeline_keeps_a_complete_shard(image_dir, local_output, tmp_pa
     assert sum(split["num_examples"] for split in manifest["splits"].values()) == 24
 
 
-def test_plan_line_round_trip(image_dir, tmp_path):
+def test_task_file_round_trip(image_dir, tmp_path):
     options = conversion.ConversionOptions(num_workers=1, **SETTINGS)
     prepared = conversion.prepare(conversion.Source(input_dir=str(image_dir)), str(tmp_path / "output"), options)
     for task in prepared.plan.tasks:
-        line = beam_pipeline.task_to_json(task)
-        assert "\n" not in line
-        assert beam_pipeline.task_from_json(line) == task
+        assert beam_plan.task_from_json(beam_plan.task_to_json(task)) == task
 
 
 @pytest.mark.parametrize(

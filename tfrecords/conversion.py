@@ -5,6 +5,7 @@ shard (resumably), writer.py runs the workers; finish() writes labels and manife
 converter (beam_pipeline.py) runs the same prepare() and finish() around its own shard writing.
 """
 
+import collections
 import dataclasses
 import sys
 
@@ -252,11 +253,7 @@ def prepare(source: Source, output_dir: str, options: ConversionOptions) -> Conv
                 seed=seed, labels_csv=source.labels_csv, file_list=source.file_list,
             )
             classes = listing.classes
-            description = {
-                "input_dir": input_dir, "layout": listing.layout, "seed": seed,
-                "validation_fraction": validation_fraction, "test_fraction": test_fraction,
-                **({"file_list": source.file_list} if source.file_list else {}),
-            }
+            description = describe_source(source, options, layout=listing.layout)
             shard_plan = None
             num_sources = len(listing.files) + len(listing.skipped)
     except ValueError as error:
@@ -272,13 +269,26 @@ def prepare(source: Source, output_dir: str, options: ConversionOptions) -> Conv
             label_conflicts=listing.label_conflicts + shard_plan.label_conflicts,
         )
         try:
-            check_classes_kept(classes=classes, listing=listing, shard_plan=shard_plan)
+            check_classes_kept(
+                classes=classes, listed_counts=collections.Counter(source_file.class_name for source_file in listing.files),
+                kept_counts=collections.Counter(image.class_name for task in shard_plan.tasks for image in task.images),
+                label_conflicts=shard_plan.label_conflicts,
+            )
         except ValueError as error:
             raise InputError(str(error)) from error
     # Only now, with the input listed and planned, is anything written.
     writer.claim_output_dir(output_dir)
     write_dir = writer.prepare_output_dir(output_dir=output_dir, planned_files=[task.file for task in shard_plan.tasks])
     return Conversion(classes=classes, source=description, plan=shard_plan, num_sources=num_sources, write_dir=write_dir)
+
+
+def describe_source(source: Source, options: ConversionOptions, *, layout: str) -> dict:
+    """The manifest's description of a listed input folder (both converters write it)."""
+    return {
+        "input_dir": source.input_dir, "layout": layout, "seed": options.seed,
+        "validation_fraction": options.validation_fraction, "test_fraction": options.test_fraction,
+        **({"file_list": source.file_list} if source.file_list else {}),
+    }
 
 
 def finish(*, conversion: Conversion, records: list, output_dir: str, options: ConversionOptions) -> dict:
@@ -318,34 +328,36 @@ def finish(*, conversion: Conversion, records: list, output_dir: str, options: C
     return manifest
 
 
-def check_classes_kept(*, classes: list, listing: folder.Listing, shard_plan: plan.Plan) -> None:
+def check_classes_kept(*, classes: list, listed_counts: dict, kept_counts: dict, label_conflicts: list) -> None:
     """Refuses a class left empty, or with fewer files than it lost to other classes (links, copies).
 
     Without it, a link from one class folder into another, or copies of one class's images in another,
     would leave a class with no images while the conversion exits 0.
 
+    Args:
+        classes: the class names.
+        listed_counts: class name -> files listed in it.
+        kept_counts: class name -> files planned into shards (after deduplication).
+        label_conflicts: the listing's and the plan's.
+
     Raises:
         ValueError: naming the class, what it lost and to which class.
     """
-    kept = {name: 0 for name in classes}
-    for task in shard_plan.tasks:
-        for image in task.images:
-            kept[image.class_name] += 1
     lost = {name: [] for name in classes}
-    for conflict in shard_plan.label_conflicts:
+    for conflict in label_conflicts:
         listed_class = conflict["classes"][0]
         for path, class_name in zip(conflict["paths"][1:], conflict["classes"][1:]):
             if class_name != listed_class:
                 lost[class_name].append(f"{path} -> {conflict['paths'][0]} ({listed_class})")
     for name in classes:
-        if kept[name] == 0 or len(lost[name]) > kept[name]:
-            listed = sum(source_file.class_name == name for source_file in listing.files)
+        kept = kept_counts.get(name, 0)
+        if kept == 0 or len(lost[name]) > kept:
             why = (
                 f"{len(lost[name])} of its entries are links to or copies of images kept in other classes, e.g. "
-                f"{lost[name][:2]}" if lost[name] else f"its folder holds no usable file ({listed} listed)"
+                f"{lost[name][:2]}" if lost[name] else f"its folder holds no usable file ({listed_counts.get(name, 0)} listed)"
             )
             raise ValueError(
-                f"class {name!r} would have {kept[name]} images: {why}; fix the folder (remove the links or "
+                f"class {name!r} would have {kept} images: {why}; fix the folder (remove the links or "
                 "copies from one class, or the empty class folder) and convert again"
             )
 

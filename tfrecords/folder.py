@@ -148,7 +148,7 @@ def list_images(
         ValueError: the folder is missing, has fewer than two classes or no files, or the fractions
             are out of range.
     """
-    _check_fractions(validation_fraction=validation_fraction, test_fraction=test_fraction)
+    check_fractions(validation_fraction=validation_fraction, test_fraction=test_fraction)
     if not tf.io.gfile.isdir(input_dir):
         raise ValueError(
             f"--input_dir {input_dir!r} does not exist or is not a folder; "
@@ -166,29 +166,72 @@ def list_images(
             input_dir=input_dir, labels_csv=labels_csv, validation_fraction=validation_fraction,
             test_fraction=test_fraction, seed=seed,
         )
-    top_folders = _subfolders(input_dir)
-    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
-    if TRAIN_FOLDER in top_folders and validation_folders:
-        if len(validation_folders) > 1:
-            raise ValueError(
-                f"--input_dir {input_dir!r} has both 'validation' and 'val' folders; keep only one"
-            )
-        split_folders = {"train": TRAIN_FOLDER, "validation": validation_folders[0]}
-        if TEST_FOLDER in top_folders:
-            split_folders["test"] = TEST_FOLDER
-        for name in sorted(set(top_folders) - set(split_folders.values())):
-            logging.warning("Ignoring folder %r of pre-split --input_dir %r", name, input_dir)
-        return _list_pre_split(input_dir=input_dir, split_folders=split_folders)
-    return _list_class_folders(
-        input_dir=input_dir,
-        class_names=top_folders,
-        validation_fraction=validation_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
+    layout, roots = find_roots(input_dir)
+    class_names = sorted({class_name for class_name, _ in roots.values()})
+    check_classes(class_names=class_names, input_dir=input_dir)
+    labels = {name: label for label, name in enumerate(class_names)}
+    walk = _Walk(input_dir, {root: class_name for root, (class_name, _) in roots.items()})
+    files = []
+    for root, (class_name, split) in roots.items():
+        for relative_path in walk.files_under(root):
+            files.append(source_file_of(
+                input_dir=input_dir, relative_path=relative_path, class_name=class_name, label=labels[class_name],
+                split=split, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
+            ))
+    check_has_files(num_files=len(files), input_dir=input_dir)
+    return Listing(
+        layout=layout, classes=class_names, files=sorted(files, key=_by_path), skipped=walk.skipped,
+        label_conflicts=walk.label_conflicts,
     )
 
 
-def _check_fractions(*, validation_fraction: float, test_fraction: float) -> None:
+def find_roots(input_dir: str) -> tuple:
+    """Finds the layout and the class folders of input_dir (its top level and split folders only).
+
+    Returns:
+        (layout, roots): roots maps each class folder's path relative to input_dir to (class name, split),
+        the split None in the class-folder layout (each file's split then comes from its path).
+
+    Raises:
+        ValueError: both validation/ and val/, or a split folder without class folders.
+    """
+    top_folders = _subfolders(input_dir)
+    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
+    if not (TRAIN_FOLDER in top_folders and validation_folders):
+        return LAYOUT_CLASS_FOLDERS, {name: (name, None) for name in top_folders}
+    if len(validation_folders) > 1:
+        raise ValueError(f"--input_dir {input_dir!r} has both 'validation' and 'val' folders; keep only one")
+    split_folders = {"train": TRAIN_FOLDER, "validation": validation_folders[0]}
+    if TEST_FOLDER in top_folders:
+        split_folders["test"] = TEST_FOLDER
+    for name in sorted(set(top_folders) - set(split_folders.values())):
+        logging.warning("Ignoring folder %r of pre-split --input_dir %r", name, input_dir)
+    roots = {}
+    for split, split_folder in split_folders.items():
+        class_names = _subfolders(tf.io.gfile.join(input_dir, split_folder))
+        if not class_names:
+            raise ValueError(
+                f"--input_dir {input_dir!r} looks pre-split but {split_folder + '/'!r} has no class "
+                f"subfolders; expected <input_dir>/{split_folder}/<class>/<image files>"
+            )
+        roots.update({f"{split_folder}/{name}": (name, split) for name in class_names})
+    return LAYOUT_PRE_SPLIT, roots
+
+
+def source_file_of(
+    *, input_dir: str, relative_path: str, class_name: str, label: int, split: str | None, seed: int,
+    validation_fraction: float, test_fraction: float,
+) -> SourceFile:
+    """The SourceFile of a listed path; split None assigns it from the path (assign_split)."""
+    if split is None:
+        split = assign_split(
+            relative_path=relative_path, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction
+        )
+    return _source_file(input_dir, relative_path, class_name, label, split)
+
+
+def check_fractions(*, validation_fraction: float, test_fraction: float) -> None:
+    """Refuses a negative fraction, or fractions that leave nothing for training."""
     for name, value in (("validation_fraction", validation_fraction), ("test_fraction", test_fraction)):
         if value < 0:
             raise ValueError(f"--{name}={value} is negative; use a fraction in [0, 1), e.g. 0.2")
@@ -198,58 +241,6 @@ def _check_fractions(*, validation_fraction: float, test_fraction: float) -> Non
             f"{validation_fraction + test_fraction:g}, which leaves nothing for training; "
             "make their sum less than 1 (e.g. 0.2 and 0.1)"
         )
-
-
-def _list_class_folders(
-    *, input_dir: str, class_names: list, validation_fraction: float, test_fraction: float, seed: int
-) -> Listing:
-    _check_classes(class_names=class_names, input_dir=input_dir)
-    walk = _Walk(input_dir, {class_name: class_name for class_name in class_names})
-    files = []
-    for label, class_name in enumerate(class_names):
-        for relative_path in walk.files_under(class_name):
-            split = assign_split(
-                relative_path=relative_path,
-                seed=seed,
-                validation_fraction=validation_fraction,
-                test_fraction=test_fraction,
-            )
-            files.append(_source_file(input_dir, relative_path, class_name, label, split))
-    _check_has_files(files=files, input_dir=input_dir)
-    return Listing(
-        layout=LAYOUT_CLASS_FOLDERS, classes=class_names, files=sorted(files, key=_by_path),
-        skipped=walk.skipped, label_conflicts=walk.label_conflicts,
-    )
-
-
-def _list_pre_split(*, input_dir: str, split_folders: dict) -> Listing:
-    classes_by_split = {}
-    for split, split_folder in split_folders.items():
-        classes_by_split[split] = _subfolders(tf.io.gfile.join(input_dir, split_folder))
-        if not classes_by_split[split]:
-            raise ValueError(
-                f"--input_dir {input_dir!r} looks pre-split but {split_folder + '/'!r} has no class "
-                f"subfolders; expected <input_dir>/{split_folder}/<class>/<image files>"
-            )
-    class_names = sorted(set().union(*classes_by_split.values()))
-    _check_classes(class_names=class_names, input_dir=input_dir)
-    roots = {
-        f"{split_folder}/{class_name}": class_name
-        for split, split_folder in split_folders.items()
-        for class_name in classes_by_split[split]
-    }
-    walk = _Walk(input_dir, roots)
-    files = []
-    for split, split_folder in split_folders.items():
-        for class_name in classes_by_split[split]:
-            label = class_names.index(class_name)
-            for relative_path in walk.files_under(f"{split_folder}/{class_name}"):
-                files.append(_source_file(input_dir, relative_path, class_name, label, split))
-    _check_has_files(files=files, input_dir=input_dir)
-    return Listing(
-        layout=LAYOUT_PRE_SPLIT, classes=class_names, files=sorted(files, key=_by_path), skipped=walk.skipped,
-        label_conflicts=walk.label_conflicts,
-    )
 
 
 def _list_file_list(
@@ -268,35 +259,26 @@ def _list_file_list(
     are skipped with the reason. Skipped files count towards --max_skipped_fraction.
     """
     relative_paths = _read_file_list(file_list, input_dir)
-    top_folders = sorted({path.split("/")[0] for path in relative_paths})
-    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
-    pre_split = TRAIN_FOLDER in top_folders and bool(validation_folders)
-    if len(validation_folders) > 1:
-        raise ValueError(f"--file_list {file_list!r} names both 'validation' and 'val' folders; keep only one")
-    split_of_folder = {TRAIN_FOLDER: "train", TEST_FOLDER: "test", **{name: "validation" for name in validation_folders}}
+    pre_split, split_of_folder = path_layout({path.split("/")[0] for path in relative_paths}, where=f"--file_list {file_list!r}")
     entries = []  # (relative_path, class_name, split or None)
     for relative_path in sorted(relative_paths):
-        parts = relative_path.split("/")
-        if not pre_split:
-            entries.append((relative_path, parts[0], None))
-        elif parts[0] in split_of_folder and len(parts) > 2:
-            entries.append((relative_path, parts[1], split_of_folder[parts[0]]))
-    if pre_split:
-        for name in sorted(set(top_folders) - set(split_of_folder)):
-            logging.warning("Ignoring folder %r of pre-split --file_list %r", name, file_list)
+        entry = path_entry(relative_path, pre_split=pre_split, split_of_folder=split_of_folder)
+        if entry:
+            entries.append((relative_path, *entry))
     class_names = sorted({class_name for _, class_name, _ in entries})
-    _check_classes(class_names=class_names, input_dir=input_dir)
+    check_classes(class_names=class_names, input_dir=input_dir)
+    labels = {name: label for label, name in enumerate(class_names)}
     skipped, files = [], []
     for relative_path, class_name, split in entries:
-        reason = _listed_file_reason(os.path.join(input_dir, relative_path)) if _is_local(input_dir) else None
+        reason = listed_file_reason(input_dir, relative_path)
         if reason:
             skipped.append({"path": relative_path, "reason": reason})
             continue
-        if split is None:
-            split = assign_split(relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
-                                 test_fraction=test_fraction)
-        files.append(_source_file(input_dir, relative_path, class_name, class_names.index(class_name), split))
-    _check_has_files(files=files, input_dir=input_dir)
+        files.append(source_file_of(
+            input_dir=input_dir, relative_path=relative_path, class_name=class_name, label=labels[class_name],
+            split=split, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
+        ))
+    check_has_files(num_files=len(files), input_dir=input_dir)
     return Listing(layout=LAYOUT_PRE_SPLIT if pre_split else LAYOUT_CLASS_FOLDERS, classes=class_names,
                    files=sorted(files, key=_by_path), skipped=skipped)
 
@@ -307,23 +289,71 @@ def _read_file_list(file_list: str, input_dir: str) -> set:
         raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
     with tf.io.gfile.GFile(file_list, "rb") as list_file:
         lines = list_file.read().decode("utf-8-sig").splitlines()
-    prefix = input_dir.rstrip("/") + "/"
     relative_paths = set()
     for line_number, line in enumerate(lines, start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
-        outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
-        if outside or relative_path.split("/")[0] == "..":
-            raise ValueError(
-                f"--file_list {file_list!r} line {line_number} path {line!r} is not inside --input_dir {input_dir!r}; "
-                "list paths relative to --input_dir, or full paths under it"
-            )
-        parts = relative_path.split("/")
-        if len(parts) > 1 and not any(_is_ignored(part) for part in parts):
+        relative_path = file_list_path(line, input_dir=input_dir, where=f"--file_list {file_list!r} line {line_number}")
+        if relative_path:
             relative_paths.add(relative_path)
     return relative_paths
+
+
+def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
+    """The path relative to input_dir that a --file_list line names, or None for a line that names no candidate
+    (blank, a "#" comment, a top-level file, a hidden or ignored name).
+
+    Raises:
+        ValueError: the path is not inside input_dir (`where` names the line in the message).
+    """
+    line = line.strip()
+    if not line or line.startswith("#"):
+        return None
+    prefix = input_dir.rstrip("/") + "/"
+    relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
+    outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
+    if outside or relative_path.split("/")[0] == "..":
+        raise ValueError(
+            f"{where} path {line!r} is not inside --input_dir {input_dir!r}; list paths relative to --input_dir, "
+            "or full paths under it"
+        )
+    parts = relative_path.split("/")
+    if len(parts) < 2 or any(_is_ignored(part) for part in parts):
+        return None
+    return relative_path
+
+
+def path_layout(top_folders: set, *, where: str) -> tuple:
+    """The layout of listed paths from their top-level folders: (pre_split, split of each split folder's name).
+
+    Pre-split when a train folder and a validation (or val) folder are both there, as for a walked folder.
+
+    Raises:
+        ValueError: both validation and val folders.
+    """
+    validation_folders = [name for name in VALIDATION_FOLDERS if name in top_folders]
+    if len(validation_folders) > 1:
+        raise ValueError(f"{where} names both 'validation' and 'val' folders; keep only one")
+    pre_split = TRAIN_FOLDER in top_folders and bool(validation_folders)
+    if pre_split:
+        split_folders = {TRAIN_FOLDER, TEST_FOLDER, *validation_folders}
+        for name in sorted(top_folders - split_folders):
+            logging.warning("Ignoring folder %r of pre-split %s", name, where)
+    split_of_folder = {TRAIN_FOLDER: "train", TEST_FOLDER: "test", **{name: "validation" for name in validation_folders}}
+    return pre_split, split_of_folder
+
+
+def path_entry(relative_path: str, *, pre_split: bool, split_of_folder: dict) -> tuple | None:
+    """(class name, split or None) of a listed path in its layout; None for a path outside every class folder."""
+    parts = relative_path.split("/")
+    if not pre_split:
+        return parts[0], None
+    if parts[0] in split_of_folder and len(parts) > 2:
+        return parts[1], split_of_folder[parts[0]]
+    return None
+
+
+def listed_file_reason(input_dir: str, relative_path: str) -> str | None:
+    """Why a path named by --file_list is not read, or None; only local paths are checked (remote: when read)."""
+    return _listed_file_reason(os.path.join(input_dir, relative_path)) if is_local(input_dir) else None
 
 
 def _listed_file_reason(path: str) -> str | None:
@@ -361,7 +391,7 @@ def _list_labels_csv(
                 f"({labels_by_path[relative_path]!r} and {label_name!r}); keep one"
             )
     class_names = sorted(set(labels_by_path.values()))
-    _check_classes(class_names=class_names, input_dir=input_dir)
+    check_classes(class_names=class_names, input_dir=input_dir)
     missing = [path for path in labels_by_path if not tf.io.gfile.exists(tf.io.gfile.join(input_dir, path))]
     if missing:
         raise ValueError(
@@ -369,23 +399,25 @@ def _list_labels_csv(
             f"(e.g. {missing[:3]}); fix the paths (relative to --input_dir) or remove those rows"
         )
     skipped = []
-    if _is_local(input_dir):
+    if is_local(input_dir):
         for relative_path in sorted(labels_by_path):
             reason = _special_file_reason(os.path.join(input_dir, relative_path))
             if reason:
                 skipped.append({"path": relative_path, "reason": reason})
                 del labels_by_path[relative_path]
+    labels = {name: label for label, name in enumerate(class_names)}
     files = []
     for relative_path, class_name in labels_by_path.items():
         split = assign_split(
             relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
             test_fraction=test_fraction,
         )
-        files.append(_source_file(input_dir, relative_path, class_name, class_names.index(class_name), split))
+        files.append(_source_file(input_dir, relative_path, class_name, labels[class_name], split))
     return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path), skipped=skipped)
 
 
-def _check_classes(*, class_names: list, input_dir: str) -> None:
+def check_classes(*, class_names: list, input_dir: str) -> None:
+    """Refuses fewer than two classes, or a class name that cannot be a line of labels.txt."""
     for name in class_names:
         if any(not character.isprintable() for character in name):
             raise ValueError(
@@ -403,8 +435,9 @@ def _check_classes(*, class_names: list, input_dir: str) -> None:
         )
 
 
-def _check_has_files(*, files: list, input_dir: str) -> None:
-    if not files:
+def check_has_files(*, num_files: int, input_dir: str) -> None:
+    """Refuses a listing without a single candidate file."""
+    if not num_files:
         raise ValueError(
             f"--input_dir {input_dir!r} has class folders but no files in them; "
             "expected <input_dir>/<class>/<image files>"
@@ -440,7 +473,8 @@ def _subfolders(folder: str) -> list:
     return sorted(names)
 
 
-def _is_local(path: str) -> bool:
+def is_local(path: str) -> bool:
+    """True for a path on this machine's disk (no scheme such as gs://)."""
     return "://" not in path
 
 
@@ -477,7 +511,7 @@ class _Walk:
         self.real_roots = {}
         self.seen_folders = set()
         self.seen_files = {}
-        if _is_local(input_dir):
+        if is_local(input_dir):
             for relative_root in sorted(roots):
                 real = os.path.realpath(os.path.join(input_dir, relative_root))
                 if real in self.real_roots:
@@ -490,9 +524,9 @@ class _Walk:
         # An object store lists a folder in pages of about a thousand names, one round trip each: the class
         # folders are listed concurrently, so a bucket of many classes lists in the time of its largest few.
         self.remote_files = {}
-        if not _is_local(input_dir):
+        if not is_local(input_dir):
             with concurrent.futures.ThreadPoolExecutor(max_workers=REMOTE_LISTING_THREADS) as pool:
-                listings = pool.map(lambda root: _remote_files_under(input_dir, root), sorted(roots))
+                listings = pool.map(lambda root: remote_files_under(input_dir, root), sorted(roots))
                 self.remote_files = dict(zip(sorted(roots), listings))
         # Class folders are siblings, so another one lies inside a class folder only through a link; where
         # none does, a path inside its own class folder belongs to it without comparing every class folder.
@@ -503,7 +537,7 @@ class _Walk:
 
     def files_under(self, relative_root: str) -> list:
         """Relative paths of the files listed for the class folder relative_root, sorted."""
-        if not _is_local(self.input_dir):
+        if not is_local(self.input_dir):
             return self.remote_files[relative_root]
         files = []
         # Real entries first, links after: a file or folder reached both ways is listed under its real path.
@@ -604,7 +638,7 @@ class _Walk:
         return self.roots[root]
 
 
-def _remote_files_under(input_dir: str, relative_folder: str) -> list:
+def remote_files_under(input_dir: str, relative_folder: str) -> list:
     """Returns the relative paths of all non-ignored files under input_dir/relative_folder, recursively."""
     relative_paths = []
     top = tf.io.gfile.join(input_dir, relative_folder)

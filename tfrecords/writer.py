@@ -21,6 +21,8 @@ FORMAT_VERSION = 1
 OWNER_FILE = ".tfrecords_build"
 # With --overwrite, the new conversion is written here and swapped in only once it has succeeded.
 REPLACEMENT_FOLDER = "_replacement"
+# The Beam planning job's task files and summary, in the progress folder (tfrecords/beam_plan.py).
+BEAM_PLAN_FOLDER = "plan"
 
 
 def check_output_dir(*, output_dir: str, overwrite: bool, input_dir: str | None) -> None:
@@ -198,7 +200,8 @@ def remove_empty_splits(*, output_dir: str, tasks: list, splits: dict) -> None:
 def remove_progress(*, output_dir: str) -> None:
     """Removes the per-shard progress records once the manifest holds everything they said.
 
-    Only the converter's own files (`<shard>.json`, Beam's `plan-*.jsonl`, their `.incomplete` copies) go;
+    Only the converter's own files (`<shard>.json`, their `.incomplete` copies, the Beam planning job's
+    BEAM_PLAN_FOLDER and the `plan-*.jsonl` of earlier versions) go;
     the folder goes too when that leaves it empty.
     """
     folder = tf.io.gfile.join(output_dir, shards.PROGRESS_FOLDER)
@@ -207,6 +210,8 @@ def remove_progress(*, output_dir: str) -> None:
     for pattern in ("*.tfrecord.json", "*.tfrecord.json" + shards.INCOMPLETE_SUFFIX, "plan-*.jsonl"):
         for path in tf.io.gfile.glob(tf.io.gfile.join(folder, pattern)):
             tf.io.gfile.remove(path)
+    if tf.io.gfile.isdir(tf.io.gfile.join(folder, BEAM_PLAN_FOLDER)):
+        tf.io.gfile.rmtree(tf.io.gfile.join(folder, BEAM_PLAN_FOLDER))
     left = tf.io.gfile.listdir(folder)
     if left:
         logging.warning("Leaving %s in place: it holds files this converter did not write (%s)", folder, left[:3])

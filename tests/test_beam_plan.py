@@ -1,0 +1,135 @@
+"""tfrecords/beam_plan.py: the workers list, hash and plan; the result is the local converter's, byte for byte.
+
+In-process with FnApiRunner, so the remote inputs can live on TensorFlow's in-memory ram:// file system.
+"""
+
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+
+pytest.importorskip("apache_beam")
+
+from tfrecords import beam_pipeline  # noqa: E402 (after the importorskip: apache_beam is the `beam` extra)
+from tfrecords import beam_plan  # noqa: E402
+from tfrecords import conversion  # noqa: E402
+from tfrecords import demo_images  # noqa: E402
+
+SETTINGS = {"validation_fraction": 0.2, "test_fraction": 0.2, "num_shards": 3, "seed": 5, "max_side": 48,
+            "jpeg_quality": 80, "max_skipped_fraction": 0.5}
+
+
+def beam_options():
+    return beam_pipeline.make_pipeline_options(["--runner=FnApiRunner"])
+
+
+def output_files(output_dir: str) -> dict:
+    """Every file of a conversion but flags.txt (it names its folder), by name."""
+    names = sorted(name for name in tf.io.gfile.listdir(output_dir) if name != "flags.txt")
+    return {name: tf.io.gfile.GFile(tf.io.gfile.join(output_dir, name), "rb").read() for name in names}
+
+
+def convert_both(source: conversion.Source, output_root: str) -> tuple:
+    """(local converter's files, Beam converter's files) of one input."""
+    local_dir, beam_dir = f"{output_root}/local", f"{output_root}/beam"
+    conversion.build(source, local_dir, conversion.ConversionOptions(num_workers=1, **SETTINGS))
+    manifest = beam_pipeline.build_with_beam(source, beam_dir, conversion.ConversionOptions(**SETTINGS), beam_options())
+    assert sum(split["num_examples"] for split in manifest["splits"].values()) >= 15
+    local_files, beam_files = output_files(local_dir), output_files(beam_dir)
+    assert sum(name.endswith(".tfrecord") for name in beam_files) >= 5  # 3 train shards, and validation and test
+    return local_files, beam_files
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """3 classes x 10 demo images, a copy within a class, one in another class, and a file that is no image."""
+    root = tmp_path_factory.mktemp("images")
+    demo_images.write_demo_images(str(root), num_per_class=10, seed=4)
+    original = (root / "circle" / "circle_001.jpg").read_bytes()
+    (root / "circle" / "zcopy_001.jpg").write_bytes(original)
+    (root / "square" / "also_001.jpg").write_bytes(original)
+    (root / "triangle" / "readme.jpg").write_text("not an image\n")
+    return root
+
+
+def copy_to_ram(local: Path, remote: str) -> None:
+    for path in sorted(local.rglob("*")):
+        if path.is_file():
+            target = f"{remote}/{path.relative_to(local).as_posix()}"
+            tf.io.gfile.makedirs(target.rsplit("/", 1)[0])
+            with tf.io.gfile.GFile(target, "wb") as remote_file:
+                remote_file.write(path.read_bytes())
+
+
+def test_file_list_read_in_small_ranges_gives_the_local_converters_output(image_dir, tmp_path, monkeypatch):
+    # Ranges of 40 bytes: most lines straddle a range boundary, and each must be read exactly once.
+    monkeypatch.setattr(beam_plan, "FILE_LIST_RANGE_BYTES", 40)
+    paths = sorted(path.relative_to(image_dir).as_posix() for path in image_dir.rglob("*.jpg"))
+    # Full paths, a repeated line, a comment, a blank line and a byte-order mark, as object inventories have.
+    lines = [f"{image_dir}/{path}" for path in paths] + [paths[0], "# exported 2026-12-01", ""]
+    file_list = tmp_path / "files.txt"
+    file_list.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
+    source = conversion.Source(input_dir=str(image_dir), file_list=str(file_list))
+    listing = beam_plan.make_listing(source, conversion.ConversionOptions(**SETTINGS), str(tmp_path / "plan"))
+    # The launcher holds byte ranges, not paths.
+    assert listing.kind == "file_list" and len(listing.items) == -(-file_list.stat().st_size // 40)
+
+    local_files, beam_files = convert_both(source, str(tmp_path))
+    assert local_files == beam_files
+    assert b'"file_list"' in beam_files["manifest.json"] and b"duplicate of circle/circle_001.jpg" in beam_files["manifest.json"]
+
+
+def test_gs_like_folder_is_walked_by_the_workers_and_gives_the_local_converters_output(image_dir, tmp_path):
+    remote = "ram://beam_plan_walk/images"
+    copy_to_ram(image_dir, remote)
+    source = conversion.Source(input_dir=remote)
+    listing = beam_plan.make_listing(source, conversion.ConversionOptions(**SETTINGS), "ram://beam_plan_walk/plan")
+    # The launcher holds the class folders only.
+    assert listing.kind == "roots" and [item[0] for item in listing.items] == ["circle", "square", "triangle"]
+
+    local_files, beam_files = convert_both(source, "ram://beam_plan_walk/output")
+    assert local_files == beam_files
+    assert b'"label_conflicts": [\n    {\n      "paths": [\n        "circle/circle_001.jpg",\n        "square/also_001.jpg"' in beam_files["manifest.json"]
+
+
+def test_pre_split_file_list_and_remote_pre_split_folder(tmp_path):
+    local = tmp_path / "pre_split"
+    for split, count in (("train", 6), ("val", 3)):
+        demo_images.write_demo_images(str(local / split), num_per_class=count, seed=len(split))
+    remote = "ram://beam_plan_pre_split/images"
+    copy_to_ram(local, remote)
+    local_files, beam_files = convert_both(conversion.Source(input_dir=remote), "ram://beam_plan_pre_split/walked")
+    assert local_files == beam_files and b'"layout": "pre_split"' in beam_files["manifest.json"]
+
+    file_list = tmp_path / "files.txt"
+    file_list.write_text("\n".join(path.relative_to(local).as_posix() for path in sorted(local.rglob("*.jpg"))))
+    local_files, beam_files = convert_both(
+        conversion.Source(input_dir=str(local), file_list=str(file_list)), str(tmp_path / "listed")
+    )
+    assert local_files == beam_files and b'"layout": "pre_split"' in beam_files["manifest.json"]
+
+
+@pytest.mark.parametrize("case", ["outside_path", "copies_only_class"])
+def test_refusals_come_before_any_shard_and_leave_nothing(image_dir, tmp_path, case):
+    output_dir = tmp_path / "output"
+    if case == "outside_path":
+        file_list = tmp_path / "files.txt"
+        file_list.write_text(f"circle/circle_000.jpg\n/elsewhere/cat.jpg\nsquare/square_000.jpg\n")
+        source = conversion.Source(input_dir=str(image_dir), file_list=str(file_list))
+        message = "--file_list"
+    else:
+        # A class whose every file is a copy of another class's: tfrecords.build refuses it, so must Beam.
+        folder = tmp_path / "copies"
+        demo_images.write_demo_images(str(folder), num_per_class=3, seed=1)
+        for path in (folder / "square").iterdir():
+            path.write_bytes((folder / "circle" / "circle_000.jpg").read_bytes())
+        source = conversion.Source(input_dir=str(folder))
+        message = "class 'square' would have 0 images"
+        with pytest.raises(conversion.InputError, match=message):
+            conversion.build(source, str(tmp_path / "local"), conversion.ConversionOptions(num_workers=1, **SETTINGS))
+    with pytest.raises(conversion.InputError, match=message) as raised:
+        beam_pipeline.build_with_beam(source, str(output_dir), conversion.ConversionOptions(**SETTINGS), beam_options())
+    assert "\n" not in str(raised.value)
+    assert not output_dir.exists()
+    if case == "outside_path":
+        assert "'/elsewhere/cat.jpg' is not inside --input_dir" in str(raised.value)

@@ -1,0 +1,347 @@
+"""The Beam converter's planning job: the workers list, hash, deduplicate and assign the files to shards.
+
+The launching machine only decides what there is to list, in time and memory that do not grow with the
+number of files:
+- a --file_list: byte ranges of the list (FILE_LIST_RANGE_BYTES each); the workers read their ranges, and
+  the layout and classes come from the paths, as tfrecords.build takes them (folder.path_layout);
+- a gs:// folder: its class folders (folder.find_roots lists the top level and the split folders); each
+  worker walks some of them;
+- a local folder or a --labels_csv: the listing itself, made here exactly as tfrecords.build makes it (a
+  local folder's link policy needs one view of the whole folder; local folders are for local runners);
+  written to plan files that the workers read.
+Then every step is one of tfrecords/plan.py's functions run as a Beam stage: hash_file on each file,
+resolve_copies on each group of files with the same sha256, count_shards on each split's totals, shard_of
+on each file and make_task on each shard's group. So the shards are the local converter's, byte for byte.
+
+Outputs, in `<output_dir>/_progress/plan/`: one `<shard>.json` per shard (its task, as
+tfrecords/beam_pipeline.py's writing job reads it) and SUMMARY_FILE, everything the launcher needs to
+check and describe the conversion without the per-file plan: classes, layout, per-class counts, the
+skipped files, label conflicts, refusals, and the shards' names and fingerprints.
+"""
+
+import dataclasses
+import json
+
+import apache_beam as beam
+from apache_beam.runners import runner as beam_runner
+import tensorflow as tf
+
+from tfrecords import conversion
+from tfrecords import folder
+from tfrecords import plan
+from tfrecords import schema
+from tfrecords import shards
+from tfrecords import writer
+
+PLAN_FOLDER = writer.BEAM_PLAN_FOLDER  # under <output_dir>/_progress
+SUMMARY_FILE = "summary.json"
+FILE_LIST_RANGE_BYTES = 16 * 2**20
+LISTED_FILES_PER_PLAN_FILE = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Listing:
+    """What the launcher decided about the input before any worker runs (see the module docstring).
+
+    Attributes:
+        kind: "file_list", "roots" (a gs:// folder's class folders) or "listed" (listed here).
+        layout: folder.LAYOUT_* when known here; None for a file list (the workers find it).
+        classes: class names in label order, when known here; None for a file list.
+        items: the file list's (start, end) byte ranges, the roots' (relative root, class name, split), or
+            the plan files holding the listed files.
+        skipped, label_conflicts: found by a listing made here.
+    """
+
+    kind: str
+    layout: str | None
+    classes: list | None
+    items: list
+    skipped: list = dataclasses.field(default_factory=list)
+    label_conflicts: list = dataclasses.field(default_factory=list)
+
+
+def make_listing(source: conversion.Source, options: conversion.ConversionOptions, plan_dir: str) -> Listing:
+    """Decides what the workers list (this machine's share of the listing).
+
+    Raises:
+        ValueError: the input folder or the file list is unusable.
+    """
+    folder.check_fractions(validation_fraction=options.validation_fraction, test_fraction=options.test_fraction)
+    if not tf.io.gfile.isdir(source.input_dir):
+        raise ValueError(
+            f"--input_dir {source.input_dir!r} does not exist or is not a folder; expected <input_dir>/<class>/<image files>"
+        )
+    if source.file_list and not source.labels_csv:
+        if not tf.io.gfile.exists(source.file_list):
+            raise ValueError(f"--file_list {source.file_list!r} does not exist; expected a text file of paths, one per line")
+        size = tf.io.gfile.stat(source.file_list).length
+        ranges = [(start, min(start + FILE_LIST_RANGE_BYTES, size)) for start in range(0, size, FILE_LIST_RANGE_BYTES)]
+        return Listing(kind="file_list", layout=None, classes=None, items=ranges)
+    if not source.labels_csv and not folder.is_local(source.input_dir):
+        layout, roots = folder.find_roots(source.input_dir)
+        classes = sorted({class_name for class_name, _ in roots.values()})
+        folder.check_classes(class_names=classes, input_dir=source.input_dir)
+        items = [(root, class_name, split) for root, (class_name, split) in roots.items()]
+        return Listing(kind="roots", layout=layout, classes=classes, items=items)
+    listed = folder.list_images(
+        input_dir=source.input_dir, validation_fraction=options.validation_fraction,
+        test_fraction=options.test_fraction, seed=options.seed, labels_csv=source.labels_csv,
+        file_list=source.file_list,
+    )
+    paths = []
+    for start in range(0, len(listed.files), LISTED_FILES_PER_PLAN_FILE):
+        paths.append(tf.io.gfile.join(plan_dir, f"listed-{start // LISTED_FILES_PER_PLAN_FILE:05d}.jsonl"))
+        lines = [json.dumps(dataclasses.asdict(file)) + "\n" for file in listed.files[start : start + LISTED_FILES_PER_PLAN_FILE]]
+        schema.write_text(paths[-1], "".join(lines))
+    return Listing(
+        kind="listed", layout=listed.layout, classes=listed.classes, items=paths, skipped=listed.skipped,
+        label_conflicts=listed.label_conflicts,
+    )
+
+
+def plan_with_beam(
+    *, source: conversion.Source, options: conversion.ConversionOptions, listing: Listing, plan_dir: str,
+    pipeline_options,
+) -> dict:
+    """Runs the planning job; returns its summary (also written to plan_dir/SUMMARY_FILE).
+
+    Raises:
+        RuntimeError: the job did not finish.
+    """
+    pipeline = beam.Pipeline(options=pipeline_options)
+    if listing.kind == "file_list":
+        files, listing_skipped, errors, layout = _list_file_list(pipeline, source, options, listing)
+    else:
+        files, listing_skipped, errors, layout = _list_known(pipeline, source, options, listing)
+    labels = beam.pvalue.AsSingleton(layout | "Labels" >> beam.Map(lambda found: {name: label for label, name in enumerate(found["classes"])}))
+    # Hashing waits for the listing's refusals: a bad file list costs a listing, not a read of every file.
+    hashed = (
+        files
+        | "Label" >> beam.Map(lambda file, labels: dataclasses.replace(file, label=labels[file.class_name]), labels=labels)
+        | "Spread" >> beam.Reshuffle()
+        | "Hash" >> beam.FlatMap(_hash, errors=beam.pvalue.AsList(errors)).with_outputs("unreadable", main="hashed")
+    )
+    resolved = (
+        hashed.hashed
+        | "ByContent" >> beam.Map(lambda file: (file.digest, file))
+        | "GroupCopies" >> beam.GroupByKey()
+        | "ResolveCopies" >> beam.MapTuple(lambda _, copies: plan.resolve_copies(list(copies)))
+    )
+    kept = resolved | "Kept" >> beam.MapTuple(lambda first, duplicates, conflict: first)
+    duplicates = resolved | "Duplicates" >> beam.FlatMapTuple(lambda first, duplicates, conflict: duplicates)
+    conflicts = resolved | "Conflicts" >> beam.FlatMapTuple(lambda first, duplicates, conflict: [conflict] if conflict else [])
+    shard_counts = (
+        kept
+        | "SplitSizes" >> beam.Map(lambda file: (file.source_file.split, (1, file.size)))
+        | "SplitTotals" >> beam.CombinePerKey(beam.combiners.TupleCombineFn(sum, sum))
+        | "ShardCounts" >> beam.Map(_shard_count, options=options)
+    )
+    counts = beam.pvalue.AsDict(shard_counts)
+    members = kept | "ChooseShard" >> beam.Map(_choose_shard, counts=counts, seed=options.seed)
+    # Every shard of a split gets a task, also one that no file hashed into (it is written empty).
+    every_shard = shard_counts | "EveryShard" >> beam.FlatMapTuple(lambda split, count: [((split, index), None) for index in range(count)])
+    shard_entries = (
+        (members, every_shard)
+        | "AllShards" >> beam.Flatten()
+        | "GroupShards" >> beam.GroupByKey()
+        | "WriteTask" >> beam.Map(
+            _write_task, counts=counts, layout=beam.pvalue.AsSingleton(layout), options=options, plan_dir=plan_dir
+        )
+    )
+    skipped = (listing_skipped, hashed.unreadable, duplicates) | "AllSkipped" >> beam.Flatten()
+    listed_counts = files | "ListedClass" >> beam.Map(lambda file: file.class_name) | "CountListed" >> beam.combiners.Count.PerElement()
+    kept_counts = kept | "KeptClass" >> beam.Map(lambda file: file.source_file.class_name) | "CountKept" >> beam.combiners.Count.PerElement()
+    _ = (
+        pipeline
+        | "Once" >> beam.Create([None])
+        | "WriteSummary" >> beam.Map(
+            _write_summary, plan_dir=plan_dir, layout=beam.pvalue.AsSingleton(layout), errors=beam.pvalue.AsList(errors),
+            listed_counts=beam.pvalue.AsList(listed_counts), kept_counts=beam.pvalue.AsList(kept_counts),
+            skipped=beam.pvalue.AsList(skipped), label_conflicts=beam.pvalue.AsList(conflicts),
+            num_listing_skipped=beam.pvalue.AsSingleton(listing_skipped | "CountListingSkipped" >> beam.combiners.Count.Globally()),
+            shards=beam.pvalue.AsList(shard_entries),
+        )
+    )
+    state = pipeline.run().wait_until_finish()
+    if state != beam_runner.PipelineState.DONE:
+        raise RuntimeError(f"the Beam planning job ended in state {state}; rerun with the same flags")
+    with tf.io.gfile.GFile(tf.io.gfile.join(plan_dir, SUMMARY_FILE), "r") as summary_file:
+        return json.load(summary_file)
+
+
+def _list_known(pipeline, source: conversion.Source, options: conversion.ConversionOptions, listing: Listing) -> tuple:
+    """Listing stages when this machine knows the classes: (files, skipped, refusals, layout)."""
+    layout = pipeline | "KnownLayout" >> beam.Create([{"layout": listing.layout, "classes": listing.classes, "error": None}])
+    skipped = pipeline | "ListingSkipped" >> beam.Create(listing.skipped)
+    errors = pipeline | "NoRefusals" >> beam.Create([])
+    items = pipeline | "ListingItems" >> beam.Create(listing.items) | "SpreadItems" >> beam.Reshuffle()
+    if listing.kind == "roots":
+        files = items | "WalkClassFolder" >> beam.FlatMap(_walk_root, input_dir=source.input_dir, options=options)
+    else:
+        files = items | "ReadListed" >> beam.FlatMap(_read_listed)
+    return files, skipped, errors, layout
+
+
+def _list_file_list(pipeline, source: conversion.Source, options: conversion.ConversionOptions, listing: Listing) -> tuple:
+    """Listing stages of a --file_list, as folder._list_file_list lists it: (files, skipped, refusals, layout)."""
+    where = f"--file_list {source.file_list!r}"
+    paths = (
+        pipeline
+        | "ListRanges" >> beam.Create(listing.items)
+        | "SpreadRanges" >> beam.Reshuffle()
+        | "ReadRange" >> beam.FlatMap(_read_lines, path=source.file_list)
+        | "ParseLine" >> beam.FlatMap(_parse_line, input_dir=source.input_dir, where=where).with_outputs("error", main="path")
+    )
+    unique = paths.path | "ListedOnce" >> beam.Distinct()
+    top_folders = unique | "TopFolder" >> beam.Map(lambda path: path.split("/")[0]) | "TopFolders" >> beam.Distinct()
+    split_layout = top_folders | "AllTopFolders" >> beam.combiners.ToList() | "SplitLayout" >> beam.Map(_split_layout, where=where)
+    entries = unique | "Entry" >> beam.FlatMap(_entry, split_layout=beam.pvalue.AsSingleton(split_layout))
+    class_names = (
+        entries | "ClassOf" >> beam.MapTuple(lambda path, class_name, split: class_name)
+        | "ClassNames" >> beam.Distinct() | "AllClassNames" >> beam.combiners.ToList()
+    )
+    layout = split_layout | "WithClasses" >> beam.Map(
+        lambda found, names: {**found, "classes": sorted(names)}, names=beam.pvalue.AsSingleton(class_names)
+    )
+    files = entries | "FileOf" >> beam.FlatMap(
+        _listed_file, input_dir=source.input_dir, options=options
+    ).with_outputs("skipped", main="file")
+    layout_errors = layout | "LayoutError" >> beam.FlatMap(lambda found: [found["error"]] if found["error"] else [])
+    errors = (paths.error, layout_errors) | "AllErrors" >> beam.Flatten()
+    return files.file, files.skipped, errors, layout
+
+
+def _read_lines(byte_range: tuple, *, path: str) -> list:
+    """The lines of a text file that start in byte_range [start, end) (the usual rule for splitting a text file)."""
+    start, end = byte_range
+    with tf.io.gfile.GFile(path, "rb") as text_file:
+        if start > 0:
+            # A line belongs to the range its first byte is in: skip the line the previous range holds.
+            text_file.seek(start - 1)
+            text_file.readline()
+        lines = []
+        while text_file.tell() < end:
+            line = text_file.readline()
+            if not line:
+                break
+            lines.append(line)
+    first = lines[0] if lines and start == 0 else None
+    if first is not None and first.startswith(b"\xef\xbb\xbf"):
+        lines[0] = first[3:]  # the byte-order mark some editors write (utf-8-sig, as tfrecords.build reads it)
+    return [line.decode("utf-8") for line in lines]
+
+
+def _parse_line(line: str, *, input_dir: str, where: str):
+    try:
+        path = folder.file_list_path(line, input_dir=input_dir, where=where)
+    except ValueError as error:
+        yield beam.pvalue.TaggedOutput("error", str(error))
+        return
+    if path:
+        yield path
+
+
+def _split_layout(top_folders: list, *, where: str) -> dict:
+    try:
+        pre_split, split_of_folder = folder.path_layout(set(top_folders), where=where)
+    except ValueError as error:
+        return {"layout": folder.LAYOUT_CLASS_FOLDERS, "pre_split": False, "split_of_folder": {}, "error": str(error)}
+    layout = folder.LAYOUT_PRE_SPLIT if pre_split else folder.LAYOUT_CLASS_FOLDERS
+    return {"layout": layout, "pre_split": pre_split, "split_of_folder": split_of_folder, "error": None}
+
+
+def _entry(path: str, *, split_layout: dict) -> list:
+    entry = folder.path_entry(path, pre_split=split_layout["pre_split"], split_of_folder=split_layout["split_of_folder"])
+    return [(path, *entry)] if entry else []
+
+
+def _listed_file(entry: tuple, *, input_dir: str, options: conversion.ConversionOptions):
+    path, class_name, split = entry
+    reason = folder.listed_file_reason(input_dir, path)
+    if reason:
+        yield beam.pvalue.TaggedOutput("skipped", {"path": path, "reason": reason})
+        return
+    yield _source_file(input_dir, path, class_name, split, options)
+
+
+def _walk_root(item: tuple, *, input_dir: str, options: conversion.ConversionOptions) -> list:
+    root, class_name, split = item
+    return [_source_file(input_dir, path, class_name, split, options) for path in folder.remote_files_under(input_dir, root)]
+
+
+def _source_file(input_dir: str, path: str, class_name: str, split: str | None, options) -> folder.SourceFile:
+    # The label is set once the classes are known (the "Label" stage).
+    return folder.source_file_of(
+        input_dir=input_dir, relative_path=path, class_name=class_name, label=-1, split=split, seed=options.seed,
+        validation_fraction=options.validation_fraction, test_fraction=options.test_fraction,
+    )
+
+
+def _read_listed(path: str) -> list:
+    with tf.io.gfile.GFile(path, "r") as listed_file:
+        return [folder.SourceFile(**json.loads(line)) for line in listed_file.read().splitlines()]
+
+
+def _hash(file: folder.SourceFile, *, errors: list):
+    if errors:
+        return
+    digest, size = plan.hash_file(file.path)
+    if digest is None:
+        yield beam.pvalue.TaggedOutput("unreadable", plan.unreadable_entry(file, size))
+    else:
+        yield plan.HashedFile(file, digest, size)
+
+
+def _shard_count(split_totals: tuple, *, options: conversion.ConversionOptions):
+    split, (num_files, total_bytes) = split_totals
+    count = plan.count_shards(
+        num_files=num_files, total_bytes=total_bytes, num_shards=options.num_shards, target_shard_mb=options.target_shard_mb,
+    )
+    return split, count
+
+
+def _choose_shard(file: plan.HashedFile, *, counts: dict, seed: int):  # no "-> tuple": Beam reads it as a type hint, and GroupByKey wants a (key, value) pair
+    split = file.source_file.split
+    return (split, plan.shard_of(seed=seed, relative_path=file.source_file.relative_path, num_shards=counts[split])), file
+
+
+def _write_task(shard: tuple, *, counts: dict, layout: dict, options, plan_dir: str) -> dict:
+    """Writes one shard's task to plan_dir; returns the summary's entry for it."""
+    (split, index), members = shard
+    settings = plan.ShardSettings(
+        classes=layout["classes"], seed=options.seed, max_side=options.max_side or None, jpeg_quality=options.jpeg_quality,
+    )
+    task = plan.make_task(
+        split=split, index=index, shard_count=counts[split], members=[file for file in members if file is not None],
+        settings=settings,
+    )
+    schema.write_text(tf.io.gfile.join(plan_dir, task.file + ".json"), task_to_json(task))
+    return {"split": task.split, "file": task.file, "fingerprint": task.fingerprint, "num_images": len(task.images)}
+
+
+def _write_summary(_, *, plan_dir: str, layout: dict, errors: list, listed_counts: list, kept_counts: list,
+                   skipped: list, label_conflicts: list, num_listing_skipped: int, shards: list) -> None:
+    order = {split: index for index, split in enumerate(schema.SPLITS)}
+    summary = {
+        "layout": layout["layout"], "classes": layout["classes"], "errors": sorted(errors),
+        "listed_counts": dict(sorted(listed_counts)), "kept_counts": dict(sorted(kept_counts)),
+        "skipped": plan.sort_skipped(skipped), "num_listing_skipped": num_listing_skipped, "label_conflicts": plan.sort_conflicts(label_conflicts),
+        "shards": sorted(shards, key=lambda entry: (order[entry["split"]], entry["file"])),
+    }
+    schema.write_text(tf.io.gfile.join(plan_dir, SUMMARY_FILE), json.dumps(summary))
+
+
+def task_to_json(task: shards.ShardTask) -> str:
+    """Returns a file source's ShardTask as JSON (a plan file's content)."""
+    fields = {"split": task.split, "file": task.file, "fingerprint": task.fingerprint,
+              "images": [dataclasses.asdict(image) for image in task.images]}
+    return json.dumps(fields, sort_keys=True)
+
+
+def task_from_json(text: str) -> shards.ShardTask:
+    """Returns the ShardTask of a text written by task_to_json."""
+    fields = json.loads(text)
+    images = tuple(shards.SourceImage(**image) for image in fields["images"])
+    return shards.ShardTask(
+        split=fields["split"], file=fields["file"], fingerprint=fields["fingerprint"], source=plan.FileSource(images),
+    )
