@@ -24,6 +24,14 @@ def test_missing_split_is_named(demo_data_dir):
         data.shard_paths(str(demo_data_dir), manifest, "extra")
 
 
+def test_empty_shards_are_not_given_to_input_pipelines():
+    # A split with about as many shards as images can have empty shards (tfrecords/plan.py).
+    shards = [{"file": "train-00000-of-00002.tfrecord", "num_examples": 0},
+              {"file": "train-00001-of-00002.tfrecord", "num_examples": 3}]
+    manifest = {"splits": {"train": {"num_examples": 3, "shards": shards}}}
+    assert data.shard_paths("/data", manifest, "train") == ["/data/train-00001-of-00002.tfrecord"]
+
+
 def test_evaluation_dataset_reads_every_example_once_in_order(demo_data_dir):
     manifest = schema.read_manifest(str(demo_data_dir))
     expected = manifest["splits"]["validation"]["num_examples"]

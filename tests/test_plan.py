@@ -69,3 +69,32 @@ def test_a_file_source_reads_its_files_in_order_and_reports_a_vanished_one(tmp_p
     (read_first, data), (read_gone, error) = list(plan.FileSource(images).read())
     assert (read_first.relative_path, data) == ("cat/a.jpg", b"first")
     assert read_gone.relative_path == "cat/gone.jpg" and isinstance(error, tf.errors.OpError)
+
+
+def test_each_file_goes_to_the_shard_of_its_stable_hash_whatever_the_input_order(tmp_path):
+    files = [source_file(tmp_path, f"cat/{index:02d}.jpg", bytes([index]) * 3) for index in range(40)]
+
+    def make(files):
+        return plan.make_plan(files=files, classes=["cat"], num_shards=4, target_shard_mb=100, seed=3,
+                              max_side=None, jpeg_quality=90, num_workers=1)
+
+    tasks = make(files).tasks
+    assert tasks == make(files[::-1]).tasks
+    assert [task.file for task in tasks] == [f"train-{index:05d}-of-00004.tfrecord" for index in range(4)]
+    for index, task in enumerate(tasks):
+        assert {image.relative_path for image in task.images} == {
+            f.relative_path for f in files if plan.shard_of(seed=3, relative_path=f.relative_path, num_shards=4) == index
+        }
+    assert sum(len(task.images) for task in tasks) == 40 and all(task.images for task in tasks)
+
+
+def test_a_shard_no_file_hashes_into_still_gets_its_task(tmp_path):
+    # 3 files in 3 shards: with this seed two files share a shard and one shard gets none.
+    files = [source_file(tmp_path, f"cat/{index}.jpg", bytes([index])) for index in range(3)]
+    shard_of = [plan.shard_of(seed=0, relative_path=f.relative_path, num_shards=3) for f in files]
+    assert len(set(shard_of)) < 3
+    result = plan.make_plan(files=files, classes=["cat"], num_shards=3, target_shard_mb=100, seed=0,
+                            max_side=None, jpeg_quality=90, num_workers=1)
+    assert [task.file for task in result.tasks] == [f"train-{index:05d}-of-00003.tfrecord" for index in range(3)]
+    assert sorted(len(task.images) for task in result.tasks)[0] == 0
+    assert sum(len(task.images) for task in result.tasks) == 3

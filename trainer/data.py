@@ -281,13 +281,18 @@ def parse_record(serialized: tf.Tensor, class_names: list[str]) -> dict:
 
 
 def shard_paths(data_dir: str, manifest: dict, split: str) -> list[str]:
-    """Returns the full paths of a split's shards, checking the split exists."""
+    """Returns the full paths of a split's non-empty shards, checking the split exists.
+
+    Empty shards (a split with about as many shards as images: tfrecords/plan.py) are left out, so no input
+    pipeline of a multi-worker job is given only empty files.
+    """
     if split not in manifest["splits"]:
         raise ValueError(
             f"--data_dir {data_dir!r} has no {split!r} split (it has {sorted(manifest['splits'])}); "
             "rebuild it with --validation_fraction / --test_fraction above 0, or a pre-split input folder"
         )
-    return [tf.io.gfile.join(data_dir, shard["file"]) for shard in manifest["splits"][split]["shards"]]
+    shards = manifest["splits"][split]["shards"]
+    return [tf.io.gfile.join(data_dir, shard["file"]) for shard in shards if shard["num_examples"]]
 
 
 def _decode_window(
