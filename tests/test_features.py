@@ -2,6 +2,7 @@
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfrecords import schema
@@ -37,7 +38,7 @@ def test_split_model_shares_weights_and_gives_the_full_models_output(tmp_path):
     assert {id(weight) for weight in head.weights} <= {id(weight) for weight in model.weights}
 
 
-def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool) -> keras.Model:
+def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool, budget=features.CacheBudget()) -> keras.Model:
     """Phase 1 on the whole train split as one batch (order-free), no augmentation, no dropout."""
     manifest = schema.read_manifest(str(demo_data_dir))
     num_train = manifest["splits"]["train"]["num_examples"]
@@ -50,9 +51,9 @@ def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool) -
         # In order: otherwise a fast image of the next epoch may take a slow one's place in a batch.
         options=data.PipelineOptions(crop_min_area=1.0, flip=False, seed=3, deterministic=True),
     )
-    model_dir = str(tmp_path / ("cached" if cache_features else "slow"))
+    model_dir = str(tmp_path / ("cached" if cache_features else "slow") / budget.directory.rsplit("/", 1)[-1])
     phase = transfer.Phase("phase1", 0, 4, 0.05, "adam", None)
-    schedule = transfer.PhaseSchedule(cache_features=cache_features, feature_views=4)
+    schedule = transfer.PhaseSchedule(cache_features=cache_features, feature_views=4, feature_cache=budget)
     trained = transfer.phase_data(phase, model=model, evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),
                                   splits=splits, schedule=schedule, augmented=False, seed=3)
     assert (trained.model is model) == (not cache_features)
@@ -66,13 +67,26 @@ def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool) -
             reporter=reporting.EpochReporter(model_dir=model_dir, chief=True), preemption=preemption,
             options=loop.LoopOptions(steps_per_epoch=1), weights_model=model,
         )
+    trained.evaluate("validation")
+    trained.finish()
     return model
 
 
-def test_cached_features_train_the_same_head_as_the_slow_path(tmp_path, demo_data_dir):
+@pytest.mark.parametrize("spilled", [False, True], ids=["in_memory", "spilled_to_files"])
+def test_cached_features_train_the_same_head_as_the_slow_path(tmp_path, demo_data_dir, spilled, monkeypatch):
     backbone_file = tiny_backbone_file(tmp_path)
     slow = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=False)
-    cached = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=True)
+    spill_root = tmp_path / "spill"
+    spill_root.mkdir()
+    # 1 KiB: every split's features are spilled.
+    budget = features.CacheBudget(memory_mb=1 / 1024, directory=str(spill_root)) if spilled else features.CacheBudget()
+    written = []
+    original_writer = features._SpillWriter.close
+    monkeypatch.setattr(features._SpillWriter, "close", lambda self: written.extend(original_writer(self)) or list(self.paths))
+    cached = train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features=True, budget=budget)
+    # Spilled: the train and validation features went to files, all removed after the phase.
+    assert (len(written) == 2) == spilled
+    assert list(spill_root.iterdir()) == []
     slow_kernel, slow_bias = (keras.ops.convert_to_numpy(w) for w in slow.get_layer("classifier").weights)
     cached_kernel, cached_bias = (keras.ops.convert_to_numpy(w) for w in cached.get_layer("classifier").weights)
     initial = model_lib.build_model(
@@ -90,3 +104,26 @@ def test_cached_features_train_the_same_head_as_the_slow_path(tmp_path, demo_dat
         np.testing.assert_array_equal(keras.ops.convert_to_numpy(slow_weight), keras.ops.convert_to_numpy(cached_weight))
 
 
+
+
+def test_spilled_features_stream_back_every_row_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(features, "SPILL_FILE_BYTES", 500)  # a new file every 3 batches
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(96, 5)).astype(np.float32)
+    rows[:, 0] = np.arange(96)  # each row names itself
+    labels, weights = (np.arange(96) % 3).astype(np.int32), np.ones(96, np.float32)
+    writer = features._SpillWriter(str(tmp_path))
+    for start in range(0, 96, 8):
+        writer.write(rows[start : start + 8], labels[start : start + 8], weights[start : start + 8])
+    cached = features.CachedFeatures(arrays=None, paths=writer.close(), count=96, width=5, shuffle_rows=32,
+                                     folder=str(tmp_path))
+    assert len(cached.paths) >= 4
+    evaluation = list(features.make_feature_dataset(cached=cached, batch_size=16, training=False, seed=1))
+    np.testing.assert_array_equal(np.concatenate([batch[0] for batch in evaluation]), rows)
+    np.testing.assert_array_equal(np.concatenate([batch[1] for batch in evaluation]), labels)
+    # Training: endless and shuffled; the first 96 rows are each row once (one pass over the files).
+    training = features.make_feature_dataset(cached=cached, batch_size=16, training=True, seed=1).take(6)
+    seen = np.concatenate([batch[0].numpy() for batch in training])
+    assert sorted(seen[:, 0].tolist()) == list(range(96)) and seen[:, 0].tolist() != list(range(96))
+    cached.delete()
+    assert not tmp_path.exists()

@@ -11,9 +11,17 @@ set once, and the head trains on those features: many epochs in seconds. The hea
 model's own layers, so training the head trains the full model. Without augmentation the result is the
 model the slow path would give (tests/test_features.py checks it); with augmentation each image has
 `views` random crops and flips instead of a new one every epoch.
+
+Memory: features that fit the budget (--feature_cache_memory_mb, per worker) stay in memory and are shuffled
+by index (one copy of them, not two). Larger ones are spilled: written as they are computed to TFRecord
+files in a folder of this worker's own (local or gs://), streamed back with a shuffle buffer of the
+budget's size, and deleted when the phase ends; memory then stays flat in the number of images.
 """
 
+import dataclasses
+import tempfile
 import time
+import uuid
 
 import keras
 import numpy as np
@@ -21,6 +29,9 @@ import tensorflow as tf
 from absl import logging
 
 FEATURES_INPUT = "features"
+SPILL_FILE_BYTES = 64 * 2**20  # a spilled cache file is closed and the next one opened past this size
+SPILL_CYCLE_LENGTH = 4  # spilled files read at once (their records interleaved)
+MIN_SHUFFLE_ROWS = 1024
 # The layers that make the head; everything before them is the feature model.
 HEAD_LAYERS = ("dropout", "classifier")
 
@@ -34,10 +45,71 @@ def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
     return feature_model, head
 
 
+@dataclasses.dataclass
+class CachedFeatures:
+    """One split's features on this worker: in memory (arrays) or spilled to TFRecord files (paths).
+
+    Attributes:
+        arrays: (features, labels, weights) numpy arrays, or None when spilled.
+        paths: the spilled files, in the order written; [] when in memory.
+        count: rows (whole per-replica batches; evaluation padding weighs 0).
+        width: features per row.
+        shuffle_rows: the shuffle buffer of a spilled cache, in rows (from the memory budget).
+        folder: the spilled files' folder (this worker's own), or "".
+    """
+
+    arrays: tuple | None
+    paths: list
+    count: int
+    width: int
+    shuffle_rows: int = 0
+    folder: str = ""
+
+    @property
+    def nbytes(self) -> int:
+        return self.count * (self.width + 2) * 4
+
+    def delete(self) -> None:
+        """Removes the spilled files and their folder (nothing for a cache in memory)."""
+        if self.folder and tf.io.gfile.exists(self.folder):
+            tf.io.gfile.rmtree(self.folder)
+        self.paths = []
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBudget:
+    """Where phase 1's features are kept (the flags --feature_cache_memory_mb and --feature_cache_dir).
+
+    memory_mb: features of one split up to this size (per worker) stay in memory; larger ones are spilled.
+    directory: the spilled files' parent folder, local or gs://; "" is the system's temporary folder.
+    """
+
+    memory_mb: float = 4096
+    directory: str = ""
+
+    def __post_init__(self):
+        if self.memory_mb <= 0:
+            raise ValueError(f"--feature_cache_memory_mb={self.memory_mb} must be positive, e.g. 4096")
+
+    def spill_folder(self, rows: int, width: int) -> str | None:
+        """A new folder for a split of `rows` features of `width` if they exceed the budget, else None."""
+        if rows * (width + 2) * 4 <= self.memory_mb * 2**20:
+            return None
+        parent = self.directory or tempfile.gettempdir()
+        folder = tf.io.gfile.join(parent, f"phase1_features-{uuid.uuid4().hex}")
+        tf.io.gfile.makedirs(folder)
+        return folder
+
+    def shuffle_rows(self, width: int) -> int:
+        """Rows of a spilled cache's shuffle buffer: what the budget holds."""
+        return max(MIN_SHUFFLE_ROWS, int(self.memory_mb * 2**20 // ((width + 2) * 4)))
+
+
 def compute_features(
-    *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int | None, training: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Runs the feature model over a distributed dataset; returns this worker's (features, labels, weights).
+    *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int | None, training: bool,
+    spill_folder: str | None = None,
+) -> CachedFeatures:
+    """Runs the feature model over a distributed dataset; returns this worker's features, labels and weights.
 
     Args:
         feature_model: from split_model.
@@ -46,6 +118,7 @@ def compute_features(
             (evaluation padding weighs 0), or are 1 when the dataset has none.
         num_batches: batches to take (for an endless training dataset); None: the whole dataset.
         training: run the model's augmentation layers (augment_on=device); the backbone stays in inference mode.
+        spill_folder: write the features to TFRecord files there instead of keeping them in memory.
     """
 
     def replica_step(images, labels, weights=None):
@@ -56,53 +129,134 @@ def compute_features(
     def step(batch):
         return strategy.run(replica_step, args=batch)
 
-    parts = ([], [], [])
+    width = feature_model.output.shape[-1]
+    parts, count = ([], [], []), 0
+    spill = _SpillWriter(spill_folder) if spill_folder else None
     for index, batch in enumerate(dataset):
         if num_batches is not None and index >= num_batches:
             break
-        for part, values in zip(parts, step(batch)):
-            part.extend(keras.ops.convert_to_numpy(value) for value in strategy.experimental_local_results(values))
+        per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
+        for features, labels, weights in zip(*per_replica):
+            features, labels, weights = (keras.ops.convert_to_numpy(value) for value in (features, labels, weights))
+            count += len(features)
+            if spill:
+                spill.write(features, labels.astype(np.int32), weights.astype(np.float32))
+            else:
+                for part, values in zip(parts, (features, labels, weights)):
+                    part.append(values)
+    if spill:
+        return CachedFeatures(arrays=None, paths=spill.close(), count=count, width=width, folder=spill_folder)
     features, labels, weights = (np.concatenate(part) for part in parts)
-    return features, labels.astype(np.int32), weights.astype(np.float32)
+    return CachedFeatures(arrays=(features, labels.astype(np.int32), weights.astype(np.float32)), paths=[], count=count,
+                          width=width)
+
+
+class _SpillWriter:
+    """Writes feature batches as TFRecords (one record a batch: raw float32 features, int32 labels, float32
+    weights) into files of about SPILL_FILE_BYTES."""
+
+    def __init__(self, folder: str):
+        self.folder, self.paths, self.writer, self.written = folder, [], None, 0
+
+    def write(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+        if self.writer is None or self.written >= SPILL_FILE_BYTES:
+            self._next_file()
+        example = tf.train.Example(features=tf.train.Features(feature={
+            name: tf.train.Feature(bytes_list=tf.train.BytesList(value=[values.tobytes()]))
+            for name, values in (("features", features), ("labels", labels), ("weights", weights))
+        }))
+        self.writer.write(example.SerializeToString())
+        self.written += features.nbytes + labels.nbytes + weights.nbytes
+
+    def _next_file(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.paths.append(tf.io.gfile.join(self.folder, f"features-{len(self.paths):05d}.tfrecord"))
+        self.writer, self.written = tf.io.TFRecordWriter(self.paths[-1]), 0
+
+    def close(self) -> list:
+        if self.writer is not None:
+            self.writer.close()
+        return self.paths
 
 
 def training_features(
-    *, feature_model: keras.Model, strategy, dataset, num_examples: int, batch_size: int, views: int, training: bool
-) -> tuple[np.ndarray, np.ndarray]:
+    *, feature_model: keras.Model, strategy, dataset, num_examples: int, batch_size: int, views: int, training: bool,
+    budget: CacheBudget,
+) -> CachedFeatures:
     """Features of `views` passes over the (shuffled, endless) training dataset, about one view per image each.
 
     Args:
         num_examples: examples in the train split.
         batch_size: the global batch size of `dataset`.
         views: passes; each applies new random crops and flips (1 when augmentation is off).
+        budget: in memory or spilled (CacheBudget).
     """
     num_batches = max(1, views * num_examples // batch_size)
+    width = feature_model.output.shape[-1]
+    # The global count: an upper bound of this worker's share.
+    spill_folder = budget.spill_folder(num_batches * batch_size, width)
     started = time.perf_counter()
-    features, labels, _ = compute_features(
-        feature_model=feature_model, strategy=strategy, dataset=dataset, num_batches=num_batches, training=training
+    cached = compute_features(
+        feature_model=feature_model, strategy=strategy, dataset=dataset, num_batches=num_batches, training=training,
+        spill_folder=spill_folder,
     )
+    cached.shuffle_rows = budget.shuffle_rows(width)
     logging.info(
-        "phase1: cached %d training features of width %d (%d view(s) per image) in %.1fs, %.0f MiB",
-        len(features), features.shape[-1], views, time.perf_counter() - started, features.nbytes / 2**20,
+        "phase1: cached %d training features of width %d (%d view(s) per image) in %.1fs, %.0f MiB%s",
+        cached.count, width, views, time.perf_counter() - started, cached.nbytes / 2**20,
+        f", spilled to {len(cached.paths)} file(s) in {spill_folder} (more than --feature_cache_memory_mb={budget.memory_mb:g})"
+        if spill_folder else " in memory",
     )
-    return features, labels
+    return cached
 
 
 def make_feature_dataset(
-    *, arrays: tuple, batch_size: int, training: bool, seed: int | None, input_context=None
+    *, cached: CachedFeatures, batch_size: int, training: bool, seed: int | None, input_context=None
 ) -> tf.data.Dataset:
     """Batches of cached features for one input pipeline (the features this worker computed).
 
     Args:
-        arrays: (features, labels) for training; (features, labels, weights) for evaluation, as
-            compute_features returned them (whole per-replica batches, padding weighing 0).
+        cached: from compute_features (whole per-replica batches, evaluation padding weighing 0).
         batch_size: the global batch size.
-        training: shuffled, endless, whole per-replica batches; otherwise one pass in order.
+        training: shuffled, endless (features, labels) batches of whole per-replica batches; otherwise one pass
+            of (features, labels, weights) in order.
         seed: shuffle seed.
         input_context: from distribute_datasets_from_function.
     """
     local_batch_size = input_context.get_per_replica_batch_size(batch_size) if input_context else batch_size
-    dataset = tf.data.Dataset.from_tensor_slices(arrays)
-    if training:
-        dataset = dataset.shuffle(len(arrays[0]), seed=seed).repeat()
+    if cached.paths:
+        return _spilled_dataset(cached, local_batch_size=local_batch_size, training=training, seed=seed)
+    features, labels, weights = cached.arrays
+    if not training:
+        dataset = tf.data.Dataset.from_tensor_slices((features, labels, weights))
+        return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    # Shuffling indices, not rows: the shuffle buffer then holds 8 bytes a row instead of a copy of the features.
+    features, labels = tf.constant(features), tf.constant(labels)
+    dataset = tf.data.Dataset.range(cached.count).shuffle(cached.count, seed=seed).repeat()
+    dataset = dataset.batch(local_batch_size, drop_remainder=True)
+    dataset = dataset.map(lambda rows: (tf.gather(features, rows), tf.gather(labels, rows)))
+    return dataset.prefetch(tf.data.AUTOTUNE)
+
+
+def _spilled_dataset(cached: CachedFeatures, *, local_batch_size: int, training: bool, seed: int | None) -> tf.data.Dataset:
+    """make_feature_dataset of a spilled cache: its files streamed, shuffled by a buffer of cached.shuffle_rows."""
+    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in ("features", "labels", "weights")}
+
+    def parse(record):
+        parsed = tf.io.parse_single_example(record, spec)
+        features = tf.reshape(tf.io.decode_raw(parsed["features"], tf.float32), [-1, cached.width])
+        return features, tf.io.decode_raw(parsed["labels"], tf.int32), tf.io.decode_raw(parsed["weights"], tf.float32)
+
+    files = tf.data.Dataset.from_tensor_slices(cached.paths)
+    if not training:
+        dataset = tf.data.TFRecordDataset(files).map(parse).unbatch()
+        return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    # One epoch: the files in a new order, several read at once, rows shuffled within the buffer; repeated
+    # after that, so (as in memory) an epoch holds every row once and epochs do not mix.
+    files = files.shuffle(len(cached.paths), seed=seed)
+    dataset = files.interleave(tf.data.TFRecordDataset, cycle_length=min(len(cached.paths), SPILL_CYCLE_LENGTH))
+    dataset = dataset.map(parse, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    dataset = dataset.shuffle(min(cached.shuffle_rows, cached.count), seed=seed).repeat()
+    dataset = dataset.map(lambda features, labels, weights: (features, labels))
     return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)

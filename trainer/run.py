@@ -151,6 +151,7 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
             )
             # The validation accuracy is the phase's last epoch's; the evaluation split is measured here.
             evaluated = trained.evaluate(eval_split)
+            trained.finish()
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
                                          f"{eval_split}_accuracy": evaluated["accuracy"]}
             logging.info("%s done: validation accuracy %.4f, %s accuracy %.4f", phase.name,

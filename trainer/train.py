@@ -20,7 +20,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from tfrecords import schema
-from trainer import checkpoints, data, distribute, export, loop, model as model_lib, recipe, reporting
+from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
 from trainer import run_dir, transfer
 from trainer import run as run_lib
 
@@ -98,6 +98,16 @@ flags.DEFINE_bool(
 flags.DEFINE_integer(
     "feature_views", 2,
     "With --cache_features and augmentation on: augmented views (random crops, flips, layers) cached per image.",
+)
+flags.DEFINE_float(
+    "feature_cache_memory_mb", 4096,
+    "With --cache_features: a split's cached features up to this many MiB (per worker) stay in memory; larger ones "
+    "(1M images x 2 views at width 1280 are 10 GB) are written to --feature_cache_dir and streamed back, memory flat.",
+)
+flags.DEFINE_string(
+    "feature_cache_dir", "",
+    "Where features past --feature_cache_memory_mb are spilled (a new subfolder per worker and split, deleted after "
+    "phase 1), local or gs://; empty is the system's temporary folder (TMPDIR).",
 )
 flags.DEFINE_integer(
     "unfreeze_stages", 1,
@@ -218,7 +228,9 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
             fine_tune_learning_rate=FLAGS.fine_tune_learning_rate, optimizer=FLAGS.optimizer,
             fine_tune_optimizer=FLAGS.fine_tune_optimizer, fine_tune_at=FLAGS.fine_tune_at,
             unfreeze_stages=FLAGS.unfreeze_stages, cache_features=FLAGS.cache_features,
-            feature_views=FLAGS.feature_views, learning_rate_scaling=FLAGS.learning_rate_scaling,
+            feature_views=FLAGS.feature_views,
+            feature_cache=features.CacheBudget(memory_mb=FLAGS.feature_cache_memory_mb, directory=FLAGS.feature_cache_dir),
+            learning_rate_scaling=FLAGS.learning_rate_scaling,
             base_batch_size=FLAGS.base_batch_size,
         ),
         recipe=recipe.Recipe(

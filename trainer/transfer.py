@@ -27,7 +27,8 @@ class PhaseSchedule:
     fine_tune_at: first unfrozen backbone layer: an index, a fraction of the layers, or a layer name.
     unfreeze_stages: phase 2 in this many stages, unfreezing from the top down to fine_tune_at.
     cache_features: phase 1 on cached backbone features (features.py). feature_views: augmented views
-        per image cached when training images are augmented.
+        per image cached when training images are augmented. feature_cache: features.CacheBudget, where
+        they are kept (in memory, or spilled to files past its budget).
     learning_rate_scaling: "linear" multiplies both rates by batch_size / base_batch_size; "none" not.
     """
 
@@ -41,6 +42,7 @@ class PhaseSchedule:
     unfreeze_stages: int = 1
     cache_features: bool = True
     feature_views: int = 2
+    feature_cache: features_lib.CacheBudget = features_lib.CacheBudget()
     learning_rate_scaling: str = "none"
     base_batch_size: int = 32
 
@@ -145,6 +147,7 @@ class PhaseData:
     validation_dataset: distributed, one pass of (inputs, labels, weights) batches.
     evaluation_step: steps.make_evaluation_step of `model`.
     evaluate(split): steps.evaluate's result for a split with the current weights, on the same inputs.
+    finish(): called once the phase is trained and evaluated (removes spilled feature files).
     """
 
     model: keras.Model
@@ -152,6 +155,7 @@ class PhaseData:
     validation_dataset: object
     evaluation_step: object
     evaluate: object
+    finish: object = lambda: None
 
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
@@ -167,7 +171,8 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
     """
     if phase.fine_tune_at is None and schedule.cache_features and model_lib.get_backbones(model):
         return cached_feature_data(
-            model=model, splits=splits, views=schedule.feature_views if augmented else 1, augmented=augmented, seed=seed
+            model=model, splits=splits, views=schedule.feature_views if augmented else 1, augmented=augmented, seed=seed,
+            budget=schedule.feature_cache,
         )
     return PhaseData(
         model=model,
@@ -178,29 +183,35 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
     )
 
 
-def cached_feature_data(*, model, splits, views: int, augmented: bool, seed) -> PhaseData:
+def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget) -> PhaseData:
     """Computes phase 1's features once; the head then trains on them (features.py)."""
     feature_model, head = features_lib.split_model(model)
     strategy, batch_size = splits.strategy, splits.batch_size
-    train_features, train_labels = features_lib.training_features(
+    width = feature_model.output.shape[-1]
+    train_features = features_lib.training_features(
         feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
         num_examples=splits.manifest["splits"]["train"]["num_examples"], batch_size=batch_size, views=views,
-        training=augmented,
+        training=augmented, budget=budget,
     )
-    evaluation_arrays = {}
+    evaluation_features = {}
 
     def evaluation_dataset(split):
-        if split not in evaluation_arrays:
-            evaluation_arrays[split] = features_lib.compute_features(
+        if split not in evaluation_features:
+            rows = -(-splits.manifest["splits"][split]["num_examples"] // batch_size) * batch_size
+            evaluation_features[split] = features_lib.compute_features(
                 feature_model=feature_model, strategy=strategy, dataset=splits.images(split, training=False),
-                num_batches=None, training=False,
+                num_batches=None, training=False, spill_folder=budget.spill_folder(rows, width),
             )
         return strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
-            arrays=evaluation_arrays[split], batch_size=batch_size, training=False, seed=seed, input_context=context,
+            cached=evaluation_features[split], batch_size=batch_size, training=False, seed=seed, input_context=context,
         ))
 
+    def delete_spilled():
+        for cached in (train_features, *evaluation_features.values()):
+            cached.delete()
+
     train_dataset = strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
-        arrays=(train_features, train_labels), batch_size=batch_size, training=True, seed=seed, input_context=context,
+        cached=train_features, batch_size=batch_size, training=True, seed=seed, input_context=context,
     ))
     evaluation_step = steps.make_evaluation_step(model=head, strategy=strategy)
     return PhaseData(
@@ -209,4 +220,5 @@ def cached_feature_data(*, model, splits, views: int, augmented: bool, seed) -> 
         validation_dataset=evaluation_dataset("validation"),
         evaluation_step=evaluation_step,
         evaluate=lambda split: steps.evaluate(evaluation_step, evaluation_dataset(split)),
+        finish=delete_spilled,
     )
