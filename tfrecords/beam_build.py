@@ -10,16 +10,16 @@ installs this package, TensorFlow included, on every worker):
         --temp_location=gs://BUCKET/tmp --setup_file=./setup.py --max_num_workers=32
 
 The same conversion as `python -m tfrecords.build`, with the same output: for the same input and flags
-the shards, labels.txt and manifest.json are byte-identical (tests/test_beam_build.py checks it). This
-machine lists, hashes, deduplicates and assigns files to shards exactly as tfrecords/build.py does
-(conversion.prepare), writes the plan to `<output_dir>/_progress/plan-*.jsonl` (one shard task a line, so the
-job graph stays small however many files there are), and waits while Beam runs one shards.write_shard
-per task on the workers. Each worker writes its shard's progress record as the local converter does;
-this machine then reads those records and writes the manifest (conversion.finish). This module reads the
-flags; tfrecords/beam_pipeline.py holds the pipeline. A worker skips a shard
-that an earlier, interrupted run already completed (same fingerprint and sha256), so a rerun with the
-same flags resumes. Beam counters `tfrecords/shards_written`, `shards_reused`, `images_converted` and
-`images_skipped` show the progress in the Dataflow console.
+the shards, labels.txt and manifest.json are byte-identical (tests/test_beam_pipeline.py and
+tests/test_beam_plan.py check it). A planning job lists, hashes, deduplicates and assigns the files to shards on
+the workers (tfrecords/beam_plan.py), with tfrecords/plan.py's own functions; this machine checks its summary
+(refusing what tfrecords.build refuses, before any shard is written); a writing job writes one shard per task
+(tfrecords/beam_pipeline.py); this machine then writes the manifest. This machine's own time and memory do not
+grow with the number of files for a gs:// folder or a --file_list (it lists class folders, or splits the list
+into byte ranges); a local folder or a --labels_csv is listed here. A worker skips a shard that an earlier,
+interrupted run already completed (same fingerprint and sha256), so a rerun with the same flags resumes.
+Beam counters `tfrecords/shards_written`, `shards_reused`, `images_converted` and `images_skipped` show the
+progress in the Dataflow console.
 
 Arguments: absl parses this program's flags (those of tfrecords.build except --num_workers, which is
 Dataflow's, and the --tfds_* flags: convert TFDS datasets with tfrecords.build); every other argument
@@ -29,10 +29,6 @@ An argument that is neither a flag here nor a Beam option is an error (exit 2), 
 flags.txt records this program's flags only. The default --runner=DirectRunner first tries Beam's Prism
 runner, which downloads its binary from GitHub once; offline, --runner=FnApiRunner is the in-process
 Python runner it falls back to (the tests use it). For a fast local conversion use tfrecords.build.
-
-Known limit: the hash pass reads every input file once on this machine (with all its cores). For
-millions of files on gs:// that is hours; run this program on a VM in the bucket's region, or (not
-done yet) make hashing and planning a Beam stage of its own.
 """
 
 import sys

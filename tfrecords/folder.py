@@ -67,7 +67,8 @@ TEST_FOLDER = "test"
 IGNORED_NAMES = ("__MACOSX",)
 
 
-@dataclasses.dataclass(frozen=True)
+# slots: a listing of 10 million files holds 10 million of these.
+@dataclasses.dataclass(frozen=True, slots=True)
 class SourceFile:
     """One candidate image file.
 

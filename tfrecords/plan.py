@@ -53,16 +53,15 @@ class Plan:
     label_conflicts: list
 
 
-def order_files(*, files: list, seed: int) -> list:
-    """Returns files in a stable pseudo-random order, so classes are interleaved within each shard."""
+def order_key(*, seed: int, relative_path: str) -> tuple:
+    """The sort key of a file within its shard: a stable pseudo-random order, so classes are interleaved."""
     # The path breaks (astronomically unlikely) ties, so the order never depends on the input order.
-    return sorted(
-        files,
-        key=lambda source_file: (
-            folder.stable_fraction(seed=seed, relative_path=source_file.relative_path),
-            source_file.relative_path,
-        ),
-    )
+    return folder.stable_fraction(seed=seed, relative_path=relative_path), relative_path
+
+
+def order_files(*, files: list, seed: int) -> list:
+    """Returns folder.SourceFiles in their order within a shard (order_key)."""
+    return sorted(files, key=lambda source_file: order_key(seed=seed, relative_path=source_file.relative_path))
 
 
 def count_shards(*, num_files: int, total_bytes: int, num_shards: int, target_shard_mb: float) -> int:
@@ -83,7 +82,7 @@ def count_shards(*, num_files: int, total_bytes: int, num_shards: int, target_sh
 
 
 def hash_file(path: str) -> tuple:
-    """Returns (sha256 hex, size in bytes) of a file, or (None, error message) if it cannot be read."""
+    """Returns (sha256 digest, 32 bytes, and the size in bytes) of a file, or (None, error message) if it cannot be read."""
     try:
         with tf.io.gfile.GFile(path, "rb") as source:
             data = source.read()
@@ -91,7 +90,7 @@ def hash_file(path: str) -> tuple:
         return None, error.message
     finally:
         progress.report()
-    return hashlib.sha256(data).hexdigest(), len(data)
+    return hashlib.sha256(data).digest(), len(data)
 
 
 def make_plan(
@@ -117,18 +116,24 @@ def make_plan(
         hash_file, [source_file.path for source_file in files], num_workers=num_workers,
         description="hashing", unit="files", total=len(files),
     )
-    skipped, label_conflicts, copies = [], [], {}
+    # The first file of each content, and the other files of contents seen more than once: no list per file.
+    skipped, label_conflicts, first_by_digest, copies = [], [], {}, {}
     for source_file, (digest, size) in zip(files, hashes):
         if digest is None:
             skipped.append(unreadable_entry(source_file, size))
-        else:
-            copies.setdefault(digest, []).append(HashedFile(source_file, digest, size))
-    kept = []
-    for group in copies.values():
+            continue
+        hashed = HashedFile(source_file, digest, size)
+        first = first_by_digest.setdefault(digest, hashed)
+        if first is not hashed:
+            copies.setdefault(digest, [first]).append(hashed)
+    del hashes
+    for digest, group in copies.items():
         first, duplicates, conflict = resolve_copies(group)
-        kept.append(first)
+        first_by_digest[digest] = first
         skipped.extend(duplicates)
         label_conflicts.extend([conflict] if conflict else [])
+    kept = list(first_by_digest.values())
+    del first_by_digest
     settings = ShardSettings(classes=classes, seed=seed, max_side=max_side, jpeg_quality=jpeg_quality)
     tasks = []
     for split in schema.SPLITS:
@@ -151,7 +156,7 @@ def make_plan(
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class HashedFile:
-    """A listed file after the hash pass: the folder.SourceFile, its sha256 (hex) and its size in bytes."""
+    """A listed file after the hash pass: the folder.SourceFile, its sha256 (32 bytes) and its size in bytes."""
 
     source_file: folder.SourceFile
     digest: str
@@ -200,22 +205,24 @@ def shard_of(*, seed: int, relative_path: str, num_shards: int) -> int:
 
 def make_task(*, split: str, index: int, shard_count: int, members: list, settings: ShardSettings) -> shards.ShardTask:
     """Returns the ShardTask of shard `index` of a split from its HashedFiles (in any order)."""
-    ordered = order_files(files=[hashed.source_file for hashed in members], seed=settings.seed)
-    digests = {hashed.source_file.relative_path: hashed.digest for hashed in members}
+    ordered = sorted(members, key=lambda hashed: order_key(seed=settings.seed, relative_path=hashed.source_file.relative_path))
     images = tuple(
         shards.SourceImage(
-            path=source_file.path, relative_path=source_file.relative_path, class_name=source_file.class_name,
-            label=source_file.label,
+            path=hashed.source_file.path, relative_path=hashed.source_file.relative_path,
+            class_name=hashed.source_file.class_name, label=hashed.source_file.label,
         )
-        for source_file in ordered
+        for hashed in ordered
     )
     file = schema.shard_name(split, index, shard_count)
-    identity = {
+    header = {
         "version": SHARD_FORMAT_VERSION, "file": file, "max_side": settings.max_side, "classes": settings.classes,
         "jpeg_quality": settings.jpeg_quality,
-        "images": [[image.relative_path, image.class_name, image.label, digests[image.relative_path]] for image in images],
     }
-    return shards.ShardTask(split=split, file=file, source=FileSource(images), fingerprint=fingerprint(identity))
+    # The images are hashed one by one: a shard of a million small files needs no JSON of them all at once.
+    running = hashlib.sha256(json.dumps(header, sort_keys=True).encode("utf-8"))
+    for image, hashed in zip(images, ordered):
+        running.update(json.dumps([image.relative_path, image.class_name, image.label, hashed.digest.hex()]).encode("utf-8"))
+    return shards.ShardTask(split=split, file=file, source=FileSource(images), fingerprint=running.hexdigest())
 
 
 def sort_skipped(skipped: list) -> list:

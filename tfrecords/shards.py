@@ -30,7 +30,7 @@ CRC_MASK_DELTA = 0xA282EAD8
 READ_CHUNK_BYTES = 8 * 2**20
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class SourceImage:
     """One image planned into a shard: where to read it and what it is."""
 
