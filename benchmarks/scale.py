@@ -7,7 +7,10 @@ For each size it writes (once) a folder of that many small unique JPEGs in 10 cl
 - the Beam converter (python -m tfrecords.beam_build) on Beam's portable runner with a local job service and
   an external worker pool: three kinds of process, as on Dataflow. "launcher" is this machine's part (what
   runs where the user types the command); "runner" stands for the Dataflow service (here its shuffle is in
-  its memory); "workers" are the SDK workers. Peak RSS of each, sampled every SAMPLE_SECONDS;
+  its memory, and it hands a worker a whole stage's data as one bundle, where Dataflow bounds bundles);
+  "workers" are the SDK workers. Peak RSS of each, sampled every SAMPLE_SECONDS. Twice: given a --file_list
+  (the path for buckets of millions of objects: the workers list) and given the local folder (the launcher
+  lists it, as it does every local folder);
 - phase-1 training (python -m trainer.train, 1 epoch, no phase 2, a random backbone of feature width 1280 at
   32 px, 2 augmented views per image) with the cached features in memory (the default budget) and spilled
   (--feature_cache_memory_mb=SPILL_BUDGET_MB): wall time and peak RSS.
@@ -120,8 +123,23 @@ def measure_local(folder: str, output_dir: str) -> dict:
     return {"local s": seconds, "local MiB": peaks["main"]}
 
 
-def measure_beam(folder: str, output_dir: str) -> dict:
-    """The Beam converter with its runner and workers in processes of their own (started fresh for each size)."""
+def write_file_list(folder: str) -> str:
+    """Writes (once) the folder's files as a --file_list, as an object inventory would list a bucket."""
+    path = folder.rstrip("/") + ".files.txt"
+    if not os.path.exists(path):
+        with open(path, "w") as list_file:
+            for root, _, names in sorted(os.walk(folder)):
+                list_file.writelines(f"{os.path.relpath(os.path.join(root, name), folder)}\n" for name in sorted(names)
+                                     if name.endswith(".jpg"))
+    return path
+
+
+def measure_beam(folder: str, output_dir: str, *, file_list: str | None) -> dict:
+    """The Beam converter with its runner and workers in processes of their own (started fresh for each run).
+
+    With file_list the workers list the files (the launcher splits the list into byte ranges); without it the
+    launcher lists the local folder itself (its link policy needs one view of the folder).
+    """
     services = [
         subprocess.Popen([sys.executable, "-m", "apache_beam.runners.portability.local_job_service_main",
                           f"--port={JOB_SERVICE_PORT}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
@@ -129,6 +147,7 @@ def measure_beam(folder: str, output_dir: str) -> dict:
                           f"--service_port={WORKER_POOL_PORT}"], cwd=common.REPO_ROOT,
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
     ]
+    name = "beam, file list" if file_list else "beam, folder"
     try:
         time.sleep(5)  # both services listening
         if any(service.poll() is not None for service in services):
@@ -137,15 +156,16 @@ def measure_beam(folder: str, output_dir: str) -> dict:
         seconds, peaks = run_measured(
             [sys.executable, "-m", "tfrecords.beam_build", f"--input_dir={folder}", f"--output_dir={output_dir}",
              "--overwrite", "--runner=PortableRunner", f"--job_endpoint=localhost:{JOB_SERVICE_PORT}",
-             "--environment_type=EXTERNAL", f"--environment_config=localhost:{WORKER_POOL_PORT}"],
+             "--environment_type=EXTERNAL", f"--environment_config=localhost:{WORKER_POOL_PORT}",
+             *([f"--file_list={file_list}"] if file_list else [])],
             extra={"runner": psutil.Process(services[0].pid), "workers": psutil.Process(services[1].pid)},
         )
     finally:
         for service in services:
             service.terminate()
             service.wait()
-    return {"beam s": seconds, "launcher MiB": peaks["main"], "runner MiB": peaks["runner"],
-            "workers MiB": peaks["workers"]}
+    return {f"{name} s": seconds, f"{name}: launcher MiB": peaks["main"], f"{name}: runner MiB": peaks["runner"],
+            f"{name}: workers MiB": peaks["workers"]}
 
 
 def backbone_file(work_dir: str) -> str:
@@ -187,7 +207,9 @@ def main(argv):
         if "local" in FLAGS.stages:
             row.update(measure_local(folder, local_dir))
         if "beam" in FLAGS.stages:
-            row.update(measure_beam(folder, os.path.join(FLAGS.work_dir, f"tfrecords_beam_{size}")))
+            beam_dir = os.path.join(FLAGS.work_dir, f"tfrecords_beam_{size}")
+            row.update(measure_beam(folder, beam_dir, file_list=write_file_list(folder)))
+            row.update(measure_beam(folder, beam_dir, file_list=None))
         if "train" in FLAGS.stages:
             if not os.path.exists(os.path.join(local_dir, "manifest.json")):
                 row.update(measure_local(folder, local_dir))

@@ -194,6 +194,10 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
         ),
         (["--data_dir={data}", "--model_dir={model}", "--label_smoothing=1.5"], r"--label_smoothing 1.5 must be within"),
         (["--data_dir={data}", "--model_dir={model}", "--data_threads=-1"], r"--data_threads -1 must be 0"),
+        (
+            ["--data_dir={data}", "--model_dir={model}", "--feature_cache_memory_mb=0"],
+            r"--feature_cache_memory_mb=0.0 must be positive",
+        ),
     ],
 )
 def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):

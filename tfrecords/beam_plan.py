@@ -91,7 +91,8 @@ def make_listing(source: conversion.Source, options: conversion.ConversionOption
     paths = []
     for start in range(0, len(listed.files), LISTED_FILES_PER_PLAN_FILE):
         paths.append(tf.io.gfile.join(plan_dir, f"listed-{start // LISTED_FILES_PER_PLAN_FILE:05d}.jsonl"))
-        lines = [json.dumps(dataclasses.asdict(file)) + "\n" for file in listed.files[start : start + LISTED_FILES_PER_PLAN_FILE]]
+        chunk = listed.files[start : start + LISTED_FILES_PER_PLAN_FILE]
+        lines = [json.dumps(dataclasses.asdict(file)) + "\n" for file in chunk]
         schema.write_text(paths[-1], "".join(lines))
     return Listing(
         kind="listed", layout=listed.layout, classes=listed.classes, items=paths, skipped=listed.skipped,
@@ -113,11 +114,12 @@ def plan_with_beam(
         files, listing_skipped, errors, layout = _list_file_list(pipeline, source, options, listing)
     else:
         files, listing_skipped, errors, layout = _list_known(pipeline, source, options, listing)
-    labels = beam.pvalue.AsSingleton(layout | "Labels" >> beam.Map(lambda found: {name: label for label, name in enumerate(found["classes"])}))
+    classes = layout | "Labels" >> beam.Map(lambda found: {name: label for label, name in enumerate(found["classes"])})
     # Hashing waits for the listing's refusals: a bad file list costs a listing, not a read of every file.
     hashed = (
         files
-        | "Label" >> beam.Map(lambda file, labels: dataclasses.replace(file, label=labels[file.class_name]), labels=labels)
+        | "Label" >> beam.Map(lambda file, labels: dataclasses.replace(file, label=labels[file.class_name]),
+                              labels=beam.pvalue.AsSingleton(classes))
         | "Spread" >> beam.Reshuffle()
         | "Hash" >> beam.FlatMap(_hash, errors=beam.pvalue.AsList(errors)).with_outputs("unreadable", main="hashed")
     )
@@ -129,37 +131,26 @@ def plan_with_beam(
     )
     kept = resolved | "Kept" >> beam.MapTuple(lambda first, duplicates, conflict: first)
     duplicates = resolved | "Duplicates" >> beam.FlatMapTuple(lambda first, duplicates, conflict: duplicates)
-    conflicts = resolved | "Conflicts" >> beam.FlatMapTuple(lambda first, duplicates, conflict: [conflict] if conflict else [])
-    shard_counts = (
-        kept
-        | "SplitSizes" >> beam.Map(lambda file: (file.source_file.split, (1, file.size)))
-        | "SplitTotals" >> beam.CombinePerKey(beam.combiners.TupleCombineFn(sum, sum))
-        | "ShardCounts" >> beam.Map(_shard_count, options=options)
+    conflicts = resolved | "Conflicts" >> beam.FlatMapTuple(
+        lambda first, duplicates, conflict: [conflict] if conflict else []
     )
-    counts = beam.pvalue.AsDict(shard_counts)
-    members = kept | "ChooseShard" >> beam.Map(_choose_shard, counts=counts, seed=options.seed)
-    # Every shard of a split gets a task, also one that no file hashed into (it is written empty).
-    every_shard = shard_counts | "EveryShard" >> beam.FlatMapTuple(lambda split, count: [((split, index), None) for index in range(count)])
-    shard_entries = (
-        (members, every_shard)
-        | "AllShards" >> beam.Flatten()
-        | "GroupShards" >> beam.GroupByKey()
-        | "WriteTask" >> beam.Map(
-            _write_task, counts=counts, layout=beam.pvalue.AsSingleton(layout), options=options, plan_dir=plan_dir
-        )
-    )
-    skipped = (listing_skipped, hashed.unreadable, duplicates) | "AllSkipped" >> beam.Flatten()
-    listed_counts = files | "ListedClass" >> beam.Map(lambda file: file.class_name) | "CountListed" >> beam.combiners.Count.PerElement()
-    kept_counts = kept | "KeptClass" >> beam.Map(lambda file: file.source_file.class_name) | "CountKept" >> beam.combiners.Count.PerElement()
+    shard_entries = _plan_shards(kept, options=options, layout=layout, plan_dir=plan_dir)
+    count_classes = beam.combiners.Count.PerElement
     _ = (
         pipeline
         | "Once" >> beam.Create([None])
         | "WriteSummary" >> beam.Map(
-            _write_summary, plan_dir=plan_dir, layout=beam.pvalue.AsSingleton(layout), errors=beam.pvalue.AsList(errors),
-            listed_counts=beam.pvalue.AsList(listed_counts), kept_counts=beam.pvalue.AsList(kept_counts),
-            skipped=beam.pvalue.AsList(skipped), label_conflicts=beam.pvalue.AsList(conflicts),
-            num_listing_skipped=beam.pvalue.AsSingleton(listing_skipped | "CountListingSkipped" >> beam.combiners.Count.Globally()),
-            shards=beam.pvalue.AsList(shard_entries),
+            _write_summary, plan_dir=plan_dir, layout=beam.pvalue.AsSingleton(layout),
+            errors=beam.pvalue.AsList(errors),
+            listed_counts=beam.pvalue.AsList(files | "ListedClass" >> beam.Map(lambda file: file.class_name)
+                                             | "CountListed" >> count_classes()),
+            kept_counts=beam.pvalue.AsList(kept | "KeptClass" >> beam.Map(lambda file: file.source_file.class_name)
+                                           | "CountKept" >> count_classes()),
+            skipped=beam.pvalue.AsList((listing_skipped, hashed.unreadable, duplicates) | "AllSkipped" >> beam.Flatten()),
+            num_listing_skipped=beam.pvalue.AsSingleton(
+                listing_skipped | "CountListingSkipped" >> beam.combiners.Count.Globally()
+            ),
+            label_conflicts=beam.pvalue.AsList(conflicts), shards=beam.pvalue.AsList(shard_entries),
         )
     )
     state = pipeline.run().wait_until_finish()
@@ -169,9 +160,34 @@ def plan_with_beam(
         return json.load(summary_file)
 
 
+def _plan_shards(kept, *, options: conversion.ConversionOptions, layout, plan_dir: str):
+    """The stages from the kept files to one task file per shard; returns the summary's entries of the shards."""
+    shard_counts = (
+        kept
+        | "SplitSizes" >> beam.Map(lambda file: (file.source_file.split, (1, file.size)))
+        | "SplitTotals" >> beam.CombinePerKey(beam.combiners.TupleCombineFn(sum, sum))
+        | "ShardCounts" >> beam.Map(_shard_count, options=options)
+    )
+    counts = beam.pvalue.AsDict(shard_counts)
+    members = kept | "ChooseShard" >> beam.Map(_choose_shard, counts=counts, seed=options.seed)
+    # Every shard of a split gets a task, also one that no file hashed into (it is written empty).
+    every_shard = shard_counts | "EveryShard" >> beam.FlatMapTuple(
+        lambda split, count: [((split, index), None) for index in range(count)]
+    )
+    return (
+        (members, every_shard)
+        | "AllShards" >> beam.Flatten()
+        | "GroupShards" >> beam.GroupByKey()
+        | "WriteTask" >> beam.Map(
+            _write_task, counts=counts, layout=beam.pvalue.AsSingleton(layout), options=options, plan_dir=plan_dir
+        )
+    )
+
+
 def _list_known(pipeline, source: conversion.Source, options: conversion.ConversionOptions, listing: Listing) -> tuple:
     """Listing stages when this machine knows the classes: (files, skipped, refusals, layout)."""
-    layout = pipeline | "KnownLayout" >> beam.Create([{"layout": listing.layout, "classes": listing.classes, "error": None}])
+    known = {"layout": listing.layout, "classes": listing.classes, "error": None}
+    layout = pipeline | "KnownLayout" >> beam.Create([known])
     skipped = pipeline | "ListingSkipped" >> beam.Create(listing.skipped)
     errors = pipeline | "NoRefusals" >> beam.Create([])
     items = pipeline | "ListingItems" >> beam.Create(listing.items) | "SpreadItems" >> beam.Reshuffle()
@@ -190,11 +206,15 @@ def _list_file_list(pipeline, source: conversion.Source, options: conversion.Con
         | "ListRanges" >> beam.Create(listing.items)
         | "SpreadRanges" >> beam.Reshuffle()
         | "ReadRange" >> beam.FlatMap(_read_lines, path=source.file_list)
-        | "ParseLine" >> beam.FlatMap(_parse_line, input_dir=source.input_dir, where=where).with_outputs("error", main="path")
+        | "ParseLine" >> beam.FlatMap(_parse_line, input_dir=source.input_dir, where=where).with_outputs(
+            "error", main="path"
+        )
     )
     unique = paths.path | "ListedOnce" >> beam.Distinct()
     top_folders = unique | "TopFolder" >> beam.Map(lambda path: path.split("/")[0]) | "TopFolders" >> beam.Distinct()
-    split_layout = top_folders | "AllTopFolders" >> beam.combiners.ToList() | "SplitLayout" >> beam.Map(_split_layout, where=where)
+    split_layout = (
+        top_folders | "AllTopFolders" >> beam.combiners.ToList() | "SplitLayout" >> beam.Map(_split_layout, where=where)
+    )
     entries = unique | "Entry" >> beam.FlatMap(_entry, split_layout=beam.pvalue.AsSingleton(split_layout))
     class_names = (
         entries | "ClassOf" >> beam.MapTuple(lambda path, class_name, split: class_name)
@@ -300,7 +320,8 @@ def _shard_count(split_totals: tuple, *, options: conversion.ConversionOptions):
     return split, count
 
 
-def _choose_shard(file: plan.HashedFile, *, counts: dict, seed: int):  # no "-> tuple": Beam reads it as a type hint, and GroupByKey wants a (key, value) pair
+# No "-> tuple" here: Beam would take it as the output's type, and GroupByKey wants a (key, value) pair.
+def _choose_shard(file: plan.HashedFile, *, counts: dict, seed: int):
     split = file.source_file.split
     return (split, plan.shard_of(seed=seed, relative_path=file.source_file.relative_path, num_shards=counts[split])), file
 
@@ -325,7 +346,8 @@ def _write_summary(_, *, plan_dir: str, layout: dict, errors: list, listed_count
     summary = {
         "layout": layout["layout"], "classes": layout["classes"], "errors": sorted(errors),
         "listed_counts": dict(sorted(listed_counts)), "kept_counts": dict(sorted(kept_counts)),
-        "skipped": plan.sort_skipped(skipped), "num_listing_skipped": num_listing_skipped, "label_conflicts": plan.sort_conflicts(label_conflicts),
+        "skipped": plan.sort_skipped(skipped), "num_listing_skipped": num_listing_skipped,
+        "label_conflicts": plan.sort_conflicts(label_conflicts),
         "shards": sorted(shards, key=lambda entry: (order[entry["split"]], entry["file"])),
     }
     schema.write_text(tf.io.gfile.join(plan_dir, SUMMARY_FILE), json.dumps(summary))

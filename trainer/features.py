@@ -50,7 +50,7 @@ class CachedFeatures:
     """One split's features on this worker: in memory (arrays) or spilled to TFRecord files (paths).
 
     Attributes:
-        arrays: (features, labels, weights) numpy arrays, or None when spilled.
+        arrays: (features, labels, weights) tensors, or None when spilled.
         paths: the spilled files, in the order written; [] when in memory.
         count: rows (whole per-replica batches; evaluation padding weighs 0).
         width: features per row.
@@ -146,9 +146,15 @@ def compute_features(
                     part.append(values)
     if spill:
         return CachedFeatures(arrays=None, paths=spill.close(), count=count, width=width, folder=spill_folder)
-    features, labels, weights = (np.concatenate(part) for part in parts)
-    return CachedFeatures(arrays=(features, labels.astype(np.int32), weights.astype(np.float32)), paths=[], count=count,
-                          width=width)
+    # Tensors, converted once, each batch list freed as soon as it is joined: at most two copies for a moment,
+    # one after (make_feature_dataset reads the tensors without another).
+    arrays = []
+    for part, dtype in zip(parts, (tf.float32, tf.int32, tf.float32)):
+        joined = np.concatenate(part)
+        part.clear()
+        arrays.append(tf.convert_to_tensor(joined, dtype=dtype))
+        del joined
+    return CachedFeatures(arrays=tuple(arrays), paths=[], count=count, width=width)
 
 
 class _SpillWriter:
@@ -232,7 +238,6 @@ def make_feature_dataset(
         dataset = tf.data.Dataset.from_tensor_slices((features, labels, weights))
         return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
     # Shuffling indices, not rows: the shuffle buffer then holds 8 bytes a row instead of a copy of the features.
-    features, labels = tf.constant(features), tf.constant(labels)
     dataset = tf.data.Dataset.range(cached.count).shuffle(cached.count, seed=seed).repeat()
     dataset = dataset.batch(local_batch_size, drop_remainder=True)
     dataset = dataset.map(lambda rows: (tf.gather(features, rows), tf.gather(labels, rows)))
