@@ -12,8 +12,8 @@ model's own layers, so training the head trains the full model. Without augmenta
 model the slow path would give (tests/test_features.py checks it); with augmentation each image has
 `views` random crops and flips instead of a new one every epoch.
 
-Memory: features that fit the budget (--feature_cache_memory_mb, per worker) stay in memory and are shuffled
-by index (one copy of them, not two). Larger ones are spilled: written as they are computed to TFRecord
+Memory: features that fit the budget (--feature_cache_memory_mb, per worker) stay in memory (host variables)
+and are shuffled by index: one copy of them, not two or three. Larger ones are spilled: written as they are computed to TFRecord
 files in a folder of this worker's own (local or gs://), streamed back with a shuffle buffer of the
 budget's size, and deleted when the phase ends; memory then stays flat in the number of images.
 """
@@ -50,7 +50,7 @@ class CachedFeatures:
     """One split's features on this worker: in memory (arrays) or spilled to TFRecord files (paths).
 
     Attributes:
-        arrays: (features, labels, weights) tensors, or None when spilled.
+        arrays: (features, labels, weights) as host tf.Variables, or None when spilled.
         paths: the spilled files, in the order written; [] when in memory.
         count: rows (whole per-replica batches; evaluation padding weighs 0).
         width: features per row.
@@ -146,13 +146,14 @@ def compute_features(
                     part.append(values)
     if spill:
         return CachedFeatures(arrays=None, paths=spill.close(), count=count, width=width, folder=spill_folder)
-    # Tensors, converted once, each batch list freed as soon as it is joined: at most two copies for a moment,
-    # one after (make_feature_dataset reads the tensors without another).
+    # Host variables, each batch list freed as soon as it is joined (at most two copies for a moment, one after):
+    # a dataset captures a variable by reference, where it copies a tensor into its graph when iterated.
     arrays = []
     for part, dtype in zip(parts, (tf.float32, tf.int32, tf.float32)):
         joined = np.concatenate(part)
         part.clear()
-        arrays.append(tf.convert_to_tensor(joined, dtype=dtype))
+        with tf.device("CPU:0"):
+            arrays.append(tf.Variable(joined, dtype=dtype, trainable=False))
         del joined
     return CachedFeatures(arrays=tuple(arrays), paths=[], count=count, width=width)
 
@@ -234,14 +235,16 @@ def make_feature_dataset(
     if cached.paths:
         return _spilled_dataset(cached, local_batch_size=local_batch_size, training=training, seed=seed)
     features, labels, weights = cached.arrays
-    if not training:
-        dataset = tf.data.Dataset.from_tensor_slices((features, labels, weights))
-        return dataset.batch(local_batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-    # Shuffling indices, not rows: the shuffle buffer then holds 8 bytes a row instead of a copy of the features.
-    dataset = tf.data.Dataset.range(cached.count).shuffle(cached.count, seed=seed).repeat()
-    dataset = dataset.batch(local_batch_size, drop_remainder=True)
-    dataset = dataset.map(lambda rows: (tf.gather(features, rows), tf.gather(labels, rows)))
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    # Batches of row indices, gathered: a training shuffle buffer then holds 8 bytes a row, not a copy of the rows.
+    rows = tf.data.Dataset.range(cached.count)
+    if training:
+        rows = rows.shuffle(cached.count, seed=seed).repeat()
+    rows = rows.batch(local_batch_size, drop_remainder=True)
+    if training:
+        return rows.map(lambda batch: (tf.gather(features, batch), tf.gather(labels, batch))).prefetch(tf.data.AUTOTUNE)
+    return rows.map(
+        lambda batch: (tf.gather(features, batch), tf.gather(labels, batch), tf.gather(weights, batch))
+    ).prefetch(tf.data.AUTOTUNE)
 
 
 def _spilled_dataset(cached: CachedFeatures, *, local_batch_size: int, training: bool, seed: int | None) -> tf.data.Dataset:
