@@ -106,7 +106,7 @@ class CacheBudget:
 
 
 def compute_features(
-    *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int | None, training: bool,
+    *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int, training: bool,
     spill_folder: str | None = None,
 ) -> CachedFeatures:
     """Runs the feature model over a distributed dataset; returns this worker's features, labels and weights.
@@ -116,7 +116,7 @@ def compute_features(
         strategy: the tf.distribute strategy (the dataset is distributed by it).
         dataset: distributed (images, labels) or (images, labels, weights) batches; weights are kept
             (evaluation padding weighs 0), or are 1 when the dataset has none.
-        num_batches: batches to take (for an endless training dataset); None: the whole dataset.
+        num_batches: batches to take: from an endless training dataset, or all of an evaluation dataset's.
         training: run the model's augmentation layers (augment_on=device); the backbone stays in inference mode.
         spill_folder: write the features to TFRecord files there instead of keeping them in memory.
     """
@@ -130,32 +130,44 @@ def compute_features(
         return strategy.run(replica_step, args=batch)
 
     width = feature_model.output.shape[-1]
-    parts, count = ([], [], []), 0
-    spill = _SpillWriter(spill_folder) if spill_folder else None
+    writer = _SpillWriter(spill_folder) if spill_folder else None
     for index, batch in enumerate(dataset):
-        if num_batches is not None and index >= num_batches:
+        if index >= num_batches:
             break
         per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
+        if writer is None:  # every step has the same rows (whole batches): room for all of them, allocated once
+            writer = _MemoryWriter(capacity=num_batches * sum(len(values) for values in per_replica[0]), width=width)
         for features, labels, weights in zip(*per_replica):
             features, labels, weights = (keras.ops.convert_to_numpy(value) for value in (features, labels, weights))
-            count += len(features)
-            if spill:
-                spill.write(features, labels.astype(np.int32), weights.astype(np.float32))
-            else:
-                for part, values in zip(parts, (features, labels, weights)):
-                    part.append(values)
-    if spill:
-        return CachedFeatures(arrays=None, paths=spill.close(), count=count, width=width, folder=spill_folder)
-    # Host variables, each batch list freed as soon as it is joined (at most two copies for a moment, one after):
-    # a dataset captures a variable by reference, where it copies a tensor into its graph when iterated.
-    arrays = []
-    for part, dtype in zip(parts, (tf.float32, tf.int32, tf.float32)):
-        joined = np.concatenate(part)
-        part.clear()
+            writer.write(features, labels.astype(np.int32), weights.astype(np.float32))
+    assert writer is not None, "the dataset gave no batch"
+    if spill_folder:
+        return CachedFeatures(arrays=None, paths=writer.close(), count=writer.count, width=width, folder=spill_folder)
+    return CachedFeatures(arrays=writer.close(), paths=[], count=writer.count, width=width)
+
+
+class _MemoryWriter:
+    """Collects feature batches into arrays allocated once, then hands them over as host tf.Variables.
+
+    One copy while collecting, two for a moment at the end (a list of batches joined at the end would need
+    three). Variables, not tensors: a dataset captures a variable by reference, where iterating it copied a
+    captured tensor into its graph (measured: +357 MiB for 341 MiB of features).
+    """
+
+    def __init__(self, *, capacity: int, width: int):
+        self.arrays = (np.empty((capacity, width), np.float32), np.empty(capacity, np.int32), np.empty(capacity, np.float32))
+        self.count = 0
+
+    def write(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+        for array, values in zip(self.arrays, (features, labels, weights)):
+            array[self.count : self.count + len(values)] = values
+        self.count += len(features)
+
+    def close(self) -> tuple:
         with tf.device("CPU:0"):
-            arrays.append(tf.Variable(joined, dtype=dtype, trainable=False))
-        del joined
-    return CachedFeatures(arrays=tuple(arrays), paths=[], count=count, width=width)
+            variables = tuple(tf.Variable(array[: self.count], trainable=False) for array in self.arrays)
+        self.arrays = None
+        return variables
 
 
 class _SpillWriter:
@@ -163,7 +175,7 @@ class _SpillWriter:
     weights) into files of about SPILL_FILE_BYTES."""
 
     def __init__(self, folder: str):
-        self.folder, self.paths, self.writer, self.written = folder, [], None, 0
+        self.folder, self.paths, self.writer, self.written, self.count = folder, [], None, 0, 0
 
     def write(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
         if self.writer is None or self.written >= SPILL_FILE_BYTES:
@@ -174,6 +186,7 @@ class _SpillWriter:
         }))
         self.writer.write(example.SerializeToString())
         self.written += features.nbytes + labels.nbytes + weights.nbytes
+        self.count += len(features)
 
     def _next_file(self) -> None:
         if self.writer is not None:

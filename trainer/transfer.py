@@ -197,10 +197,11 @@ def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, bud
 
     def evaluation_dataset(split):
         if split not in evaluation_features:
-            rows = -(-splits.manifest["splits"][split]["num_examples"] // batch_size) * batch_size
+            # Evaluation batches are padded to whole global batches (data.make_dataset).
+            num_batches = -(-splits.manifest["splits"][split]["num_examples"] // batch_size)
             evaluation_features[split] = features_lib.compute_features(
                 feature_model=feature_model, strategy=strategy, dataset=splits.images(split, training=False),
-                num_batches=None, training=False, spill_folder=budget.spill_folder(rows, width),
+                num_batches=num_batches, training=False, spill_folder=budget.spill_folder(num_batches * batch_size, width),
             )
         return strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
             cached=evaluation_features[split], batch_size=batch_size, training=False, seed=seed, input_context=context,
