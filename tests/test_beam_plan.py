@@ -109,7 +109,7 @@ def test_pre_split_file_list_and_remote_pre_split_folder(tmp_path):
     assert local_files == beam_files and b'"layout": "pre_split"' in beam_files["manifest.json"]
 
 
-@pytest.mark.parametrize("case", ["outside_path", "copies_only_class"])
+@pytest.mark.parametrize("case", ["outside_path", "copies_only_class", "links_only_class"])
 def test_refusals_come_before_any_shard_and_leave_nothing(image_dir, tmp_path, case):
     output_dir = tmp_path / "output"
     if case == "outside_path":
@@ -118,13 +118,18 @@ def test_refusals_come_before_any_shard_and_leave_nothing(image_dir, tmp_path, c
         source = conversion.Source(input_dir=str(image_dir), file_list=str(file_list))
         message = "--file_list"
     else:
-        # A class whose every file is a copy of another class's: tfrecords.build refuses it, so must Beam.
+        # A class whose every file is a copy of (or a link to) another class's: tfrecords.build refuses it, so
+        # must Beam, with the same reason (the links are found by the listing, the copies by the planning job).
         folder = tmp_path / "copies"
         demo_images.write_demo_images(str(folder), num_per_class=3, seed=1)
-        for path in (folder / "square").iterdir():
-            path.write_bytes((folder / "circle" / "circle_000.jpg").read_bytes())
+        for path in sorted((folder / "square").iterdir()):
+            if case == "copies_only_class":
+                path.write_bytes((folder / "circle" / "circle_000.jpg").read_bytes())
+            else:
+                path.unlink()
+                path.symlink_to(folder / "circle" / path.name.replace("square", "circle"))
         source = conversion.Source(input_dir=str(folder))
-        message = "class 'square' would have 0 images"
+        message = "class 'square' would have 0 images: 3 of its entries are "
         with pytest.raises(conversion.InputError, match=message):
             conversion.build(source, str(tmp_path / "local"), conversion.ConversionOptions(num_workers=1, **SETTINGS))
     with pytest.raises(conversion.InputError, match=message) as raised:

@@ -104,17 +104,22 @@ def prepare_with_beam(
     plan_dir = plan_folder(output_dir)
     if tf.io.gfile.exists(plan_dir):
         tf.io.gfile.rmtree(plan_dir)  # an earlier run's plan: made again, identical
+    tf.io.gfile.makedirs(plan_dir)
+    # Only the listing and the checks turn ValueErrors into InputError: one raised inside a job is a bug.
     try:
-        tf.io.gfile.makedirs(plan_dir)
         listing = beam_plan.make_listing(source, options, plan_dir)
-        summary = beam_plan.plan_with_beam(
-            source=source, options=options, listing=listing, plan_dir=plan_dir, pipeline_options=pipeline_options,
-        )
-        _check_summary(summary=summary, source=source)
     except ValueError as error:
         _discard_plan(output_dir=output_dir, plan_dir=plan_dir, existed=existed)
         raise conversion.InputError(str(error)) from error
+    summary = beam_plan.plan_with_beam(
+        source=source, options=options, listing=listing, plan_dir=plan_dir, pipeline_options=pipeline_options,
+    )
     label_conflicts = listing.label_conflicts + summary["label_conflicts"]
+    try:
+        _check_summary(summary=summary, source=source, label_conflicts=label_conflicts)
+    except ValueError as error:
+        _discard_plan(output_dir=output_dir, plan_dir=plan_dir, existed=existed)
+        raise conversion.InputError(str(error)) from error
     tasks = [shards.ShardTask(split=entry["split"], file=entry["file"], source=None, fingerprint=entry["fingerprint"])
              for entry in summary["shards"]]
     shard_plan = plan.Plan(tasks=tasks, skipped=listing.skipped + summary["skipped"], label_conflicts=label_conflicts)
@@ -127,15 +132,18 @@ def prepare_with_beam(
     )
 
 
-def _check_summary(*, summary: dict, source: conversion.Source) -> None:
-    """Raises the ValueError tfrecords.build would raise for this listing and plan, if any."""
+def _check_summary(*, summary: dict, source: conversion.Source, label_conflicts: list) -> None:
+    """Raises the ValueError tfrecords.build would raise for this listing and plan, if any.
+
+    label_conflicts: the listing's (links between class folders) and the planning job's (copies).
+    """
     if summary["errors"]:
         raise ValueError(summary["errors"][0])
     folder.check_classes(class_names=summary["classes"], input_dir=source.input_dir)
     folder.check_has_files(num_files=sum(summary["listed_counts"].values()), input_dir=source.input_dir)
     conversion.check_classes_kept(
         classes=summary["classes"], listed_counts=summary["listed_counts"], kept_counts=summary["kept_counts"],
-        label_conflicts=summary["label_conflicts"],
+        label_conflicts=label_conflicts,
     )
 
 
