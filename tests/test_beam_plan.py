@@ -79,6 +79,15 @@ def test_file_list_read_in_small_ranges_gives_the_local_converters_output(image_
     assert b'"file_list"' in beam_files["manifest.json"] and b"duplicate of circle/circle_001.jpg" in beam_files["manifest.json"]
 
 
+def test_csv_file_list_read_in_small_ranges_gives_the_local_converters_output(image_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(beam_plan, "FILE_LIST_RANGE_BYTES", 30)  # the header and most rows straddle a boundary
+    rows = [f'"{path.relative_to(image_dir).as_posix()}",{path.stat().st_size}' for path in sorted(image_dir.rglob("*.jpg"))]
+    file_list = tmp_path / "files.csv"
+    file_list.write_text("path,size\n" + "\n".join(rows) + "\n")
+    local_files, beam_files = convert_both(conversion.Source(input_dir=str(image_dir), file_list=str(file_list)), str(tmp_path))
+    assert local_files == beam_files
+
+
 def test_gs_like_folder_is_walked_by_the_workers_and_gives_the_local_converters_output(image_dir, tmp_path):
     remote = "ram://beam_plan_walk/images"
     copy_to_ram(image_dir, remote)

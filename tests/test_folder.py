@@ -280,6 +280,36 @@ def test_a_file_list_of_a_remote_input_is_read_without_a_call_per_object(tmp_pat
     assert asked == [str(tmp_path / "list.txt")]  # the list itself, never an object
 
 
+def test_a_cloud_storage_inventory_csv_is_a_file_list(tmp_path, monkeypatch):
+    import tensorflow as tf
+
+    # An inventory report's columns (bucket, name, size, ...), a quoted name with a comma, another bucket's object.
+    (tmp_path / "inventory.csv").write_text(
+        "bucket,name,size\n"
+        "bucket,photos/cats/1.jpg,10\n"
+        'bucket,"photos/dogs/2,3.jpg",11\n'
+        "bucket,photos/README.txt,5\n"
+    )
+    monkeypatch.setattr(tf.io.gfile, "isdir", lambda path: path == "gs://bucket/photos")
+    listing = _list("gs://bucket/photos", file_list=str(tmp_path / "inventory.csv"), validation_fraction=0.0,
+                    test_fraction=0.0)
+    assert [file.path for file in listing.files] == ["gs://bucket/photos/cats/1.jpg", "gs://bucket/photos/dogs/2,3.jpg"]
+    (tmp_path / "other.csv").write_text("bucket,name\nother,photos/cats/1.jpg\n")
+    with pytest.raises(ValueError, match=r"line 2 path 'gs://other/photos/cats/1.jpg' is not inside --input_dir"):
+        _list("gs://bucket/photos", file_list=str(tmp_path / "other.csv"))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("size,md5\n10,abc\n", r"is a CSV whose header 'size,md5' names no path column; expected one of path, name"),
+    ("size,path\n10\n", r"line 2 is '10': fewer fields than the header names"),
+])
+def test_a_csv_file_list_without_its_path_column_is_one_clear_error(tmp_path, text, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list.csv").write_text(text)
+    with pytest.raises(ValueError, match=message):
+        _list(tmp_path / "images", file_list=str(tmp_path / "list.csv"))
+
+
 def test_a_file_list_skips_links_and_special_files_of_a_local_input(tmp_path):
     import os
 

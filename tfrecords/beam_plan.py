@@ -50,6 +50,7 @@ class Listing:
         items: the file list's (start, end) byte ranges, the roots' (relative root, class name, split), or
             the plan files holding the listed files.
         skipped, label_conflicts: found by a listing made here.
+        columns: a CSV file list's (path, bucket) columns (folder.file_list_columns); None otherwise.
     """
 
     kind: str
@@ -58,6 +59,7 @@ class Listing:
     items: list
     skipped: list = dataclasses.field(default_factory=list)
     label_conflicts: list = dataclasses.field(default_factory=list)
+    columns: tuple | None = None
 
 
 def make_listing(source: conversion.Source, options: conversion.ConversionOptions, plan_dir: str) -> Listing:
@@ -76,7 +78,10 @@ def make_listing(source: conversion.Source, options: conversion.ConversionOption
             raise ValueError(f"--file_list {source.file_list!r} does not exist; expected a text file of paths, one per line")
         size = tf.io.gfile.stat(source.file_list).length
         ranges = [(start, min(start + FILE_LIST_RANGE_BYTES, size)) for start in range(0, size, FILE_LIST_RANGE_BYTES)]
-        return Listing(kind="file_list", layout=None, classes=None, items=ranges)
+        with tf.io.gfile.GFile(source.file_list, "rb") as list_file:
+            header = list_file.readline().decode("utf-8-sig")  # one line: a CSV's header
+        columns = folder.file_list_columns(source.file_list, header)
+        return Listing(kind="file_list", layout=None, classes=None, items=ranges, columns=columns)
     if not source.labels_csv and not folder.is_local(source.input_dir):
         layout, roots = folder.find_roots(source.input_dir)
         classes = sorted({class_name for class_name, _ in roots.values()})
@@ -205,10 +210,9 @@ def _list_file_list(pipeline, source: conversion.Source, options: conversion.Con
         pipeline
         | "ListRanges" >> beam.Create(listing.items)
         | "SpreadRanges" >> beam.Reshuffle()
-        | "ReadRange" >> beam.FlatMap(_read_lines, path=source.file_list)
-        | "ParseLine" >> beam.FlatMap(_parse_line, input_dir=source.input_dir, where=where).with_outputs(
-            "error", main="path"
-        )
+        | "ReadRange" >> beam.FlatMap(_read_lines, path=source.file_list, header=listing.columns is not None)
+        | "ParseLine" >> beam.FlatMap(_parse_line, input_dir=source.input_dir, where=where, columns=listing.columns)
+        .with_outputs("error", main="path")
     )
     unique = paths.path | "ListedOnce" >> beam.Distinct()
     top_folders = unique | "TopFolder" >> beam.Map(lambda path: path.split("/")[0]) | "TopFolders" >> beam.Distinct()
@@ -231,8 +235,9 @@ def _list_file_list(pipeline, source: conversion.Source, options: conversion.Con
     return files.file, files.skipped, errors, layout
 
 
-def _read_lines(byte_range: tuple, *, path: str) -> list:
-    """The lines of a text file that start in byte_range [start, end) (the usual rule for splitting a text file)."""
+def _read_lines(byte_range: tuple, *, path: str, header: bool) -> list:
+    """The lines of a text file that start in byte_range [start, end) (the usual rule for splitting a text file),
+    without the file's first line when it is a header."""
     start, end = byte_range
     with tf.io.gfile.GFile(path, "rb") as text_file:
         if start > 0:
@@ -248,12 +253,14 @@ def _read_lines(byte_range: tuple, *, path: str) -> list:
     first = lines[0] if lines and start == 0 else None
     if first is not None and first.startswith(b"\xef\xbb\xbf"):
         lines[0] = first[3:]  # the byte-order mark some editors write (utf-8-sig, as tfrecords.build reads it)
+    if header and start == 0:
+        lines = lines[1:]
     return [line.decode("utf-8") for line in lines]
 
 
-def _parse_line(line: str, *, input_dir: str, where: str):
+def _parse_line(line: str, *, input_dir: str, where: str, columns: tuple | None):
     try:
-        path = folder.file_list_path(line, input_dir=input_dir, where=where)
+        path = folder.file_list_path(folder.file_list_entry(line, columns, where=where), input_dir=input_dir, where=where)
     except ValueError as error:
         yield beam.pvalue.TaggedOutput("error", str(error))
         return

@@ -108,8 +108,10 @@ def define_conversion_flags() -> None:
         "file_list",
         None,
         "Text file (local or gs://) of the image files' paths, one per line (relative to --input_dir or full "
-        "paths under it, e.g. from an object inventory), laid out as class folders or pre-split folders: "
-        "--input_dir is then never walked, for buckets of millions of objects.",
+        "paths under it, e.g. from gcloud storage ls -r), or a .csv whose header names the path column (path, name, "
+        "key or object; with a bucket column the path is gs://<bucket>/<name>, as in a Cloud Storage inventory "
+        "report); laid out as class folders or pre-split folders: --input_dir is then never walked, for buckets of "
+        "millions of objects.",
     )
     flags.mark_flag_as_required("output_dir")
 

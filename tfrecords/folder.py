@@ -14,8 +14,8 @@ listing order, and adding files never moves the others.
 
 With `labels_csv`, the files are the `path,label` rows of that CSV instead (paths relative to
 input_dir, which need not be class folders), split by the same hash as class folders. With `file_list`,
-the files are the paths of a text file, one per line, in either folder layout: nothing is walked
-(_list_file_list).
+the files are the paths of a text file, one per line, or of a CSV's path column (file_list_columns), in
+either folder layout: nothing is walked (_list_file_list).
 
 Class names must be usable as label names: a name with a line break or another control character is
 refused (labels.txt has one name per line). Any other name, including spaces, non-ASCII letters and
@@ -65,6 +65,8 @@ TRAIN_FOLDER = "train"
 VALIDATION_FOLDERS = ("validation", "val")
 TEST_FOLDER = "test"
 IGNORED_NAMES = ("__MACOSX",)
+# A CSV --file_list's path column, the first of these its header names (Cloud Storage inventory reports: "name").
+FILE_LIST_PATH_COLUMNS = ("path", "name", "key", "object")
 
 
 # slots: a listing of 10 million files holds 10 million of these.
@@ -290,12 +292,49 @@ def _read_file_list(file_list: str, input_dir: str) -> set:
         raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
     with tf.io.gfile.GFile(file_list, "rb") as list_file:
         lines = list_file.read().decode("utf-8-sig").splitlines()
+    columns = file_list_columns(file_list, lines[0] if lines else "")
     relative_paths = set()
     for line_number, line in enumerate(lines, start=1):
-        relative_path = file_list_path(line, input_dir=input_dir, where=f"--file_list {file_list!r} line {line_number}")
+        if columns and line_number == 1:
+            continue  # the CSV's header
+        where = f"--file_list {file_list!r} line {line_number}"
+        relative_path = file_list_path(file_list_entry(line, columns, where=where), input_dir=input_dir, where=where)
         if relative_path:
             relative_paths.add(relative_path)
     return relative_paths
+
+
+def file_list_columns(file_list: str, header: str) -> tuple | None:
+    """For a CSV --file_list (a name ending in .csv, e.g. a Cloud Storage inventory report), the indexes of its
+    (path, bucket) columns from its header; bucket is None when there is no such column. None for a text list.
+
+    Raises:
+        ValueError: a CSV without a path column.
+    """
+    if not file_list.lower().endswith(".csv"):
+        return None
+    names = [name.strip().lower() for name in next(csv.reader([header]), [])]
+    path_column = next((names.index(name) for name in FILE_LIST_PATH_COLUMNS if name in names), None)
+    if path_column is None:
+        raise ValueError(
+            f"--file_list {file_list!r} is a CSV whose header {header!r} names no path column; expected one of "
+            f"{', '.join(FILE_LIST_PATH_COLUMNS)} (and optionally bucket, as in a Cloud Storage inventory report)"
+        )
+    return path_column, names.index("bucket") if "bucket" in names else None
+
+
+def file_list_entry(line: str, columns: tuple | None, *, where: str) -> str:
+    """The path a --file_list line gives: the line itself, or in a CSV its path column (gs://<bucket>/<name>
+    when there is a bucket column)."""
+    if columns is None or not line.strip():
+        return line
+    path_column, bucket_column = columns
+    fields = next(csv.reader([line]))
+    if len(fields) <= max(path_column, bucket_column or 0):
+        raise ValueError(f"{where} is {line!r}: fewer fields than the header names; expected a row of the same columns")
+    if bucket_column is None:
+        return fields[path_column]
+    return f"gs://{fields[bucket_column]}/{fields[path_column]}"
 
 
 def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
