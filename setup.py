@@ -54,6 +54,7 @@ setup(
             "trainer-train=trainer.train:run",
             "trainer-predict=trainer.predict:run",
             "trainer-evaluate=trainer.evaluate:run",
+            "trainer-data-quality=trainer.data_quality:run",
             "launch-local=launch.local:run",
             "launch-vertex=launch.vertex:run",
             "launch-tpu-vm=launch.tpu_vm:run",

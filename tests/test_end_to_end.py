@@ -82,8 +82,17 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     assert evaluation["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert evaluation["num_examples"] == metrics["num_examples"]
     assert set(metrics["phases"]) == {"phase1", "phase2"}
-    for name in ("confusion_matrix.png", "errors.png", "learning_curves.png", "evaluation.txt"):
+    for name in ("confusion_matrix.png", "errors.png", "learning_curves.png", "evaluation.txt", "data_quality.png"):
         assert (model_dir / name).stat().st_size > 0
+    # The data-quality report covers every image, and its summary is printed before the accuracy line.
+    quality_report = json.loads((model_dir / "data_quality.json").read_text())
+    assert quality_report["num_images"] == 60
+    assert "data quality of 60 images: " in first.stdout
+    # On its own, the same report from the trained model (into another folder).
+    alone = run_cli("trainer.data_quality", f"--data_dir={converted}", f"--model_dir={model_dir}",
+                    f"--output_dir={tmp_path / 'quality'}")
+    assert alone.stdout.startswith("data quality of 60 images: ")
+    assert json.loads((tmp_path / "quality" / "data_quality.json").read_text())["num_images"] == 60
 
     image = sorted((demo_image_dir / "square").glob("*.jpg"))[0]
     assert serve_file(model_dir, image) in ["circle", "square", "triangle"]

@@ -285,6 +285,44 @@ def plot_errors(*, images, labels, probabilities, class_names: list[str], path: 
 
 
 @plain_text
+def plot_quality(*, issues: list, pairs: list, thumbnails: dict, path: str) -> Figure:
+    """Plots the top suspects of a data-quality report: likely label errors, then near-duplicate pairs.
+
+    Args:
+        issues: the report's label issues to show ({"path", "given", "suggested", "score"}).
+        pairs: the report's near-duplicate pairs to show ({"paths", "splits", "similarity"}).
+        thumbnails: source path -> uint8 [h, w, 3] image (a path missing here is drawn as its name only).
+        path: the PNG to write (local or gs://).
+
+    Returns:
+        The figure (already written).
+    """
+    panels = [(issue["path"], f"{issue['path']}\ngiven {issue['given']} / looks like {issue['suggested']} "
+               f"({issue['score']:.2f})") for issue in issues]
+    for pair in pairs:
+        for index in range(2):
+            panels.append((pair["paths"][index], f"{pair['splits'][index]}: {pair['paths'][index]}\n"
+                           f"near-duplicate pair, similarity {pair['similarity']:.3f}"))
+    if not panels:
+        figure = Figure(figsize=(4, 1.5))
+        figure.text(0.5, 0.5, "no likely label errors or near-duplicates", ha="center", va="center", fontsize=12)
+        write_png(figure, path)
+        return figure
+    columns = min(4, len(panels))
+    rows = math.ceil(len(panels) / columns)
+    figure = Figure(figsize=(3.5 * columns, 3.7 * rows))
+    for index, (source, title) in enumerate(panels):
+        axes = figure.add_subplot(rows, columns, index + 1)
+        if source in thumbnails:
+            axes.imshow(thumbnails[source])
+        axes.set_title(title, fontsize=7)
+        axes.axis("off")
+    figure.suptitle("Data quality: likely label errors, then near-duplicate pairs (two panels each)")
+    write_png(figure, path)
+    return figure
+
+
+@plain_text
 def plot_learning_curves(*, history: list[dict], path: str) -> Figure:
     """Plots training and validation accuracy and loss per epoch, across both phases.
 

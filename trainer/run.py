@@ -18,7 +18,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
-from trainer import model_card, run_dir, steps, transfer
+from trainer import model_card, quality, run_dir, steps, transfer
 
 METRICS_FILE = "metrics.json"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -44,6 +44,8 @@ class RunOptions:
     recipe: recipe.Recipe = recipe.Recipe()
     loop: loop.LoopOptions = loop.LoopOptions()
     export: export.ExportOptions = export.ExportOptions()
+    # None: no data-quality report (--nodata_quality).
+    quality: quality.QualityOptions | None = quality.QualityOptions()
     batch_size: int = 32
     precision: str = "float32"
     seed: int = 42
@@ -121,6 +123,8 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
         model = model_lib.build_model(options.model, num_classes=len(class_names), augmentation=device_augmentation)
     if chief and options.augmented:
         write_augmented_images(model_dir, splits, device_augmentation)
+    if chief and options.quality and model_lib.get_backbones(model):
+        write_quality_report(options, model=model, manifest=manifest)
     evaluation_step = steps.make_evaluation_step(model=model, strategy=strategy)  # traced once per run
     phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
     loss_function = options.recipe.loss_function(manifest)
@@ -169,6 +173,21 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
         write_metrics(model_dir, metrics)
         write_reports(options, model=model, manifest=manifest, metrics=metrics)
     return metrics
+
+
+def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict) -> None:
+    """The chief's data-quality report (quality.py), once per model_dir, from the backbone as phase 1 finds it.
+
+    Before any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them.
+    """
+    path = tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)
+    if tf.io.gfile.exists(path):  # a resumed run: the backbone it was made with is gone by now
+        return
+    report = quality.make_report(model=model, data_dir=options.data_dir, manifest=manifest,
+                                 image_size=options.model.image_size, options=options.quality)
+    summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
+                                   manifest=manifest, image_size=options.model.image_size)
+    logging.info("%s", summary)
 
 
 def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:

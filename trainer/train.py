@@ -14,6 +14,7 @@ the model_dir's lock and calls trainer/run.py's train_and_evaluate (see ARCHITEC
 """
 
 import dataclasses
+import json
 import sys
 
 import tensorflow as tf
@@ -21,7 +22,7 @@ from absl import app, flags, logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
-from trainer import run_dir, transfer
+from trainer import quality, run_dir, transfer
 from trainer import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
@@ -109,6 +110,17 @@ flags.DEFINE_string(
     "Where features past --feature_cache_memory_mb are spilled (a new subfolder per worker and split, deleted after "
     "phase 1), local or gs://; empty is the system's temporary folder (TMPDIR).",
 )
+flags.DEFINE_bool(
+    "data_quality", True,
+    "Before training, embed every image with the backbone and write <model_dir>/data_quality.json and .png: likely "
+    "label errors (confident learning on out-of-fold predictions) and near-duplicate pairs, across splits first.",
+)
+flags.DEFINE_float(
+    "data_quality_similarity", 0.98,
+    "Correlation of two images' 16 x 16 grayscale thumbnails from which they are near-duplicates (resized or "
+    "recompressed copies: 0.999 and more).",
+)
+flags.DEFINE_integer("data_quality_folds", 5, "Linear heads (folds) whose out-of-fold predictions score the labels.")
 flags.DEFINE_integer(
     "unfreeze_stages", 1,
     "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
@@ -245,6 +257,9 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
             confusion_matrix_images=FLAGS.confusion_matrix_images,
         ),
         export=export.ExportOptions(top_k=FLAGS.top_k, tflite=FLAGS.export_tflite),
+        quality=quality.QualityOptions(
+            near_duplicate_similarity=FLAGS.data_quality_similarity, folds=FLAGS.data_quality_folds, seed=FLAGS.seed,
+        ) if FLAGS.data_quality else None,
         batch_size=FLAGS.batch_size,
         precision=FLAGS.precision,
         seed=FLAGS.seed,
@@ -335,6 +350,10 @@ def print_summary(options: run_lib.RunOptions, metrics: dict) -> None:
         print(f"{'model':<40} {split + ' accuracy':>15} (the same {metrics['num_examples']} images)")
         print(f"{options.model.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
         print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
+    quality_path = tf.io.gfile.join(model_dir, quality.QUALITY_JSON)
+    if options.quality and tf.io.gfile.exists(quality_path):
+        with tf.io.gfile.GFile(quality_path, "r") as quality_file:
+            print(quality.summarize(quality=json.load(quality_file), path=quality_path))
     print(
         f"{split} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
         f"model in {model_dir} (SavedModel: {tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)}; "
