@@ -67,8 +67,15 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     model_dir = tmp_path / "model"
     command = [f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING]
     first = run_cli("trainer.train", *command)
-    assert "test accuracy" in first.stdout
+    assert re.search(r"test accuracy \d\.\d{4} on \d+ images \(95% interval 0\.\d{3}-[01]\.\d{3}\)", first.stdout)
     metrics = json.loads((model_dir / "metrics.json").read_text())
+    # Where the time went, printed and in metrics.json: every stage of this run, and the rest.
+    assert "where the time went" in first.stdout
+    times = metrics["time_seconds"]
+    for stage in ("data-quality report", "phase1: caching backbone features", "phase1: training and validation",
+                  "phase2: training and validation", "export", "other", "total"):
+        assert stage in times, stage
+    assert sum(value for name, value in times.items() if name != "total") == pytest.approx(times["total"], abs=0.5)
     assert metrics["evaluated_split"] == "test" and metrics["num_replicas"] == 1
     assert 0.0 <= metrics["accuracy"] <= 1.0
     assert [(entry["epoch"], entry["phase"]) for entry in metrics["history"]] == [(1, "phase1"), (2, "phase2")]

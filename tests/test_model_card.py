@@ -96,3 +96,10 @@ def test_card_lists_each_tflite_file_with_its_tensors_as_the_interpreter_reports
     line, = [line for line in card.splitlines() if line.startswith(f"- `{export.TFLITE_DIR}/")]
     assert line.startswith(f"- `{export.TFLITE_DIR}/{export.TFLITE_FILES['none']}`: inputs `")
     assert ": float32 [1, 8, 8, 3]; outputs `" in line and ": float32 [1, 3]" in line
+
+
+def test_the_printed_accuracy_names_its_split_size_and_interval_and_flags_a_validation_split():
+    statement = model_card.accuracy_statement({"evaluated_split": "test", "num_examples": 146, "accuracy": 145 / 146})
+    assert statement == "test accuracy 0.9932 on 146 images (95% interval 0.962-0.999)"
+    biased = model_card.accuracy_statement({"evaluated_split": "validation", "num_examples": 81, "accuracy": 0.5})
+    assert biased.startswith("validation accuracy 0.5000 on 81 images (95% interval ") and "selection-biased" in biased

@@ -131,6 +131,21 @@ def test_moved_photos_and_a_resized_copy_across_splits_are_found_in_real_photos(
     assert summary.startswith(f"data quality of {converted} images: ") and "across splits" in summary
 
 
+def test_a_folder_larger_than_max_images_is_reported_on_a_stable_sample(demo_data_dir):
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none"), num_classes=3,
+    )
+    manifest = schema.read_manifest(str(demo_data_dir))
+    total = sum(split["num_examples"] for split in manifest["splits"].values())
+    options = quality.QualityOptions(max_images=total // 2, folds=2)
+    first = quality.make_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
+    again = quality.make_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
+    assert first["sampled"] and first["num_images_in_data"] == total
+    assert total // 4 < first["num_images"] < total * 3 // 4
+    assert first["label_issues"] == again["label_issues"]  # the same images every time
+    assert "images (a sample of the" in quality.summarize(quality=first, path="data_quality.json")
+
+
 def test_the_program_without_a_trained_model_is_a_one_line_error(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "trainer.data_quality", f"--model_dir={tmp_path}", f"--data_dir={tmp_path}"],

@@ -1,5 +1,7 @@
 """trainer/reporting.py: history.json, the per-epoch console line and TensorBoard summaries."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -65,3 +67,17 @@ def test_hparams_of_runs_in_one_folder_show_side_by_side(tmp_path):
     assert hyperparameters == {"model.backbone": "efficientnet_lite0", "schedule.learning_rate": 3e-3,
                                "augment": True, "batch_size": 32.0}
     assert final == pytest.approx({"final/test_accuracy": 0.8, "final/best_validation_accuracy": 0.7})
+
+
+def test_the_stopwatch_adds_stages_of_one_name_and_accounts_for_the_rest():
+    stopwatch = reporting.Stopwatch(started=time.perf_counter() - 10.0)  # the program started 10 s ago
+    stopwatch.add("phase1: training and validation", 2.0)
+    stopwatch.add("phase1: training and validation", 1.0)
+    with stopwatch.stage("export"):
+        pass
+    times = stopwatch.summary()
+    assert list(times) == ["phase1: training and validation", "export", "other", "total"]
+    assert times["phase1: training and validation"] == 3.0 and 9.9 <= times["total"] <= 11.0
+    assert times["other"] == pytest.approx(times["total"] - 3.0 - times["export"], abs=0.2)
+    table = reporting.format_times(times)
+    assert table.splitlines()[0].startswith("where the time went") and "phase1: training and validation" in table

@@ -22,6 +22,22 @@ MAX_CONFUSIONS_LISTED = 5
 FEW_TRAINING_IMAGES = 50  # a class with fewer training images than this is flagged as thinly trained
 
 
+def accuracy_statement(metrics: dict) -> str:
+    """The run's final accuracy as printed: its split, its size and its 95% interval, and for a validation split
+    (no test split in the data) that it is selection-biased.
+
+    Args:
+        metrics: what metrics.json holds (evaluated_split, num_examples, accuracy).
+    """
+    split, total = metrics["evaluated_split"], metrics["num_examples"]
+    low, high = wilson_interval(round(metrics["accuracy"] * total), total)
+    statement = f"{split} accuracy {metrics['accuracy']:.4f} on {total} images (95% interval {low:.3f}-{high:.3f})"
+    if split == "validation":
+        statement += (" [selection-biased: the data has no test split, and this validation split also chose the kept "
+                      "epoch; convert with --test_fraction above 0 for an unbiased number]")
+    return statement
+
+
 def wilson_interval(correct: int, total: int, z: float = WILSON_Z) -> tuple[float, float]:
     """The Wilson score interval of a proportion (95% by default): honest for small splits and for 0 or 1."""
     if total <= 0:

@@ -1,7 +1,9 @@
 """What a run shows while it trains: history.json, TensorBoard scalars and images, one console line per epoch."""
 
+import contextlib
 import json
 import math
+import time
 
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
@@ -12,6 +14,43 @@ from trainer import report
 HISTORY_FILE = "history.json"
 FLAGS_FILE = "flags.txt"  # the run's resolved flags, written by trainer/train.py
 LOG_DIR = "logs"
+
+
+class Stopwatch:
+    """Wall time of a run's stages, in the order they ran, for the table at the end of a run and metrics.json."""
+
+    def __init__(self, started: float | None = None):
+        """started: time.perf_counter() when the program started (default: now)."""
+        self.started = time.perf_counter() if started is None else started
+        self.seconds = {}
+
+    def add(self, name: str, seconds: float) -> None:
+        self.seconds[name] = self.seconds.get(name, 0.0) + seconds
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        """Times the block as stage `name` (added to an earlier stage of the same name)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(name, time.perf_counter() - start)
+
+    def summary(self) -> dict:
+        """{stage: seconds}, then "other" (start-up, checks, between stages) and "total", rounded to 0.1 s."""
+        total = time.perf_counter() - self.started
+        stages = {name: round(seconds, 1) for name, seconds in self.seconds.items()}
+        return {**stages, "other": round(max(0.0, total - sum(self.seconds.values())), 1), "total": round(total, 1)}
+
+
+def format_times(times: dict) -> str:
+    """The time table printed at the end of a run, from Stopwatch.summary()."""
+    total = max(times["total"], 1e-9)
+    width = max(len(name) for name in times) + 2
+    lines = ["where the time went (wall seconds, share of the run):"]
+    lines += [f"  {name:<{width}}{seconds:8.1f}  {seconds / total:5.0%}" for name, seconds in times.items() if name != "total"]
+    lines.append(f"  {'total':<{width}}{times['total']:8.1f}")
+    return "\n".join(lines)
 
 
 class History:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import time
 
 import keras
 import tensorflow as tf
@@ -101,14 +102,19 @@ class RunOptions:
         }
 
 
-def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict) -> dict:
+def train_and_evaluate(
+    options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict, stopwatch: reporting.Stopwatch | None = None,
+) -> dict:
     """Trains the phases, restores the best weights, evaluates, exports; returns what metrics.json holds.
+
+    stopwatch: times the stages (metrics.json "time_seconds"); started with the program by train.py.
 
     Raises:
         checkpoints.Preempted: a SIGTERM stopped training after saving a checkpoint.
         FloatingPointError: the training loss stopped being finite.
     """
     class_names, model_dir, chief = manifest["classes"], options.model_dir, distribute.is_chief(strategy)
+    stopwatch = stopwatch or reporting.Stopwatch()
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(options.precision)
     loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(
@@ -124,7 +130,8 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
     if chief and options.augmented:
         write_augmented_images(model_dir, splits, device_augmentation)
     if chief and options.quality and model_lib.get_backbones(model):
-        write_quality_report(options, model=model, manifest=manifest)
+        with stopwatch.stage("data-quality report"):
+            write_quality_report(options, model=model, manifest=manifest)
     evaluation_step = steps.make_evaluation_step(model=model, strategy=strategy)  # traced once per run
     phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
     loss_function = options.recipe.loss_function(manifest)
@@ -140,38 +147,50 @@ def train_and_evaluate(options: RunOptions, *, strategy: tf.distribute.Strategy,
                 continue
             if phase.fine_tune_at is not None:
                 transfer.unfreeze(model, phase, strategy=strategy)
+            started = time.perf_counter()
             trained = transfer.phase_data(phase, model=model, evaluation_step=evaluation_step, splits=splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed)
+            if trained.model is not model:
+                stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
             with strategy.scope():
                 optimizer = options.recipe.optimizer(
                     name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,
                     total_steps=(phase.last_epoch - phase.first_epoch) * loop_options.steps_per_epoch, model=trained.model,
                 )
-            result = loop.train_phase(
-                phase, trained, optimizer=optimizer, loss_function=loss_function, global_batch_size=options.batch_size,
-                strategy=strategy, model_dir=model_dir, reporter=reporter, preemption=preemption, weights_model=model,
-                # Profiling traces steps of the first phase only.
-                options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
-            )
+            with stopwatch.stage(f"{phase.name}: training and validation"):
+                result = loop.train_phase(
+                    phase, trained, optimizer=optimizer, loss_function=loss_function,
+                    global_batch_size=options.batch_size, strategy=strategy, model_dir=model_dir, reporter=reporter,
+                    preemption=preemption, weights_model=model,
+                    # Profiling traces steps of the first phase only.
+                    options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
+                )
             # The validation accuracy is the phase's last epoch's; the evaluation split is measured here.
-            evaluated = trained.evaluate(eval_split)
+            with stopwatch.stage(f"{phase.name}: {eval_split} evaluation"):
+                evaluated = trained.evaluate(eval_split)
             trained.finish()
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
                                          f"{eval_split}_accuracy": evaluated["accuracy"]}
             logging.info("%s done: validation accuracy %.4f, %s accuracy %.4f", phase.name,
                          result["validation_accuracy"], eval_split, evaluated["accuracy"])
-    restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=reporter.history.epochs)
-    if restored or evaluated is None:  # else the last phase's evaluation holds for these weights
-        evaluated = steps.evaluate(evaluation_step, splits.images(eval_split, training=False))
+    with stopwatch.stage(f"best weights: {eval_split} evaluation"):
+        restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=reporter.history.epochs)
+        if restored or evaluated is None:  # else the last phase's evaluation holds for these weights
+            evaluated = steps.evaluate(evaluation_step, splits.images(eval_split, training=False))
     metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
                            restored=restored, history=reporter.history.epochs, strategy=strategy)
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))
-    export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export, strategy=strategy)
+    with stopwatch.stage("export"):
+        export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export,
+                          strategy=strategy)
     if chief:
         write_metrics(model_dir, metrics)
-        write_reports(options, model=model, manifest=manifest, metrics=metrics)
+        with stopwatch.stage("reports (evaluation report, plots, model card)"):
+            write_reports(options, model=model, manifest=manifest, metrics=metrics)
+        metrics["time_seconds"] = stopwatch.summary()
+        write_metrics(model_dir, metrics)  # again, with the time of everything
     return metrics
 
 

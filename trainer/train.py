@@ -16,13 +16,14 @@ the model_dir's lock and calls trainer/run.py's train_and_evaluate (see ARCHITEC
 import dataclasses
 import json
 import sys
+import time
 
 import tensorflow as tf
 from absl import app, flags, logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
-from trainer import quality, run_dir, transfer
+from trainer import model_card, quality, run_dir, transfer
 from trainer import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
@@ -203,6 +204,7 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
 FLAGS = flags.FLAGS
+STARTED = time.perf_counter()  # once the imports are done: "other" in the time table starts here
 
 
 def own_flags_text() -> str:
@@ -306,7 +308,8 @@ def main(argv: list[str]) -> None:
                 options.data_dir, manifest, options.model.image_size)
             if advice:
                 logging.warning("%s", advice)
-            metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest)
+            metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest,
+                                                 stopwatch=reporting.Stopwatch(started=STARTED))
             if FLAGS.baseline_cnn:
                 baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest)
                 metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
@@ -350,12 +353,14 @@ def print_summary(options: run_lib.RunOptions, metrics: dict) -> None:
         print(f"{'model':<40} {split + ' accuracy':>15} (the same {metrics['num_examples']} images)")
         print(f"{options.model.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
         print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
+    if "time_seconds" in metrics:
+        print(reporting.format_times(metrics["time_seconds"]))
     quality_path = tf.io.gfile.join(model_dir, quality.QUALITY_JSON)
     if options.quality and tf.io.gfile.exists(quality_path):
         with tf.io.gfile.GFile(quality_path, "r") as quality_file:
             print(quality.summarize(quality=json.load(quality_file), path=quality_path))
     print(
-        f"{split} accuracy {metrics['accuracy']:.4f} on {metrics['num_examples']} images; "
+        f"{model_card.accuracy_statement(metrics)}; "
         f"model in {model_dir} (SavedModel: {tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)}; "
         f"report: {tf.io.gfile.join(model_dir, 'evaluation.txt')})"
     )
