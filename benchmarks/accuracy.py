@@ -18,8 +18,11 @@ from our shards ("image/source"), then mirrored as folders of symlinks for the t
 2. "ours": the real CLIs as subprocesses, `python -m tfrecords.build` then `python -m trainer.train`
    with our defaults plus --ours_flags; its wall time is the conversion plus the training.
 
-Results of row 1 are saved to <work_dir>/seeds_results.json; --skip_seeds reuses them, so our recipe can
-be tuned without re-running the slow baseline. Logs of the subprocesses: <work_dir>/build.log, train.log.
+Both rows run once per training seed (--train_seeds, default 1,2,3: weights, shuffling, augmentation; the split
+stays --seed's), then the summary gives each recipe's mean, standard deviation and range of the final test
+accuracy and wall time: a default changes only on a difference larger than that spread. Results of row 1 are
+saved to <work_dir>/seeds_results_seed<N>.json; --skip_seeds reuses them, so our recipe can be tuned without
+re-running the slow baseline. Logs of the subprocesses: <work_dir>/build.log, train_seed<N>.log.
 Not a test: accuracies on ~75 test images move by a few points from run to run.
 """
 
@@ -28,6 +31,7 @@ import json
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -229,11 +233,11 @@ def format_row(name: str, results: dict, wall_seconds: float, seeds_seconds: flo
             cells.append("n/a" if value is None else f"{value:.3f}")
     final = final_test_accuracy(results)
     cells += ["n/a" if final is None else f"{final:.3f}", f"{wall_seconds:.0f}", f"{wall_seconds / seeds_seconds:.2f}x"]
-    return f"{name:<20}" + "".join(f"{cell:>15}" for cell in cells)
+    return f"{name:<28}" + "".join(f"{cell:>15}" for cell in cells)
 
 
-def run_seeds(data_dir: str, results_path: str) -> dict:
-    """Mirrors our splits as symlink folders, trains the tutorials' recipe, saves and returns its results."""
+def run_seeds(data_dir: str, results_path: str, seed: int) -> dict:
+    """Mirrors our splits as symlink folders, trains the tutorials' recipe with `seed`, saves and returns its results."""
     manifest = schema.read_manifest(data_dir)
     splits = read_split_sources(data_dir)
     split_folders = link_split_folders(FLAGS.image_dir, splits, manifest["classes"],
@@ -243,13 +247,13 @@ def run_seeds(data_dir: str, results_path: str) -> dict:
         image_size=FLAGS.seeds_image_size, batch_size=FLAGS.seeds_batch_size, epochs=FLAGS.seeds_epochs,
         fine_tune_epochs=FLAGS.seeds_fine_tune_epochs, fine_tune_at=FLAGS.seeds_fine_tune_at,
         learning_rate=FLAGS.seeds_learning_rate, fine_tune_learning_rate=FLAGS.seeds_fine_tune_learning_rate,
-        seed=FLAGS.seed,
+        seed=seed,
     )
     results["settings"] = split_settings() | {
         name: getattr(FLAGS, name) for name in (
             "seeds_image_size", "seeds_batch_size", "seeds_epochs", "seeds_fine_tune_epochs",
             "seeds_fine_tune_at", "seeds_learning_rate", "seeds_fine_tune_learning_rate")
-    } | {"split_sizes": {split: len(sources) for split, sources in splits.items()}}
+    } | {"split_sizes": {split: len(sources) for split, sources in splits.items()}, "train_seed": seed}
     results["finished_at"] = datetime.datetime.now().isoformat(timespec="seconds")
     with open(results_path, "w") as file:
         json.dump(results, file, indent=2)
@@ -267,25 +271,30 @@ def main(argv):
     try:
         check_inputs(FLAGS.image_dir, FLAGS.backbone_file)
         ours_flags = shlex.split(FLAGS.ours_flags)
-        results_path = os.path.join(FLAGS.work_dir, SEEDS_RESULTS_FILE)
-        if FLAGS.skip_seeds and not os.path.isfile(results_path):
-            raise ValueError(f"--skip_seeds needs {results_path} from an earlier run; run once without --skip_seeds")
+        train_seeds = [int(seed) for seed in FLAGS.train_seeds]
+        for seed in train_seeds:
+            results_path = seeds_results_path(seed)
+            if FLAGS.skip_seeds and not os.path.isfile(results_path):
+                raise ValueError(f"--skip_seeds needs {results_path} from an earlier run; run once without --skip_seeds")
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     try:
-        compare(ours_flags, results_path)
+        compare(ours_flags, train_seeds)
     except RuntimeError as error:  # a subprocess failed; its log's tail is in the message
         print(f"error: {error}", file=sys.stderr)
         sys.exit(1)
 
 
-def compare(ours_flags: list[str], results_path: str) -> None:
-    """Converts, trains both rows (or reuses the baseline's results) and prints the table."""
+def seeds_results_path(seed: int) -> str:
+    """Where the tutorials' recipe's results of one training seed are kept (for --skip_seeds)."""
+    return os.path.join(FLAGS.work_dir, SEEDS_RESULTS_FILE.replace(".json", f"_seed{seed}.json"))
+
+
+def compare(ours_flags: list[str], train_seeds: list[int]) -> None:
+    """Converts once, trains both recipes once per training seed (or reuses the baseline's results), prints the table."""
     os.makedirs(FLAGS.work_dir, exist_ok=True)
     data_dir = os.path.join(FLAGS.work_dir, "tfrecords")
-    model_dir = os.path.join(FLAGS.work_dir, "ours")
-
     build_command = [
         sys.executable, "-m", "tfrecords.build", f"--input_dir={FLAGS.image_dir}", f"--output_dir={data_dir}",
         f"--validation_fraction={FLAGS.validation_fraction}", f"--test_fraction={FLAGS.test_fraction}",
@@ -297,43 +306,70 @@ def compare(ours_flags: list[str], results_path: str) -> None:
     split_sizes = {split: manifest["splits"][split]["num_examples"] for split in SPLITS if split in manifest["splits"]}
     print(f"splits: {split_sizes}, classes: {manifest['classes']}", flush=True)
 
-    if FLAGS.skip_seeds:
-        with open(results_path) as file:
-            seeds = json.load(file)
-        print(f"seeds' recipe: reused {results_path} (finished at {seeds.get('finished_at', 'unknown time')})")
-        if {key: seeds.get("settings", {}).get(key) for key in split_settings()} != split_settings():
-            print(f"warning: those results were run with other splits: {seeds.get('settings')}")
-    else:
-        print("seeds' recipe: training in this process", flush=True)
-        seeds = run_seeds(data_dir, results_path)
+    rows = []  # (seed, seeds' results, ours' results, ours' seconds)
+    for seed in train_seeds:
+        seeds = baseline_results(data_dir, seed)
+        ours, train_seconds = train_ours(data_dir, ours_flags, seed)
+        rows.append((seed, seeds, ours, build_seconds + train_seconds))
 
+    print(f"\nimages: {FLAGS.image_dir} splits {split_sizes}; backbone: {FLAGS.backbone_file}; cores: {os.cpu_count()}")
+    print(f"training seeds {train_seeds} (the split is --seed={FLAGS.seed}'s for every row); ours: convert "
+          f"{build_seconds:.0f} s once, counted in each of its rows; flags: {FLAGS.ours_flags or '(defaults)'}")
+    print(f"\n{'':<28}" + "".join(f"{column:>15}" for column in COLUMNS))
+    ours_name = "ours (defaults)" if not ours_flags else "ours (--ours_flags)"
+    for seed, seeds, ours, ours_seconds in rows:
+        print(format_row(f"seeds' recipe, seed {seed}", seeds, seeds["wall_seconds"], seeds["wall_seconds"]))
+        print(format_row(f"{ours_name}, seed {seed}", ours, ours_seconds, seeds["wall_seconds"]))
+    print_summary(rows, num_test=split_sizes.get("test", 0))
+
+
+def baseline_results(data_dir: str, seed: int) -> dict:
+    """The tutorials' recipe's results for one training seed: trained now, or reused with --skip_seeds."""
+    results_path = seeds_results_path(seed)
+    if not FLAGS.skip_seeds:
+        print(f"seeds' recipe, seed {seed}: training in this process", flush=True)
+        return run_seeds(data_dir, results_path, seed)
+    with open(results_path) as file:
+        seeds = json.load(file)
+    print(f"seeds' recipe, seed {seed}: reused {results_path} (finished at {seeds.get('finished_at', 'unknown time')})")
+    if {key: seeds.get("settings", {}).get(key) for key in split_settings()} != split_settings():
+        print(f"warning: those results were run with other splits: {seeds.get('settings')}")
+    return seeds
+
+
+def train_ours(data_dir: str, ours_flags: list[str], seed: int) -> tuple:
+    """Trains ours with `seed` (from scratch); returns (results, training seconds)."""
+    model_dir = os.path.join(FLAGS.work_dir, f"ours_seed{seed}")
     # A model_dir with checkpoints would make the trainer resume instead of training from scratch.
     shutil.rmtree(model_dir, ignore_errors=True)
     train_command = [
         sys.executable, "-m", "trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-        f"--backbone={FLAGS.backbone_file}", "--preprocess=tf", f"--seed={FLAGS.seed}", *ours_flags,
+        f"--backbone={FLAGS.backbone_file}", "--preprocess=tf", f"--seed={seed}", *ours_flags,
     ]
-    print(f"ours: {shlex.join(train_command)}", flush=True)
-    train_seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, "train.log"))
-    ours = read_our_results(model_dir)
-    ours_seconds = build_seconds + train_seconds
+    print(f"ours, seed {seed}: {shlex.join(train_command)}", flush=True)
+    seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, f"train_seed{seed}.log"))
+    return read_our_results(model_dir), seconds
 
-    seeds_settings = seeds.get("settings", {})
-    print(f"\nimages: {FLAGS.image_dir} splits {split_sizes}; backbone: {FLAGS.backbone_file}; cores: {os.cpu_count()}")
-    print(f"seeds' recipe: {seeds_settings.get('seeds_epochs')} + {seeds_settings.get('seeds_fine_tune_epochs')} "
-          f"epochs at {seeds_settings.get('seeds_image_size')} px; per epoch (s): phase 1 "
-          + ", ".join(f"{s:.0f}" for s in seeds["phase1"]["epoch_seconds"])
-          + ("; phase 2 " + ", ".join(f"{s:.0f}" for s in seeds["phase2"]["epoch_seconds"]) if "phase2" in seeds else ""))
-    print(f"ours: convert {build_seconds:.0f} s + train {train_seconds:.0f} s; flags: {FLAGS.ours_flags or '(defaults)'}")
-    print(f"\n{'':<20}" + "".join(f"{column:>15}" for column in COLUMNS))
-    print(format_row("seeds' recipe", seeds, seeds["wall_seconds"], seeds["wall_seconds"]))
-    ours_name = "ours (defaults)" if not ours_flags else "ours (--ours_flags)"
-    print(format_row(ours_name, ours, ours_seconds, seeds["wall_seconds"]))
 
-    seeds_final, ours_final = final_test_accuracy(seeds), final_test_accuracy(ours)
-    accuracy_met = seeds_final is not None and ours_final is not None and ours_final >= seeds_final
-    print(f"\naccuracy target (ours final test >= seeds final test): {'met' if accuracy_met else 'not met'}")
-    print(f"time target (ours <= 0.5x seeds): {'met' if ours_seconds <= 0.5 * seeds['wall_seconds'] else 'not met'}")
+def print_summary(rows: list, *, num_test: int) -> None:
+    """Mean and spread over the seeds of each recipe's final test accuracy and wall time, and the targets."""
+    seeds_accuracy = [final_test_accuracy(seeds) or 0.0 for _, seeds, _, _ in rows]
+    ours_accuracy = [final_test_accuracy(ours) or 0.0 for _, _, ours, _ in rows]
+    seeds_time = [seeds["wall_seconds"] for _, seeds, _, _ in rows]
+    ours_time = [seconds for _, _, _, seconds in rows]
+
+    def spread(values: list, digits: int) -> str:
+        deviation = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} +- {deviation:.{digits}f} (min {min(values):.{digits}f}, max {max(values):.{digits}f})"
+
+    print(f"\nover {len(rows)} seeds, final model on the test split ({num_test} images: one image is "
+          f"{1 / max(num_test, 1):.3f}):")
+    print(f"  seeds' recipe: accuracy {spread(seeds_accuracy, 3)}, wall time {spread(seeds_time, 0)} s")
+    print(f"  ours:          accuracy {spread(ours_accuracy, 3)}, wall time {spread(ours_time, 0)} s")
+    ratio = statistics.mean(ours_time) / statistics.mean(seeds_time)
+    accuracy_met = statistics.mean(ours_accuracy) >= statistics.mean(seeds_accuracy)
+    print(f"accuracy target (mean ours >= mean seeds): {'met' if accuracy_met else 'not met'}; "
+          f"time target (mean ours <= 0.4x mean seeds): {'met' if ratio <= 0.4 else 'not met'} ({ratio:.2f}x)")
 
 
 if __name__ == "__main__":
@@ -344,7 +380,10 @@ if __name__ == "__main__":
                         "Where the shards, split folders, our model, logs and the saved baseline results go.")
     flags.DEFINE_float("validation_fraction", 0.15, "Share of the images in the validation split (~75 of 500).")
     flags.DEFINE_float("test_fraction", 0.15, "Share of the images in the test split (~75 of 500).")
-    flags.DEFINE_integer("seed", 42, "Seed of the split (tfrecords.build), of the baseline and of our trainer.")
+    flags.DEFINE_integer("seed", 42, "Seed of the split (tfrecords.build): the same images in each split for every row.")
+    flags.DEFINE_list("train_seeds", ["1", "2", "3"],
+                      "Training seeds (weights, shuffling, augmentation): each recipe runs once per seed, and the summary "
+                      "gives the mean and spread, so a default changes only on a difference larger than the noise.")
     flags.DEFINE_integer("seeds_image_size", 224, "Baseline image size (the tutorials' 224; smaller only for debugging).")
     flags.DEFINE_integer("seeds_batch_size", 32, "Baseline batch size (the tutorials' 32).")
     flags.DEFINE_integer("seeds_epochs", 10, "Baseline phase-1 epochs (frozen backbone, Adam).")
@@ -356,5 +395,6 @@ if __name__ == "__main__":
                         "Extra flags for `python -m trainer.train`, one string, e.g. '--epochs=3 --image_size=160'; "
                         "'' = our defaults.")
     flags.DEFINE_bool("skip_seeds", False,
-                      f"Reuse the baseline results of an earlier run (<work_dir>/{SEEDS_RESULTS_FILE}) instead of training it.")
+                      "Reuse the baseline results of an earlier run (<work_dir>/seeds_results_seed<N>.json) instead of "
+                      "training it again.")
     app.run(main)
