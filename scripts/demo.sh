@@ -55,6 +55,7 @@ Demo finished in $((SECONDS - DEMO_START)) s. Everything is under $DEMO_DIR/; wh
   $DEMO_DIR/model/MODEL_CARD.md           what the model is, its data, test results with their interval, limits
   $DEMO_DIR/model/evaluation.txt          per-class precision/recall/F1 and the confusion matrix of the test split
   $DEMO_DIR/model/confusion_matrix.png, errors.png (the most confident mistakes), learning_curves.png
+  $DEMO_DIR/model/data_quality.png, .json  likely label errors and near-duplicate pairs, checked before training
   $DEMO_DIR/model/saved_model/            the SavedModel (image bytes in, labels out); model.keras, labels.txt
   $DEMO_DIR/model/baseline_cnn/           the from-scratch CNN's run, for comparison
   $DEMO_DIR/model/flags.txt               the resolved flags: rerun with --flagfile

@@ -23,10 +23,10 @@ flags.DEFINE_string("output_dir", "", "Where data_quality.json and .png go (loca
 flags.DEFINE_float(
     "similarity", 0.98, "Correlation of two images' 16 x 16 grayscale thumbnails from which they are near-duplicates."
 )
-flags.DEFINE_integer("folds", 5, "Linear heads (folds) whose out-of-fold predictions score the labels.")
+flags.DEFINE_integer("folds", 5, "Logistic regressions (folds) whose out-of-fold predictions score the labels.")
 flags.DEFINE_integer("max_listed", 200, "Most label issues and most near-duplicate pairs listed in the report.")
 flags.DEFINE_integer("batch_size", 64, "Images per feature-extractor call; lower it if memory runs out.")
-flags.DEFINE_integer("seed", 0, "Seed of the folds and heads.")
+flags.DEFINE_integer("seed", 0, "Seed of the folds.")
 FLAGS = flags.FLAGS
 
 

@@ -121,7 +121,7 @@ flags.DEFINE_float(
     "Correlation of two images' 16 x 16 grayscale thumbnails from which they are near-duplicates (resized or "
     "recompressed copies: 0.999 and more).",
 )
-flags.DEFINE_integer("data_quality_folds", 5, "Linear heads (folds) whose out-of-fold predictions score the labels.")
+flags.DEFINE_integer("data_quality_folds", 5, "Logistic regressions (folds) whose out-of-fold predictions score the labels.")
 flags.DEFINE_integer(
     "unfreeze_stages", 1,
     "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
