@@ -104,3 +104,33 @@ def test_loop_options_check_their_flags():
         loop.LoopOptions(steps_per_execution=0)
     with pytest.raises(ValueError, match="--checkpoint_every_steps -1 must be 0"):
         loop.LoopOptions(checkpoint_every_steps=-1)
+
+
+def test_a_fine_tuning_phase_that_cannot_beat_phase_1_stops_after_its_patience_and_says_what_it_saved(
+    tmp_path, preemption, caplog
+):
+    strategy = tf.distribute.get_strategy()
+    images, labels = separable_batches(6)
+    train_dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    validation = tf.data.Dataset.from_tensor_slices((images[:2], labels[:2], np.ones((2, 8), "float32")))
+    reporter = reporting.EpochReporter(model_dir=str(tmp_path / "run"), chief=True)
+    # Phase 1 reached a validation accuracy nothing can beat; phase 2 (a learning rate of 0) cannot move.
+    reporter.history.append({"epoch": 1, "phase": "phase1", "val_accuracy": 1.01})
+    model = tiny_model(tmp_path)
+    frozen = keras.optimizers.SGD(learning_rate=0.0)
+    result = loop.train_phase(
+        transfer.Phase("phase2", 1, 6, 0.0, "sgd", "0.5"), phase_data(model, train_dataset, validation),
+        optimizer=frozen, loss_function=None, global_batch_size=8, strategy=strategy,
+        model_dir=str(tmp_path / "run"), reporter=reporter, preemption=preemption,
+        options=loop.LoopOptions(steps_per_epoch=2, fine_tune_patience=2),
+    )
+    phase2 = [entry for entry in reporter.history.epochs if entry["phase"] == "phase2"]
+    assert [entry["epoch"] for entry in phase2] == [2, 3]  # two epochs without a gain, then three skipped
+    assert result["stopped_early"]["epochs_skipped"] == 3 and result["stopped_early"]["seconds_saved"] > 0
+    assert json.loads((tmp_path / "run" / reporting.HISTORY_FILE).read_text())[-1]["stopped_early"]["epochs_skipped"] == 3
+    assert "phase2: stopped after epoch 3 of 6: 2 epoch(s) without beating validation accuracy 1.0100" in caplog.text
+
+
+def test_a_fine_tune_patience_of_0_never_stops():
+    stop = loop.AdaptiveStop(0, transfer.Phase("phase2", 1, 4, 0.0, "sgd", "0.5"), best=0.9)
+    assert not any(stop.should_stop({"val_accuracy": 0.1}, epoch=epoch) for epoch in (2, 3))

@@ -27,6 +27,8 @@ class LoopOptions:
     jit_compile: XLA-compile the per-replica training step.
     checkpoint_every_steps: also checkpoint within an epoch every this many steps; 0 = per epoch only.
     early_stopping_patience: end a phase after this many epochs without a better val_loss; 0 = off.
+    fine_tune_patience: end a fine-tuning phase after this many epochs in a row that do not beat the best
+        validation accuracy of the run so far (phase 1 included), saying how much time that saved; 0 = off.
     profile_steps: (first, last) training steps of the first phase, counted from 1, to trace for the
         TensorBoard profiler; None = off (parse_profile_steps reads --profile_batches).
     confusion_matrix_images: each epoch's validation confusion matrix goes to TensorBoard as an image.
@@ -37,11 +39,12 @@ class LoopOptions:
     jit_compile: bool = False
     checkpoint_every_steps: int = 0
     early_stopping_patience: int = 0
+    fine_tune_patience: int = 0
     profile_steps: tuple[int, int] | None = None
     confusion_matrix_images: bool = False
 
     def __post_init__(self):
-        for name in ("steps_per_epoch", "checkpoint_every_steps", "early_stopping_patience"):
+        for name in ("steps_per_epoch", "checkpoint_every_steps", "early_stopping_patience", "fine_tune_patience"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} {getattr(self, name)} must be 0 (off or default) or more")
         if self.steps_per_execution < 1:
@@ -113,6 +116,8 @@ def train_phase(
     )
     profiler = Profiler(options.profile_steps, reporter.log_dir, enabled=distribute.is_chief(strategy))
     stopper = EarlyStopping(options.early_stopping_patience, phase.name)
+    fine_tune_patience = options.fine_tune_patience if phase.fine_tune_at is not None else 0
+    adaptive = AdaptiveStop(fine_tune_patience, phase, best=reporter.history.best_validation_accuracy())
     steps_per_epoch = options.steps_per_epoch
     while int(checkpoint.epoch) < phase.last_epoch:
         totals, input_wait, elapsed = train_epoch(
@@ -123,13 +128,15 @@ def train_phase(
         validation = steps.evaluate(trained.evaluation_step, trained.validation_dataset)
         entry = epoch_entry(phase.name, int(checkpoint.epoch) + 1, totals, validation, optimizer, elapsed, input_wait)
         improved = entry["val_accuracy"] > reporter.history.best_validation_accuracy()
+        # Decided before the entry is recorded: a stop is written into it (history.json, metrics.json).
+        stop = stopper.should_stop(validation["loss"]) | adaptive.should_stop(entry, epoch=int(checkpoint.epoch) + 1)
         reporter.record(entry, confusion_matrix=validation["confusion_matrix"], epochs=phase.last_epoch,
                         steps=steps_per_epoch, elapsed=elapsed)
         if improved and distribute.is_chief(strategy):
             checkpoints.save_best_weights(weights_model or model, model_dir)
         checkpoint.step.assign(0)
         checkpoint.epoch.assign_add(1)
-        if stopper.should_stop(validation["loss"]):
+        if stop:
             checkpoint.epoch.assign(phase.last_epoch)  # the checkpoint below then marks the phase as finished
         checkpoint.save()
     profiler.stop()  # the phase ended inside the profiled range
@@ -137,9 +144,11 @@ def train_phase(
 
 
 def phase_result(phase, history_epochs: list[dict]) -> dict:
-    """What train_phase returns: the phase's name and the validation accuracy of its last epoch."""
+    """What train_phase returns: the phase's name, the validation accuracy of its last epoch, and how it stopped
+    early (AdaptiveStop), if it did."""
     entries = [entry for entry in history_epochs if entry["phase"] == phase.name]
-    return {"phase": phase.name, "validation_accuracy": entries[-1]["val_accuracy"] if entries else None}
+    return {"phase": phase.name, "validation_accuracy": entries[-1]["val_accuracy"] if entries else None,
+            "stopped_early": entries[-1].get("stopped_early") if entries else None}
 
 
 def train_epoch(step_runner, *, checkpoint, steps_per_epoch, profiler, preemption, checkpoint_every_steps, phase_name):
@@ -231,6 +240,41 @@ class EarlyStopping:
             logging.info("%s: early stop, val_loss has not improved for %d epochs", self.phase_name, self.patience)
             self.stopped = True
         return self.stopped
+
+
+class AdaptiveStop:
+    """Ends a fine-tuning phase once `patience` epochs in a row have not beaten the run's best validation accuracy.
+
+    Phase 2 often costs most of a run and, on a strong backbone, may not beat phase 1: then it stops, and says
+    how long the epochs it skipped would have taken (at this phase's mean epoch time, validation included). The
+    best weights so far are kept either way (checkpoints.restore_best_weights).
+    """
+
+    def __init__(self, patience: int, phase, *, best: float):
+        self.patience, self.phase, self.best = patience, phase, best
+        self.without_gain, self.seconds, self.started = 0, [], time.perf_counter()
+
+    def should_stop(self, entry: dict, *, epoch: int) -> bool:
+        """entry: the epoch's history entry; epoch: epochs done, this one included."""
+        self.seconds.append(time.perf_counter() - self.started)
+        self.started = time.perf_counter()
+        if not self.patience:
+            return False
+        if entry["val_accuracy"] > self.best:
+            self.best, self.without_gain = entry["val_accuracy"], 0
+            return False
+        self.without_gain += 1
+        skipped = self.phase.last_epoch - epoch
+        if self.without_gain < self.patience or skipped <= 0:
+            return False
+        saved = skipped * sum(self.seconds) / len(self.seconds)
+        entry["stopped_early"] = {"epochs_skipped": skipped, "seconds_saved": round(saved, 1)}
+        logging.warning(
+            "%s: stopped after epoch %d of %d: %d epoch(s) without beating validation accuracy %.4f "
+            "(--fine_tune_patience=%d); skipping %d epoch(s) saved about %.0f s", self.phase.name, epoch,
+            self.phase.last_epoch, self.without_gain, self.best, self.patience, skipped, saved,
+        )
+        return True
 
 
 class Profiler:

@@ -170,7 +170,8 @@ def train_and_evaluate(
                 evaluated = trained.evaluate(eval_split)
             trained.finish()
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
-                                         f"{eval_split}_accuracy": evaluated["accuracy"]}
+                                         f"{eval_split}_accuracy": evaluated["accuracy"],
+                                         **({"stopped_early": result["stopped_early"]} if result.get("stopped_early") else {})}
             logging.info("%s done: validation accuracy %.4f, %s accuracy %.4f", phase.name,
                          result["validation_accuracy"], eval_split, evaluated["accuracy"])
     with stopwatch.stage(f"best weights: {eval_split} evaluation"):

@@ -173,6 +173,11 @@ flags.DEFINE_enum(
     "parallel_epochs: every service worker runs the whole pipeline; distributed_epoch: workers split the files.",
 )
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
+flags.DEFINE_integer(
+    "fine_tune_patience", 0,
+    "Stop a fine-tuning phase after this many epochs in a row without beating the run's best validation accuracy "
+    "(phase 1 included), printing the time saved; the best weights are kept either way. 0 = off.",
+)
 flags.DEFINE_string(
     "profile_batches", "",
     "Trace these phase-1 training steps (from 1), e.g. '10,20', for TensorBoard's profiler; '' = off.",
@@ -254,7 +259,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
         loop=loop.LoopOptions(
             steps_per_epoch=FLAGS.steps_per_epoch, steps_per_execution=FLAGS.steps_per_execution,
             jit_compile=FLAGS.jit_compile, checkpoint_every_steps=FLAGS.checkpoint_every_steps,
-            early_stopping_patience=FLAGS.early_stopping_patience,
+            early_stopping_patience=FLAGS.early_stopping_patience, fine_tune_patience=FLAGS.fine_tune_patience,
             profile_steps=loop.parse_profile_steps(FLAGS.profile_batches),
             confusion_matrix_images=FLAGS.confusion_matrix_images,
         ),
