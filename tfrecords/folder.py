@@ -230,7 +230,10 @@ def source_file_of(
         split = assign_split(
             relative_path=relative_path, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction
         )
-    return _source_file(input_dir, relative_path, class_name, label, split)
+    return SourceFile(
+        path=tf.io.gfile.join(input_dir, relative_path), relative_path=relative_path, class_name=class_name,
+        label=label, split=split,
+    )
 
 
 def check_fractions(*, validation_fraction: float, test_fraction: float) -> None:
@@ -392,12 +395,11 @@ def path_entry(relative_path: str, *, pre_split: bool, split_of_folder: dict) ->
 
 
 def listed_file_reason(input_dir: str, relative_path: str) -> str | None:
-    """Why a path named by --file_list is not read, or None; only local paths are checked (remote: when read)."""
-    return _listed_file_reason(os.path.join(input_dir, relative_path)) if is_local(input_dir) else None
-
-
-def _listed_file_reason(path: str) -> str | None:
-    """Why a local path named by --file_list is not read (one lstat, never opened), or None."""
+    """Why a path named by --file_list is not read, or None. Only local paths are checked (one lstat, never
+    opened); a remote object that is gone is found when it is read."""
+    if not is_local(input_dir):
+        return None
+    path = os.path.join(input_dir, relative_path)
     if not os.path.lexists(path):
         return "named in --file_list but not in --input_dir"
     if os.path.islink(path):
@@ -446,13 +448,13 @@ def _list_labels_csv(
                 skipped.append({"path": relative_path, "reason": reason})
                 del labels_by_path[relative_path]
     labels = {name: label for label, name in enumerate(class_names)}
-    files = []
-    for relative_path, class_name in labels_by_path.items():
-        split = assign_split(
-            relative_path=relative_path, seed=seed, validation_fraction=validation_fraction,
-            test_fraction=test_fraction,
+    files = [
+        source_file_of(
+            input_dir=input_dir, relative_path=relative_path, class_name=class_name, label=labels[class_name],
+            split=None, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
         )
-        files.append(_source_file(input_dir, relative_path, class_name, labels[class_name], split))
+        for relative_path, class_name in labels_by_path.items()
+    ]
     return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path), skipped=skipped)
 
 
@@ -482,16 +484,6 @@ def check_has_files(*, num_files: int, input_dir: str) -> None:
             f"--input_dir {input_dir!r} has class folders but no files in them; "
             "expected <input_dir>/<class>/<image files>"
         )
-
-
-def _source_file(input_dir: str, relative_path: str, class_name: str, label: int, split: str) -> SourceFile:
-    return SourceFile(
-        path=tf.io.gfile.join(input_dir, relative_path),
-        relative_path=relative_path,
-        class_name=class_name,
-        label=label,
-        split=split,
-    )
 
 
 def _by_path(source_file: SourceFile) -> str:

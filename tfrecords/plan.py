@@ -30,8 +30,8 @@ from tfrecords import progress
 from tfrecords import schema
 from tfrecords import shards
 
-# Changing what a shard holds for the same inputs (e.g. JPEG quality, 3: shards by stable hash) must change this, so resumed runs
-# do not keep shards written by an older version.
+# Changing what a shard holds for the same inputs (e.g. JPEG quality; 3: shards by stable hash) must change
+# this, so resumed runs do not keep shards written by an older version.
 SHARD_FORMAT_VERSION = 3
 # Skip reasons of files whose content is kept under another path (not failures: --max_skipped_fraction
 # does not count them). "symbolic link..." and "same file as..." come from tfrecords/folder.py.
@@ -60,7 +60,7 @@ def order_key(*, seed: int, relative_path: str) -> tuple:
 
 
 def order_files(*, files: list, seed: int) -> list:
-    """Returns folder.SourceFiles in their order within a shard (order_key)."""
+    """Returns files (folder.SourceFiles or HashedFiles) in their order within a shard (order_key)."""
     return sorted(files, key=lambda source_file: order_key(seed=seed, relative_path=source_file.relative_path))
 
 
@@ -159,8 +159,12 @@ class HashedFile:
     """A listed file after the hash pass: the folder.SourceFile, its sha256 (32 bytes) and its size in bytes."""
 
     source_file: folder.SourceFile
-    digest: str
+    digest: bytes
     size: int
+
+    @property
+    def relative_path(self) -> str:
+        return self.source_file.relative_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +209,7 @@ def shard_of(*, seed: int, relative_path: str, num_shards: int) -> int:
 
 def make_task(*, split: str, index: int, shard_count: int, members: list, settings: ShardSettings) -> shards.ShardTask:
     """Returns the ShardTask of shard `index` of a split from its HashedFiles (in any order)."""
-    ordered = sorted(members, key=lambda hashed: order_key(seed=settings.seed, relative_path=hashed.source_file.relative_path))
+    ordered = order_files(files=members, seed=settings.seed)
     images = tuple(
         shards.SourceImage(
             path=hashed.source_file.path, relative_path=hashed.source_file.relative_path,

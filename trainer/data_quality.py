@@ -42,10 +42,8 @@ def main(argv: list[str]) -> None:
         )
         manifest = schema.read_manifest(FLAGS.data_dir)
         data.check_data(FLAGS.data_dir, manifest)
-        model = evaluation.load_model(FLAGS.model_dir)
-        evaluation.check_class_names(
-            model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir, class_names=manifest["classes"],
-            num_outputs=int(model.output_shape[-1]),
+        model = evaluation.load_checked_model(
+            model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir, class_names=manifest["classes"]
         )
         image_size = evaluation.model_image_size(model)
         with data.data_errors(FLAGS.data_dir, manifest):

@@ -50,12 +50,8 @@ def main(argv: list[str]) -> None:
         split = FLAGS.split or data.evaluation_split(manifest)
         data.shard_paths(FLAGS.data_dir, manifest, split)  # raises naming the splits there are
         data.check_data(FLAGS.data_dir, manifest)
-        model = evaluation.load_model(FLAGS.model_dir)
         class_names = manifest["classes"]
-        evaluation.check_class_names(
-            model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir, class_names=class_names,
-            num_outputs=int(model.output_shape[-1]),
-        )
+        model = evaluation.load_checked_model(model_dir=FLAGS.model_dir, data_dir=FLAGS.data_dir, class_names=class_names)
         output_dir = FLAGS.output_dir or tf.io.gfile.join(FLAGS.model_dir, f"evaluation_{split}")
         with data.data_errors(FLAGS.data_dir, manifest):
             result = evaluation.evaluate_model(

@@ -119,6 +119,14 @@ def load_model(model_dir: str) -> keras.Model:
     return keras.saving.load_model(path, compile=False)
 
 
+def load_checked_model(*, model_dir: str, data_dir: str, class_names: list[str]) -> keras.Model:
+    """load_model, then check_class_names against the data's classes (the entry points' first step)."""
+    model = load_model(model_dir)
+    check_class_names(model_dir=model_dir, data_dir=data_dir, class_names=class_names,
+                      num_outputs=int(model.output_shape[-1]))
+    return model
+
+
 def model_image_size(model: keras.Model) -> int:
     """The square input size of a classifier, from its input shape [batch, height, width, 3]."""
     shape = tuple(model.input_shape)

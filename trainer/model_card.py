@@ -30,7 +30,7 @@ def accuracy_statement(metrics: dict) -> str:
         metrics: what metrics.json holds (evaluated_split, num_examples, accuracy).
     """
     split, total = metrics["evaluated_split"], metrics["num_examples"]
-    low, high = wilson_interval(round(metrics["accuracy"] * total), total)
+    _, low, high = accuracy_interval(metrics)
     statement = f"{split} accuracy {metrics['accuracy']:.4f} on {total} images (95% interval {low:.3f}-{high:.3f})"
     if split == "validation":
         statement += (" [selection-biased: the data has no test split, and this validation split also chose the kept "
@@ -130,7 +130,7 @@ def _data_section(manifest: dict) -> str:
 
 
 def accuracy_interval(evaluation: dict) -> tuple[int, float, float]:
-    """(correct images, low, high) of an evaluation report's accuracy, the 95% Wilson interval."""
+    """(correct images, low, high) of an evaluation report's (or metrics.json's) accuracy, the 95% Wilson interval."""
     correct = int(round(evaluation["accuracy"] * evaluation["num_examples"]))
     return (correct, *wilson_interval(correct, evaluation["num_examples"]))
 

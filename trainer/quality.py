@@ -231,24 +231,26 @@ def write_report(*, quality: dict, output_dir: str, data_dir: str, manifest: dic
     tf.io.gfile.makedirs(output_dir)
     schema.write_text(tf.io.gfile.join(output_dir, QUALITY_JSON), json.dumps(quality, indent=1))
     issues, pairs = quality["label_issues"][:PNG_ISSUES], quality["near_duplicates"][:PNG_PAIRS]
-    wanted = {issue["path"] for issue in issues} | {path for pair in pairs for path in pair["paths"]}
-    thumbnails = read_images(data_dir=data_dir, manifest=manifest, paths=wanted, image_size=image_size)
+    wanted = {issue["path"]: issue["split"] for issue in issues}
+    wanted.update((path, split) for pair in pairs for path, split in zip(pair["paths"], pair["splits"]))
+    thumbnails = read_images(data_dir=data_dir, manifest=manifest, splits_of=wanted, image_size=image_size)
     report.plot_quality(issues=issues, pairs=pairs, thumbnails=thumbnails,
                         path=tf.io.gfile.join(output_dir, QUALITY_PNG))
     return summarize(quality=quality, path=tf.io.gfile.join(output_dir, QUALITY_JSON))
 
 
-def read_images(*, data_dir: str, manifest: dict, paths: set, image_size: int) -> dict:
-    """The decoded images of the given source paths (one pass over the shards, decoding only those)."""
+def read_images(*, data_dir: str, manifest: dict, splits_of: dict, image_size: int) -> dict:
+    """The decoded images of the given source paths (source path -> its split): reads only those splits' shards,
+    decodes only those images, and stops once all are found."""
     found = {}
-    if not paths:
-        return found
-    for split in manifest["splits"]:
+    for split in (split for split in manifest["splits"] if split in splits_of.values()):
         for serialized in tf.data.TFRecordDataset(data.shard_paths(data_dir, manifest, split)):
             record = schema.parse_example(serialized)
             path = record["image/source"].numpy().decode("utf-8")
-            if path in paths and path not in found:
+            if splits_of.get(path) == split and path not in found:
                 found[path] = data.decode_and_resize(record["image/encoded"], image_size).numpy().astype(np.uint8)
+                if len(found) == len(splits_of):
+                    return found
     return found
 
 
