@@ -29,6 +29,8 @@ setup(
         # Evaluation reports: the classification metrics and the PNG plots.
         "scikit-learn>=1.5",
         "matplotlib>=3.9",
+        # One BLAS thread for the data-quality report's small regressions (scikit-learn's own dependency).
+        "threadpoolctl>=3.1",
     ],
     extras_require={
         # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).

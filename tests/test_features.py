@@ -67,7 +67,6 @@ def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool, b
             reporter=reporting.EpochReporter(model_dir=model_dir, chief=True), preemption=preemption,
             options=loop.LoopOptions(steps_per_epoch=1), weights_model=model,
         )
-    trained.evaluate("validation")
     trained.finish()
     return model
 

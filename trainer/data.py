@@ -753,8 +753,12 @@ class DistributedSplits:
         ))
 
     def sample(self, num_images: int = 8):
-        """A few training images as they leave the pipeline on this host (no tf.data service, no cache)."""
-        options = dataclasses.replace(self.options, data_service="", cache="")
+        """A few training images as they leave the pipeline on this host (no tf.data service, no cache).
+
+        Shuffled among the first few only: filling the training shuffle buffer decodes --shuffle_buffer images
+        (1.6 s of a 40 s run on flowers_small) for a TensorBoard picture.
+        """
+        options = dataclasses.replace(self.options, data_service="", cache="", shuffle_buffer=2 * num_images)
         images, _ = next(iter(make_dataset(
             data_dir=self.data_dir, manifest=self.manifest, split="train", image_size=self.image_size,
             batch_size=num_images, training=True, options=options, augmentation=self.augmentation,

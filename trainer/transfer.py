@@ -146,15 +146,13 @@ class PhaseData:
     train_dataset: distributed, endless (images or features, labels) batches.
     validation_dataset: distributed, one pass of (inputs, labels, weights) batches.
     evaluation_step: steps.make_evaluation_step of `model`.
-    evaluate(split): steps.evaluate's result for a split with the current weights, on the same inputs.
-    finish(): called once the phase is trained and evaluated (removes spilled feature files).
+    finish(): called once the phase is trained (removes spilled feature files).
     """
 
     model: keras.Model
     train_dataset: object
     validation_dataset: object
     evaluation_step: object
-    evaluate: object
     finish: object = lambda: None
 
 
@@ -179,7 +177,6 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
         train_dataset=splits.images("train", training=True),
         validation_dataset=splits.images("validation", training=False),
         evaluation_step=evaluation_step,
-        evaluate=lambda split: steps.evaluate(evaluation_step, splits.images(split, training=False)),
     )
 
 
@@ -193,22 +190,15 @@ def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, bud
         num_examples=splits.manifest["splits"]["train"]["num_examples"], batch_size=batch_size, views=views,
         training=augmented, budget=budget,
     )
-    evaluation_features = {}
-
-    def evaluation_dataset(split):
-        if split not in evaluation_features:
-            # Evaluation batches are padded to whole global batches (data.make_dataset).
-            num_batches = -(-splits.manifest["splits"][split]["num_examples"] // batch_size)
-            evaluation_features[split] = features_lib.compute_features(
-                feature_model=feature_model, strategy=strategy, dataset=splits.images(split, training=False),
-                num_batches=num_batches, training=False, spill_folder=budget.spill_folder(num_batches * batch_size, width),
-            )
-        return strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
-            cached=evaluation_features[split], batch_size=batch_size, training=False, seed=seed, input_context=context,
-        ))
+    # Evaluation batches are padded to whole global batches (data.make_dataset).
+    num_batches = -(-splits.manifest["splits"]["validation"]["num_examples"] // batch_size)
+    validation_features = features_lib.compute_features(
+        feature_model=feature_model, strategy=strategy, dataset=splits.images("validation", training=False),
+        num_batches=num_batches, training=False, spill_folder=budget.spill_folder(num_batches * batch_size, width),
+    )
 
     def delete_spilled():
-        for cached in (train_features, *evaluation_features.values()):
+        for cached in (train_features, validation_features):
             cached.delete()
 
     train_dataset = strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
@@ -218,8 +208,9 @@ def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, bud
     return PhaseData(
         model=head,
         train_dataset=train_dataset,
-        validation_dataset=evaluation_dataset("validation"),
+        validation_dataset=strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
+            cached=validation_features, batch_size=batch_size, training=False, seed=seed, input_context=context,
+        )),
         evaluation_step=evaluation_step,
-        evaluate=lambda split: steps.evaluate(evaluation_step, evaluation_dataset(split)),
         finish=delete_spilled,
     )
