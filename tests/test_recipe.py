@@ -81,3 +81,39 @@ def test_loss_with_label_smoothing_and_class_weights_matches_hand_computation():
     np.testing.assert_allclose(smoothed, [expected_first, expected_second], rtol=1e-5)
     with pytest.raises(ValueError, match="--label_smoothing 1.0"):
         recipe.make_loss_function(label_smoothing=1.0, class_weights=None)
+
+
+def test_ema_momentum_is_capped_so_an_epoch_holds_its_average():
+    assert recipe.ema_momentum_for(0.99, steps_per_epoch=1000) == 0.99
+    assert recipe.ema_momentum_for(0.99, steps_per_epoch=10) == pytest.approx(0.8)
+    assert recipe.ema_momentum_for(0.99, steps_per_epoch=1) == 0.0
+    with pytest.raises(ValueError, match="--ema_momentum"):
+        recipe.Recipe(ema_momentum=1.0)
+
+
+@pytest.mark.parametrize("name", ["adam", "sgd"])
+def test_ema_turns_the_weights_into_their_moving_average_at_the_end_of_each_epoch(name):
+    steps_per_epoch = 5
+    fine_tuning = recipe.Recipe(lr_schedule="constant", warmup_fraction=0.0, ema_momentum=0.99)
+    momentum = recipe.ema_momentum_for(0.99, steps_per_epoch)
+
+    def train(ema_steps_per_epoch):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1, use_bias=False, kernel_initializer="ones")])
+        optimizer = fine_tuning.optimizer(name=name, learning_rate=0.1, total_steps=2 * steps_per_epoch,
+                                          precision="float32", model=model, ema_steps_per_epoch=ema_steps_per_epoch)
+        kernel, iterates = model.trainable_variables[0], []
+        for step in range(steps_per_epoch + 2):
+            optimizer.apply([tf.fill([2, 1], float(step + 1))], [kernel])
+            iterates.append(kernel.numpy().copy())
+        return iterates
+
+    plain, averaged = train(None), train(steps_per_epoch)
+    expected = plain[0]
+    for weights in plain[1:steps_per_epoch]:
+        expected = momentum * expected + (1 - momentum) * weights
+    # Within the epoch the steps are the plain optimizer's; at its last step the weights become the average.
+    np.testing.assert_allclose(averaged[: steps_per_epoch - 1], plain[: steps_per_epoch - 1], rtol=1e-6)
+    np.testing.assert_allclose(averaged[steps_per_epoch - 1], expected, rtol=1e-5)
+    assert not np.allclose(expected, plain[steps_per_epoch - 1])
+    # The next epoch trains on from the average.
+    assert not np.allclose(averaged[steps_per_epoch], plain[steps_per_epoch])

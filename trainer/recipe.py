@@ -26,6 +26,8 @@ class Recipe:
     weight_decay: decoupled weight decay (biases and normalization excepted); 0 = none.
     label_smoothing: of the training loss; 0 = none.
     class_weight: "none" or "balanced" (see class_weights).
+    ema_momentum: fine-tuning phases keep an exponential moving average of the weights (--ema) with this
+        momentum per step, capped per phase at 1 - 2 / steps_per_epoch (see ema_momentum_for); 0 = off.
     """
 
     lr_schedule: str = "cosine"
@@ -33,6 +35,7 @@ class Recipe:
     weight_decay: float = 0.0
     label_smoothing: float = 0.1
     class_weight: str = "none"
+    ema_momentum: float = 0.0
 
     def __post_init__(self):
         if self.lr_schedule not in LEARNING_RATE_SCHEDULES:
@@ -45,6 +48,8 @@ class Recipe:
             raise ValueError(f"--label_smoothing {self.label_smoothing!r} must be within [0, 1)")
         if self.class_weight not in CLASS_WEIGHT_MODES:
             raise ValueError(f"--class_weight {self.class_weight!r} is not one of {CLASS_WEIGHT_MODES}")
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"--ema_momentum {self.ema_momentum!r} must be within [0, 1), e.g. 0.99")
 
     def loss_function(self, manifest: dict):
         """The per-example training loss for the data of `manifest` (its train split's class counts)."""
@@ -54,15 +59,35 @@ class Recipe:
         )
         return make_loss_function(label_smoothing=self.label_smoothing, class_weights=weights)
 
-    def optimizer(self, *, name: str, learning_rate: float, total_steps: int, precision: str, model: keras.Model):
-        """A fresh optimizer for one phase: its own warmup and decay over total_steps. Call in strategy.scope()."""
+    def optimizer(self, *, name: str, learning_rate: float, total_steps: int, precision: str, model: keras.Model,
+                  ema_steps_per_epoch: int | None = None):
+        """A fresh optimizer for one phase: its own warmup and decay over total_steps. Call in strategy.scope().
+
+        ema_steps_per_epoch: the phase's steps per epoch when it averages its weights (fine-tuning with --ema):
+            the weights become their moving average at the end of every epoch, so each epoch's validation,
+            best-weights copy and checkpoint hold the average (Keras's ema_overwrite_frequency).
+        """
         schedule = make_learning_rate(
             schedule=self.lr_schedule, learning_rate=learning_rate, total_steps=total_steps,
             warmup_steps=int(round(self.warmup_fraction * total_steps)),
         )
+        ema = {}
+        if self.ema_momentum and ema_steps_per_epoch:
+            ema = {"use_ema": True, "ema_momentum": ema_momentum_for(self.ema_momentum, ema_steps_per_epoch),
+                   "ema_overwrite_frequency": ema_steps_per_epoch}
         return make_optimizer(
-            name=name, learning_rate=schedule, weight_decay=self.weight_decay, precision=precision, model=model
+            name=name, learning_rate=schedule, weight_decay=self.weight_decay, precision=precision, model=model, **ema
         )
+
+
+def ema_momentum_for(momentum: float, steps_per_epoch: int) -> float:
+    """The moving average's momentum in a phase of steps_per_epoch steps an epoch: at most 1 - 2 / steps_per_epoch.
+
+    The average spans about 1 / (1 - momentum) steps. Keras's average has no warm-up (it starts at the first
+    step's weights), so a span longer than an epoch would leave the weights of each epoch's start, not its
+    average: with 11 steps an epoch, 0.99 keeps 90% of the first step's weights at the epoch's end.
+    """
+    return min(momentum, max(0.0, 1.0 - 2.0 / steps_per_epoch))
 
 
 def make_learning_rate(*, schedule: str, learning_rate: float, total_steps: int, warmup_steps: int):
@@ -89,7 +114,7 @@ def make_learning_rate(*, schedule: str, learning_rate: float, total_steps: int,
     )
 
 
-def make_optimizer(*, name: str, learning_rate, weight_decay: float, precision: str, model: keras.Model):
+def make_optimizer(*, name: str, learning_rate, weight_decay: float, precision: str, model: keras.Model, **ema):
     """Creates and builds an optimizer for the model's trainable weights.
 
     Call inside strategy.scope(). The optimizer's variables are created here, not lazily in the first
@@ -102,18 +127,20 @@ def make_optimizer(*, name: str, learning_rate, weight_decay: float, precision: 
         weight_decay: decoupled weight decay (as in AdamW); 0 = none. "adamw" with 0 is plain Adam.
         precision: the Keras dtype policy; mixed_float16 wraps the optimizer for loss scaling.
         model: the model whose trainable weights it updates.
+        ema: use_ema, ema_momentum, ema_overwrite_frequency of the Keras optimizer (Recipe.optimizer).
     """
     if weight_decay < 0:
         raise ValueError(f"--weight_decay {weight_decay!r} must be >= 0")
     decay = weight_decay or None
     if name == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=decay)
+        optimizer = keras.optimizers.Adam(learning_rate=learning_rate, weight_decay=decay, **ema)
     elif name == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay)
+        optimizer = keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, **ema)
     elif name == "sgd":
-        optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9, nesterov=True, weight_decay=decay)
+        optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=0.9, nesterov=True, weight_decay=decay,
+                                         **ema)
     elif name == "rmsprop":
-        optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate, weight_decay=decay)
+        optimizer = keras.optimizers.RMSprop(learning_rate=learning_rate, weight_decay=decay, **ema)
     else:
         raise ValueError(f"--optimizer {name!r} is not one of {OPTIMIZERS}")
     if weight_decay:

@@ -156,6 +156,7 @@ def train_and_evaluate(
                 optimizer = options.recipe.optimizer(
                     name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,
                     total_steps=(phase.last_epoch - phase.first_epoch) * loop_options.steps_per_epoch, model=trained.model,
+                    ema_steps_per_epoch=loop_options.steps_per_epoch if phase.fine_tune_at is not None else None,
                 )
             with stopwatch.stage(f"{phase.name}: training and validation"):
                 result = loop.train_phase(

@@ -88,6 +88,12 @@ flags.DEFINE_enum(
 flags.DEFINE_float("warmup_fraction", 0.1, "Share of each phase's steps spent warming the rate up linearly from 0.")
 flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (biases and normalization excepted); 0 = none.")
 flags.DEFINE_float("label_smoothing", 0.1, "Label smoothing of the training loss; 0 = none.")
+flags.DEFINE_bool(
+    "ema", False,
+    "Fine-tuning keeps an exponential moving average of the weights and continues from it after every epoch, so "
+    "validation, the best weights and the export hold the average.",
+)
+flags.DEFINE_float("ema_momentum", 0.99, "--ema's momentum per step; capped per phase at 1 - 2 / steps per epoch.")
 flags.DEFINE_enum(
     "class_weight", "none", list(recipe.CLASS_WEIGHT_MODES),
     "balanced: weigh each class's loss by num_examples / (num_classes * class_count), for imbalanced folders.",
@@ -255,6 +261,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
         recipe=recipe.Recipe(
             lr_schedule=FLAGS.lr_schedule, warmup_fraction=FLAGS.warmup_fraction, weight_decay=FLAGS.weight_decay,
             label_smoothing=FLAGS.label_smoothing, class_weight=FLAGS.class_weight,
+            ema_momentum=FLAGS.ema_momentum if FLAGS.ema else 0.0,
         ),
         loop=loop.LoopOptions(
             steps_per_epoch=FLAGS.steps_per_epoch, steps_per_execution=FLAGS.steps_per_execution,
