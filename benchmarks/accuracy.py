@@ -15,7 +15,9 @@ from our shards ("image/source"), then mirrored as folders of symlinks for the t
    --seeds_fine_tune_epochs more, with model.fit / model.evaluate. Its wall time counts everything from
    dataset creation to the final test evaluation (the test split is evaluated once, as for ours).
 2. "ours": the real CLIs as subprocesses, `python -m tfrecords.build` then `python -m trainer.train`
-   with our defaults plus --ours_flags; its wall time is the conversion plus the training.
+   with our defaults plus --ours_flags; its wall time is the conversion plus the training. Its "flip-avg test"
+   column is the same model's test accuracy with horizontal-flip test-time augmentation (probabilities averaged
+   with the mirror image's), measured after the timed run: a paired comparison, only the averaging differs.
 
 Both rows run once per training seed (--train_seeds, default 1,2,3: weights, shuffling, augmentation; the split
 stays --seed's), then the summary gives each recipe's mean, standard deviation and range of the final test
@@ -36,12 +38,13 @@ import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
 from benchmarks import common
 from tfrecords import schema
-from trainer import data
+from trainer import data, evaluation
 
 FLAGS = flags.FLAGS
 DEFAULT_BACKBONE_FILE = os.path.join(
@@ -51,7 +54,7 @@ SEEDS_RESULTS_FILE = "seeds_results.json"
 SPLITS = ("train", "validation", "test")
 # "final test": the model each recipe ends with (ours restores the weights of the best validation epoch); the
 # test split is looked at once per run, not per phase.
-COLUMNS = ("val acc ph1", "val acc ph2", "final test", "wall time s", "time vs seeds")
+COLUMNS = ("val acc ph1", "val acc ph2", "final test", "flip-avg test", "wall time s", "time vs seeds")
 
 
 def check_inputs(image_dir: str, backbone_file: str) -> None:
@@ -215,8 +218,9 @@ def format_row(name: str, results: dict, wall_seconds: float, seeds_seconds: flo
     for phase in ("phase1", "phase2"):
         value = results.get(phase, {}).get("validation_accuracy")
         cells.append("n/a" if value is None else f"{value:.3f}")
-    final = final_test_accuracy(results)
-    cells += ["n/a" if final is None else f"{final:.3f}", f"{wall_seconds:.0f}", f"{wall_seconds / seeds_seconds:.2f}x"]
+    final, flipped = final_test_accuracy(results), results.get("flip_averaged_test_accuracy")
+    cells += ["n/a" if final is None else f"{final:.3f}", "n/a" if flipped is None else f"{flipped:.3f}",
+              f"{wall_seconds:.0f}", f"{wall_seconds / seeds_seconds:.2f}x"]
     return f"{name:<28}" + "".join(f"{cell:>15}" for cell in cells)
 
 
@@ -332,7 +336,28 @@ def train_ours(data_dir: str, ours_flags: list[str], seed: int) -> tuple:
     ]
     print(f"ours, seed {seed}: {shlex.join(train_command)}", flush=True)
     seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, f"train_seed{seed}.log"))
-    return read_our_results(model_dir), seconds
+    results = read_our_results(model_dir)
+    if results["final_test_accuracy"] is not None:
+        results["flip_averaged_test_accuracy"] = flip_averaged_test_accuracy(data_dir, model_dir)
+    return results, seconds
+
+
+def flip_averaged_test_accuracy(data_dir: str, model_dir: str) -> float:
+    """Test accuracy of our exported model with horizontal-flip test-time augmentation: each image's probabilities
+    averaged with its mirror image's. Measured here, after the timed run, on the same weights (a paired comparison
+    with the "final test" column: only the averaging differs)."""
+    manifest = schema.read_manifest(data_dir)
+    model = evaluation.load_model(model_dir)
+    dataset = data.make_dataset(data_dir=data_dir, manifest=manifest, split="test",
+                                image_size=evaluation.model_image_size(model), batch_size=32, training=False)
+    predict = tf.function(lambda images: model(images, training=False) + model(tf.image.flip_left_right(images), training=False))
+    correct = total = 0
+    for images, labels, weights in dataset:
+        real = weights.numpy() > 0  # weight 0: padding of the last batch
+        predicted = np.argmax(predict(images).numpy(), axis=1)[real]
+        correct += int(np.sum(predicted == labels.numpy()[real]))
+        total += int(np.sum(real))
+    return correct / total
 
 
 def print_summary(rows: list, *, num_test: int) -> None:
@@ -350,6 +375,11 @@ def print_summary(rows: list, *, num_test: int) -> None:
           f"{1 / max(num_test, 1):.3f}):")
     print(f"  seeds' recipe: accuracy {spread(seeds_accuracy, 3)}, wall time {spread(seeds_time, 0)} s")
     print(f"  ours:          accuracy {spread(ours_accuracy, 3)}, wall time {spread(ours_time, 0)} s")
+    flipped = [ours.get("flip_averaged_test_accuracy") for _, _, ours, _ in rows]
+    if None not in flipped:
+        gains = [flip - plain for flip, plain in zip(flipped, ours_accuracy)]
+        print(f"  ours with flip-averaged predictions (same models): accuracy {spread(flipped, 3)}; "
+              f"gain {spread(gains, 3)}")
     ratio = statistics.mean(ours_time) / statistics.mean(seeds_time)
     accuracy_met = statistics.mean(ours_accuracy) >= statistics.mean(seeds_accuracy)
     print(f"accuracy target (mean ours >= mean seeds): {'met' if accuracy_met else 'not met'}; "
