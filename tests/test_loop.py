@@ -14,7 +14,7 @@ from trainer import checkpoints, loop, reporting, steps, transfer
 def phase_data(model, train_dataset, validation) -> transfer.PhaseData:
     evaluation_step = steps.make_evaluation_step(model=model, strategy=tf.distribute.get_strategy())
     return transfer.PhaseData(model=model, train_dataset=train_dataset, validation_dataset=validation,
-                              evaluation_step=evaluation_step, evaluate=None)
+                              evaluation_step=evaluation_step)
 
 
 @pytest.fixture
