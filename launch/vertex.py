@@ -21,6 +21,13 @@ A trainer flag that contradicts the shape (e.g. --strategy=mirrored with --shape
 MultiWorkerMirroredStrategy needs; the restarted trainer resumes from its last checkpoint in --model_dir.
 `--dry_run` prints the CustomJobSpec JSON (what `gcloud ai custom-jobs create --config` reads) and the gcloud
 command; without it the spec is written to --spec_file (or a temporary file) and that command is run.
+
+--action=upload_model, create_endpoint and deploy_model serve a finished run online instead (see
+launch/vertex_serving.py): the SavedModel into the Model Registry with a prebuilt TensorFlow prediction container,
+an endpoint, and the model deployed on it, e.g.
+
+    python -m launch.vertex --action=upload_model --project=my-project --display_name=flowers \
+        --model_dir=gs://my-bucket/flowers_model --dry_run
 """
 
 import dataclasses
@@ -34,7 +41,7 @@ import tempfile
 from absl import app
 from absl import flags
 
-from launch import trainer_args
+from launch import trainer_args, vertex_serving
 
 FLAGS = flags.FLAGS
 
@@ -68,6 +75,15 @@ def define_flags() -> None:
     flags.DEFINE_integer("timeout_hours", 0, "scheduling.timeout in hours; 0 = Vertex AI's default (7 days).")
     flags.DEFINE_string("spec_file", "", "Write the spec here; '' = print it (--dry_run) or use a temporary file.")
     flags.DEFINE_bool("dry_run", False, "Print the spec and the gcloud command, submit nothing.")
+    flags.DEFINE_enum("action", "train", ["train", *vertex_serving.ACTIONS],
+                      "train: a CustomJob (above); upload_model, create_endpoint, deploy_model: online serving.")
+    flags.DEFINE_string("model_dir", "", "--action=upload_model: the gs:// --model_dir of a finished run.")
+    flags.DEFINE_string("serving_image_uri", vertex_serving.DEFAULT_SERVING_IMAGE,
+                        "--action=upload_model: a prebuilt TensorFlow prediction container (tf2-cpu or tf2-gpu).")
+    flags.DEFINE_string("model_id", "", "--action=deploy_model: the Model Registry id upload_model printed.")
+    flags.DEFINE_string("endpoint_id", "", "--action=deploy_model: the endpoint id create_endpoint printed.")
+    flags.DEFINE_integer("min_replica_count", 1, "--action=deploy_model: machines kept serving.")
+    flags.DEFINE_integer("max_replica_count", 1, "--action=deploy_model: most machines autoscaling may add.")
 
 
 def make_machine_spec(*, machine_type: str, accelerator_type: str, accelerator_count: int, tpu_topology: str) -> dict:
@@ -185,7 +201,36 @@ def make_gcloud_command(*, project: str | None, region: str, display_name: str, 
     return command
 
 
+def serve(argv: list[str]) -> int:
+    """--action=upload_model, create_endpoint or deploy_model: print (--dry_run) or run one gcloud command."""
+    if len(argv) > 1:
+        trainer_args.fail(f"--action={FLAGS.action} takes no trainer flags after --: got {argv[1:]}")
+    try:
+        serving = vertex_serving.Serving(
+            display_name=FLAGS.display_name, region=FLAGS.region, project=FLAGS.project, model_dir=FLAGS.model_dir,
+            serving_image_uri=FLAGS.serving_image_uri, model_id=FLAGS.model_id, endpoint_id=FLAGS.endpoint_id,
+            machine_type=FLAGS.machine_type or "n1-standard-4",
+            accelerator_type="" if FLAGS.accelerator_type in ("", "NONE") else FLAGS.accelerator_type,
+            accelerator_count=FLAGS.accelerator_count, min_replica_count=FLAGS.min_replica_count,
+            max_replica_count=FLAGS.max_replica_count,
+        )
+        command = vertex_serving.gcloud_command(FLAGS.action, serving)
+        body = vertex_serving.request_body(FLAGS.action, serving)
+    except ValueError as error:
+        trainer_args.fail(str(error))
+    if FLAGS.dry_run:
+        print(json.dumps(body, indent=2))
+        print(shlex.join(command))
+        return 0
+    if not FLAGS.project:
+        trainer_args.fail("--project is required to run it (or pass --dry_run)")
+    print(shlex.join(command), file=sys.stderr)
+    return trainer_args.run_tool(command, install_hint="install the Google Cloud CLI")
+
+
 def main(argv: list[str]) -> int:
+    if FLAGS.action != "train":
+        return serve(argv)
     try:
         spec = make_job_spec(
             shape=FLAGS.shape, image_uri=FLAGS.image_uri or "", trainer_flags=argv[1:], num_workers=FLAGS.num_workers,

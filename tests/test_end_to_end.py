@@ -287,3 +287,25 @@ def test_a_100_to_1_imbalanced_folder_trains_with_balanced_class_weights(tmp_pat
     run_cli("trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--class_weight=balanced", *TINY_TRAINING)
     report = json.loads((model_dir / "evaluation.json").read_text())
     assert [row["support"] for row in report["per_class"]] == [4, 1]
+
+
+def test_training_with_every_export_evaluates_each_one_in_the_report(converted, demo_image_dir, tmp_path):
+    pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
+    model_dir = tmp_path / "model"
+    run_cli("trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING, "--nodata_quality",
+            "--export_tflite=float,int8", "--tflite_calibration_images=8", "--export_onnx")
+    assert "--export_tflite=float,int8\n" in (model_dir / "flags.txt").read_text()  # the list, as given
+    rows = json.loads((model_dir / "evaluation.json").read_text())["exports"]
+    assert [row["format"] for row in rows] == ["saved_model", "tflite_float", "tflite_int8", "onnx"]
+    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert rows[0]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
+    assert rows[0]["num_examples"] == metrics["num_examples"]
+    assert rows[1]["agreement_with_saved_model"] == 1.0 and rows[3]["agreement_with_saved_model"] == 1.0
+    assert "exports on the test split" in (model_dir / "evaluation.txt").read_text()
+    assert "## Exports" in (model_dir / "MODEL_CARD.md").read_text()
+    image = next(demo_image_dir.glob("*/*"))
+    labelled = {}
+    for model_format in ("saved_model", "tflite", "onnx"):
+        result = run_cli("trainer.predict", f"--model_dir={model_dir}", f"--format={model_format}", str(image))
+        labelled[model_format] = result.stdout.splitlines()[-1].split()[1]  # the table's class column
+    assert len(set(labelled.values())) == 1, labelled

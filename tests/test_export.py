@@ -248,14 +248,20 @@ def test_saved_model_cli_shows_both_signatures(export_dir):
 
 
 @pytest.fixture(scope="module")
-def tflite_dir(model, tmp_path_factory) -> str:
+def tflite_dir(model, tmp_path_factory, calibration_images) -> str:
     output_dir = str(tmp_path_factory.mktemp("tflite"))
     for quantization in export.TFLITE_FILES:
         export.export_tflite(
             model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=output_dir,
-            quantization=quantization,
+            quantization=quantization, calibration_images=calibration_images,
         )
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def calibration_images() -> np.ndarray:
+    """Photo-like images other than test_images (as train images are), to calibrate the int8 file."""
+    return prepare([encode(seed, "JPEG", size=(48, 64), smooth=True) for seed in range(20, 52)])
 
 
 def tflite_probabilities(tflite_dir: str, quantization: str, images: np.ndarray) -> np.ndarray:
@@ -267,7 +273,7 @@ def tflite_probabilities(tflite_dir: str, quantization: str, images: np.ndarray)
 
 def test_float_tflite_matches_the_keras_model(model, tflite_dir, test_images):
     expected = model(test_images, training=False).numpy()
-    np.testing.assert_allclose(tflite_probabilities(tflite_dir, "none", test_images), expected, atol=1e-4)
+    np.testing.assert_allclose(tflite_probabilities(tflite_dir, "float", test_images), expected, atol=1e-4)
 
 
 def test_dynamic_range_tflite_is_smaller_and_agrees_with_the_keras_model(model, tflite_dir, test_images):
@@ -275,9 +281,55 @@ def test_dynamic_range_tflite_is_smaller_and_agrees_with_the_keras_model(model, 
     probabilities = tflite_probabilities(tflite_dir, "dynamic_range", test_images)
     np.testing.assert_allclose(probabilities, expected, atol=0.05)
     np.testing.assert_array_equal(probabilities.argmax(axis=1), expected.argmax(axis=1))
-    float_size = os.path.getsize(os.path.join(tflite_dir, export.TFLITE_FILES["none"]))
+    float_size = os.path.getsize(os.path.join(tflite_dir, export.TFLITE_FILES["float"]))
     quantized_size = os.path.getsize(os.path.join(tflite_dir, export.TFLITE_FILES["dynamic_range"]))
     assert quantized_size < 0.5 * float_size  # int8 weights: about a quarter of float32
+
+
+def test_int8_tflite_takes_and_gives_uint8_and_agrees_with_the_keras_model(model, tflite_dir, test_images):
+    interpreter = export.load_tflite_interpreter(os.path.join(tflite_dir, export.TFLITE_FILES["int8"]))
+    (input_details,), (output_details,) = interpreter.get_input_details(), interpreter.get_output_details()
+    assert input_details["dtype"] == np.uint8 and output_details["dtype"] == np.uint8
+    assert list(input_details["shape"]) == [1, IMAGE_SIZE, IMAGE_SIZE, 3]
+    # Calibrated on pixels in [0, 255]: about one pixel level per input step; softmax outputs in 1/256 steps.
+    input_scale, _ = input_details["quantization"]
+    assert 0.5 < input_scale < 1.5, input_details["quantization"]
+    assert output_details["quantization"] == pytest.approx((1 / 256, 0))
+    expected = model(test_images, training=False).numpy()
+    probabilities = export.predict_tflite(interpreter=interpreter, images=test_images)
+    np.testing.assert_allclose(probabilities, expected, atol=0.1)
+    assert np.mean(probabilities.argmax(axis=1) == expected.argmax(axis=1)) >= 0.75
+    assert np.all(np.isin(probabilities * 256, np.arange(257)))  # dequantized: whole steps of 1/256
+    float_size = os.path.getsize(os.path.join(tflite_dir, export.TFLITE_FILES["float"]))
+    assert os.path.getsize(os.path.join(tflite_dir, export.TFLITE_FILES["int8"])) < 0.5 * float_size
+
+
+def test_int8_tflite_without_calibration_images_is_a_clear_error(model, tmp_path):
+    with pytest.raises(ValueError, match="int8 TFLite file needs calibration_images"):
+        export.export_tflite(
+            model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="int8"
+        )
+    assert not os.listdir(tmp_path)
+
+
+def test_quantize_rounds_and_clips_to_the_tensor_type_and_dequantize_inverts_it():
+    details = {"dtype": np.uint8, "quantization": (0.5, 10)}
+    np.testing.assert_array_equal(export.quantize(np.array([0.0, 1.2, 200.0, -30.0]), details), [10, 12, 255, 0])
+    np.testing.assert_allclose(export.dequantize(np.array([10, 12, 255], np.uint8), details), [0.0, 1.0, 122.5])
+    float_details = {"dtype": np.float32, "quantization": (0.0, 0)}
+    assert export.quantize(np.array([1.5]), float_details).dtype == np.float32
+
+
+def test_export_tflite_flag_values_parse_to_kinds():
+    assert export.parse_tflite_kinds("true") == ("float", "dynamic_range")  # the bare flag, as before
+    assert export.parse_tflite_kinds("false") == () and export.parse_tflite_kinds("") == ()
+    assert export.parse_tflite_kinds("int8, float,int8") == ("int8", "float")
+    with pytest.raises(ValueError, match=r"\['int4'\] not one of \['float', 'dynamic_range', 'int8'\]"):
+        export.parse_tflite_kinds("float,int4")
+    with pytest.raises(ValueError, match="--tflite_calibration_images=0"):
+        export.ExportOptions(tflite=("int8",), calibration_images=0)
+    with pytest.raises(ValueError, match="--export_tolerance"):
+        export.ExportOptions(tolerance=-0.1)
 
 
 def test_labels_file_lists_the_class_names_in_label_order(tflite_dir):
@@ -302,9 +354,9 @@ def test_a_real_backbone_converts_to_float_tflite(tmp_path, test_images):
             kernel.assign(rng.normal(0.0, np.sqrt(2.0 / fan_in), kernel.shape).astype(np.float32))
     spread_the_head(model, test_images)
     tflite_path = export.export_tflite(
-        model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="none"
+        model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="float"
     )
-    assert tflite_path == str(tmp_path / export.TFLITE_FILES["none"])
+    assert tflite_path == str(tmp_path / export.TFLITE_FILES["float"])
     probabilities = export.predict_tflite(interpreter=export.load_tflite_interpreter(tflite_path), images=test_images)
     expected = model(test_images, training=False).numpy()
     assert len(set(expected.argmax(axis=1))) > 1
@@ -322,7 +374,7 @@ def test_a_mixed_precision_model_converts_from_its_float32_copy(test_images, tmp
     assert {layer.dtype_policy.name for layer in copy.layers} == {"float32"}
     assert export.float32_copy(copy) is copy
     tflite_path = export.export_tflite(
-        model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="none"
+        model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="float"
     )
     probabilities = export.predict_tflite(interpreter=export.load_tflite_interpreter(tflite_path), images=test_images)
     np.testing.assert_allclose(probabilities, copy(test_images, training=False).numpy(), atol=1e-4)
@@ -331,29 +383,29 @@ def test_a_mixed_precision_model_converts_from_its_float32_copy(test_images, tmp
 
 
 def test_unknown_quantization_names_the_choices(model, tmp_path):
-    with pytest.raises(ValueError, match=r"quantization 'int8' is not one of \['dynamic_range', 'none'\]"):
+    with pytest.raises(ValueError, match=r"quantization 'int4' is not one of \['float', 'dynamic_range', 'int8'\]"):
         export.export_tflite(
-            model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="int8"
+            model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, output_dir=str(tmp_path), quantization="int4"
         )
     assert not os.listdir(tmp_path)
 
 
 def test_tflite_input_of_the_wrong_size_is_a_clear_error(tflite_dir):
-    interpreter = export.load_tflite_interpreter(os.path.join(tflite_dir, export.TFLITE_FILES["none"]))
+    interpreter = export.load_tflite_interpreter(os.path.join(tflite_dir, export.TFLITE_FILES["float"]))
     with pytest.raises(ValueError, match=r"images of shape \(1, 64, 64, 3\) do not fit the TFLite input"):
         export.predict_tflite(interpreter=interpreter, images=np.zeros((1, 64, 64, 3), np.float32))
 
 
 def test_loading_a_missing_tflite_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no TFLite model at"):
-        export.load_tflite_interpreter(str(tmp_path / export.TFLITE_FILES["none"]))
+        export.load_tflite_interpreter(str(tmp_path / export.TFLITE_FILES["float"]))
 
 
 def test_tflite_runs_on_litert_where_it_installs_without_the_deprecation_warning(tflite_dir):
     import importlib.util
     import warnings
 
-    path = os.path.join(tflite_dir, export.TFLITE_FILES["none"])
+    path = os.path.join(tflite_dir, export.TFLITE_FILES["float"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         interpreter = export.load_tflite_interpreter(path)

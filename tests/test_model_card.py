@@ -90,11 +90,11 @@ def test_card_lists_each_tflite_file_with_its_tensors_as_the_interpreter_reports
     inputs = keras.Input((8, 8, 3), name="image")
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(inputs))
     export.export_tflite(model=keras.Model(inputs, outputs), class_names=CLASSES, image_size=8,
-                         output_dir=str(tmp_path / export.TFLITE_DIR), quantization="none")
+                         output_dir=str(tmp_path / export.TFLITE_DIR), quantization="float")
     model_card.write_model_card(model_dir=str(tmp_path), manifest=manifest(), metrics=metrics(), evaluation=evaluation())
     card = (tmp_path / "MODEL_CARD.md").read_text()
     line, = [line for line in card.splitlines() if line.startswith(f"- `{export.TFLITE_DIR}/")]
-    assert line.startswith(f"- `{export.TFLITE_DIR}/{export.TFLITE_FILES['none']}`: inputs `")
+    assert line.startswith(f"- `{export.TFLITE_DIR}/{export.TFLITE_FILES['float']}`: inputs `")
     assert ": float32 [1, 8, 8, 3]; outputs `" in line and ": float32 [1, 3]" in line
 
 

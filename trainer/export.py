@@ -17,8 +17,11 @@ model, so a client sends a file and gets a label. From a shell
     saved_model_cli run --dir <model_dir>/saved_model --tag_set serve --signature_def serving_default \
         --inputs image_bytes=cat.npy
 
-The TFLite model takes float32 [1, image_size, image_size, 3] pixels in [0, 255] (already cropped and
-resized) and returns the probabilities; `labels.txt` beside it lists the class names, one per line.
+TFLite (--export_tflite=float,dynamic_range,int8) takes [1, image_size, image_size, 3] pixels (already cropped
+and resized) and returns the probabilities; `labels.txt` beside it lists the class names, one per line. The float
+and dynamic-range files take float32 pixels in [0, 255]; the full-integer file (int8) takes and returns uint8:
+pixels quantized with its input's (scale, zero_point), probabilities dequantized with its output's (read them from
+the interpreter's input/output details; predict_tflite does both).
 """
 
 import dataclasses
@@ -39,9 +42,29 @@ LABELS_FILE = schema.LABELS_FILE
 BYTES_SIGNATURE = "serving_default"
 IMAGES_SIGNATURE = "serving_images"
 DEFAULT_TOP_K = 5
-# TFLite file per quantization: "none" keeps float32 weights; "dynamic_range" stores weights as int8
-# (about 4x smaller) and quantizes activations on the fly, needing no representative dataset.
-TFLITE_FILES = {"none": "model.tflite", "dynamic_range": "model_dynamic_range.tflite"}
+# TFLite file per kind (--export_tflite): "float" keeps float32 weights; "dynamic_range" stores weights as int8
+# (about 4x smaller) and quantizes activations on the fly, needing no representative dataset; "int8" is
+# full-integer post-training quantization (weights and activations int8, calibrated on train images, uint8 input
+# and output): what integer-only hardware (Edge TPU, microcontrollers, many NPUs) runs.
+TFLITE_FILES = {"float": "model.tflite", "dynamic_range": "model_dynamic_range.tflite", "int8": "model_int8.tflite"}
+# What a bare --export_tflite writes (its meaning before it took a list).
+DEFAULT_TFLITE_KINDS = ("float", "dynamic_range")
+DEFAULT_CALIBRATION_IMAGES = 200
+
+
+def parse_tflite_kinds(value: str | bool) -> tuple[str, ...]:
+    """--export_tflite's value: "true" (the bare flag) is DEFAULT_TFLITE_KINDS, "false" or "" none, else a comma
+    list of TFLITE_FILES' kinds (e.g. "float,int8")."""
+    text = str(value).strip().lower()
+    if text in ("true", "1"):
+        return DEFAULT_TFLITE_KINDS
+    if text in ("false", "0", "", "none"):
+        return ()
+    kinds = tuple(dict.fromkeys(kind.strip() for kind in text.split(",") if kind.strip()))
+    unknown = [kind for kind in kinds if kind not in TFLITE_FILES]
+    if unknown:
+        raise ValueError(f"--export_tflite={value!r}: {unknown} not one of {list(TFLITE_FILES)} (e.g. float,int8)")
+    return kinds
 
 
 def crop_and_resize(images: tf.Tensor, image_size: int, crop_fraction: float = data.EVAL_CROP_FRACTION) -> tf.Tensor:
@@ -69,22 +92,40 @@ class ExportOptions:
     """What a training run exports besides the SavedModel and model.keras (the flags of the same names).
 
     top_k: how many best classes the SavedModel's top_k_* outputs list (and the report's top-k accuracy).
-    tflite: also write <model_dir>/tflite/ (float32 and dynamic-range files, labels.txt).
+    tflite: the TFLite files to write into <model_dir>/tflite/ with labels.txt (kinds of TFLITE_FILES).
+    calibration_images: train images the int8 file is calibrated on.
+    onnx: also write <model_dir>/model.onnx (onnx_model.py).
+    tolerance: an export whose accuracy is more than this below the SavedModel's is flagged (export_report.py).
     """
 
     top_k: int = DEFAULT_TOP_K
-    tflite: bool = False
+    tflite: tuple[str, ...] = ()
+    calibration_images: int = DEFAULT_CALIBRATION_IMAGES
+    onnx: bool = False
+    tolerance: float = 0.02
 
     def __post_init__(self):
         if self.top_k < 1:
             raise ValueError(f"--top_k {self.top_k} must be at least 1")
+        unknown = [kind for kind in self.tflite if kind not in TFLITE_FILES]
+        if unknown:
+            raise ValueError(f"--export_tflite: {unknown} not one of {list(TFLITE_FILES)}")
+        if self.calibration_images < 1:
+            raise ValueError(f"--tflite_calibration_images={self.calibration_images} must be at least 1, e.g. 200")
+        if not 0 <= self.tolerance <= 1:
+            raise ValueError(f"--export_tolerance={self.tolerance} must be within [0, 1], e.g. 0.02")
 
 
-def export_run(*, model: keras.Model, class_names: list[str], model_dir: str, options: ExportOptions, strategy) -> None:
-    """Writes a finished run's exports into model_dir: saved_model/, model.keras, labels.txt, [tflite/].
+def export_run(
+    *, model: keras.Model, class_names: list[str], model_dir: str, options: ExportOptions, strategy,
+    calibration_images: np.ndarray | None = None,
+) -> None:
+    """Writes a finished run's exports into model_dir: saved_model/, model.keras, labels.txt, [tflite/], [model.onnx].
 
     Every worker exports the SavedModel (saving may need collectives); only the chief's copy is kept,
     and only the chief writes the rest.
+
+    calibration_images: float32 [n, size, size, 3] train pixels (read_calibration_images), for the int8 file.
     """
     image_size = int(model.input_shape[1])
     export_write_dir = distribute.write_dir(tf.io.gfile.join(model_dir, SAVED_MODEL_DIR), strategy)
@@ -96,10 +137,30 @@ def export_run(*, model: keras.Model, class_names: list[str], model_dir: str, op
         return
     schema.write_labels(model_dir, class_names)
     model.save(tf.io.gfile.join(model_dir, KERAS_MODEL_FILE))
-    if options.tflite:
-        for quantization in TFLITE_FILES:
-            export_tflite(model=model, class_names=class_names, image_size=image_size,
-                          output_dir=tf.io.gfile.join(model_dir, TFLITE_DIR), quantization=quantization)
+    for kind in options.tflite:
+        export_tflite(model=model, class_names=class_names, image_size=image_size,
+                      output_dir=tf.io.gfile.join(model_dir, TFLITE_DIR), quantization=kind,
+                      calibration_images=calibration_images)
+    if options.onnx:
+        from trainer import onnx_model  # tf2onnx and onnx load only when asked for
+
+        onnx_model.export_onnx(model=model, image_size=image_size, path=tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
+
+
+def read_calibration_images(*, data_dir: str, manifest: dict, image_size: int, count: int) -> np.ndarray:
+    """The first `count` train images as evaluation prepares them (central crop, resize): float32 [n, size, size, 3].
+
+    The converter spreads a class's images over the shards by a hash of their path, so the first images of the
+    split are a sample of every class, not the first class's.
+    """
+    dataset = data.make_dataset(data_dir=data_dir, manifest=manifest, split="train", image_size=image_size,
+                                batch_size=min(count, 64), training=False)
+    images = []
+    for batch, _, weights in dataset:
+        images.extend(batch.numpy()[weights.numpy() > 0])
+        if len(images) >= count:
+            break
+    return np.stack(images[:count]).astype(np.float32)
 
 
 def _check_class_names(class_names: list[str]) -> None:
@@ -213,7 +274,8 @@ def float32_copy(model: keras.Model) -> keras.Model:
 
 
 def export_tflite(
-    *, model: keras.Model, class_names: list[str], image_size: int, output_dir: str, quantization: str
+    *, model: keras.Model, class_names: list[str], image_size: int, output_dir: str, quantization: str,
+    calibration_images: np.ndarray | None = None,
 ) -> str:
     """Converts the model to TFLite and writes it with `labels.txt` into `output_dir`.
 
@@ -227,16 +289,18 @@ def export_tflite(
         class_names: class names in label-id order, written one per line to `labels.txt`.
         image_size: the model's input height and width.
         output_dir: destination folder (local or gs://).
-        quantization: "none" (float32 weights) or "dynamic_range" (int8 weights, float activations).
+        quantization: a kind of TFLITE_FILES: "float" (float32 weights), "dynamic_range" (int8 weights, float
+            activations) or "int8" (full integer, uint8 input and output; integer-only built-in ops).
+        calibration_images: for "int8": float32 [n, size, size, 3] pixels in [0, 255] of the train split
+            (read_calibration_images), run through the float model to choose every activation's int8 range.
 
     Returns:
         The path of the written `.tflite` file (see TFLITE_FILES).
     """
     if quantization not in TFLITE_FILES:
-        raise ValueError(
-            f"quantization {quantization!r} is not one of {sorted(TFLITE_FILES)}; "
-            "use 'none' for float32 or 'dynamic_range' for int8 weights"
-        )
+        raise ValueError(f"quantization {quantization!r} is not one of {list(TFLITE_FILES)}")
+    if quantization == "int8" and (calibration_images is None or not len(calibration_images)):
+        raise ValueError("the int8 TFLite file needs calibration_images: train pixels, e.g. read_calibration_images")
     _check_class_names(class_names)
     model = float32_copy(model)
 
@@ -251,8 +315,13 @@ def export_tflite(
         archive.add_endpoint(name=BYTES_SIGNATURE, fn=classify)
         archive.write_out(saved_model_dir, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=[BYTES_SIGNATURE])
-        if quantization == "dynamic_range":
+        if quantization != "float":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if quantization == "int8":
+            converter.representative_dataset = lambda: ([image[np.newaxis]] for image in calibration_images)
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.uint8
+            converter.inference_output_type = tf.uint8
         tflite_model = converter.convert()
 
     tf.io.gfile.makedirs(output_dir)
@@ -297,7 +366,25 @@ def predict_tflite(*, interpreter, images: np.ndarray) -> np.ndarray:
     probabilities = []
     # The exported model takes one image per call (batch 1 is what mobile runtimes optimize for).
     for image in images.astype(np.float32):
-        interpreter.set_tensor(input_details["index"], image[np.newaxis])
+        interpreter.set_tensor(input_details["index"], quantize(image[np.newaxis], input_details))
         interpreter.invoke()
-        probabilities.append(interpreter.get_tensor(output_details["index"])[0])
+        probabilities.append(dequantize(interpreter.get_tensor(output_details["index"])[0], output_details))
     return np.stack(probabilities)
+
+
+def quantize(values: np.ndarray, details: dict) -> np.ndarray:
+    """Float values as a TFLite input tensor takes them: unchanged for a float input, else
+    round(value / scale + zero_point) clipped to its integer type (details: from get_input_details)."""
+    if details["dtype"] == np.float32:
+        return values.astype(np.float32)
+    scale, zero_point = details["quantization"]
+    limits = np.iinfo(details["dtype"])
+    return np.clip(np.round(values / scale + zero_point), limits.min, limits.max).astype(details["dtype"])
+
+
+def dequantize(values: np.ndarray, details: dict) -> np.ndarray:
+    """A TFLite output tensor as float32: (value - zero_point) * scale for an integer output."""
+    if details["dtype"] == np.float32:
+        return values
+    scale, zero_point = details["quantization"]
+    return (values.astype(np.float32) - zero_point) * scale

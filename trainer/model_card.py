@@ -9,6 +9,7 @@ rest to the model's owner.
 
 import math
 
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
@@ -64,6 +65,7 @@ def write_model_card(*, model_dir: str, manifest: dict, metrics: dict, evaluatio
         _data_section(manifest),
         _evaluation_section(evaluation),
         _serving_section(model_dir),
+        *([_exports_section(evaluation)] if evaluation.get("exports") else []),
         _intended_use_section(manifest, metrics, evaluation),
         _flags_section(model_dir),
     ]
@@ -203,11 +205,24 @@ def _serving_section(model_dir: str) -> str:
     for name in tflite_files:
         inputs, outputs = read_tflite_tensors(tf.io.gfile.join(tflite_dir, name))
         lines.append(f"- `{export.TFLITE_DIR}/{name}`: inputs {', '.join(inputs)}; outputs {', '.join(outputs)} "
-                     f"(pixels in [0, 255], already centre-cropped and resized; `{export.TFLITE_DIR}/{schema.LABELS_FILE}` "
-                     "names the outputs).")
+                     f"(pixels in [0, 255], already centre-cropped and resized; an integer tensor holds "
+                     f"round(value / scale + zero_point); `{export.TFLITE_DIR}/{schema.LABELS_FILE}` names the outputs).")
     others = [name for name in (export.KERAS_MODEL_FILE, schema.LABELS_FILE) if tf.io.gfile.exists(tf.io.gfile.join(model_dir, name))]
     if others:
         lines += ["", "Other files: " + ", ".join(f"`{name}`" for name in others) + "."]
+    return "\n".join(lines)
+
+
+def _exports_section(evaluation: dict) -> str:
+    """Every export's accuracy on the evaluated split through its own runtime (export_report.py)."""
+    rows = evaluation["exports"]
+    lines = ["## Exports", "", f"Each export evaluated on the {evaluation['split']} split ({rows[0]['num_examples']} images) "
+             "through its own runtime; agreement: the share of images whose top-1 class is the SavedModel's.", "",
+             "| file | runtime | accuracy | agreement | size |", "|---|---|---|---|---|"]
+    for row in rows:
+        flag = " **FLAGGED: below the SavedModel by more than --export_tolerance**" if row["flagged"] else ""
+        lines.append(f"| `{row['path']}` | {row['runtime']} | {row['accuracy']:.4f}{flag} | "
+                     f"{row['agreement_with_saved_model']:.4f} | {row['size_bytes'] / 1e6:.2f} MB |")
     return "\n".join(lines)
 
 
@@ -216,8 +231,14 @@ def read_tflite_tensors(path: str) -> tuple[list[str], list[str]]:
     interpreter = export.load_tflite_interpreter(path)
 
     def describe(details):
-        return [f"`{tensor['name']}`: {tensor['dtype'].__name__} [{', '.join(str(size) for size in tensor['shape'])}]"
-                for tensor in details]
+        described = []
+        for tensor in details:
+            text = f"`{tensor['name']}`: {tensor['dtype'].__name__} [{', '.join(str(size) for size in tensor['shape'])}]"
+            scale, zero_point = tensor["quantization"]
+            if tensor["dtype"] != np.float32 and scale:
+                text += f" (scale {scale:.6g}, zero_point {zero_point})"
+            described.append(text)
+        return described
 
     return describe(interpreter.get_input_details()), describe(interpreter.get_output_details())
 

@@ -4,7 +4,9 @@
 
 PATH arguments are image files, folders (searched recursively, hidden files and folders skipped) and
 globs, local or gs://. Files are read a batch at a time (--batch_size) by a few threads, and each batch
-goes through the SavedModel's `serving_default` signature in one call. Without --output a table is
+goes through the SavedModel's `serving_default` signature in one call; --format=tflite (--tflite_kind=float,
+dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
+and the same output. Without --output a table is
 printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
 (local or gs://). Files that cannot be read or decoded are reported on stderr as
 `error: <path>: ...`, the rest are still labelled, and the run exits with code 1; bad flags or paths that
@@ -13,7 +15,6 @@ match nothing exit with code 2. The work is trainer/prediction.py's; this module
 
 import sys
 
-import tensorflow as tf
 from absl import app, flags
 
 from trainer import export, prediction
@@ -22,6 +23,9 @@ flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m
 flags.DEFINE_integer("top_k", 3, "Classes to report per image, best first; above the class count it is clipped.")
 flags.DEFINE_integer("batch_size", 32, "Images per call of the model; lower it if memory runs out.")
 flags.DEFINE_integer("num_read_threads", 8, "Files read concurrently; raise it for gs:// (latency bound).")
+flags.DEFINE_enum("format", "saved_model", list(prediction.MODEL_FORMATS),
+                  "The export to label with: saved_model/, tflite/<--tflite_kind file> or model.onnx.")
+flags.DEFINE_enum("tflite_kind", "float", list(export.TFLITE_FILES), "With --format=tflite: which TFLite file.")
 flags.DEFINE_string(
     "output", None, "Write predictions to this .csv or .json file (local or gs://) instead of printing a table."
 )
@@ -42,7 +46,8 @@ def main(argv: list[str]) -> None:
             prediction.check_output_path(FLAGS.output)
         files = prediction.list_images(argv[1:])
         class_names = prediction.read_class_names(FLAGS.model_dir)
-        serve = export.load_serving_function(tf.io.gfile.join(FLAGS.model_dir, export.SAVED_MODEL_DIR))
+        serve = prediction.load_serving(model_dir=FLAGS.model_dir, model_format=FLAGS.format,
+                                        tflite_kind=FLAGS.tflite_kind)
         results, failures = prediction.predict_files(
             serve=serve, paths=files, class_names=class_names, top_k=FLAGS.top_k,
             batch_size=FLAGS.batch_size, num_read_threads=FLAGS.num_read_threads,

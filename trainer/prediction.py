@@ -1,6 +1,7 @@
-"""Labelling image files with an exported SavedModel, in batches, and writing the results (the work of
-`python -m trainer.predict`): list the files, read them with a few threads, call `serving_default` per
-batch, format a table, CSV or JSON.
+"""Labelling image files with an exported model, in batches, and writing the results (the work of
+`python -m trainer.predict`): list the files, read them with a few threads, call a serving function per
+batch, format a table, CSV or JSON. The serving function is the SavedModel's `serving_default`, or the same
+contract around a TFLite or ONNX export (load_serving): the files prepared as `serving_default` prepares them.
 """
 
 import concurrent.futures
@@ -12,8 +13,10 @@ import numpy as np
 import tensorflow as tf
 
 from tfrecords import schema
+from trainer import data, export
 
 LABELS_FILE = schema.LABELS_FILE
+MODEL_FORMATS = ("saved_model", "tflite", "onnx")
 OUTPUT_FORMATS = (".csv", ".json")
 NOT_DECODABLE = "not a decodable image"
 
@@ -81,6 +84,48 @@ def read_class_names(model_dir: str) -> list[str]:
     return class_names
 
 
+def load_serving(*, model_dir: str, model_format: str = "saved_model", tflite_kind: str = "float"):
+    """A serving function of one of a run's exports: called with `image_bytes` (a string tensor of encoded images),
+    it returns `probabilities`, `class_ids` and `class_names`, as the SavedModel's `serving_default` does.
+
+    For "tflite" (the file of `tflite_kind`, see export.TFLITE_FILES) and "onnx", each file is prepared as
+    `serving_default` prepares it (data.decode_and_resize to the export's input size) and the class names come
+    from the labels file beside the export, so predict_files' name check compares two files.
+    """
+    if model_format not in MODEL_FORMATS:
+        raise ValueError(f"--format={model_format!r} is not one of {MODEL_FORMATS}")
+    if model_format == "saved_model":
+        return export.load_serving_function(tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR))
+    if model_format == "tflite":
+        if tflite_kind not in export.TFLITE_FILES:
+            raise ValueError(f"--tflite_kind={tflite_kind!r} is not one of {list(export.TFLITE_FILES)}")
+        folder = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
+        interpreter = export.load_tflite_interpreter(tf.io.gfile.join(folder, export.TFLITE_FILES[tflite_kind]))
+        image_size = int(interpreter.get_input_details()[0]["shape"][1])
+        class_names = read_class_names(folder)
+
+        def predict(pixels):
+            return export.predict_tflite(interpreter=interpreter, images=pixels)
+    else:
+        from trainer import onnx_model
+
+        session = onnx_model.load_onnx_session(tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
+        image_size = int(session.get_inputs()[0].shape[1])
+        class_names = read_class_names(model_dir)
+
+        def predict(pixels):
+            return onnx_model.predict_onnx(session=session, images=pixels)
+
+    def serve(image_bytes):
+        pixels = np.stack([data.decode_and_resize(encoded, image_size).numpy() for encoded in tf.unstack(image_bytes)])
+        probabilities = predict(pixels.astype(np.float32))
+        class_ids = np.argmax(probabilities, axis=1)
+        return {"probabilities": tf.constant(probabilities), "class_ids": tf.constant(class_ids),
+                "class_names": tf.constant([class_names[class_id] for class_id in class_ids])}
+
+    return serve
+
+
 def read_file(path: str) -> bytes:
     """Returns a file's bytes (local or gs://)."""
     with tf.io.gfile.GFile(path, "rb") as file:
@@ -91,7 +136,7 @@ def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], 
     """Runs the serving signature once on a batch of encoded images.
 
     Args:
-        serve: the `serving_default` signature from export.load_serving_function.
+        serve: the `serving_default` signature from export.load_serving_function, or load_serving's function.
         encoded_images: JPEG/PNG/GIF/BMP file contents.
         class_names: all class names in label-id order.
         top_k: how many classes to keep per image (at most len(class_names)).
@@ -135,7 +180,7 @@ def predict_files(
     A batch holding an undecodable file is labelled again one file at a time, so only that file is lost.
 
     Args:
-        serve: the `serving_default` signature from export.load_serving_function.
+        serve: the `serving_default` signature from export.load_serving_function, or load_serving's function.
         paths: image files (local or gs://), e.g. from list_images.
         class_names: all class names in label-id order, e.g. from read_class_names.
         top_k: classes kept per image, at least 1; values above len(class_names) are clipped.

@@ -19,7 +19,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
-from trainer import model_card, quality, run_dir, steps, transfer
+from trainer import export_report, model_card, quality, run_dir, steps, transfer
 
 METRICS_FILE = "metrics.json"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -181,8 +181,12 @@ def train_and_evaluate(
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))
     with stopwatch.stage("export"):
+        calibration_images = export.read_calibration_images(
+            data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
+            count=options.export.calibration_images,
+        ) if chief and "int8" in options.export.tflite else None
         export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export,
-                          strategy=strategy)
+                          strategy=strategy, calibration_images=calibration_images)
     if chief:
         write_metrics(model_dir, metrics)
         with stopwatch.stage("reports (evaluation report, plots, model card)"):
@@ -223,6 +227,12 @@ def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, me
         final_metrics["best_validation_accuracy"] = reporting.best_validation_accuracy(metrics["history"])
     reporting.write_hparams(model_dir=options.model_dir, hyperparameters=options.hyperparameters(),
                             final_metrics=final_metrics)
+    if options.export.tflite or options.export.onnx:  # the SavedModel alone has nothing to be compared with
+        rows = export_report.evaluate_exports(
+            model_dir=options.model_dir, data_dir=options.data_dir, manifest=manifest, split=split,
+            image_size=options.model.image_size, tolerance=options.export.tolerance,
+        )
+        export_report.add_to_report(output_dir=options.model_dir, rows=rows, report=report)
     model_card.write_model_card(model_dir=options.model_dir, manifest=manifest, metrics=metrics, evaluation=report)
 
 

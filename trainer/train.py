@@ -210,9 +210,44 @@ flags.DEFINE_integer("top_k", 5, "k of the top-k accuracy in the evaluation repo
 flags.DEFINE_bool(
     "confusion_matrix_images", False, "Write the validation confusion matrix to TensorBoard as an image every epoch."
 )
-flags.DEFINE_bool(
-    "export_tflite", False,
-    "Also write <model_dir>/tflite/: model.tflite (float32), model_dynamic_range.tflite (int8 weights) and labels.txt.",
+
+
+class _TfliteKindsParser(flags.ArgumentParser):
+    """--export_tflite's values (export.parse_tflite_kinds)."""
+
+    def parse(self, argument):
+        return export.parse_tflite_kinds(argument)
+
+    def flag_type(self):
+        return "comma-separated list of float, dynamic_range, int8"
+
+
+class _TfliteKindsFlag(flags.Flag):
+    """--export_tflite: bare (float and dynamic_range, its meaning before it took a list) or a comma-separated list;
+    written back as the list, so flags.txt repeats the run."""
+
+    def __init__(self):
+        super().__init__(
+            _TfliteKindsParser(), None, "export_tflite", "",
+            "Also write <model_dir>/tflite/ with labels.txt: a comma-separated list of float (model.tflite), "
+            "dynamic_range (model_dynamic_range.tflite: int8 weights) and int8 (model_int8.tflite: full integer, uint8 "
+            "input and output, calibrated on --tflite_calibration_images train images); bare = float,dynamic_range.",
+            boolean=True,
+        )
+
+    def _serialize(self, value):
+        return f"--{self.name}={','.join(value)}" if value else f"--no{self.name}"
+
+
+flags.DEFINE_flag(_TfliteKindsFlag())
+flags.DEFINE_integer("tflite_calibration_images", export.DEFAULT_CALIBRATION_IMAGES,
+                     "Train images (centre-cropped, in shard order) that calibrate the int8 TFLite file's ranges.")
+flags.DEFINE_bool("export_onnx", False, "Also write <model_dir>/model.onnx (checked with onnxruntime; needs the "
+                  "onnx extra: pip install 'imagefolder-transfer[onnx]').")
+flags.DEFINE_float(
+    "export_tolerance", 0.02,
+    "Each TFLite/ONNX export is evaluated on the reported split; one whose accuracy is more than this below the "
+    "SavedModel's is kept but flagged (a warning, and FLAGGED in evaluation.txt, evaluation.json and the model card).",
 )
 flags.DEFINE_integer("seed", 42, "Random seed for weights initialisation, shuffling and augmentation.")
 FLAGS = flags.FLAGS
@@ -271,7 +306,10 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
             profile_steps=loop.parse_profile_steps(FLAGS.profile_batches),
             confusion_matrix_images=FLAGS.confusion_matrix_images,
         ),
-        export=export.ExportOptions(top_k=FLAGS.top_k, tflite=FLAGS.export_tflite),
+        export=export.ExportOptions(
+            top_k=FLAGS.top_k, tflite=FLAGS.export_tflite, calibration_images=FLAGS.tflite_calibration_images,
+            onnx=FLAGS.export_onnx, tolerance=FLAGS.export_tolerance,
+        ),
         quality=quality.QualityOptions(
             near_duplicate_similarity=FLAGS.data_quality_similarity, folds=FLAGS.data_quality_folds, seed=FLAGS.seed,
         ) if FLAGS.data_quality else None,
@@ -351,11 +389,11 @@ def check_data(options: run_lib.RunOptions, manifest: dict) -> None:
 
 
 def baseline_options(options: run_lib.RunOptions) -> run_lib.RunOptions:
-    """The from-scratch CNN's run: same data, epochs and recipe, into <model_dir>/baseline_cnn, no TFLite."""
+    """The from-scratch CNN's run: same data, epochs and recipe, into <model_dir>/baseline_cnn, no TFLite or ONNX."""
     return dataclasses.replace(
         options, model_dir=tf.io.gfile.join(options.model_dir, model_lib.BASELINE_CNN_NAME),
         model=dataclasses.replace(options.model, baseline_cnn=True),
-        export=dataclasses.replace(options.export, tflite=False),
+        export=dataclasses.replace(options.export, tflite=(), onnx=False),
     )
 
 

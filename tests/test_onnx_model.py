@@ -1,0 +1,47 @@
+"""trainer/onnx_model.py: the ONNX file is the Keras classifier, with named tensors and a dynamic batch."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tf2onnx", reason="the onnx extra is not installed (pip install '.[onnx]')")
+pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
+
+from tests.test_export import IMAGE_SIZE, build_small_classifier, encode, prepare  # noqa: E402
+from trainer import onnx_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return prepare([encode(seed, "JPEG", size=(40 + 9 * seed, 70), smooth=True) for seed in range(5)])
+
+
+@pytest.fixture(scope="module")
+def onnx_file(images, tmp_path_factory):
+    model = build_small_classifier(images)
+    path = str(tmp_path_factory.mktemp("onnx") / onnx_model.ONNX_FILE)
+    assert onnx_model.export_onnx(model=model, image_size=IMAGE_SIZE, path=path) == path
+    return model, path
+
+
+def test_onnx_gives_the_keras_probabilities_for_any_batch_size(onnx_file, images):
+    model, path = onnx_file
+    session = onnx_model.load_onnx_session(path)
+    (model_input,), (model_output,) = session.get_inputs(), session.get_outputs()
+    assert model_input.name == onnx_model.INPUT_NAME and model_output.name == onnx_model.OUTPUT_NAME
+    assert list(model_input.shape[1:]) == [IMAGE_SIZE, IMAGE_SIZE, 3] and model_input.type == "tensor(float)"
+    expected = model(images, training=False).numpy()
+    assert len(set(expected.argmax(axis=1))) > 1
+    for batch in (images[:1], images):
+        np.testing.assert_allclose(onnx_model.predict_onnx(session=session, images=batch), expected[: len(batch)],
+                                   atol=onnx_model.ONNX_TOLERANCE)
+
+
+def test_onnx_input_of_the_wrong_size_is_a_clear_error(onnx_file):
+    session = onnx_model.load_onnx_session(onnx_file[1])
+    with pytest.raises(ValueError, match=r"images of shape \(1, 8, 8, 3\) do not fit the ONNX input"):
+        onnx_model.predict_onnx(session=session, images=np.zeros((1, 8, 8, 3), np.float32))
+
+
+def test_loading_a_missing_onnx_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="no ONNX model at .*--export_onnx"):
+        onnx_model.load_onnx_session(str(tmp_path / onnx_model.ONNX_FILE))
