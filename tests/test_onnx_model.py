@@ -45,3 +45,10 @@ def test_onnx_input_of_the_wrong_size_is_a_clear_error(onnx_file):
 def test_loading_a_missing_onnx_file_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="no ONNX model at .*--export_onnx"):
         onnx_model.load_onnx_session(str(tmp_path / onnx_model.ONNX_FILE))
+
+
+def test_an_onnx_file_that_disagrees_with_the_keras_model_is_refused(onnx_file, images):
+    _, path = onnx_file
+    other = build_small_classifier(images[::-1] * 0.5)  # other weights: another model behind the same file name
+    with pytest.raises(ValueError, match="probabilities differ from the Keras model's"):
+        onnx_model.check_against_keras(model=other, onnx_path=path, image_size=IMAGE_SIZE)

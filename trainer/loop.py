@@ -39,7 +39,7 @@ class LoopOptions:
     jit_compile: bool = False
     checkpoint_every_steps: int = 0
     early_stopping_patience: int = 0
-    fine_tune_patience: int = 1
+    fine_tune_patience: int = 2
     profile_steps: tuple[int, int] | None = None
     confusion_matrix_images: bool = False
 

@@ -180,7 +180,7 @@ flags.DEFINE_enum(
 )
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop a phase after this many epochs without val_loss gain; 0 = off.")
 flags.DEFINE_integer(
-    "fine_tune_patience", 1,
+    "fine_tune_patience", 2,
     "Stop a fine-tuning phase after this many epochs in a row without beating the run's best validation accuracy "
     "(phase 1 included), printing the time saved; the best weights are kept either way. 0 = off (every "
     "--fine_tune_epochs epoch runs).",
