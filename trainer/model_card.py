@@ -14,7 +14,7 @@ import tensorflow as tf
 from tensorflow.core.protobuf import saved_model_pb2
 
 from tfrecords import schema
-from trainer import data, export, reporting
+from trainer import data, export, onnx_model, reporting
 
 MODEL_CARD_FILE = "MODEL_CARD.md"
 WILSON_Z = 1.959964  # the normal quantile of a two-sided 95% interval
@@ -207,7 +207,7 @@ def _serving_section(model_dir: str) -> str:
         lines.append(f"- `{export.TFLITE_DIR}/{name}`: inputs {', '.join(inputs)}; outputs {', '.join(outputs)} "
                      f"(pixels in [0, 255], already centre-cropped and resized; an integer tensor holds "
                      f"round(value / scale + zero_point); `{export.TFLITE_DIR}/{schema.LABELS_FILE}` names the outputs).")
-    others = [name for name in (export.KERAS_MODEL_FILE, schema.LABELS_FILE) if tf.io.gfile.exists(tf.io.gfile.join(model_dir, name))]
+    others = [name for name in (export.KERAS_MODEL_FILE, onnx_model.ONNX_FILE, schema.LABELS_FILE) if tf.io.gfile.exists(tf.io.gfile.join(model_dir, name))]
     if others:
         lines += ["", "Other files: " + ", ".join(f"`{name}`" for name in others) + "."]
     return "\n".join(lines)
