@@ -99,7 +99,7 @@ def measure(runners: dict, repeats: int, rounds: int) -> dict:
 
 
 def format_table(seconds: dict, model_dir: str) -> str:
-    sizes = dict((name, export_report.file_size(path)) for name, path in export_report.export_files(model_dir))
+    sizes = {name: export_report.file_size(path) for name, path in export_report.export_files(model_dir)}
     evaluated = {}
     report_path = os.path.join(model_dir, evaluation.EVALUATION_JSON)
     if tf.io.gfile.exists(report_path):

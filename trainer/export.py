@@ -142,7 +142,7 @@ def export_run(
                       output_dir=tf.io.gfile.join(model_dir, TFLITE_DIR), quantization=kind,
                       calibration_images=calibration_images)
     if options.onnx:
-        from trainer import onnx_model  # tf2onnx and onnx load only when asked for
+        from trainer import onnx_model  # here, not at the top: onnx_model imports this module
 
         onnx_model.export_onnx(model=model, image_size=image_size, path=tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
 

@@ -18,15 +18,13 @@ import tensorflow as tf
 from absl import logging
 
 from tfrecords import schema
-from trainer import data, evaluation, export
+from trainer import data, evaluation, export, onnx_model
 
 BATCH_SIZE = 32
 
 
 def export_files(model_dir: str) -> list[tuple[str, str]]:
     """(format, path) of every export in model_dir that this module evaluates, the SavedModel first."""
-    from trainer import onnx_model
-
     files = [("saved_model", tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR))]
     for kind, name in export.TFLITE_FILES.items():
         files.append((f"tflite_{kind}", tf.io.gfile.join(model_dir, export.TFLITE_DIR, name)))
@@ -96,11 +94,11 @@ def _runner(name: str, path: str):
         return (lambda encoded, pixels: serve(image_bytes=tf.constant(encoded))["probabilities"].numpy(),
                 "TensorFlow SavedModel (serving_default)")
     if name == "onnx":
-        from trainer import onnx_model
+        import onnxruntime  # the onnx extra; a model.onnx exists only where it is installed
 
         session = onnx_model.load_onnx_session(path)
         return (lambda encoded, pixels: onnx_model.predict_onnx(session=session, images=pixels),
-                "onnxruntime " + __import__("onnxruntime").__version__)
+                f"onnxruntime {onnxruntime.__version__}")
     interpreter = export.load_tflite_interpreter(path)
     runtime = "LiteRT" if type(interpreter).__module__.startswith("ai_edge_litert") else "tf.lite.Interpreter"
     return (lambda encoded, pixels: export.predict_tflite(interpreter=interpreter, images=pixels), runtime)

@@ -18,6 +18,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from trainer import export
+
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
@@ -32,7 +34,6 @@ def export_onnx(*, model: keras.Model, image_size: int, path: str) -> str:
     Raises:
         ValueError: the ONNX packages are missing, or onnxruntime's probabilities differ from Keras's.
     """
-    from trainer import export  # export imports this module lazily; the float32 copy lives there
 
     try:
         import onnx
