@@ -303,9 +303,25 @@ def test_training_with_every_export_evaluates_each_one_in_the_report(converted, 
     assert rows[1]["agreement_with_saved_model"] == 1.0 and rows[3]["agreement_with_saved_model"] == 1.0
     assert "exports on the test split" in (model_dir / "evaluation.txt").read_text()
     assert "## Exports" in (model_dir / "MODEL_CARD.md").read_text()
-    image = next(demo_image_dir.glob("*/*"))
-    labelled = {}
+    # trainer.predict with each export: the same classes and probabilities (float TFLite and ONNX compute what the
+    # SavedModel does), the same handling of a file that is not an image.
+    images = tmp_path / "images"
+    images.mkdir()
+    for image in sorted(demo_image_dir.glob("*/*"))[::20]:
+        (images / image.name).write_bytes(image.read_bytes())
+    (images / "broken.jpg").write_bytes(b"not an image")
+    outputs = {}
     for model_format in ("saved_model", "tflite", "onnx"):
-        result = run_cli("trainer.predict", f"--model_dir={model_dir}", f"--format={model_format}", str(image))
-        labelled[model_format] = result.stdout.splitlines()[-1].split()[1]  # the table's class column
-    assert len(set(labelled.values())) == 1, labelled
+        output = tmp_path / f"{model_format}.json"
+        result = run_cli("trainer.predict", f"--model_dir={model_dir}", f"--format={model_format}", "--top_k=2",
+                         f"--output={output}", str(images), check=False)
+        assert result.returncode == 1, result.stderr[-2000:]  # the broken file, reported; the others labelled
+        assert result.stderr.strip().splitlines()[-1] == f"error: {images / 'broken.jpg'}: not a decodable image"
+        outputs[model_format] = json.loads(output.read_text())
+    reference = outputs["saved_model"]
+    assert len(reference) == len(list(images.iterdir())) - 1
+    for model_format, labelled in outputs.items():
+        assert [item["path"] for item in labelled] == [item["path"] for item in reference], model_format
+        assert [item["class_name"] for item in labelled] == [item["class_name"] for item in reference], model_format
+        np.testing.assert_allclose([item["probability"] for item in labelled],
+                                   [item["probability"] for item in reference], atol=1e-4)

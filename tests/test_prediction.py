@@ -242,38 +242,6 @@ def test_ram_filesystem_for_images_and_output(serve):
     assert tf.io.gfile.listdir(f"{root}/out") == ["predictions.json"]
 
 
-def test_every_export_labels_files_with_the_same_table(tmp_path_factory, tmp_path):
-    """--format=tflite and --format=onnx give the SavedModel's output on the same files (the CLI, as users run it)."""
-    pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
-    model = model_lib.build_model(
-        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0),
-        num_classes=len(CLASS_NAMES),
-    )
-    head = model.layers[-1]
-    rng = np.random.default_rng(1)
-    head.set_weights([rng.normal(0, 1, weight.shape).astype("float32") for weight in head.get_weights()])
-    folder = str(tmp_path_factory.mktemp("all_exports"))
-    export.export_run(model=model, class_names=CLASS_NAMES, model_dir=folder, strategy=tf.distribute.get_strategy(),
-                      options=export.ExportOptions(tflite=("float",), onnx=True))
-    images = tmp_path / "images"
-    write_images(images, ["a.png", "b.jpg", "c.png"])
-    (images / "broken.jpg").write_bytes(b"not an image")
-    outputs = {}
-    for arguments in (["--format=saved_model"], ["--format=tflite", "--tflite_kind=float"], ["--format=onnx"]):
-        output = tmp_path / f"{arguments[0][9:]}.json"
-        completed = run_cli(f"--model_dir={folder}", "--top_k=2", f"--output={output}", *arguments, str(images))
-        assert completed.returncode == 1, completed.stderr  # the broken file, reported; the rest labelled
-        assert error_lines(completed.stderr) == [f"error: {images / 'broken.jpg'}: not a decodable image"]
-        outputs[arguments[0]] = json.loads(output.read_text())
-    reference = outputs["--format=saved_model"]
-    assert len(reference) == 3
-    for name, labelled in outputs.items():
-        assert [item["path"] for item in labelled] == [item["path"] for item in reference], name
-        assert [item["class_name"] for item in labelled] == [item["class_name"] for item in reference], name
-        np.testing.assert_allclose([item["probability"] for item in labelled],
-                                   [item["probability"] for item in reference], atol=1e-4)
-
-
 def test_an_unknown_format_or_a_missing_export_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="--format='pt' is not one of"):
         prediction.load_serving(model_dir=str(model_dir), model_format="pt")
