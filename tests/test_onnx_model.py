@@ -52,3 +52,13 @@ def test_an_onnx_file_that_disagrees_with_the_keras_model_is_refused(onnx_file, 
     other = build_small_classifier(images[::-1] * 0.5)  # other weights: another model behind the same file name
     with pytest.raises(ValueError, match="probabilities differ from the Keras model's"):
         onnx_model.check_against_keras(model=other, onnx_path=path, image_size=IMAGE_SIZE)
+
+
+def test_missing_onnx_packages_are_named_with_the_pip_command(monkeypatch):
+    """train.py checks this before training: finding the packages missing at export would cost the whole run."""
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "onnxruntime" else real_find_spec(name, *args))
+    with pytest.raises(ValueError, match=r"--export_onnx needs onnxruntime: pip install 'imagefolder-transfer\[onnx\]'"):
+        onnx_model.check_installed()

@@ -11,6 +11,7 @@ probabilities on a batch of 2 (ONNX_TOLERANCE). tf2onnx, onnx and onnxruntime ar
 (`pip install imagefolder-transfer[onnx]`); they are imported only when an ONNX file is written or read.
 """
 
+import importlib.util
 import os
 import tempfile
 
@@ -28,6 +29,13 @@ ONNX_TOLERANCE = 1e-4
 INSTALL_HINT = "pip install 'imagefolder-transfer[onnx]' (tf2onnx, onnx, onnxruntime)"
 
 
+def check_installed() -> None:
+    """Raises ValueError naming the pip command when tf2onnx, onnx or onnxruntime is missing."""
+    missing = [name for name in ("tf2onnx", "onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"--export_onnx needs {', '.join(missing)}: {INSTALL_HINT}")
+
+
 def export_onnx(*, model: keras.Model, image_size: int, path: str) -> str:
     """Writes the model as ONNX to `path` (local or gs://), renames its tensors, checks it with onnxruntime.
 
@@ -35,10 +43,8 @@ def export_onnx(*, model: keras.Model, image_size: int, path: str) -> str:
         ValueError: the ONNX packages are missing, or onnxruntime's probabilities differ from Keras's.
     """
 
-    try:
-        import onnx
-    except ImportError as error:
-        raise ValueError(f"--export_onnx needs the ONNX packages: {INSTALL_HINT}") from error
+    check_installed()
+    import onnx
     model = export.float32_copy(model)  # Keras's ONNX export takes float32 models only
     signature = [tf.TensorSpec([None, image_size, image_size, 3], tf.float32, name=INPUT_NAME)]
     with tempfile.TemporaryDirectory() as folder:

@@ -23,7 +23,7 @@ from absl import app, flags, logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
-from trainer import model_card, quality, run_dir, transfer
+from trainer import model_card, onnx_model, quality, run_dir, transfer
 from trainer import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
@@ -386,6 +386,8 @@ def check_data(options: run_lib.RunOptions, manifest: dict) -> None:
         data.shard_paths(options.data_dir, manifest, split)
     data.check_data(options.data_dir, manifest)
     options.recipe.loss_function(manifest)  # --class_weight=balanced needs every class in the train split
+    if options.export.onnx:  # found missing after training, it would cost the whole run
+        onnx_model.check_installed()
 
 
 def baseline_options(options: run_lib.RunOptions) -> run_lib.RunOptions:
