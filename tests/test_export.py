@@ -239,6 +239,14 @@ def test_saved_model_cli_labels_a_real_jpeg_like_the_python_signature(export_dir
     np.testing.assert_allclose(printed_probabilities, expected["probabilities"][0], atol=1e-5)
 
 
+def test_the_saved_model_stores_each_weight_once(model, export_dir):
+    # keras.export.ExportArchive stored every weight twice (keras-team/keras#23553): twice the file and the memory.
+    reader = tf.train.load_checkpoint(os.path.join(export_dir, "variables", "variables"))
+    stored = sum(int(np.prod(shape)) for name, shape in reader.get_variable_to_shape_map().items()
+                 if name != "_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert stored == model.count_params()
+
+
 def test_saved_model_cli_shows_both_signatures(export_dir):
     stdout = run_saved_model_cli("show", "--dir", export_dir, "--all")
     assert "signature_def['serving_default']" in stdout and "signature_def['serving_images']" in stdout

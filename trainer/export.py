@@ -213,11 +213,16 @@ def export_saved_model(
     def serve_images(images):
         return label(crop_and_resize(images, image_size))
 
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    archive.add_endpoint(name=BYTES_SIGNATURE, fn=serve_bytes)
-    archive.add_endpoint(name=IMAGES_SIGNATURE, fn=serve_images)
-    archive.write_out(export_dir, verbose=False)
+    # tf.saved_model.save of a module holding the functions and the model's TensorFlow variables, rather than
+    # keras.export.ExportArchive: with Keras 3.15 the archive stores every weight twice (the keras.Variable wrappers
+    # it tracks and the tf.Variables the functions capture; keras-team/keras#23553), doubling the file and the
+    # memory of every server that loads it. Here each weight is stored once (tests/test_export.py counts them).
+    module = tf.Module()
+    module.model_variables = [variable.value for variable in model.variables]
+    module.serve_bytes, module.serve_images = serve_bytes, serve_images
+    tf.saved_model.save(module, export_dir, signatures={
+        BYTES_SIGNATURE: serve_bytes.get_concrete_function(), IMAGES_SIGNATURE: serve_images.get_concrete_function(),
+    })
 
 
 def load_serving_function(export_dir: str, signature: str = BYTES_SIGNATURE):
