@@ -513,3 +513,10 @@ def test_a_file_list_of_a_remote_input_names_an_object_that_is_gone(image_dir, t
     assert sum(split["num_examples"] for split in manifest["splits"].values()) == len(CLASSES) * NUM_PER_CLASS
     gone = [entry for entry in manifest["skipped"] if entry["path"] == "square/gone.jpg"]
     assert len(gone) == 1 and gone[0]["reason"].startswith("cannot read file"), manifest["skipped"]
+
+
+def test_a_flag_value_absl_cannot_read_is_one_error_line_and_exit_2(tmp_path):
+    result = _run_build(f"--input_dir={tmp_path}", f"--output_dir={tmp_path / 'output'}", "--num_shards=many")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: flag --num_shards=many: invalid literal")
+    assert "FATAL" not in result.stderr and not (tmp_path / "output").exists()

@@ -214,6 +214,12 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
             ["--data_dir={data}", "--model_dir={model}", "--feature_cache_memory_mb=0"],
             r"--feature_cache_memory_mb=0.0 must be positive",
         ),
+        # Values absl cannot read at all: the same one line and exit 2 (tfrecords/cli.py), not absl's FATAL.
+        (["--data_dir={data}", "--model_dir={model}", "--batch_size=abc"], r"flag --batch_size=abc: invalid literal"),
+        (
+            ["--data_dir={data}", "--model_dir={model}", "--export_tflite=float,int4"],
+            r"\['int4'\] not one of \['float', 'dynamic_range', 'int8'\]",
+        ),
     ],
 )
 def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):

@@ -30,7 +30,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tfrecords import conversion
+from tfrecords import cli, conversion
 
 conversion.define_conversion_flags()
 flags.DEFINE_integer(
@@ -97,7 +97,7 @@ def main(argv: list) -> int:
 
 def run() -> None:
     """Entry point of `python -m tfrecords.build` and of the `tfrecords.build` console script."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ from PIL import Image
 from PIL import ImageDraw
 import tensorflow as tf
 
+from tfrecords import cli
+
 CLASS_NAMES = ("circle", "square", "triangle")
 MIN_SIZE = 48
 MAX_SIZE = 120
@@ -123,4 +125,4 @@ if __name__ == "__main__":
     # Defined only when run as a program: tests import write_demo_images next to tfrecords.build,
     # whose --output_dir and --seed flags would otherwise clash with these.
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -14,7 +14,7 @@ import sys
 from absl import app
 from absl import flags
 
-from tfrecords import verification
+from tfrecords import cli, verification
 
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build`, local or gs://.")
 flags.mark_flag_as_required("data_dir")
@@ -38,7 +38,7 @@ def main(argv: list) -> int:
 
 def run() -> None:
     """Entry point of `python -m tfrecords.verify`."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import sys
 
 from absl import app, flags
 
-from tfrecords import schema
+from tfrecords import cli, schema
 from trainer import data, evaluation, quality
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a `python -m trainer.train` run (its model.keras embeds).")
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Entry point of `python -m` and of the console script."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

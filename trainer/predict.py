@@ -17,6 +17,7 @@ import sys
 
 from absl import app, flags
 
+from tfrecords import cli
 from trainer import export, prediction
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m trainer.train` run.")
@@ -68,7 +69,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Entry point of `python -m` and of the console script."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import time
 import tensorflow as tf
 from absl import app, flags, logging
 
-from tfrecords import schema
+from tfrecords import cli, schema
 from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
 from trainer import model_card, onnx_model, quality, run_dir, transfer
 from trainer import run as run_lib
@@ -427,7 +427,7 @@ def fail(error: Exception, exit_code: int = 2) -> None:
 
 def run() -> None:
     """Entry point of `python -m` and of the console script."""
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":
