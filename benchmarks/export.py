@@ -58,14 +58,7 @@ def _onnx_call(session, batch_size: int, image_size: int):
 
 
 def _tflite_call(path: str, batch_size: int, num_threads: int):
-    with tf.io.gfile.GFile(path, "rb") as file:
-        content = file.read()
-    try:
-        from ai_edge_litert import interpreter as litert
-
-        interpreter = litert.Interpreter(model_content=content, num_threads=num_threads)
-    except ImportError:
-        interpreter = tf.lite.Interpreter(model_content=content, num_threads=num_threads)
+    interpreter = export.load_tflite_interpreter(path, num_threads=num_threads)
     (details,) = interpreter.get_input_details()
     shape = [batch_size, *details["shape"][1:]]
     interpreter.resize_tensor_input(details["index"], shape)

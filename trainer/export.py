@@ -337,11 +337,13 @@ def export_tflite(
     return tflite_path
 
 
-def load_tflite_interpreter(tflite_path: str):
+def load_tflite_interpreter(tflite_path: str, num_threads: int | None = None):
     """Loads a `.tflite` file (local or gs://) into an interpreter with its tensors allocated.
 
     Uses LiteRT (`pip install ai-edge-litert`) when installed, else TensorFlow's own `tf.lite.Interpreter`
     (deprecated in favour of LiteRT, but still shipped with TensorFlow 2.21).
+
+    num_threads: the interpreter's CPU threads; None = the runtime's default.
     """
     if not tf.io.gfile.exists(tflite_path):
         raise ValueError(f"no TFLite model at {tflite_path!r}; write one with trainer.export.export_tflite")
@@ -353,7 +355,7 @@ def load_tflite_interpreter(tflite_path: str):
         interpreter_class = litert.Interpreter
     except ImportError:
         interpreter_class = tf.lite.Interpreter
-    interpreter = interpreter_class(model_content=tflite_model)
+    interpreter = interpreter_class(model_content=tflite_model, num_threads=num_threads)
     interpreter.allocate_tensors()
     return interpreter
 
