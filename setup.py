@@ -33,6 +33,11 @@ setup(
         "matplotlib>=3.9",
         # One BLAS thread for the data-quality report's small regressions (scikit-learn's own dependency).
         "threadpoolctl>=3.1",
+        # The data-quality report's near-duplicate search (nearest neighbours without comparing every pair) and
+        # its groups (connected components); the available memory checked before a stage spends its time.
+        "faiss-cpu>=1.9",
+        "scipy>=1.11",
+        "psutil>=5.9",
     ],
     extras_require={
         # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).

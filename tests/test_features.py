@@ -1,5 +1,7 @@
 """trainer/features.py: phase 1 on cached backbone features trains the same head as on images."""
 
+import types
+
 import keras
 import numpy as np
 import pytest
@@ -126,3 +128,15 @@ def test_spilled_features_stream_back_every_row_once(tmp_path, monkeypatch):
     assert sorted(seen[:, 0].tolist()) == list(range(96)) and seen[:, 0].tolist() != list(range(96))
     cached.delete()
     assert not tmp_path.exists()
+
+
+def test_features_that_fit_the_budget_but_not_the_available_memory_are_spilled(tmp_path, monkeypatch, caplog):
+    """Fault injection (issue 26): a machine with less memory free than the budget assumes. The cache is spilled
+    before any feature is computed, with one line naming the flag, instead of an OOM kill halfway."""
+    budget = features.CacheBudget(memory_mb=256, directory=str(tmp_path))
+    assert isinstance(budget.writer(rows=10_000, width=1280), features._MemoryWriter)  # 49 MiB: in memory
+    monkeypatch.setattr(features.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=40 * 2**20))
+    with caplog.at_level("WARNING"):
+        writer = budget.writer(rows=10_000, width=1280)
+    assert isinstance(writer, features._SpillWriter) and writer.folder.startswith(str(tmp_path))
+    assert "--feature_cache_memory_mb" in caplog.text and "available" in caplog.text

@@ -6,12 +6,17 @@ import random
 import shutil
 import subprocess
 import sys
+import tracemalloc
+import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tfrecords import conversion, folder, schema
+import tensorflow as tf
+
+from trainer import data, features, transfer
 from trainer import model as model_lib
 from trainer import quality
 
@@ -21,55 +26,114 @@ FLOWERS_DIR = SHARED / "data" / "flowers_small"
 LITE0_BACKBONE = SHARED / "models" / "efficientnet_lite0_imagenet_notop.keras"
 
 
-def clustered(num_classes: int = 3, per_class: int = 60, width: int = 32, seed: int = 0) -> quality.Embeddings:
-    """Unit vectors around one random centre per class (well apart), labelled by their cluster."""
+def clustered(num_classes: int = 3, per_class: int = 60, width: int = 32, seed: int = 0):
+    """Unit vectors around one random centre per class (well apart), and their labels (the cluster)."""
     rng = np.random.default_rng(seed)
     centres = rng.normal(size=(num_classes, width))
     labels = np.repeat(np.arange(num_classes), per_class)
     vectors = centres[labels] + 0.35 * rng.normal(size=(len(labels), width))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    paths = [f"class_{label}/{index:03d}.jpg" for index, label in enumerate(labels)]
-    splits = ["train" if index % 5 else "test" for index in range(len(labels))]
-    return quality.Embeddings(vectors=vectors.astype(np.float32), labels=labels, paths=paths, splits=splits,
-                              thumbnails=vectors.astype(np.float32).copy())
+    return vectors.astype(np.float32), labels
+
+
+def collector_of(thumbnails: np.ndarray, splits: list, width: int = 8) -> tuple:
+    """A Collector holding the given uint8 thumbnails (split names per row; random embeddings), and the input row
+    of each collector row (rows are collected split by split, as a run's passes hand them over)."""
+    names = sorted(set(splits), key=["train", "validation", "test"].index)
+    manifest = {"classes": ["a", "b"], "splits": {name: {"num_examples": splits.count(name)} for name in names}}
+    collector = quality.Collector(manifest=manifest, width=width, max_images=len(splits))
+    input_rows = []
+    for name in names:
+        rows = [row for row, split in enumerate(splits) if split == name]
+        collector.add_function(name)(
+            np.random.default_rng(0).normal(size=(len(rows), width)), np.zeros(len(rows), np.int32),
+            np.ones(len(rows), np.float32), thumbnails[rows].astype(np.int32), np.arange(len(rows), dtype=np.int32),
+        )
+        input_rows.extend(rows)
+    return collector, np.array(input_rows)
 
 
 def test_flipped_labels_rank_first_with_their_true_class_suggested():
-    embeddings = clustered()
+    vectors, labels = clustered()
     flipped = [3, 70, 130, 140, 175]  # given the next class's label
-    embeddings.labels[flipped] = (embeddings.labels[flipped] + 1) % 3
-    probabilities = quality.out_of_fold_probabilities(embeddings, num_classes=3, folds=5, seed=0)
-    issues = quality.find_label_issues(embeddings, probabilities, class_names=["a", "b", "c"])
-    assert {issue["path"] for issue in issues[:5]} == {embeddings.paths[index] for index in flipped}
-    for issue in issues[:5]:
-        index = embeddings.paths.index(issue["path"])
-        assert issue["suggested"] == "abc"[(embeddings.labels[index] - 1) % 3]  # its cluster
-        assert issue["given"] == "abc"[embeddings.labels[index]] and 0 <= issue["score"] < 0.5
-    assert len(issues) <= 10  # clean clusters: few false alarms
+    true_labels = labels.copy()
+    labels[flipped] = (labels[flipped] + 1) % 3
+    probabilities = quality.out_of_fold_probabilities(vectors, labels, num_classes=3, folds=5, seed=0)
+    issues = quality.find_label_issues(labels, probabilities, max_listed=200)
+    assert set(issues["rows"][:5].tolist()) == set(flipped)
+    assert all(issues["suggested"][:5] == true_labels[issues["rows"][:5]])  # its cluster
+    assert all(issues["scores"][:5] < 0.5)
+    assert issues["count"] == len(issues["rows"]) <= 10  # clean clusters: few false alarms
+    listed = quality.find_label_issues(labels, probabilities, max_listed=2)
+    assert listed["count"] == issues["count"] and listed["rows"].tolist() == issues["rows"][:2].tolist()
 
 
 def test_clean_labels_give_few_issues_and_a_class_with_fewer_images_than_folds_still_works():
-    embeddings = clustered(per_class=40)
+    vectors, labels = clustered(per_class=40)
     keep = np.r_[0:40, 40:43, 80:120]  # the middle class has only 3 images, fewer than the 5 folds
-    embeddings = quality.Embeddings(vectors=embeddings.vectors[keep], labels=embeddings.labels[keep],
-                                    paths=[embeddings.paths[i] for i in keep], splits=[embeddings.splits[i] for i in keep])
-    probabilities = quality.out_of_fold_probabilities(embeddings, num_classes=3, folds=5, seed=0)
+    probabilities = quality.out_of_fold_probabilities(vectors[keep], labels[keep], num_classes=3, folds=5, seed=0)
     assert probabilities.shape == (83, 3) and np.allclose(probabilities.sum(axis=1), 1, atol=1e-5)
-    assert len(quality.find_label_issues(embeddings, probabilities, class_names=["a", "b", "c"])) <= 3
+    assert quality.find_label_issues(labels[keep], probabilities, max_listed=200)["count"] <= 3
+
+
+def test_each_folds_regression_learns_from_a_bounded_sample(monkeypatch):
+    monkeypatch.setattr(quality, "MAX_FIT_ROWS", 50)
+    fitted = []
+    original = quality.linear_model.LogisticRegression.fit
+    monkeypatch.setattr(quality.linear_model.LogisticRegression, "fit",
+                        lambda self, x, y: fitted.append(len(x)) or original(self, x, y))
+    vectors, labels = clustered(per_class=100)
+    probabilities = quality.out_of_fold_probabilities(vectors, labels, num_classes=3, folds=5, seed=0)
+    assert fitted == [50] * 5
+    assert np.mean(np.argmax(probabilities, axis=1) == labels) > 0.9  # still separates the clusters
+
+
+def thumbnails_around(centres: np.ndarray, count: int, noise: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    rows = centres[rng.integers(0, len(centres), count)] + rng.normal(0, noise, (count, centres.shape[1]))
+    return np.clip(np.round(rows), 0, 255).astype(np.uint8)
 
 
 def test_near_duplicates_are_found_once_each_across_splits_first():
-    embeddings = clustered(per_class=400)  # more than one block of rows
     rng = np.random.default_rng(1)
+    thumbnails = rng.integers(0, 256, (1200, 256)).astype(np.uint8)  # unrelated images
+    splits = ["train" if index % 5 else "test" for index in range(1200)]
     planted = ((6, 1106), (5, 906), (10, 1105))  # train/train, test/train (across), test/test (every 5th is test)
     for copy, original in planted:
-        vector = embeddings.thumbnails[original] + 0.01 * rng.normal(size=embeddings.thumbnails.shape[1])
-        embeddings.thumbnails[copy] = vector / np.linalg.norm(vector)
-    pairs = quality.find_near_duplicates(embeddings, similarity=0.99)
-    found = [tuple(pair["paths"]) for pair in pairs]
-    assert set(found) == {(embeddings.paths[a], embeddings.paths[b]) for a, b in planted} and len(found) == 3
-    assert [pair["splits"] for pair in pairs][0] == ["test", "train"]  # the pair across splits comes first
-    assert all(pair["similarity"] >= 0.99 for pair in pairs)
+        thumbnails[copy] = np.clip(thumbnails[original].astype(int) + rng.integers(-2, 3, 256), 0, 255)
+    collector, input_rows = collector_of(thumbnails, splits)
+    found = quality.find_near_duplicates(collector, similarity=0.99, max_listed=200)
+    rows = [tuple(sorted(input_rows[list(pair[:2])].tolist())) for pair in found["pairs"]]
+    assert set(rows) == {tuple(sorted(pair)) for pair in planted} and found["num_pairs"] == 3
+    assert set(rows[0]) == {5, 906}  # across splits first
+    assert found["num_pairs_across_splits"] == 1 and found["num_groups"] == 3 and found["largest_group"] == 2
+    assert found["num_evaluation_images_with_a_train_duplicate"] == 1  # test image 5, a copy of train image 906
+    assert all(pair[2] >= 0.99 for pair in found["pairs"])
+
+
+@pytest.mark.parametrize("count", [3000, quality.EXACT_SEARCH_MAX_IMAGES + 5000], ids=["exact", "hnsw"])
+def test_thousands_of_near_identical_images_are_one_group_in_bounded_memory(count):
+    """Fault injection (issue 26): most images alike. The report kept every pair (n^2 / 2 of them: 18.9 GB and an
+    OOM kill at 10,000 images); now at most NEIGHBOURS pairs an image, the group reported whole."""
+    centres = np.tile(np.linspace(0, 255, 256), (2, 1))
+    centres[1] = centres[1][::-1]  # two groups: a gradient one way and the other way
+    thumbnails = thumbnails_around(centres, count, noise=3.0, seed=0)
+    collector, _ = collector_of(thumbnails, ["train" if index % 4 else "test" for index in range(count)])
+    tracemalloc.start()
+    found = quality.find_near_duplicates(collector, similarity=0.98, max_listed=50)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < count * (quality.NEIGHBOURS + 1) * 64 + 64 * 2**20, f"{peak / 2**20:.0f} MiB"
+    assert found["num_groups"] == 2 and found["num_images_in_groups"] == count
+    assert sorted(found["group_sizes"]) == sorted(np.bincount(gradient_of(collector)).tolist())
+    assert len(found["pairs"]) == 50 and found["num_pairs"] <= count * (quality.NEIGHBOURS + 1)
+    assert found["num_evaluation_images_with_a_train_duplicate"] == count // 4
+
+
+def gradient_of(collector: quality.Collector) -> np.ndarray:
+    """Which gradient (0 or 1) each collected thumbnail follows."""
+    held = collector.thumbnails[: collector.count].astype(float)
+    return (held[:, 0] > held[:, -1]).astype(int)
 
 
 def test_options_are_checked_with_the_flag_name():
@@ -110,7 +174,7 @@ def test_moved_photos_and_a_resized_copy_across_splits_are_found_in_real_photos(
         num_classes=5,
     )
     manifest = schema.read_manifest(str(data_dir))
-    report = quality.make_report(model=model, data_dir=str(data_dir), manifest=manifest, image_size=224,
+    report = quality.make_folder_report(model=model, data_dir=str(data_dir), manifest=manifest, image_size=224,
                                  options=quality.QualityOptions())
     summary = quality.write_report(quality=report, output_dir=str(tmp_path / "model"), data_dir=str(data_dir),
                                    manifest=manifest, image_size=224)
@@ -138,8 +202,8 @@ def test_a_folder_larger_than_max_images_is_reported_on_a_stable_sample(demo_dat
     manifest = schema.read_manifest(str(demo_data_dir))
     total = sum(split["num_examples"] for split in manifest["splits"].values())
     options = quality.QualityOptions(max_images=total // 2, folds=2)
-    first = quality.make_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
-    again = quality.make_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
+    first = quality.make_folder_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
+    again = quality.make_folder_report(model=model, data_dir=str(demo_data_dir), manifest=manifest, image_size=32, options=options)
     assert first["sampled"] and first["num_images_in_data"] == total
     assert total // 4 < first["num_images"] < total * 3 // 4
     assert first["label_issues"] == again["label_issues"]  # the same images every time
@@ -153,3 +217,79 @@ def test_the_program_without_a_trained_model_is_a_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: --data_dir")
+
+
+def test_phase1s_feature_pass_gives_the_report_what_its_own_pass_would(demo_data_dir):
+    """The report shares phase 1's pass (issue 26): the unaugmented train view and the validation features it
+    caches are the report's embeddings, with the same thumbnails, so the report is the one its own pass makes."""
+    model = model_lib.build_model(
+        model_lib.ModelSpec(backbone="mobilenet_v2", image_size=32, weights="none"), num_classes=3,
+    )
+    manifest = schema.read_manifest(str(demo_data_dir))
+    splits = data.DistributedSplits(strategy=tf.distribute.get_strategy(), data_dir=str(demo_data_dir),
+                                    manifest=manifest, image_size=32, batch_size=8, options=data.PipelineOptions(seed=1))
+    width = model.get_layer("dropout").input.shape[-1]
+    shared = quality.Collector(manifest=manifest, width=width, max_images=10**6)
+    trained = transfer.cached_feature_data(model=model, splits=splits, views=2, augmented=True, seed=1,
+                                           budget=features.CacheBudget(), collector=shared)
+    assert shared.missing_splits() == ["test"]  # phase 1 reads train and validation
+    trained.finish()
+    quality.embed_splits(model=model, splits=splits, collector=shared, names=shared.missing_splits())
+    own = quality.Collector(manifest=manifest, width=width, max_images=10**6)
+    quality.embed_splits(model=model, splits=splits, collector=own, names=own.missing_splits())
+    assert shared.count == own.count == sum(split["num_examples"] for split in manifest["splits"].values())
+    for collector in (shared, own):
+        order = np.lexsort((collector.positions[: collector.count], collector.split_ids[: collector.count]))
+        collector.sorted = {name: getattr(collector, name)[order] for name in ("vectors", "thumbnails", "labels")}
+    np.testing.assert_allclose(shared.sorted["vectors"], own.sorted["vectors"], atol=1e-5)
+    np.testing.assert_array_equal(shared.sorted["thumbnails"], own.sorted["thumbnails"])
+    np.testing.assert_array_equal(shared.sorted["labels"], own.sorted["labels"])
+    options = quality.QualityOptions(folds=2)
+    shared_report = quality.make_report(collector=shared, data_dir=str(demo_data_dir), manifest=manifest, options=options)
+    own_report = quality.make_report(collector=own, data_dir=str(demo_data_dir), manifest=manifest, options=options)
+    for key in ("num_label_issues", "num_near_duplicates", "near_duplicates", "num_near_duplicate_groups"):
+        assert shared_report[key] == own_report[key], key
+    assert {issue["path"] for issue in shared_report["label_issues"]} == {issue["path"] for issue in own_report["label_issues"]}
+    assert all(issue["path"].endswith((".jpg", ".png")) for issue in shared_report["label_issues"])
+
+
+def test_a_report_that_cannot_fit_the_available_memory_stops_before_any_pass(monkeypatch):
+    """Fault injection (issue 26): the report estimates its memory from the manifest's counts before any pass and
+    stops with the flags to change, rather than being killed by the kernel after the time is spent."""
+    manifest = {"classes": ["a", "b"], "splits": {"train": {"num_examples": 150_000}, "test": {"num_examples": 50_000}}}
+    monkeypatch.setattr(quality.psutil, "virtual_memory", lambda: types.SimpleNamespace(available=400 * 2**20))
+    with pytest.raises(ValueError, match="--data_quality_max_images, or --nodata_quality"):
+        quality.Collector(manifest=manifest, width=1280, max_images=200_000)
+    small = quality.Collector(manifest=manifest, width=1280, max_images=20_000)  # a sample of 20,000 fits
+    assert small.stride == 10 and len(small.labels) == 20_000
+
+
+def test_embeddings_past_the_budget_are_stored_projected_and_still_separate_classes(monkeypatch):
+    monkeypatch.setattr(quality, "EMBEDDING_BUDGET_MB", 1)  # 1 MiB for 6,000 rows: 40 of 64 columns
+    monkeypatch.setattr(quality, "PROJECTION_FIT_ROWS", 500)
+    vectors, labels = clustered(num_classes=3, per_class=2000, width=64)
+    manifest = {"classes": ["a", "b", "c"], "splits": {"train": {"num_examples": len(labels)}}}
+    collector = quality.Collector(manifest=manifest, width=64, max_images=10**6)
+    add = collector.add_function("train")
+    for start in range(0, len(labels), 256):
+        rows = slice(start, start + 256)
+        count = len(labels[rows])
+        add(vectors[rows], labels[rows], np.ones(count, np.float32), np.zeros((count, 256), np.int32),
+            np.arange(start, start + count, dtype=np.int32))
+    collector.finish()
+    assert collector.stored_width == 40 and collector.vectors.nbytes <= 2**20
+    probabilities = quality.out_of_fold_probabilities(collector.vectors, collector.labels.astype(np.int64),
+                                                      num_classes=3, folds=5, seed=0)
+    assert np.mean(np.argmax(probabilities, axis=1) == labels) > 0.95
+
+
+def test_two_tight_clusters_alike_across_are_one_group():
+    """Two clusters of copies whose images correlate above the threshold across them, while every image's
+    nearest neighbours are in its own cluster: one group, as the threshold says, not two."""
+    ramp = np.linspace(0, 255, 256)
+    tilted = np.clip(ramp + 40 * np.sin(np.linspace(0, 3, 256)), 0, 255)
+    assert np.corrcoef(ramp, tilted)[0, 1] > 0.985
+    thumbnails = thumbnails_around(np.stack([ramp, tilted]), 400, noise=0.5, seed=0)
+    collector, _ = collector_of(thumbnails, ["train"] * 400)
+    found = quality.find_near_duplicates(collector, similarity=0.98, max_listed=10)
+    assert found["num_groups"] == 1 and found["largest_group"] == 400

@@ -449,7 +449,7 @@ def _random_flip(image: tf.Tensor, seed: tf.Tensor | None) -> tf.Tensor:
     return tf.image.stateless_random_flip_left_right(image, seed=seed + tf.constant([0, 1], seed.dtype) * 2**31)
 
 
-def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_size: int, image_size: int):
+def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_size: int):
     """Adds a sample weight to each (image, label) and zero-weight padding up to a whole batch.
 
     An evaluation pass must see every example, but a short last batch would leave some replicas an
@@ -460,10 +460,11 @@ def pad_with_zero_weights(dataset: tf.data.Dataset, num_examples: int, batch_siz
     """
     num_padding = -num_examples % batch_size
     real_weight = (num_examples + num_padding) / num_examples
-    dataset = dataset.map(lambda image, label: (image, label, tf.constant(real_weight, tf.float32)))
-    padding = tf.data.Dataset.from_tensors(
-        (tf.zeros([image_size, image_size, 3]), tf.constant(0, tf.int32), tf.constant(0.0))
-    )
+    # Elements may carry more after the label (a thumbnail and the record's position: with_thumbnails).
+    dataset = dataset.map(lambda image, label, *more: (image, label, tf.constant(real_weight, tf.float32), *more))
+    padding = tf.data.Dataset.from_tensors(tf.nest.map_structure(
+        lambda spec: tf.zeros(spec.shape, spec.dtype), dataset.element_spec
+    ))
     return dataset.concatenate(padding.repeat(num_padding))
 
 
@@ -582,6 +583,7 @@ def make_dataset(
     options: PipelineOptions = PipelineOptions(),
     augmentation=None,
     input_context: tf.distribute.InputContext | None = None,
+    thumbnail_side: int = 0,
 ) -> tf.data.Dataset:
     """Builds the (images, labels) dataset of one split.
 
@@ -601,6 +603,10 @@ def make_dataset(
             the model). Leave RandomFlip out of it: options.flip flips in the decode.
         input_context: from distribute_datasets_from_function: this pipeline reads its share of the
             files (of the examples when there are fewer files than pipelines) in per-replica batches.
+        thumbnail_side: above 0 (evaluation only), each element also carries every image's grayscale
+            thumbnail (int32 [batch, thumbnail_side**2], see thumbnail_pixels) and its position in the split's
+            evaluation order (int32 [batch], see evaluation_records): what the data-quality report needs besides
+            the embedding, computed from the same read and decode.
 
     Returns:
         For training, a dataset of (float32 [batch, image_size, image_size, 3] images, int32 [batch]
@@ -616,6 +622,10 @@ def make_dataset(
     # Cache the still-encoded records, before the random crop, so later epochs get new crops; and
     # before shuffle so the cache holds each example once.
     dataset = _cache(dataset, options.cache, split, input_context)
+    if thumbnail_side:
+        if training:
+            raise ValueError("thumbnails come with evaluation passes only (training=False)")
+        dataset = dataset.enumerate()  # before sharding among pipelines: the position in the whole split
     if training:
         # Shuffle before repeat so each epoch sees every example once.
         dataset = dataset.shuffle(options.shuffle_buffer, seed=options.seed).repeat()
@@ -623,12 +633,12 @@ def make_dataset(
         dataset = dataset.enumerate()
     parse = _parse_function(
         training=training, class_names=manifest["classes"], image_size=image_size, options=options,
-        uint8=augmentation is not None,
+        uint8=augmentation is not None, thumbnail_side=thumbnail_side,
     )
     dataset = dataset.map(parse, num_parallel_calls=AUTOTUNE, deterministic=ordered)
     if not training:
         dataset = _batch_for_evaluation(dataset, num_examples=manifest["splits"][split]["num_examples"],
-                                        batch_size=batch_size, image_size=image_size, input_context=input_context)
+                                        batch_size=batch_size, input_context=input_context)
     else:
         # Every batch is full (the remainder dropped): batches split evenly across replicas and keep
         # static shapes, which TPUs need.
@@ -649,6 +659,31 @@ def make_dataset(
             tf.data.experimental.service.distribute(processing_mode=options.data_service_mode, service=options.data_service)
         )
     return dataset.prefetch(AUTOTUNE)
+
+
+def thumbnail_pixels(encoded: tf.Tensor, side: int) -> tf.Tensor:
+    """The whole image in grayscale, area-resized to side x side, rounded: int32 [side * side] in [0, 255].
+
+    int32 rather than uint8 so that it may travel with the batch to any accelerator. A JPEG is decoded at an
+    eighth of its size in the DCT (plenty for a 16 x 16 thumbnail, and cheap); other formats in full.
+    """
+
+    def small_jpeg():
+        return tf.io.decode_jpeg(encoded, channels=1, ratio=8)
+
+    def any_format():
+        return tf.io.decode_image(encoded, channels=1, expand_animations=False)
+
+    small = tf.cast(tf.cond(tf.io.is_jpeg(encoded), small_jpeg, any_format), tf.float32)
+    thumbnail = tf.image.resize(small, [side, side], method="area")
+    return tf.cast(tf.round(tf.reshape(thumbnail, [side * side])), tf.int32)
+
+
+def evaluation_records(data_dir: str, manifest: dict, split: str) -> tf.data.Dataset:
+    """The serialized records of a split in the order of its evaluation pass (one pipeline), which
+    make_dataset(..., thumbnail_side=...) numbers: record i here is position i there."""
+    return _read_records(shard_paths(data_dir, manifest, split), training=False, ordered=True, seed=None,
+                         input_context=None)
 
 
 def _pipeline_share(input_context: tf.distribute.InputContext | None, batch_size: int) -> tuple[int, int, int]:
@@ -686,12 +721,12 @@ def _read_records(files: list[str], *, training: bool, ordered: bool, seed, inpu
     return dataset
 
 
-def _batch_for_evaluation(dataset, *, num_examples: int, batch_size: int, image_size: int, input_context):
+def _batch_for_evaluation(dataset, *, num_examples: int, batch_size: int, input_context):
     """One pass in whole per-replica batches, padded with zero-weight examples (pad_with_zero_weights)."""
     num_pipelines, pipeline_id, local_batch_size = _pipeline_share(input_context, batch_size)
     # Pad to whole global batches, then give each pipeline every num_pipelines-th example: each gets
     # the same number of whole per-replica batches, so replicas stay in step to the end of the pass.
-    dataset = pad_with_zero_weights(dataset, num_examples, batch_size, image_size)
+    dataset = pad_with_zero_weights(dataset, num_examples, batch_size)
     if num_pipelines > 1:
         dataset = dataset.shard(num_pipelines, pipeline_id)
     dataset = dataset.batch(local_batch_size, drop_remainder=True, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -701,7 +736,9 @@ def _batch_for_evaluation(dataset, *, num_examples: int, batch_size: int, image_
     return dataset.apply(tf.data.experimental.assert_cardinality(padded_examples // num_pipelines // local_batch_size))
 
 
-def _parse_function(*, training: bool, class_names: list, image_size: int, options: PipelineOptions, uint8: bool):
+def _parse_function(
+    *, training: bool, class_names: list, image_size: int, options: PipelineOptions, uint8: bool, thumbnail_side: int = 0,
+):
     """The per-record map of make_dataset: parse, decode (random crop and flip in training), label."""
     seed = options.seed
     if not training:
@@ -710,7 +747,15 @@ def _parse_function(*, training: bool, class_names: list, image_size: int, optio
             image = decode_and_resize(features["image/encoded"], image_size)
             return image, tf.cast(features["image/class/label"], tf.int32)
 
-        return parse
+        if not thumbnail_side:
+            return parse
+
+        def parse_with_thumbnail(index, serialized):
+            image, label = parse(serialized)
+            encoded = schema.parse_example(serialized)["image/encoded"]
+            return image, label, thumbnail_pixels(encoded, thumbnail_side), tf.cast(index, tf.int32)
+
+        return parse_with_thumbnail
 
     def parse_for_training(index, serialized):
         features = parse_record(serialized, class_names)
@@ -744,12 +789,12 @@ class DistributedSplits:
         self.strategy, self.data_dir, self.manifest = strategy, data_dir, manifest
         self.image_size, self.batch_size, self.options, self.augmentation = image_size, batch_size, options, augmentation
 
-    def images(self, split: str, *, training: bool):
+    def images(self, split: str, *, training: bool, thumbnail_side: int = 0):
         """The distributed dataset of a split (make_dataset's, for training or for one evaluation pass)."""
         return self.strategy.distribute_datasets_from_function(lambda input_context: make_dataset(
             data_dir=self.data_dir, manifest=self.manifest, split=split, image_size=self.image_size,
             batch_size=self.batch_size, training=training, options=self.options, augmentation=self.augmentation,
-            input_context=input_context,
+            input_context=input_context, thumbnail_side=thumbnail_side,
         ))
 
     def sample(self, num_images: int = 8):

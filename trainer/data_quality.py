@@ -24,7 +24,8 @@ flags.DEFINE_float(
     "similarity", 0.98, "Correlation of two images' 16 x 16 grayscale thumbnails from which they are near-duplicates."
 )
 flags.DEFINE_integer("folds", 5, "Logistic regressions (folds) whose out-of-fold predictions score the labels.")
-flags.DEFINE_integer("max_listed", 200, "Most label issues and most near-duplicate pairs listed in the report.")
+flags.DEFINE_integer("max_listed", 200, "Most label issues, near-duplicate pairs and groups listed in the report.")
+flags.DEFINE_integer("max_images", 200_000, "A larger folder is reported on a stable sample of this many images.")
 flags.DEFINE_integer("batch_size", 64, "Images per feature-extractor call; lower it if memory runs out.")
 flags.DEFINE_integer("seed", 0, "Seed of the folds.")
 FLAGS = flags.FLAGS
@@ -38,7 +39,7 @@ def main(argv: list[str]) -> None:
             raise ValueError("--model_dir and --data_dir are required")
         options = quality.QualityOptions(
             near_duplicate_similarity=FLAGS.similarity, folds=FLAGS.folds, max_listed=FLAGS.max_listed,
-            batch_size=FLAGS.batch_size, seed=FLAGS.seed,
+            batch_size=FLAGS.batch_size, seed=FLAGS.seed, max_images=FLAGS.max_images,
         )
         manifest = schema.read_manifest(FLAGS.data_dir)
         data.check_data(FLAGS.data_dir, manifest)
@@ -47,8 +48,8 @@ def main(argv: list[str]) -> None:
         )
         image_size = evaluation.model_image_size(model)
         with data.data_errors(FLAGS.data_dir, manifest):
-            report = quality.make_report(model=model, data_dir=FLAGS.data_dir, manifest=manifest, image_size=image_size,
-                                         options=options)
+            report = quality.make_folder_report(model=model, data_dir=FLAGS.data_dir, manifest=manifest,
+                                                image_size=image_size, options=options)
             summary = quality.write_report(quality=report, output_dir=FLAGS.output_dir or FLAGS.model_dir,
                                            data_dir=FLAGS.data_dir, manifest=manifest, image_size=image_size)
     except ValueError as error:

@@ -72,6 +72,15 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """Processes that train together, each reading its own share of the data: the hosts of a multi_worker
+    cluster; 1 for every other strategy (a TPU's hosts feed one program, which sees every replica's results)."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return 1
+    cluster = strategy.cluster_resolver.cluster_spec().as_dict()
+    return max(1, len(cluster.get("chief", [])) + len(cluster.get("worker", [])))
+
+
 def write_dir(directory: str, strategy: tf.distribute.Strategy) -> str:
     """Where this process writes a checkpoint or export of `directory`.
 

@@ -20,11 +20,11 @@ budget's size, and deleted when the phase ends; memory then stays flat in the nu
 
 import dataclasses
 import tempfile
-import time
 import uuid
 
 import keras
 import numpy as np
+import psutil
 import tensorflow as tf
 from absl import logging
 
@@ -80,25 +80,36 @@ class CachedFeatures:
 class CacheBudget:
     """Where phase 1's features are kept (the flags --feature_cache_memory_mb and --feature_cache_dir).
 
-    memory_mb: features of one split up to this size (per worker) stay in memory; larger ones are spilled.
+    memory_mb: features of one split up to this size (per worker) stay in memory; larger ones are spilled, and
+        their shuffle buffer holds this much. Either way phase 1 holds at most about this much per split,
+        whatever the number of images (benchmarks/scale.py measures it at 200,000).
     directory: the spilled files' parent folder, local or gs://; "" is the system's temporary folder.
     """
 
-    memory_mb: float = 4096
+    memory_mb: float = 256
     directory: str = ""
 
     def __post_init__(self):
         if self.memory_mb <= 0:
-            raise ValueError(f"--feature_cache_memory_mb={self.memory_mb} must be positive, e.g. 4096")
+            raise ValueError(f"--feature_cache_memory_mb={self.memory_mb} must be positive, e.g. 256")
 
-    def spill_folder(self, rows: int, width: int) -> str | None:
-        """A new folder for a split of `rows` features of `width` if they exceed the budget, else None."""
-        if rows * (width + 2) * 4 <= self.memory_mb * 2**20:
-            return None
+    def writer(self, rows: int, width: int):
+        """Where `rows` features of `width` go: in memory when they fit the budget and half the memory this
+        machine has available now, else spilled to a new folder of files (a line in the log says why)."""
+        size = rows * (width + 2) * 4
+        available = psutil.virtual_memory().available
+        if size <= self.memory_mb * 2**20 and size <= available / 2:
+            return _MemoryWriter(capacity=rows, width=width)
+        if size <= self.memory_mb * 2**20:
+            logging.warning(
+                "%.0f MiB of features fit --feature_cache_memory_mb=%g but not half the %.0f MiB of memory available "
+                "now: spilled to files instead (lower --feature_cache_memory_mb to choose this yourself)",
+                size / 2**20, self.memory_mb, available / 2**20,
+            )
         parent = self.directory or tempfile.gettempdir()
         folder = tf.io.gfile.join(parent, f"phase1_features-{uuid.uuid4().hex}")
         tf.io.gfile.makedirs(folder)
-        return folder
+        return _SpillWriter(folder)
 
     def shuffle_rows(self, width: int) -> int:
         """Rows of a spilled cache's shuffle buffer: what the budget holds."""
@@ -107,43 +118,43 @@ class CacheBudget:
 
 def compute_features(
     *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int, training: bool,
-    spill_folder: str | None = None,
-) -> CachedFeatures:
-    """Runs the feature model over a distributed dataset; returns this worker's features, labels and weights.
+    writer=None, collect=None, drop_padding: bool = False,
+) -> None:
+    """Runs the feature model over a distributed dataset, handing this worker's rows to a writer and a collector.
 
     Args:
         feature_model: from split_model.
         strategy: the tf.distribute strategy (the dataset is distributed by it).
-        dataset: distributed (images, labels) or (images, labels, weights) batches; weights are kept
-            (evaluation padding weighs 0), or are 1 when the dataset has none.
+        dataset: distributed (images, labels) or (images, labels, weights, *more) batches; weights are kept
+            (evaluation padding weighs 0), or are 1 when the dataset has none; `more` (thumbnails and positions,
+            data.make_dataset's thumbnail_side) goes to `collect` untouched.
         num_batches: batches to take: from an endless training dataset, or all of an evaluation dataset's.
         training: run the model's augmentation layers (augment_on=device); the backbone stays in inference mode.
-        spill_folder: write the features to TFRecord files there instead of keeping them in memory.
+        writer: from CacheBudget.writer (or None: the features are only collected).
+        collect: called with (features, labels, weights, *more) as numpy arrays, one call per replica and batch.
+        drop_padding: leave rows of weight 0 (evaluation padding) out of the writer (for training rows).
     """
 
-    def replica_step(images, labels, weights=None):
+    def replica_step(images, labels, weights=None, *more):
         features = tf.cast(feature_model(images, training=training), tf.float32)
-        return features, labels, tf.ones_like(labels, tf.float32) if weights is None else weights
+        return (features, labels, tf.ones_like(labels, tf.float32) if weights is None else weights, *more)
 
     @tf.function
     def step(batch):
         return strategy.run(replica_step, args=batch)
 
-    width = feature_model.output.shape[-1]
-    writer = _SpillWriter(spill_folder) if spill_folder else None
     for index, batch in enumerate(dataset):
         if index >= num_batches:
             break
         per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
-        if writer is None:  # every step has the same rows (whole batches): room for all of them, allocated once
-            writer = _MemoryWriter(capacity=num_batches * sum(len(values) for values in per_replica[0]), width=width)
-        for features, labels, weights in zip(*per_replica):
-            features, labels, weights = (keras.ops.convert_to_numpy(value) for value in (features, labels, weights))
-            writer.write(features, labels.astype(np.int32), weights.astype(np.float32))
-    assert writer is not None, "the dataset gave no batch"
-    if spill_folder:
-        return CachedFeatures(arrays=None, paths=writer.close(), count=writer.count, width=width, folder=spill_folder)
-    return CachedFeatures(arrays=writer.close(), paths=[], count=writer.count, width=width)
+        for values in zip(*per_replica):
+            features, labels, weights, *more = (keras.ops.convert_to_numpy(value) for value in values)
+            labels, weights = labels.astype(np.int32), weights.astype(np.float32)
+            if collect is not None:
+                collect(features, labels, weights, *more)
+            if writer is not None:
+                keep = weights > 0 if drop_padding else slice(None)
+                writer.write(features[keep], labels[keep], weights[keep])
 
 
 class _MemoryWriter:
@@ -155,19 +166,20 @@ class _MemoryWriter:
     """
 
     def __init__(self, *, capacity: int, width: int):
+        # np.empty: pages never written (another worker's share of the rows) take no memory.
         self.arrays = (np.empty((capacity, width), np.float32), np.empty(capacity, np.int32), np.empty(capacity, np.float32))
-        self.count = 0
+        self.count, self.width = 0, width
 
     def write(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
         for array, values in zip(self.arrays, (features, labels, weights)):
             array[self.count : self.count + len(values)] = values
         self.count += len(features)
 
-    def close(self) -> tuple:
+    def finish(self) -> "CachedFeatures":
         with tf.device("CPU:0"):
             variables = tuple(tf.Variable(array[: self.count], trainable=False) for array in self.arrays)
         self.arrays = None
-        return variables
+        return CachedFeatures(arrays=variables, paths=[], count=self.count, width=self.width)
 
 
 class _SpillWriter:
@@ -175,9 +187,12 @@ class _SpillWriter:
     weights) into files of about SPILL_FILE_BYTES."""
 
     def __init__(self, folder: str):
-        self.folder, self.paths, self.writer, self.written, self.count = folder, [], None, 0, 0
+        self.folder, self.paths, self.writer, self.written, self.count, self.width = folder, [], None, 0, 0, 0
 
     def write(self, features: np.ndarray, labels: np.ndarray, weights: np.ndarray) -> None:
+        self.width = features.shape[1]
+        if not len(features):
+            return
         if self.writer is None or self.written >= SPILL_FILE_BYTES:
             self._next_file()
         example = tf.train.Example(features=tf.train.Features(feature={
@@ -199,36 +214,17 @@ class _SpillWriter:
             self.writer.close()
         return self.paths
 
+    def finish(self) -> "CachedFeatures":
+        return CachedFeatures(arrays=None, paths=self.close(), count=self.count, width=self.width, folder=self.folder)
 
-def training_features(
-    *, feature_model: keras.Model, strategy, dataset, num_examples: int, batch_size: int, views: int, training: bool,
-    budget: CacheBudget,
-) -> CachedFeatures:
-    """Features of `views` passes over the (shuffled, endless) training dataset, about one view per image each.
 
-    Args:
-        num_examples: examples in the train split.
-        batch_size: the global batch size of `dataset`.
-        views: passes; each applies new random crops and flips (1 when augmentation is off).
-        budget: in memory or spilled (CacheBudget).
-    """
-    num_batches = max(1, views * num_examples // batch_size)
-    width = feature_model.output.shape[-1]
-    # The global count: an upper bound of this worker's share.
-    spill_folder = budget.spill_folder(num_batches * batch_size, width)
-    started = time.perf_counter()
-    cached = compute_features(
-        feature_model=feature_model, strategy=strategy, dataset=dataset, num_batches=num_batches, training=training,
-        spill_folder=spill_folder,
-    )
-    cached.shuffle_rows = budget.shuffle_rows(width)
+def log_cached(name: str, cached: CachedFeatures, *, views: int, seconds: float, budget: CacheBudget) -> None:
     logging.info(
-        "phase1: cached %d training features of width %d (%d view(s) per image) in %.1fs, %.0f MiB%s",
-        cached.count, width, views, time.perf_counter() - started, cached.nbytes / 2**20,
-        f", spilled to {len(cached.paths)} file(s) in {spill_folder} (more than --feature_cache_memory_mb={budget.memory_mb:g})"
-        if spill_folder else " in memory",
+        "phase1: cached %d %s features of width %d (%d view(s) per image) in %.1fs, %.0f MiB%s", cached.count, name,
+        cached.width, views, seconds, cached.nbytes / 2**20,
+        f", spilled to {len(cached.paths)} file(s) in {cached.folder} (more than --feature_cache_memory_mb="
+        f"{budget.memory_mb:g} or half the available memory)" if cached.paths else " in memory",
     )
-    return cached
 
 
 def make_feature_dataset(

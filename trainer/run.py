@@ -19,7 +19,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
-from trainer import export_report, model_card, quality, run_dir, steps, transfer
+from trainer import export_report, features, model_card, quality, run_dir, steps, transfer
 
 METRICS_FILE = "metrics.json"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -129,11 +129,18 @@ def train_and_evaluate(
         model = model_lib.build_model(options.model, num_classes=len(class_names), augmentation=device_augmentation)
     if chief and options.augmented:
         write_augmented_images(model_dir, splits, device_augmentation)
-    if chief and options.quality and model_lib.get_backbones(model):
-        with stopwatch.stage("data-quality report"):
-            write_quality_report(options, model=model, manifest=manifest)
     evaluation_step = steps.make_evaluation_step(model=model, strategy=strategy)  # traced once per run
     phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
+    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
+    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
+    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own now.
+    report_pending = bool(chief and options.quality and model_lib.get_backbones(model)
+                          and not tf.io.gfile.exists(tf.io.gfile.join(model_dir, quality.QUALITY_JSON)))
+    shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
+    if report_pending and not shares_phase1:
+        with stopwatch.stage("data-quality report"):
+            write_quality_report(options, model=model, manifest=manifest, splits=splits,
+                                 collector=make_collector(options, model=model, manifest=manifest))
     loss_function = options.recipe.loss_function(manifest)
     reporter = reporting.EpochReporter(
         model_dir=model_dir, chief=chief, class_names=class_names if loop_options.confusion_matrix_images else None
@@ -148,10 +155,15 @@ def train_and_evaluate(
             if phase.fine_tune_at is not None:
                 transfer.unfreeze(model, phase, strategy=strategy)
             started = time.perf_counter()
+            collector = make_collector(options, model=model, manifest=manifest) if shares_phase1 and index == 0 else None
             trained = transfer.phase_data(phase, model=model, evaluation_step=evaluation_step, splits=splits,
-                                          schedule=options.schedule, augmented=options.augmented, seed=options.seed)
+                                          schedule=options.schedule, augmented=options.augmented, seed=options.seed,
+                                          collector=collector)
             if trained.model is not model:
                 stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+            if collector is not None:
+                with stopwatch.stage("data-quality report"):
+                    write_quality_report(options, model=model, manifest=manifest, splits=splits, collector=collector)
             with strategy.scope():
                 optimizer = options.recipe.optimizer(
                     name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,
@@ -196,16 +208,37 @@ def train_and_evaluate(
     return metrics
 
 
-def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict) -> None:
-    """The chief's data-quality report (quality.py), once per model_dir, from the backbone as phase 1 finds it.
+def shares_phase1_pass(options: RunOptions, *, phases: list, strategy: tf.distribute.Strategy) -> bool:
+    """True when phase 1 will compute cached features in this process for every image (one worker), so the
+    data-quality report can take each image's unaugmented features from that pass (transfer.cached_feature_data)."""
+    return (
+        distribute.num_workers(strategy) == 1 and options.schedule.cache_features and bool(phases)
+        and phases[0].fine_tune_at is None and not transfer.replaced_by_later_checkpoint(options.model_dir, phases, 0)
+    )
 
-    Before any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them.
+
+def make_collector(options: RunOptions, *, model: keras.Model, manifest: dict) -> quality.Collector:
+    width = model.get_layer(features.HEAD_LAYERS[0]).input.shape[-1]
+    return quality.Collector(manifest=manifest, width=width, max_images=options.quality.max_images)
+
+
+def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict, splits: data.DistributedSplits,
+                         collector: quality.Collector) -> None:
+    """The chief's data-quality report (quality.py): embeds the splits the collector lacks, then writes it.
+
+    One worker embeds them with the run's own strategy and pipelines; the chief of several (whose pipelines
+    read only its share) reads every image through a pipeline of its own.
     """
-    path = tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)
-    if tf.io.gfile.exists(path):  # a resumed run: the backbone it was made with is gone by now
-        return
-    report = quality.make_report(model=model, data_dir=options.data_dir, manifest=manifest,
-                                 image_size=options.model.image_size, options=options.quality)
+    missing = collector.missing_splits()
+    if missing:
+        if distribute.num_workers(splits.strategy) > 1:
+            splits = data.DistributedSplits(
+                strategy=tf.distribute.get_strategy(), data_dir=options.data_dir, manifest=manifest,
+                image_size=options.model.image_size, batch_size=options.quality.batch_size, options=options.pipeline,
+            )
+        quality.embed_splits(model=model, splits=splits, collector=collector, names=missing)
+    report = quality.make_report(collector=collector, data_dir=options.data_dir, manifest=manifest,
+                                 options=options.quality)
     summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
                                    manifest=manifest, image_size=options.model.image_size)
     logging.info("%s", summary)

@@ -105,12 +105,14 @@ flags.DEFINE_bool(
 )
 flags.DEFINE_integer(
     "feature_views", 2,
-    "With --cache_features and augmentation on: augmented views (random crops, flips, layers) cached per image.",
+    "With --cache_features and augmentation on: views (random crops, flips, layers) cached per image. With the "
+    "data-quality report on one worker, one of them is the unaugmented view the report shares.",
 )
 flags.DEFINE_float(
-    "feature_cache_memory_mb", 4096,
-    "With --cache_features: a split's cached features up to this many MiB (per worker) stay in memory; larger ones "
-    "(1M images x 2 views at width 1280 are 10 GB) are written to --feature_cache_dir and streamed back, memory flat.",
+    "feature_cache_memory_mb", 256,
+    "With --cache_features: a split's cached features up to this many MiB (per worker) stay in memory (about 25,000 "
+    "images x 2 views at width 1280); larger ones are written to --feature_cache_dir and streamed back through a "
+    "shuffle buffer of this size, so memory stays flat whatever the number of images.",
 )
 flags.DEFINE_string(
     "feature_cache_dir", "",
@@ -120,7 +122,8 @@ flags.DEFINE_string(
 flags.DEFINE_bool(
     "data_quality", True,
     "Before training, embed every image with the backbone and write <model_dir>/data_quality.json and .png: likely "
-    "label errors (confident learning on out-of-fold predictions) and near-duplicate pairs, across splits first.",
+    "label errors (confident learning on out-of-fold predictions) and near-duplicate groups and pairs, across splits "
+    "first. On one worker it shares phase 1's feature pass.",
 )
 flags.DEFINE_float(
     "data_quality_similarity", 0.98,
@@ -128,6 +131,10 @@ flags.DEFINE_float(
     "recompressed copies: 0.999 and more).",
 )
 flags.DEFINE_integer("data_quality_folds", 5, "Logistic regressions (folds) whose out-of-fold predictions score the labels.")
+flags.DEFINE_integer(
+    "data_quality_max_images", 200_000,
+    "A larger folder's data-quality report covers a stable sample of this many images (about 1 KiB of memory each).",
+)
 flags.DEFINE_integer(
     "unfreeze_stages", 1,
     "Split phase 2 into this many stages that unfreeze the backbone gradually, from its top down to --fine_tune_at.",
@@ -312,6 +319,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
         ),
         quality=quality.QualityOptions(
             near_duplicate_similarity=FLAGS.data_quality_similarity, folds=FLAGS.data_quality_folds, seed=FLAGS.seed,
+            max_images=FLAGS.data_quality_max_images,
         ) if FLAGS.data_quality else None,
         batch_size=FLAGS.batch_size,
         precision=FLAGS.precision,

@@ -10,6 +10,7 @@ trainer/run.py runs them in order (checkpoints.py: a rerun skips the phases a la
 """
 
 import dataclasses
+import time
 
 import keras
 from absl import logging
@@ -157,7 +158,7 @@ class PhaseData:
 
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
-               augmented: bool, seed) -> PhaseData:
+               augmented: bool, seed, collector=None) -> PhaseData:
     """The whole model on images, or (phase 1 with --cache_features) its head on cached backbone features.
 
     Args:
@@ -166,11 +167,14 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
         splits: the run's data.DistributedSplits.
         augmented: training images are augmented (random crops, flips or layers): then
             schedule.feature_views views per image are cached, else one.
+        collector: the data-quality report's collector (quality.Collector), given when this process sees every
+            image: the train and validation passes also hand it each image's unaugmented features and thumbnail
+            (cached_feature_data), so the report needs no backbone pass of its own over them.
     """
     if phase.fine_tune_at is None and schedule.cache_features and model_lib.get_backbones(model):
         return cached_feature_data(
             model=model, splits=splits, views=schedule.feature_views if augmented else 1, augmented=augmented, seed=seed,
-            budget=schedule.feature_cache,
+            budget=schedule.feature_cache, collector=collector,
         )
     return PhaseData(
         model=model,
@@ -180,22 +184,41 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
     )
 
 
-def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget) -> PhaseData:
-    """Computes phase 1's features once; the head then trains on them (features.py)."""
+def cached_feature_data(
+    *, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget, collector=None,
+) -> PhaseData:
+    """Computes phase 1's features once; the head then trains on them (features.py).
+
+    With a collector, one of each training image's `views` is its unaugmented evaluation view (central crop,
+    no flip), computed in order over the split with its thumbnail, which the collector also gets; the other
+    views are augmented as usual. Without augmentation that one view is all phase 1 trains on.
+    """
     feature_model, head = features_lib.split_model(model)
-    strategy, batch_size = splits.strategy, splits.batch_size
+    strategy, batch_size, manifest = splits.strategy, splits.batch_size, splits.manifest
     width = feature_model.output.shape[-1]
-    train_features = features_lib.training_features(
-        feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
-        num_examples=splits.manifest["splits"]["train"]["num_examples"], batch_size=batch_size, views=views,
-        training=augmented, budget=budget,
-    )
+    num_train = manifest["splits"]["train"]["num_examples"]
+    augmented_views = views - (collector is not None)
+    augmented_batches = max(1, augmented_views * num_train // batch_size) if augmented_views else 0
+    started = time.perf_counter()
+    train_writer = budget.writer(rows=num_train * (collector is not None) + augmented_batches * batch_size, width=width)
+    if collector is not None:
+        _evaluation_pass(feature_model, splits, "train", writer=train_writer, collector=collector, drop_padding=True)
+    if augmented_batches:
+        features_lib.compute_features(
+            feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
+            num_batches=augmented_batches, training=augmented, writer=train_writer,
+        )
+    train_features = train_writer.finish()
+    train_features.shuffle_rows = budget.shuffle_rows(width)
+    features_lib.log_cached("training", train_features, views=views, seconds=time.perf_counter() - started, budget=budget)
+    started = time.perf_counter()
     # Evaluation batches are padded to whole global batches (data.make_dataset).
-    num_batches = -(-splits.manifest["splits"]["validation"]["num_examples"] // batch_size)
-    validation_features = features_lib.compute_features(
-        feature_model=feature_model, strategy=strategy, dataset=splits.images("validation", training=False),
-        num_batches=num_batches, training=False, spill_folder=budget.spill_folder(num_batches * batch_size, width),
-    )
+    padded_rows = -(-manifest["splits"]["validation"]["num_examples"] // batch_size) * batch_size
+    validation_writer = budget.writer(rows=padded_rows, width=width)
+    _evaluation_pass(feature_model, splits, "validation", writer=validation_writer, collector=collector)
+    validation_features = validation_writer.finish()
+    features_lib.log_cached("validation", validation_features, views=1, seconds=time.perf_counter() - started,
+                            budget=budget)
 
     def delete_spilled():
         for cached in (train_features, validation_features):
@@ -213,4 +236,15 @@ def cached_feature_data(*, model, splits, views: int, augmented: bool, seed, bud
         )),
         evaluation_step=evaluation_step,
         finish=delete_spilled,
+    )
+
+
+def _evaluation_pass(feature_model, splits, split: str, *, writer, collector=None, drop_padding: bool = False) -> None:
+    """The feature model over one evaluation pass of a split: rows to the writer, and to the collector if any."""
+    num_examples = splits.manifest["splits"][split]["num_examples"]
+    features_lib.compute_features(
+        feature_model=feature_model, strategy=splits.strategy,
+        dataset=splits.images(split, training=False, thumbnail_side=collector.thumbnail_side if collector else 0),
+        num_batches=-(-num_examples // splits.batch_size), training=False, writer=writer,
+        collect=collector.add_function(split) if collector else None, drop_padding=drop_padding,
     )
