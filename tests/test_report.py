@@ -230,3 +230,42 @@ def test_plots_show_any_class_name_as_it_is(tmp_path):
     report.plot_errors(images=np.zeros((4, 16, 16, 3)), labels=labels, probabilities=probabilities,
                        class_names=ODD_CLASS_NAMES, path=str(tmp_path / "errors.png"))
     assert (tmp_path / "errors.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("num_classes, top_k", [(2, 1), (2, 2), (7, 1), (7, 3), (40, 5)])
+def test_counted_batches_give_sklearns_report(num_classes, top_k):
+    """evaluate_model counts batches (report.Counts) instead of holding the split's probabilities (issue 26):
+    the same numbers as sklearn.metrics over the whole arrays, ties in the top k included."""
+    from sklearn import metrics
+
+    rng = np.random.default_rng(num_classes)
+    labels = rng.integers(0, num_classes - 1, 500)  # the last class never occurs: zero support
+    probabilities = rng.dirichlet(np.ones(num_classes), 500)
+    probabilities[::7] = np.round(probabilities[::7], 1)  # ties
+    counts = report.Counts(num_classes=num_classes, top_k=top_k)
+    for start in range(0, 500, 64):
+        counts.add(labels[start : start + 64], probabilities[start : start + 64])
+    result = counts.report([f"c{i}" for i in range(num_classes)])
+    class_ids = list(range(num_classes))
+    predictions = probabilities.argmax(axis=1)
+    assert result["confusion_matrix"] == metrics.confusion_matrix(labels, predictions, labels=class_ids).tolist()
+    scores = probabilities[:, 1] if num_classes == 2 else probabilities
+    assert result["top_k_accuracy"] == pytest.approx(
+        metrics.top_k_accuracy_score(labels, scores, k=min(top_k, num_classes), labels=class_ids))
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        labels, predictions, labels=class_ids, zero_division=0)
+    assert [row["f1"] for row in result["per_class"]] == pytest.approx(f1.tolist())
+    assert [row["precision"] for row in result["per_class"]] == pytest.approx(precision.tolist())
+    for kind in ("macro", "weighted"):
+        expected = metrics.precision_recall_fscore_support(labels, predictions, labels=class_ids, average=kind,
+                                                           zero_division=0)
+        assert [result[f"{kind}_avg"][name] for name in ("precision", "recall", "f1")] == pytest.approx(expected[:3])
+
+
+def test_a_confusion_matrix_of_hundreds_of_classes_stays_a_bounded_figure(tmp_path):
+    names = [f"class_{index}" for index in range(300)]
+    matrix = np.diag(np.full(300, 5))
+    figure = report.plot_confusion_matrix(matrix=matrix, class_names=names, path=str(tmp_path / "matrix.png"))
+    width, height = figure.get_size_inches()
+    assert max(width, height) <= report.MAX_PLOT_SIDE + 1 and len(figure.axes[0].texts) == 0
+    assert (tmp_path / "matrix.png").stat().st_size > 0

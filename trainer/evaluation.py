@@ -34,8 +34,9 @@ def evaluate_model(
 ) -> dict:
     """Runs a model over one split and writes its report and plots into output_dir.
 
-    Runs in this process on its default device, outside any tf.distribute strategy; only the worst
-    `max_error_images` misclassified images are kept in memory, never the whole split.
+    Runs in this process on its default device, outside any tf.distribute strategy; only the counts
+    (report.Counts: the confusion matrix and top-k hits) and the worst `max_error_images` misclassified images
+    are kept in memory, never the whole split's predictions.
 
     Args:
         model: a classifier taking float RGB [0, 255] images and returning probabilities.
@@ -62,20 +63,14 @@ def evaluate_model(
     # One trace: every batch has the same shape (the last one is padded).
     predict = tf.function(lambda images: model(images, training=False))
     worst_errors = report.WorstErrors(max_error_images)
-    all_labels, all_probabilities = [], []
+    counts = report.Counts(num_classes=len(class_names), top_k=top_k)
     for images, labels, sample_weights in dataset:
         real = sample_weights.numpy() > 0  # weight 0: padding that fills the last batch
         probabilities = np.asarray(predict(images), dtype=np.float32)[real]
         labels = labels.numpy()[real]
-        all_labels.append(labels)
-        all_probabilities.append(probabilities)
+        counts.add(labels, probabilities)
         worst_errors.add(images.numpy()[real], labels, probabilities)
-    labels = np.concatenate(all_labels)
-    probabilities = np.concatenate(all_probabilities)
-    result = report.classification_report(
-        labels=labels, probabilities=probabilities, class_names=class_names, top_k=top_k
-    )
-    result = {"split": split, "data_dir": data_dir, **result}
+    result = {"split": split, "data_dir": data_dir, **counts.report(class_names)}
     tf.io.gfile.makedirs(output_dir)
     schema.write_text(tf.io.gfile.join(output_dir, EVALUATION_JSON), json.dumps(result, indent=2))
     schema.write_text(tf.io.gfile.join(output_dir, EVALUATION_TEXT), report.format_report(result))

@@ -1,26 +1,30 @@
 """Evaluation reports: classification metrics, their text table, and PNG plots.
 
 Pure functions over numpy arrays (labels, probabilities, images) and the training history; trainer/evaluate.py
-streams a split through a model and calls them. The metrics come from sklearn.metrics; the plots are drawn on
+streams a split through a model and calls them. The metrics are counted (Counts: what sklearn.metrics gives, from
+the confusion matrix, in memory that does not grow with the split); the plots are drawn on
 matplotlib Figure objects (no pyplot, so no global state) and written through tf.io.gfile, so gs:// works.
 """
 
 import functools
 import io
 import math
-import warnings
 
 import matplotlib
 import numpy as np
 import tensorflow as tf
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
-from sklearn import exceptions as sklearn_exceptions
-from sklearn import metrics
 
 # Confusion-matrix cells hold their count up to this many classes; above it only non-zero counts, so the
 # diagonal and the real confusions stand out instead of a wall of zeros.
 MAX_CLASSES_WITH_ZERO_COUNTS = 20
+# Past these many classes the confusion-matrix plot keeps colours only (no count in each cell), and past
+# MAX_CLASSES_WITH_NAMES no class names on its axes; its side stays at most MAX_PLOT_SIDE inches. Memory and time
+# grew with the cells' text: 3.9 GB and 27 s at 300 classes (a 122-inch figure, 90,000 labels).
+MAX_CLASSES_WITH_CELL_COUNTS = 60
+MAX_CLASSES_WITH_NAMES = 100
+MAX_PLOT_SIDE = 30.0
 # Column width of the text confusion matrix: longer class names are cut in its header.
 MAX_COLUMN_NAME_LENGTH = 10
 
@@ -63,41 +67,79 @@ def classification_report(
         )
     if top_k < 1:
         raise ValueError(f"--top_k {top_k} must be at least 1")
-    class_ids = list(range(num_classes))
-    predictions = probabilities.argmax(axis=1)
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
-        labels, predictions, labels=class_ids, zero_division=0
-    )
+    counts = Counts(num_classes=num_classes, top_k=top_k)
+    counts.add(labels, probabilities)
+    return counts.report(class_names)
 
-    def average(kind):
-        values = metrics.precision_recall_fscore_support(
-            labels, predictions, labels=class_ids, average=kind, zero_division=0
-        )
-        return {"precision": float(values[0]), "recall": float(values[1]), "f1": float(values[2]),
-                "support": int(num_examples)}
 
-    k = min(top_k, num_classes)
-    # sklearn scores two classes as a binary problem, from the positive class's probability alone.
-    scores = probabilities[:, 1] if num_classes == 2 else probabilities
-    with warnings.catch_warnings():
-        # k == num_classes is allowed (a report over 3 classes with the default top_k=5): the score is 1.
-        warnings.simplefilter("ignore", sklearn_exceptions.UndefinedMetricWarning)
-        top_k_accuracy = metrics.top_k_accuracy_score(labels, scores, k=k, labels=class_ids)
-    return {
-        "num_examples": int(num_examples),
-        "accuracy": float(metrics.accuracy_score(labels, predictions)),
-        "top_k": int(k),
-        "top_k_accuracy": float(top_k_accuracy),
-        "per_class": [
-            {"class": name, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
-             "support": int(support[i])}
-            for i, name in enumerate(class_names)
-        ],
-        "macro_avg": average("macro"),
-        "weighted_avg": average("weighted"),
-        "confusion_matrix": metrics.confusion_matrix(labels, predictions, labels=class_ids).tolist(),
-        "class_names": list(class_names),
-    }
+class Counts:
+    """What a classification report needs of a stream of batches: the confusion matrix and the top-k hits.
+
+    Memory is num_classes^2 counts whatever the number of images (evaluate_model streams a split through it; the
+    whole split's probabilities, 24 bytes x images x classes with the copies sklearn made, are never held).
+    """
+
+    def __init__(self, *, num_classes: int, top_k: int):
+        self.num_classes, self.top_k = num_classes, min(top_k, num_classes)
+        self.confusion = np.zeros((num_classes, num_classes), np.int64)
+        self.top_k_hits = 0
+
+    def add(self, labels: np.ndarray, probabilities: np.ndarray) -> None:
+        """Counts a batch: int [n] true class ids, float [n, num_classes] probabilities (argmax: the prediction)."""
+        labels = np.asarray(labels, np.int64)
+        probabilities = np.asarray(probabilities)
+        predictions = probabilities.argmax(axis=1)
+        np.add.at(self.confusion, (labels, predictions), 1)
+        self.top_k_hits += int(top_k_hits(labels, probabilities, self.top_k).sum())
+
+    def report(self, class_names: list[str]) -> dict:
+        """The report of everything added: see classification_report."""
+        confusion = self.confusion
+        num_examples = int(confusion.sum())
+        if num_examples == 0:
+            raise ValueError("no examples to report on; check that the split is not empty")
+        correct = np.diag(confusion).astype(np.float64)
+        support, predicted = confusion.sum(axis=1), confusion.sum(axis=0)
+        # 0 where undefined (no image of, or predicted as, the class), as sklearn's zero_division=0.
+        precision = np.divide(correct, predicted, out=np.zeros_like(correct), where=predicted > 0)
+        recall = np.divide(correct, support, out=np.zeros_like(correct), where=support > 0)
+        both = precision + recall
+        f1 = np.divide(2 * precision * recall, both, out=np.zeros_like(correct), where=both > 0)
+
+        def average(weights):
+            return {"precision": float(np.average(precision, weights=weights)),
+                    "recall": float(np.average(recall, weights=weights)),
+                    "f1": float(np.average(f1, weights=weights)), "support": num_examples}
+
+        return {
+            "num_examples": num_examples,
+            "accuracy": float(correct.sum() / num_examples),
+            "top_k": int(self.top_k),
+            "top_k_accuracy": self.top_k_hits / num_examples,
+            "per_class": [
+                {"class": name, "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                 "support": int(support[i])}
+                for i, name in enumerate(class_names)
+            ],
+            # Macro: every class counts once, absent ones included; weighted: by support.
+            "macro_avg": average(None),
+            "weighted_avg": average(support),
+            "confusion_matrix": confusion.tolist(),
+            "class_names": list(class_names),
+        }
+
+
+def top_k_hits(labels: np.ndarray, probabilities: np.ndarray, k: int) -> np.ndarray:
+    """Whether each true class is among the k most probable, with sklearn's top_k_accuracy_score's rules: among
+    equal probabilities the higher class id ranks first; two classes and k = 1: class 1 when its probability
+    is above 0.5."""
+    num_classes = probabilities.shape[1]
+    if num_classes == 2:
+        return (probabilities[:, 1] > 0.5) == (labels == 1) if k == 1 else np.ones(len(labels), bool)
+    true_probability = probabilities[np.arange(len(labels)), labels][:, np.newaxis]
+    ranks_above = (probabilities > true_probability) | (
+        (probabilities == true_probability) & (np.arange(num_classes) > labels[:, np.newaxis]))
+    return ranks_above.sum(axis=1) < k
 
 
 def format_report(report: dict) -> str:
@@ -185,7 +227,7 @@ def plot_confusion_matrix(*, matrix, class_names: list[str], path: str | None) -
     row_totals = matrix.sum(axis=1, keepdims=True)
     # Row shares, so a rare class's errors are as visible as a common one's; an absent class stays white.
     shares = np.divide(matrix, row_totals, out=np.zeros(matrix.shape, dtype=np.float64), where=row_totals > 0)
-    side = max(4.0, 0.4 * num_classes + 2.0)  # inches: about 0.4 per class keeps 50 names legible
+    side = min(MAX_PLOT_SIDE, max(4.0, 0.4 * num_classes + 2.0))  # inches: about 0.4 per class keeps 50 names legible
     font_size = 10 if num_classes <= 10 else 8  # 8 points still fit a 4-digit count in a 0.4-inch cell
     figure = Figure(figsize=(side + 1.0, side))
     axes = figure.add_subplot()
@@ -193,13 +235,15 @@ def plot_confusion_matrix(*, matrix, class_names: list[str], path: str | None) -
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
     ticks = np.arange(num_classes)
     few = num_classes <= 5  # few labels fit slanted; many need to stand upright to not overlap
-    axes.set_xticks(ticks, labels=class_names, rotation=45 if few else 90, ha="right" if few else "center",
-                    fontsize=font_size)
-    axes.set_yticks(ticks, labels=class_names, fontsize=font_size)
+    if num_classes <= MAX_CLASSES_WITH_NAMES:
+        axes.set_xticks(ticks, labels=class_names, rotation=45 if few else 90, ha="right" if few else "center",
+                        fontsize=font_size)
+        axes.set_yticks(ticks, labels=class_names, fontsize=font_size)
     axes.set_xlabel("Predicted")
     axes.set_ylabel("True")
-    axes.set_title("Confusion matrix")
-    for true_id in range(num_classes):
+    axes.set_title("Confusion matrix" + ("" if num_classes <= MAX_CLASSES_WITH_CELL_COUNTS else
+                                         " (counts in evaluation.txt and evaluation.json)"))
+    for true_id in range(num_classes if num_classes <= MAX_CLASSES_WITH_CELL_COUNTS else 0):
         for predicted_id in range(num_classes):
             count = int(matrix[true_id, predicted_id])
             if count == 0 and num_classes > MAX_CLASSES_WITH_ZERO_COUNTS:
