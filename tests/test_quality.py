@@ -265,7 +265,7 @@ def test_a_report_that_cannot_fit_the_available_memory_stops_before_any_pass(mon
 
 
 def test_embeddings_past_the_budget_are_stored_projected_and_still_separate_classes(monkeypatch):
-    monkeypatch.setattr(quality, "EMBEDDING_BUDGET_MB", 1)  # 1 MiB for 6,000 rows: 40 of 64 columns
+    monkeypatch.setattr(quality, "EMBEDDING_BUDGET_MB", 0.5)  # 0.5 MiB for 6,000 float16 rows: 40 of 64 columns
     monkeypatch.setattr(quality, "PROJECTION_FIT_ROWS", 500)
     vectors, labels = clustered(num_classes=3, per_class=2000, width=64)
     manifest = {"classes": ["a", "b", "c"], "splits": {"train": {"num_examples": len(labels)}}}
@@ -277,7 +277,7 @@ def test_embeddings_past_the_budget_are_stored_projected_and_still_separate_clas
         add(vectors[rows], labels[rows], np.ones(count, np.float32), np.zeros((count, 256), np.int32),
             np.arange(start, start + count, dtype=np.int32))
     collector.finish()
-    assert collector.stored_width == 40 and collector.vectors.nbytes <= 2**20
+    assert collector.stored_width == 40 and collector.vectors.nbytes <= 2**19
     probabilities = quality.out_of_fold_probabilities(collector.vectors, collector.labels.astype(np.int64),
                                                       num_classes=3, folds=5, seed=0)
     assert np.mean(np.argmax(probabilities, axis=1) == labels) > 0.95

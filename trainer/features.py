@@ -86,12 +86,12 @@ class CacheBudget:
     directory: the spilled files' parent folder, local or gs://; "" is the system's temporary folder.
     """
 
-    memory_mb: float = 256
+    memory_mb: float = 128
     directory: str = ""
 
     def __post_init__(self):
         if self.memory_mb <= 0:
-            raise ValueError(f"--feature_cache_memory_mb={self.memory_mb} must be positive, e.g. 256")
+            raise ValueError(f"--feature_cache_memory_mb={self.memory_mb} must be positive, e.g. 128")
 
     def writer(self, rows: int, width: int):
         """Where `rows` features of `width` go: in memory when they fit the budget and half the memory this

@@ -7,8 +7,8 @@ pass (transfer.cached_feature_data: the unaugmented view of each training image 
 validation split is computed unaugmented anyway), so the report's only backbone pass of its own is over the
 splits phase 1 does not read (test); elsewhere (`python -m trainer.data_quality`, multi-worker runs, phase 1
 without cached features) embed_splits makes one pass over every split. A Collector keeps per image the
-embedding (at most EMBEDDING_BUDGET_MB for all of them: past that, projected onto its leading principal
-components), 256 bytes of thumbnail, label, split and position: about 1 KiB an image at most, and nothing that
+embedding (float16, at most EMBEDDING_BUDGET_MB for all of them, and at most MAX_EMBEDDING_WIDTH columns: past that,
+projected onto its leading principal components), 256 bytes of thumbnail, label, split and position: about 1 KiB an image at most, and nothing that
 grows with pairs. Then:
 - Near-duplicates: images whose thumbnails correlate at `near_duplicate_similarity` or more. Thumbnails, not
   embeddings: measured on flowers_small, a copy resized to 3/4 and re-encoded keeps a thumbnail correlation of
@@ -60,7 +60,7 @@ THUMBNAIL_SIDE = 16
 # onto their leading principal components (fitted on the first PROJECTION_FIT_ROWS images): the regressions' time
 # grows with the width (6.2 s for 2,000 images at Lite0's 1280, 5 folds, one thread).
 MAX_EMBEDDING_WIDTH = 256
-EMBEDDING_BUDGET_MB = 128
+EMBEDDING_BUDGET_MB = 64  # stored as float16: 256 columns up to 131,072 images, 160 at 200,000
 MIN_PROJECTED_WIDTH = 32
 PROJECTION_FIT_ROWS = 4096
 # Nearest thumbnails looked at per image. Exact search (every pair, in BLAS) up to EXACT_SEARCH_MAX_IMAGES; an
@@ -136,9 +136,10 @@ class Collector:
         capacity = sum(-(-split["num_examples"] // self.stride) for split in manifest["splits"].values())
         self.width = width
         self.stored_width = min(width, MAX_EMBEDDING_WIDTH,
-                                max(MIN_PROJECTED_WIDTH, EMBEDDING_BUDGET_MB * 2**20 // (4 * capacity) // 8 * 8))
+                                max(MIN_PROJECTED_WIDTH, int(EMBEDDING_BUDGET_MB * 2**20 // (2 * capacity)) // 8 * 8))
         check_memory(capacity, self.stored_width)
-        self.vectors = np.zeros((capacity, self.stored_width), np.float32)
+        # float16: unit rows need no more precision for a linear probe, and half the memory is a wider embedding.
+        self.vectors = np.zeros((capacity, self.stored_width), np.float16)
         self.thumbnails = np.empty((capacity, THUMBNAIL_SIDE**2), np.uint8)
         self.labels = np.empty(capacity, np.int32)
         self.split_ids = np.empty(capacity, np.int8)
@@ -203,7 +204,7 @@ class Collector:
 
 def check_memory(images: int, width: int) -> None:
     """Stops before any pass when the report's arrays and search index would not fit the available memory."""
-    needed = images * (width * 4 + THUMBNAIL_SIDE**2 * 2 + 16 + NEIGHBOURS * 24 + HNSW_LINKS * 8)
+    needed = images * (width * 2 + THUMBNAIL_SIDE**2 * 2 + 16 + NEIGHBOURS * 24 + HNSW_LINKS * 8)
     available = psutil.virtual_memory().available
     if needed > available / 2:
         raise ValueError(
@@ -373,9 +374,11 @@ def out_of_fold_probabilities(vectors: np.ndarray, labels: np.ndarray, *, num_cl
                 probabilities[np.ix_(scored_rows, classes)] = 1.0
                 continue
             classifier = linear_model.LogisticRegression(C=LOGISTIC_C, max_iter=LOGISTIC_MAX_ITER)
-            classifier.fit(vectors[fit_rows], labels[fit_rows])
+            classifier.fit(vectors[fit_rows].astype(np.float32), labels[fit_rows])
             # A fold without some class: its probabilities for that class stay 0, which confident learning allows.
-            probabilities[np.ix_(scored_rows, classes)] = classifier.predict_proba(vectors[scored_rows])
+            for start in range(0, len(scored_rows), MAX_FIT_ROWS):  # in chunks: sklearn converts them to float64
+                rows = scored_rows[start : start + MAX_FIT_ROWS]
+                probabilities[np.ix_(rows, classes)] = classifier.predict_proba(vectors[rows].astype(np.float32))
     return probabilities
 
 

@@ -164,6 +164,7 @@ def train_and_evaluate(
             if collector is not None:
                 with stopwatch.stage("data-quality report"):
                     write_quality_report(options, model=model, manifest=manifest, splits=splits, collector=collector)
+                collector = None  # its arrays are not kept through training
             with strategy.scope():
                 optimizer = options.recipe.optimizer(
                     name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,

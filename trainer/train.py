@@ -109,8 +109,8 @@ flags.DEFINE_integer(
     "data-quality report on one worker, one of them is the unaugmented view the report shares.",
 )
 flags.DEFINE_float(
-    "feature_cache_memory_mb", 256,
-    "With --cache_features: a split's cached features up to this many MiB (per worker) stay in memory (about 25,000 "
+    "feature_cache_memory_mb", 128,
+    "With --cache_features: a split's cached features up to this many MiB (per worker) stay in memory (about 12,500 "
     "images x 2 views at width 1280); larger ones are written to --feature_cache_dir and streamed back through a "
     "shuffle buffer of this size, so memory stays flat whatever the number of images.",
 )
