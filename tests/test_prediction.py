@@ -3,8 +3,10 @@
 import csv
 import io
 import json
+import os
 import subprocess
 import sys
+import tracemalloc
 import uuid
 from pathlib import Path
 
@@ -186,11 +188,16 @@ def test_cli_usage_errors_exit_2_with_one_line(model_dir, tmp_path, arguments, m
     assert completed.stdout == ""
 
 
+def write_file(path: str, results: list[dict]) -> None:
+    with prediction.PredictionFile(path) as output:
+        output.write(results)
+
+
 def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
     paths = write_images(tmp_path, ["a.png", "b.jpg", "c.png"])
     results, _ = prediction.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=3, batch_size=8)
 
-    prediction.write_predictions(results=results, path=str(tmp_path / "predictions.csv"))
+    write_file(str(tmp_path / "predictions.csv"), results)
     with open(tmp_path / "predictions.csv", newline="") as file:
         rows = list(csv.DictReader(file))
     assert list(rows[0]) == [
@@ -204,7 +211,7 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
         check_sorted_top_k({"class_name": row["class_name"], "probability": float(row["probability"]), "top_k": top}, 3)
         assert row["class_name"] == result["class_name"]
 
-    prediction.write_predictions(results=results, path=str(tmp_path / "predictions.json"))
+    write_file(str(tmp_path / "predictions.json"), results)
     written = json.loads((tmp_path / "predictions.json").read_text())
     assert [item["path"] for item in written] == paths
     for item, result in zip(written, results):
@@ -215,15 +222,23 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
     ]
 
     with pytest.raises(ValueError, match="must end in .csv or .json"):
-        prediction.write_predictions(results=results, path=str(tmp_path / "predictions.tsv"))
+        prediction.PredictionFile(str(tmp_path / "predictions.tsv"))
 
-    table = prediction.format_table(results).splitlines()
-    assert table[0].split() == ["path", "class_name", "probability", "top_k"]
-    assert [line.split()[:3] for line in table[1:]] == [
+    stream = io.StringIO()
+    table = prediction.PredictionTable(stream=stream, paths=paths, class_names=CLASS_NAMES)
+    table.write([])
+    assert stream.getvalue() == ""  # no results, no header
+    table.write(results[:1])
+    table.write(results[1:])
+    lines = stream.getvalue().splitlines()
+    assert lines[0].split() == ["path", "class_name", "probability", "top_k"]
+    assert [line.split()[:3] for line in lines[1:]] == [
         [result["path"], result["class_name"], f"{result['probability']:.4f}"] for result in results
     ]
-    assert all(line.count(",") == 2 for line in table[1:])  # three "name probability" pairs
-    assert prediction.format_table([]) == ""
+    assert all(line.count(",") == 2 for line in lines[1:])  # three "name probability" pairs
+    # Widths fixed up front line up the columns of every batch.
+    assert len({line.index(" class_name ") if number == 0 else line.index(" " + result["class_name"] + " ")
+                for number, (line, result) in enumerate(zip(lines, [None, *results]))}) == 1
 
 
 def test_ram_filesystem_for_images_and_output(serve):
@@ -236,10 +251,185 @@ def test_ram_filesystem_for_images_and_output(serve):
     assert paths == [f"{root}/images/a.png", f"{root}/images/nested/b.jpg"]
     results, failures = prediction.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=2, batch_size=2)
     assert failures == {} and len(results) == 2
-    prediction.write_predictions(results=results, path=f"{root}/out/predictions.json")
+    write_file(f"{root}/out/predictions.json", results)
     with tf.io.gfile.GFile(f"{root}/out/predictions.json", "r") as file:
         assert [item["path"] for item in json.load(file)] == paths
     assert tf.io.gfile.listdir(f"{root}/out") == ["predictions.json"]
+
+
+# --- Streaming: each batch written before the next one is labelled ---------------------------------------
+
+def reference_csv(results: list[dict]) -> str:
+    """The CSV the whole-list writer (before streaming) made: the streamed file must be the same, byte for byte."""
+    depth = max((len(result["top_k"]) for result in results), default=0)
+    header = ["path", "class_name", "probability"]
+    for rank in range(1, depth + 1):
+        header += [f"top{rank}_class_name", f"top{rank}_probability"]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(header)
+    for result in results:
+        row = [result["path"], result["class_name"], f"{result['probability']:.6f}"]
+        for entry in result["top_k"]:
+            row += [entry["class_name"], f"{entry['probability']:.6f}"]
+        writer.writerow(row)
+    return text.getvalue()
+
+
+def reference_json(results: list[dict]) -> str:
+    """The JSON the whole-list writer (before streaming) made."""
+    rounded = [
+        {"path": result["path"], "class_name": result["class_name"], "probability": round(result["probability"], 6),
+         "top_k": [{"class_name": entry["class_name"], "probability": round(entry["probability"], 6)}
+                   for entry in result["top_k"]]}
+        for result in results
+    ]
+    return json.dumps(rounded, indent=2) + "\n"
+
+
+def reference_table(results: list[dict]) -> str:
+    """The table the whole-list printer (before streaming) made, its widths computed from all the rows."""
+    if not results:
+        return ""
+    rows = [["path", "class_name", "probability", "top_k"]]
+    for result in results:
+        top = ", ".join(f"{entry['class_name']} {entry['probability']:.4f}" for entry in result["top_k"])
+        rows.append([result["path"], result["class_name"], f"{result['probability']:.4f}", top])
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[3]]) for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def stream_to_file(*, serve, paths: list[str], output: str, top_k: int, batch_size: int) -> tuple[int, dict]:
+    """What `python -m trainer.predict --output=...` runs."""
+    batches = prediction.predict_batches(
+        serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=top_k, batch_size=batch_size, num_read_threads=2
+    )
+    with prediction.PredictionFile(output) as opened:
+        return prediction.write_batches(batches=batches, output=opened)
+
+
+@pytest.mark.parametrize("top_k, batch_size", [(2, 2), (10, 3)])
+def test_streamed_files_are_byte_identical_to_the_whole_list_format(serve, tmp_path, top_k, batch_size):
+    # A corrupt file in the middle, a batch of nothing but corrupt files, a path that CSV must quote.
+    images = tmp_path / "images"
+    write_images(images, ["a.png", "b.jpg", "e, quoted.png", "f.png", "g.jpg", "h.png", "i.png"])
+    for name in ("c.jpg", "d.png", "d2.png"):
+        (images / name).write_bytes(b"not an image")
+    paths = prediction.list_images([str(images)])
+    results, failures = prediction.predict_files(
+        serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=top_k, batch_size=batch_size
+    )
+    assert len(results) == 7 and len(failures) == 3
+    for name, reference in [("out.csv", reference_csv), ("out.json", reference_json)]:
+        num_labelled, streamed_failures = stream_to_file(
+            serve=serve, paths=paths, output=str(tmp_path / name), top_k=top_k, batch_size=batch_size
+        )
+        assert (num_labelled, streamed_failures) == (len(results), failures)
+        assert (tmp_path / name).read_bytes() == reference(results).encode("utf-8"), name
+        assert not (tmp_path / (name + ".incomplete")).exists()
+    # With no failed file, the table's widths fixed up front are the ones the whole table had.
+    good = [result["path"] for result in results]
+    stream = io.StringIO()
+    prediction.write_batches(
+        batches=prediction.predict_batches(serve=serve, paths=good, class_names=CLASS_NAMES, top_k=top_k,
+                                           batch_size=batch_size),
+        output=prediction.PredictionTable(stream=stream, paths=good, class_names=CLASS_NAMES),
+    )
+    assert stream.getvalue() == reference_table(results)
+
+
+def test_streamed_files_without_any_result_are_the_empty_formats(serve, tmp_path):
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    paths = [str(tmp_path / "broken.jpg")]
+    for name, reference in [("out.csv", "path,class_name,probability\n"), ("out.json", "[]\n")]:
+        assert reference == (reference_csv([]) if name.endswith(".csv") else reference_json([]))
+        num_labelled, failures = stream_to_file(serve=serve, paths=paths, output=str(tmp_path / name), top_k=2,
+                                                batch_size=4)
+        assert (num_labelled, failures) == (0, {paths[0]: "not a decodable image"})
+        assert (tmp_path / name).read_text() == reference
+
+
+@pytest.mark.parametrize("name", ["predictions.csv", "predictions.json"])
+def test_each_batch_is_in_the_incomplete_file_before_the_next_is_labelled(serve, tmp_path, name):
+    paths = write_images(tmp_path / "images", [f"image{index}.png" for index in range(7)])
+    output = tmp_path / "out" / name
+    incomplete = tmp_path / "out" / (name + ".incomplete")
+    seen_before_call = []
+
+    def watched_serve(image_bytes):
+        # The real model, called as predict calls it; before each call, what the output file holds so far.
+        seen_before_call.append(incomplete.read_text() if incomplete.exists() else None)
+        return serve(image_bytes=image_bytes)
+
+    stream_to_file(serve=watched_serve, paths=paths, output=str(output), top_k=2, batch_size=3)
+    assert len(seen_before_call) == 3  # batches of 3, 3 and 1 files
+    final = output.read_text()
+    assert not incomplete.exists()
+    assert seen_before_call[0] in (None, "")
+    if name.endswith(".csv"):
+        lines = final.splitlines(keepends=True)
+        assert seen_before_call[1:] == ["".join(lines[:4]), "".join(lines[:7])]  # header + 3 rows, + 3 rows
+    else:
+        for held, num_items in zip(seen_before_call[1:], (3, 6)):
+            # A prefix of the final file that is the list of the batches so far, once closed.
+            assert final.startswith(held)
+            assert [item["path"] for item in json.loads(held + "\n]\n")] == paths[:num_items]
+
+
+def test_a_run_that_stops_keeps_the_rows_so_far_in_the_incomplete_file(serve, tmp_path):
+    paths = write_images(tmp_path / "images", [f"image{index}.png" for index in range(7)])
+    calls = []
+
+    def failing_serve(image_bytes):
+        calls.append(len(image_bytes))
+        if len(calls) == 3:
+            raise RuntimeError("the machine went away")
+        return serve(image_bytes=image_bytes)
+
+    output = tmp_path / "predictions.csv"
+    with pytest.raises(RuntimeError, match="went away"):
+        stream_to_file(serve=failing_serve, paths=paths, output=str(output), top_k=2, batch_size=3)
+    assert not output.exists()
+    with open(str(output) + ".incomplete", newline="") as file:
+        assert [row["path"] for row in csv.DictReader(file)] == paths[:6]
+    # An error before any row (the labels of another model) leaves no file at all.
+    other_output = tmp_path / "other" / "predictions.json"
+    batches = prediction.predict_batches(serve=serve, paths=paths, class_names=["a", "b"], top_k=1, batch_size=3)
+    with pytest.raises(ValueError, match="lists 2 class names"), prediction.PredictionFile(str(other_output)) as opened:
+        prediction.write_batches(batches=batches, output=opened)
+    assert not (tmp_path / "other").exists()
+
+
+def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
+    # Before streaming, every result (~1 kB) and then the whole output text were held until the end.
+    encoded = encode(0, size=(8, 8))
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index in range(1600):
+        (folder / f"{index:05d}.png").write_bytes(encoded)
+    all_paths = prediction.list_images([str(folder)])
+
+    def peak_bytes(paths: list[str], output: str) -> int:
+        tracemalloc.start()
+        try:
+            stream_to_file(serve=serve, paths=paths, output=output, top_k=3, batch_size=32)
+            with open(os.devnull, "w") as devnull:
+                prediction.write_batches(
+                    batches=prediction.predict_batches(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=3,
+                                                       batch_size=32),
+                    output=prediction.PredictionTable(stream=devnull, paths=paths, class_names=CLASS_NAMES),
+                )
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    peak_bytes(all_paths[:64], str(tmp_path / "warm_up.json"))  # the model's first calls allocate once
+    small = peak_bytes(all_paths[:200], str(tmp_path / "small.json"))
+    large = peak_bytes(all_paths, str(tmp_path / "large.json"))
+    assert len(json.loads((tmp_path / "large.json").read_text())) == 1600
+    # 1,400 more files: well under 100 bytes each (the results alone took ~1 kB each before).
+    assert large - small < 1400 * 100, (small, large)
 
 
 def test_an_unknown_format_or_a_missing_export_is_a_clear_error(model_dir):

@@ -8,9 +8,11 @@ goes through the SavedModel's `serving_default` signature in one call; --format=
 dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
 and the same output. Without --output a table is
 printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
-(local or gs://). Files that cannot be read or decoded are reported on stderr as
-`error: <path>: ...`, the rest are still labelled, and the run exits with code 1; bad flags or paths that
-match nothing exit with code 2. The work is trainer/prediction.py's; this module reads the flags.
+(local or gs://). Each batch's rows are printed or written before the next batch is labelled, so memory does
+not grow with the number of files: the output file fills as <output>.incomplete (what a crashed run keeps) and
+is renamed to <output> when every file is done. Files that cannot be read or decoded are reported on stderr as
+`error: <path>: ...` at the end, the rest are still labelled, and the run exits with code 1; bad flags or paths
+that match nothing exit with code 2. The work is trainer/prediction.py's; this module reads the flags.
 """
 
 import sys
@@ -43,26 +45,32 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--top_k {FLAGS.top_k} must be at least 1")
         if FLAGS.batch_size < 1:
             raise ValueError(f"--batch_size {FLAGS.batch_size} must be at least 1")
+        if FLAGS.num_read_threads < 1:
+            raise ValueError(f"--num_read_threads {FLAGS.num_read_threads} must be at least 1")
         if FLAGS.output:
             prediction.check_output_path(FLAGS.output)
         files = prediction.list_images(argv[1:])
         class_names = prediction.read_class_names(FLAGS.model_dir)
         serve = prediction.load_serving(model_dir=FLAGS.model_dir, model_format=FLAGS.format,
                                         tflite_kind=FLAGS.tflite_kind)
-        results, failures = prediction.predict_files(
+        batches = prediction.predict_batches(
             serve=serve, paths=files, class_names=class_names, top_k=FLAGS.top_k,
             batch_size=FLAGS.batch_size, num_read_threads=FLAGS.num_read_threads,
         )
+        # Each batch is written before the next is labelled, so memory does not grow with the number of files.
+        if FLAGS.output:
+            with prediction.PredictionFile(FLAGS.output) as output:
+                num_labelled, failures = prediction.write_batches(batches=batches, output=output)
+        else:
+            table = prediction.PredictionTable(stream=sys.stdout, paths=files, class_names=class_names)
+            num_labelled, failures = prediction.write_batches(batches=batches, output=table)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     for path, reason in failures.items():
         print(f"error: {path}: {reason}", file=sys.stderr)
     if FLAGS.output:
-        prediction.write_predictions(results=results, path=FLAGS.output)
-        print(f"wrote {len(results)} predictions to {FLAGS.output}")
-    else:
-        sys.stdout.write(prediction.format_table(results))
+        print(f"wrote {num_labelled} predictions to {FLAGS.output}")
     if failures:
         sys.exit(1)
 

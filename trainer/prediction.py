@@ -1,13 +1,18 @@
 """Labelling image files with an exported model, in batches, and writing the results (the work of
 `python -m trainer.predict`): list the files, read them with a few threads, call a serving function per
-batch, format a table, CSV or JSON. The serving function is the SavedModel's `serving_default`, or the same
-contract around a TFLite or ONNX export (load_serving): the files prepared as `serving_default` prepares them.
+batch, and write each batch's rows of a table, CSV or JSON before labelling the next, so memory does not grow
+with the number of files and an output file fills as the run goes (under <output>.incomplete until finished).
+The serving function is the SavedModel's `serving_default`, or the same contract around a TFLite or ONNX export
+(load_serving): the files prepared as `serving_default` prepares them.
 """
 
 import concurrent.futures
 import csv
 import io
 import json
+import time
+from collections.abc import Iterable, Iterator
+from typing import Self
 
 import numpy as np
 import tensorflow as tf
@@ -19,6 +24,8 @@ LABELS_FILE = schema.LABELS_FILE
 MODEL_FORMATS = ("saved_model", "tflite", "onnx")
 OUTPUT_FORMATS = (".csv", ".json")
 NOT_DECODABLE = "not a decodable image"
+# Seconds between flushes of an output file on gs:// (or another remote filesystem), where a flush re-uploads it.
+REMOTE_FLUSH_SECONDS = 300
 
 
 def list_images(paths: list[str]) -> list[str]:
@@ -172,12 +179,14 @@ def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], 
     return labelled
 
 
-def predict_files(
+def predict_batches(
     *, serve, paths: list[str], class_names: list[str], top_k: int, batch_size: int, num_read_threads: int = 8
-) -> tuple[list[dict], dict[str, str]]:
+) -> Iterator[tuple[list[dict], dict[str, str]]]:
     """Labels image files a batch at a time, reading the next batch while the current one runs.
 
-    A batch holding an undecodable file is labelled again one file at a time, so only that file is lost.
+    A generator, so a caller writes each batch out before the next one is labelled and holds no more than a
+    batch of results however many files there are. A batch holding an undecodable file is labelled again one
+    file at a time, so only that file is lost.
 
     Args:
         serve: the `serving_default` signature from export.load_serving_function, or load_serving's function.
@@ -187,13 +196,14 @@ def predict_files(
         batch_size: files per signature call, at least 1.
         num_read_threads: files read concurrently (gs:// reads are latency bound).
 
-    Returns:
-        (results, failures): results in the order of `paths`, each {"path", "class_name", "probability",
-        "top_k": [{"class_name", "probability"}, ...]}; failures maps each file that could not be read or
-        decoded to the reason.
+    Yields:
+        Per batch of `paths`, in order, (results, failures): results in the order of the batch's paths, each
+        {"path", "class_name", "probability", "top_k": [{"class_name", "probability"}, ...]} with the same number
+        of top-k entries; failures maps each of the batch's files that could not be read or decoded to the reason.
 
     Raises:
-        ValueError: top_k, batch_size or num_read_threads is below 1, or class_names does not match the model.
+        ValueError (when iterated): top_k, batch_size or num_read_threads is below 1, or class_names does not
+        match the model.
     """
     if top_k < 1:
         raise ValueError(f"--top_k {top_k} must be at least 1")
@@ -201,16 +211,15 @@ def predict_files(
         raise ValueError(f"--batch_size {batch_size} must be at least 1")
     if num_read_threads < 1:
         raise ValueError(f"--num_read_threads {num_read_threads} must be at least 1")
-    top_k = min(top_k, len(class_names))
-    batches = [paths[start : start + batch_size] for start in range(0, len(paths), batch_size)]
-    results, failures = [], {}
+    options = {"serve": serve, "class_names": class_names, "top_k": min(top_k, len(class_names))}
+    # Batches are sliced as they are reached rather than all up front: a list of them would be one more
+    # reference per file.
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_read_threads) as executor:
-        pending = [executor.submit(read_file, path) for path in batches[0]] if batches else []
-        for index, batch in enumerate(batches):
-            reads = pending
-            if index + 1 < len(batches):
-                pending = [executor.submit(read_file, path) for path in batches[index + 1]]
-            readable, encoded_images = [], []
+        pending = [executor.submit(read_file, path) for path in paths[:batch_size]]
+        for start in range(0, len(paths), batch_size):
+            batch, reads = paths[start : start + batch_size], pending
+            pending = [executor.submit(read_file, path) for path in paths[start + batch_size : start + 2 * batch_size]]
+            failures, readable, encoded_images = {}, [], []
             for path, read in zip(batch, reads):
                 try:
                     encoded_images.append(read.result())
@@ -218,8 +227,8 @@ def predict_files(
                 except tf.errors.OpError as error:
                     failures[path] = f"cannot be read ({(error.message or type(error).__name__).splitlines()[0]})"
             if not readable:
+                yield [], failures
                 continue
-            options = {"serve": serve, "class_names": class_names, "top_k": top_k}
             try:
                 labelled = label_images(encoded_images=encoded_images, **options)
             except tf.errors.InvalidArgumentError:
@@ -230,8 +239,44 @@ def predict_files(
                     except tf.errors.InvalidArgumentError:
                         failures[path] = NOT_DECODABLE
                         labelled.append(None)
-            results += [{"path": path, **label} for path, label in zip(readable, labelled) if label is not None]
+            yield [{"path": path, **label} for path, label in zip(readable, labelled) if label is not None], failures
+
+
+def predict_files(
+    *, serve, paths: list[str], class_names: list[str], top_k: int, batch_size: int, num_read_threads: int = 8
+) -> tuple[list[dict], dict[str, str]]:
+    """All of predict_batches' results and failures at once, for a list of files small enough to hold them.
+
+    Returns:
+        (results, failures): results in the order of `paths`; failures maps each file that could not be read
+        or decoded to the reason.
+    """
+    results, failures = [], {}
+    for batch_results, batch_failures in predict_batches(
+        serve=serve, paths=paths, class_names=class_names, top_k=top_k, batch_size=batch_size,
+        num_read_threads=num_read_threads,
+    ):
+        results += batch_results
+        failures.update(batch_failures)
     return results, failures
+
+
+def write_batches(*, batches: Iterable[tuple[list[dict], dict[str, str]]], output) -> tuple[int, dict[str, str]]:
+    """Hands each batch of results to `output` as it comes, keeping only the failures.
+
+    Args:
+        batches: (results, failures) per batch, from predict_batches.
+        output: a PredictionFile (inside its `with` block) or a PredictionTable.
+
+    Returns:
+        (num_labelled, failures): how many results were written, and every failed file with its reason.
+    """
+    num_labelled, failures = 0, {}
+    for results, batch_failures in batches:
+        output.write(results)
+        num_labelled += len(results)
+        failures.update(batch_failures)
+    return num_labelled, failures
 
 
 def check_output_path(path: str) -> None:
@@ -240,25 +285,37 @@ def check_output_path(path: str) -> None:
         raise ValueError(f"--output {path!r} must end in .csv or .json (e.g. --output=predictions.csv)")
 
 
-def format_csv(results: list[dict]) -> str:
-    """One header row, then per image: path, class_name, probability, top1_class_name, top1_probability, ..."""
-    depth = max((len(result["top_k"]) for result in results), default=0)
-    header = ["path", "class_name", "probability"]
-    for rank in range(1, depth + 1):
-        header += [f"top{rank}_class_name", f"top{rank}_probability"]
-    text = io.StringIO()
-    writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(header)
+def format_csv_rows(results: list[dict]) -> str:
+    """Per image: path, class_name, probability, top1_class_name, top1_probability, ... (one CSV line each)."""
+    rows = []
     for result in results:
         row = [result["path"], result["class_name"], f"{result['probability']:.6f}"]
         for entry in result["top_k"]:
             row += [entry["class_name"], f"{entry['probability']:.6f}"]
-        writer.writerow(row)
+        rows.append(row)
+    return _csv_lines(rows)
+
+
+def format_csv_header(top_k: int) -> str:
+    """The CSV header line for results holding `top_k` entries each."""
+    header = ["path", "class_name", "probability"]
+    for rank in range(1, top_k + 1):
+        header += [f"top{rank}_class_name", f"top{rank}_probability"]
+    return _csv_lines([header])
+
+
+def _csv_lines(rows: list[list[str]]) -> str:
+    text = io.StringIO()
+    csv.writer(text, lineterminator="\n").writerows(rows)
     return text.getvalue()
 
 
-def format_json(results: list[dict]) -> str:
-    """A JSON list of {path, class_name, probability, top_k: [{class_name, probability}, ...]}."""
+def format_json_items(results: list[dict]) -> str:
+    """The results as items of the JSON list `json.dumps(..., indent=2)` writes, without the brackets.
+
+    Each item is indented one level and they are separated by ",\n", so the items of successive batches joined
+    by ",\n" inside "[\n" and "\n]" are the text of one dump of all the results.
+    """
     rounded = [
         {
             "path": result["path"],
@@ -271,34 +328,99 @@ def format_json(results: list[dict]) -> str:
         }
         for result in results
     ]
-    return json.dumps(rounded, indent=2) + "\n"
+    # Cut "[\n" and "\n]": what stays is exactly these items' text inside a longer list.
+    return json.dumps(rounded, indent=2)[2:-2]
 
 
-def write_predictions(*, results: list[dict], path: str) -> None:
-    """Writes results as CSV or JSON, chosen by the extension of `path` (local or gs://).
+class PredictionFile:
+    """Writes results batch by batch as CSV or JSON, chosen by the extension of `path` (local or gs://).
 
-    The file is written under a temporary name and then renamed, so an interrupted run never leaves a
-    half-written file under `path`; a missing parent folder is created.
+    Use it in a `with` block. The rows go to `path` + ".incomplete" as they come, and the file is renamed to
+    `path` when the block ends without an error: `path` only ever holds a finished file, and a run that stops
+    halfway keeps the rows labelled so far in the .incomplete file (one that stops before any row writes no
+    file). A missing parent folder is created. The finished file is the same whatever the batches: a CSV header
+    row and one row per image, or one JSON list of {path, class_name, probability, top_k: [{class_name,
+    probability}, ...]}.
     """
-    check_output_path(path)
-    text = format_csv(results) if path.lower().endswith(".csv") else format_json(results)
-    folder = path.rpartition("/")[0]
-    if folder and not tf.io.gfile.isdir(folder):
-        tf.io.gfile.makedirs(folder)
-    temporary = path + ".incomplete"
-    with tf.io.gfile.GFile(temporary, "w") as file:
-        file.write(text)
-    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+    def __init__(self, path: str):
+        check_output_path(path)
+        self.path = path
+        self.temporary_path = path + schema.INCOMPLETE_SUFFIX
+        self.is_csv = path.lower().endswith(".csv")
+        self.num_written = 0
+        self.file = None
+        self.last_flush = 0.0
+
+    def __enter__(self) -> Self:
+        return self
+
+    def write(self, results: list[dict]) -> None:
+        """Appends the results (all with as many top-k entries as the first batch's) to the .incomplete file."""
+        if not results:
+            return
+        if self.file is None:
+            self._open()
+            # The CSV header names the top-k columns, so it waits for the first results.
+            self.file.write(format_csv_header(len(results[0]["top_k"])) if self.is_csv else "[\n")
+        elif not self.is_csv:
+            self.file.write(",\n")
+        self.file.write(format_csv_rows(results) if self.is_csv else format_json_items(results))
+        self.num_written += len(results)
+        # Locally a flush is a cheap write(2) that makes the rows survive a crash. On gs:// and other object
+        # stores it uploads the whole file again (objects cannot be appended to), so there it is spaced out.
+        now = time.monotonic()
+        if "://" not in self.path or now - self.last_flush >= REMOTE_FLUSH_SECONDS:
+            self.file.flush()
+            self.last_flush = now
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is not None:
+            if self.file is not None:
+                self.file.close()
+            return
+        if self.file is None:
+            self._open()
+            self.file.write(format_csv_header(0) if self.is_csv else "[]\n")
+        elif not self.is_csv:
+            self.file.write("\n]\n")
+        self.file.close()
+        tf.io.gfile.rename(self.temporary_path, self.path, overwrite=True)
+
+    def _open(self) -> None:
+        folder = self.path.rpartition("/")[0]
+        if folder and not tf.io.gfile.isdir(folder):
+            tf.io.gfile.makedirs(folder)
+        self.file = tf.io.gfile.GFile(self.temporary_path, "w")
 
 
-def format_table(results: list[dict]) -> str:
-    """A table for the terminal: path, predicted class, its probability and the top-k classes."""
-    if not results:
-        return ""
-    rows = [["path", "class_name", "probability", "top_k"]]
-    for result in results:
-        top = ", ".join(f"{entry['class_name']} {entry['probability']:.4f}" for entry in result["top_k"])
-        rows.append([result["path"], result["class_name"], f"{result['probability']:.4f}", top])
-    widths = [max(len(row[column]) for row in rows) for column in range(3)]
-    lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, widths)), row[3]]) for row in rows]
-    return "\n".join(lines) + "\n"
+class PredictionTable:
+    """Prints results as a table for the terminal, batch by batch: path, predicted class, its probability and
+    the top-k classes. Nothing is printed without results.
+
+    The column widths come from all the paths and class names up front rather than from the rows (which are
+    not kept), so the columns line up as the rows arrive.
+    """
+
+    def __init__(self, *, stream, paths: list[str], class_names: list[str]):
+        self.stream = stream
+        self.widths = [
+            max(len("path"), max((len(path) for path in paths), default=0)),
+            max(len("class_name"), max((len(name) for name in class_names), default=0)),
+            len("probability"),
+        ]
+        self.header_printed = False
+
+    def write(self, results: list[dict]) -> None:
+        """Prints one line per result, after the header line before the first one."""
+        if not results:
+            return
+        rows = [] if self.header_printed else [["path", "class_name", "probability", "top_k"]]
+        for result in results:
+            top = ", ".join(f"{entry['class_name']} {entry['probability']:.4f}" for entry in result["top_k"])
+            rows.append([result["path"], result["class_name"], f"{result['probability']:.4f}", top])
+        lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, self.widths)), row[3]]) for row in rows]
+        self.stream.write("\n".join(lines) + "\n")
+        # Piped, stdout is block-buffered: flushed per batch, the rows are out before the next batch is labelled.
+        self.stream.flush()
+        self.header_printed = True
