@@ -36,6 +36,8 @@ SHARD_FORMAT_VERSION = 3
 # Skip reasons of files whose content is kept under another path (not failures: --max_skipped_fraction
 # does not count them). "symbolic link..." and "same file as..." come from tfrecords/folder.py.
 SECOND_PATH_REASONS = ("duplicate of", "same file as", "symbolic link into", "symbolic link to a folder")
+# hash_file reads a file in chunks of this size, so a worker never holds a whole (possibly huge) file to hash it.
+HASH_CHUNK_BYTES = 8 * 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,14 +85,18 @@ def count_shards(*, num_files: int, total_bytes: int, num_shards: int, target_sh
 
 def hash_file(path: str) -> tuple:
     """Returns (sha256 digest, 32 bytes, and the size in bytes) of a file, or (None, error message) if it cannot be read."""
+    digest, size = hashlib.sha256(), 0
     try:
         with tf.io.gfile.GFile(path, "rb") as source:
-            data = source.read()
+            # In chunks: a worker holds HASH_CHUNK_BYTES of a file, not the file (a 2 GB TIFF was 2 GB of memory).
+            while chunk := source.read(HASH_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
     except tf.errors.OpError as error:
         return None, error.message
     finally:
         progress.report()
-    return hashlib.sha256(data).digest(), len(data)
+    return digest.digest(), size
 
 
 def make_plan(
