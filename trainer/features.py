@@ -21,6 +21,7 @@ budget's size, and deleted when the phase ends; memory then stays flat in the nu
 import dataclasses
 import tempfile
 import uuid
+import weakref
 
 import keras
 import numpy as np
@@ -36,13 +37,35 @@ MIN_SHUFFLE_ROWS = 1024
 HEAD_LAYERS = ("dropout", "classifier")
 
 
+# One split (and so one traced step per strategy and mode) per model: phase 1's passes and the data-quality
+# report's test pass reuse it instead of tracing the backbone again (seconds each).
+_SPLITS = weakref.WeakKeyDictionary()
+_STEPS = weakref.WeakKeyDictionary()
+
+
 def split_model(model: keras.Model) -> tuple[keras.Model, keras.Model]:
-    """Returns (feature_model, head) sharing the full model's layers (and so its weights)."""
-    dropout, classifier = (model.get_layer(name) for name in HEAD_LAYERS)
-    feature_model = keras.Model(model.inputs, dropout.input, name="feature_model")
-    features = keras.Input(shape=feature_model.output.shape[1:], name=FEATURES_INPUT)
-    head = keras.Model(features, classifier(dropout(features)), name="head")
-    return feature_model, head
+    """Returns (feature_model, head) sharing the full model's layers (and so its weights); the same pair for
+    every call with the same model."""
+    if model not in _SPLITS:
+        dropout, classifier = (model.get_layer(name) for name in HEAD_LAYERS)
+        feature_model = keras.Model(model.inputs, dropout.input, name="feature_model")
+        features = keras.Input(shape=feature_model.output.shape[1:], name=FEATURES_INPUT)
+        head = keras.Model(features, classifier(dropout(features)), name="head")
+        _SPLITS[model] = (feature_model, head)
+    return _SPLITS[model]
+
+
+def _feature_step(feature_model: keras.Model, strategy: tf.distribute.Strategy, training: bool):
+    """The traced step of compute_features, made once per feature model, strategy and mode."""
+    steps = _STEPS.setdefault(feature_model, {})
+    if (strategy, training) not in steps:
+
+        def replica_step(images, labels, weights=None, *more):
+            features = tf.cast(feature_model(images, training=training), tf.float32)
+            return (features, labels, tf.ones_like(labels, tf.float32) if weights is None else weights, *more)
+
+        steps[(strategy, training)] = tf.function(lambda batch: strategy.run(replica_step, args=batch))
+    return steps[(strategy, training)]
 
 
 @dataclasses.dataclass
@@ -135,14 +158,7 @@ def compute_features(
         drop_padding: leave rows of weight 0 (evaluation padding) out of the writer (for training rows).
     """
 
-    def replica_step(images, labels, weights=None, *more):
-        features = tf.cast(feature_model(images, training=training), tf.float32)
-        return (features, labels, tf.ones_like(labels, tf.float32) if weights is None else weights, *more)
-
-    @tf.function
-    def step(batch):
-        return strategy.run(replica_step, args=batch)
-
+    step = _feature_step(feature_model, strategy, training)
     for index, batch in enumerate(dataset):
         if index >= num_batches:
             break

@@ -38,6 +38,7 @@ would reach every user of this Apache-2.0 tool. Paths are read back only for wha
 
 import dataclasses
 import json
+import time
 import warnings
 
 import faiss
@@ -46,6 +47,7 @@ import numpy as np
 import psutil
 import tensorflow as tf
 import threadpoolctl
+from absl import logging
 from scipy import sparse
 from scipy.sparse import csgraph
 from sklearn import exceptions, linear_model, model_selection
@@ -414,17 +416,25 @@ def make_report(*, collector: Collector, data_dir: str, manifest: dict, options:
      "near_duplicates": [{"paths": [a, b], "splits": [...], "similarity"}...],
      "near_duplicate_groups": [{"size", "splits": {split: images}, "examples": [paths]}...], and counts.}
     """
+    started = time.perf_counter()
     collector.finish()
     count, class_names = collector.count, manifest["classes"]
     labels = collector.labels[:count].astype(np.int64)
     probabilities = out_of_fold_probabilities(collector.vectors[:count], labels, num_classes=len(class_names),
                                               folds=options.folds, seed=options.seed)
     issues = find_label_issues(labels, probabilities, max_listed=options.max_listed)
+    seconds = {"label issues": time.perf_counter() - started}
+    started = time.perf_counter()
     duplicates = find_near_duplicates(collector, similarity=options.near_duplicate_similarity,
                                       max_listed=options.max_listed)
+    seconds["near-duplicates"] = time.perf_counter() - started
+    started = time.perf_counter()
     wanted = {*issues["rows"].tolist(), *(row for pair in duplicates["pairs"] for row in pair[:2]),
               *(row for group in duplicates["groups"] for row in group)}
     paths = read_paths(collector, data_dir=data_dir, manifest=manifest, rows=wanted)
+    seconds["reading the listed paths"] = time.perf_counter() - started
+    logging.info("data-quality report of %d images: %s", count,
+                 ", ".join(f"{name} {value:.1f}s" for name, value in seconds.items()))
     split_of = lambda row: collector.split_names[collector.split_ids[row]]  # noqa: E731 (a one-line lookup)
     return {
         "data_dir": data_dir, "num_images": count, "num_images_in_data": collector.total, "sampled": collector.stride > 1,

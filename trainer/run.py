@@ -231,6 +231,7 @@ def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: d
     read only its share) reads every image through a pipeline of its own.
     """
     missing = collector.missing_splits()
+    started = time.perf_counter()
     if missing:
         if distribute.num_workers(splits.strategy) > 1:
             splits = data.DistributedSplits(
@@ -238,11 +239,14 @@ def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: d
                 image_size=options.model.image_size, batch_size=options.quality.batch_size, options=options.pipeline,
             )
         quality.embed_splits(model=model, splits=splits, collector=collector, names=missing)
+        logging.info("data-quality report: embedded the %s split(s) in %.1fs", ", ".join(missing),
+                     time.perf_counter() - started)
     report = quality.make_report(collector=collector, data_dir=options.data_dir, manifest=manifest,
                                  options=options.quality)
+    started = time.perf_counter()
     summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
                                    manifest=manifest, image_size=options.model.image_size)
-    logging.info("%s", summary)
+    logging.info("data-quality report: written with its PNG in %.1fs; %s", time.perf_counter() - started, summary)
 
 
 def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:
