@@ -293,3 +293,71 @@ def test_two_tight_clusters_alike_across_are_one_group():
     collector, _ = collector_of(thumbnails, ["train"] * 400)
     found = quality.find_near_duplicates(collector, similarity=0.98, max_listed=10)
     assert found["num_groups"] == 1 and found["largest_group"] == 400
+
+
+def test_identical_thumbnails_join_their_first_copy_and_flat_ones_never_match():
+    rng = np.random.default_rng(3)
+    thumbnails = rng.integers(0, 256, (300, 256)).astype(np.uint8)
+    thumbnails[100:150] = thumbnails[7]  # 50 exact copies of image 7
+    thumbnails[200:210] = 128  # flat images: no correlation to speak of, never near-duplicates
+    first, second, scores = quality.near_duplicate_pairs(thumbnails, similarity=0.98)
+    pairs = set(zip(first.tolist(), second.tolist()))
+    assert pairs == {(7, row) for row in range(100, 150)} and np.all(scores == 1.0)
+
+
+@pytest.mark.skipif(not FLOWERS_DIR.exists(), reason="../shared data is not beside this checkout")
+def test_resized_copies_of_real_photos_keep_their_thumbnails_alike(tmp_path):
+    """A 3/4-size copy (JPEG quality 90) of every 10th flower photo: thumbnails correlate at 0.98 or more with the
+    original's. Decoding every JPEG at an eighth of its size, as the report did, left 9 of 50 below (0.84)."""
+    import io
+
+    originals = sorted(FLOWERS_DIR.glob("*/*.jpg"))[::10]
+    correlations = []
+    for path in originals:
+        with Image.open(path) as image:
+            copy = io.BytesIO()
+            image.resize((image.width * 3 // 4, image.height * 3 // 4)).save(copy, format="JPEG", quality=90)
+        thumbnails = np.stack([
+            data.thumbnail_pixels(tf.constant(encoded), quality.THUMBNAIL_SIDE).numpy()
+            for encoded in (path.read_bytes(), copy.getvalue())
+        ]).astype(np.uint8)
+        rows = quality.normalized_thumbnails(thumbnails)
+        correlations.append(float(rows[0] @ rows[1]))
+    assert len(correlations) >= 45 and min(correlations) >= 0.98, sorted(correlations)[:5]
+
+
+def test_a_report_stopped_before_its_png_leaves_no_json_so_a_rerun_makes_it_again(tmp_path, monkeypatch, demo_data_dir):
+    """The JSON is written last: a run killed while the PNG is drawn resumes and writes the whole report (a kill
+    between the two left a report without its PNG for good)."""
+    manifest = schema.read_manifest(str(demo_data_dir))
+    report = {"label_issues": [], "near_duplicates": [], "num_images": 1, "num_label_issues": 0,
+              "num_near_duplicates": 0, "num_near_duplicates_across_splits": 0}
+    monkeypatch.setattr(quality.report, "plot_quality", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        quality.write_report(quality=report, output_dir=str(tmp_path), data_dir=str(demo_data_dir), manifest=manifest,
+                             image_size=32)
+    assert not (tmp_path / quality.QUALITY_JSON).exists()
+
+
+def test_fewer_images_than_folds_still_give_a_report():
+    vectors, labels = clustered(num_classes=2, per_class=2)
+    probabilities = quality.out_of_fold_probabilities(vectors, labels, num_classes=2, folds=5, seed=0)
+    assert probabilities.shape == (4, 2)
+    single = quality.out_of_fold_probabilities(vectors[:1], labels[:1], num_classes=2, folds=5, seed=0)
+    assert quality.find_label_issues(labels[:1], single, max_listed=5)["count"] == 0
+    with pytest.raises(ValueError, match="--data_quality_max_images=2 must be at least --data_quality_folds"):
+        quality.QualityOptions(max_images=2, folds=5)
+
+
+def test_pairs_are_counted_for_every_copy_whatever_the_edges_kept():
+    """12 identical thumbnails (10 train, 2 test) are 66 pairs, 20 of them across splits, though 11 edges join them;
+    a near copy of them adds one pair per copy."""
+    rng = np.random.default_rng(4)
+    thumbnails = rng.integers(0, 256, (100, 256)).astype(np.uint8)
+    thumbnails[20:32] = thumbnails[20]
+    thumbnails[50] = np.clip(thumbnails[20].astype(int) + rng.integers(-1, 2, 256), 0, 255)
+    splits = ["test" if row in (30, 31) else "train" for row in range(100)]
+    collector, input_rows = collector_of(thumbnails, splits)
+    found = quality.find_near_duplicates(collector, similarity=0.98, max_listed=200)
+    assert found["num_pairs"] == 66 + 12 and found["num_pairs_across_splits"] == 20 + 2
+    assert found["num_groups"] == 1 and found["largest_group"] == 13

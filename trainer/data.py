@@ -661,21 +661,21 @@ def make_dataset(
     return dataset.prefetch(AUTOTUNE)
 
 
+# A thumbnail's source: a large JPEG is decoded at 1/2, 1/4 or 1/8 scale in the DCT, keeping its shorter side at
+# least this many pixels. An eighth of every image, as before, left a 3/4-size copy of a 320 x 240 flower photo
+# at a thumbnail correlation of 0.84 to its original (a missed near-duplicate); at 64 px and more they agree to 0.999.
+THUMBNAIL_DECODE_MIN_SIDE = 64
+
+
 def thumbnail_pixels(encoded: tf.Tensor, side: int) -> tf.Tensor:
     """The whole image in grayscale, area-resized to side x side, rounded: int32 [side * side] in [0, 255].
 
-    int32 rather than uint8 so that it may travel with the batch to any accelerator. A JPEG is decoded at an
-    eighth of its size in the DCT (plenty for a 16 x 16 thumbnail, and cheap); other formats in full.
+    int32 rather than uint8 so that it may travel with the batch to any accelerator.
     """
-
-    def small_jpeg():
-        return tf.io.decode_jpeg(encoded, channels=1, ratio=8)
-
-    def any_format():
-        return tf.io.decode_image(encoded, channels=1, expand_animations=False)
-
-    small = tf.cast(tf.cond(tf.io.is_jpeg(encoded), small_jpeg, any_format), tf.float32)
-    thumbnail = tf.image.resize(small, [side, side], method="area")
+    shape = _image_shape(encoded)
+    image = _decode_window(encoded, 0, 0, shape[0], shape[1], min_side=THUMBNAIL_DECODE_MIN_SIDE)
+    gray = tf.image.rgb_to_grayscale(tf.cast(image, tf.float32))
+    thumbnail = tf.image.resize(gray, [side, side], method="area")
     return tf.cast(tf.round(tf.reshape(thumbnail, [side * side])), tf.int32)
 
 
