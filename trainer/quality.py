@@ -361,7 +361,7 @@ def find_near_duplicates(collector: Collector, *, similarity: float, max_listed:
         "groups": members, "group_sizes": [int(sizes[group]) for group in groups],
         "group_splits": [{name: value for name, value in splits.items() if value} for splits in group_splits],
         "num_pairs": num_pairs, "num_pairs_across_splits": num_across, "num_groups": int(np.sum(sizes > 1)),
-        "num_images_in_groups": int(grouped.sum()), "largest_group": int(sizes.max()) if count else 0,
+        "num_images_in_groups": int(grouped.sum()), "largest_group": int(sizes.max()) if grouped.any() else 0,
         "num_evaluation_images_with_a_train_duplicate": int(leaked.sum()),
     }
 
@@ -571,13 +571,15 @@ def summarize(*, quality: dict, path: str) -> str:
     top_issue = f" (first: {issues[0]['path']} looks like {issues[0]['suggested']!r})" if issues else ""
     top_pair = f" (first: {pairs[0]['paths'][0]} ~ {pairs[0]['paths'][1]})" if pairs else ""
     sample = f" (a sample of the {quality['num_images_in_data']})" if quality.get("sampled") else ""
+    head = f"data quality of {quality['num_images']} images{sample}: {quality['num_label_issues']} likely label errors"
+    if not quality["num_near_duplicates"]:
+        return f"{head}{top_issue}, no near-duplicates; see {path}"
     groups = quality.get("num_near_duplicate_groups")
     grouped = (f"{quality['num_images_in_near_duplicate_groups']} images in {groups} near-duplicate groups (largest "
                f"{quality['largest_near_duplicate_group']}), " if groups is not None else "")
     leaked = quality.get("num_evaluation_images_with_a_train_duplicate")
     leaks = f", {leaked} validation/test images with a near-duplicate in train" if leaked is not None else ""
     return (
-        f"data quality of {quality['num_images']} images{sample}: {quality['num_label_issues']} likely label errors"
-        f"{top_issue}, {grouped}{quality['num_near_duplicates']} near-duplicate pairs, "
+        f"{head}{top_issue}, {grouped}{quality['num_near_duplicates']} near-duplicate pairs, "
         f"{quality['num_near_duplicates_across_splits']} across splits{top_pair}{leaks}; see {path}"
     )
