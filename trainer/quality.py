@@ -259,14 +259,20 @@ def normalized_thumbnails(thumbnails: np.ndarray) -> np.ndarray:
     return _unit_rows(rows)
 
 
+def distinct_thumbnails(thumbnails: np.ndarray) -> tuple:
+    """(the first row of each distinct thumbnail, the distinct thumbnail of each row): equal bytes, one key."""
+    keys = np.ascontiguousarray(thumbnails).view(np.dtype((np.void, thumbnails.shape[1]))).ravel()
+    _, distinct, key_of_row = np.unique(keys, return_index=True, return_inverse=True)
+    return distinct, key_of_row
+
+
 def near_duplicate_pairs(thumbnails: np.ndarray, *, similarity: float) -> tuple:
     """Pairs (first, second, similarity) of images, first < second, whose thumbnails correlate at `similarity` or
     more, among each image's NEIGHBOURS + 1 nearest (itself among them, mostly): at most NEIGHBOURS + 1 pairs an
     image, whatever the folder holds."""
     # Identical thumbnails are joined to the first of them at similarity 1 (unless flat: no correlation), and only
     # distinct ones are searched: an index of thousands of equal vectors is slow to build and to search.
-    keys = np.ascontiguousarray(thumbnails).view(np.dtype((np.void, thumbnails.shape[1]))).ravel()
-    _, distinct, key_of_row = np.unique(keys, return_index=True, return_inverse=True)
+    distinct, key_of_row = distinct_thumbnails(thumbnails)
     copies = np.flatnonzero(distinct[key_of_row] != np.arange(len(thumbnails)))
     copies = copies[thumbnails[copies].min(axis=1) != thumbnails[copies].max(axis=1)]
     first, second, scores = _search(thumbnails[distinct], similarity=similarity)
@@ -371,8 +377,7 @@ def count_pairs(thumbnails: np.ndarray, split_ids: np.ndarray, first: np.ndarray
     """(pairs, pairs across splits) that near_duplicate_pairs' edges stand for: m identical (not flat) thumbnails
     are m (m - 1) / 2 pairs, an edge between two distinct thumbnails is one pair for each of their copies. Exact
     where every image's near-duplicates are among its nearest; a lower bound in groups larger than that."""
-    keys = np.ascontiguousarray(thumbnails).view(np.dtype((np.void, thumbnails.shape[1]))).ravel()
-    _, distinct, key_of_row = np.unique(keys, return_index=True, return_inverse=True)
+    distinct, key_of_row = distinct_thumbnails(thumbnails)
     copies = np.zeros((len(distinct), num_splits), np.int64)  # images of each distinct thumbnail in each split
     np.add.at(copies, (key_of_row, split_ids), 1)
     flat = thumbnails[distinct].min(axis=1) == thumbnails[distinct].max(axis=1)
