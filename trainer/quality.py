@@ -157,6 +157,12 @@ class Collector:
         self.projection = None  # (mean, components) once fitted
         self.unprojected = []  # full-width rows before the projection is fitted
 
+    @classmethod
+    def for_model(cls, model: keras.Model, *, manifest: dict, max_images: int) -> "Collector":
+        """A collector for the embeddings of the model's feature extractor (the input of its head)."""
+        return cls(manifest=manifest, width=model.get_layer(features.HEAD_LAYERS[0]).input.shape[-1],
+                   max_images=max_images)
+
     def add_function(self, split: str):
         """The `collect` of features.compute_features for one evaluation pass over `split` (with thumbnails)."""
         self.seen.add(split)
@@ -241,8 +247,7 @@ def embed_splits(*, model: keras.Model, splits: data.DistributedSplits, collecto
 def make_folder_report(*, model: keras.Model, data_dir: str, manifest: dict, image_size: int,
                        options: QualityOptions) -> dict:
     """The report of a converted folder from a pass of its own over every split (python -m trainer.data_quality)."""
-    collector = Collector(manifest=manifest, width=model.get_layer(features.HEAD_LAYERS[0]).input.shape[-1],
-                          max_images=options.max_images)
+    collector = Collector.for_model(model, manifest=manifest, max_images=options.max_images)
     splits = data.DistributedSplits(
         strategy=tf.distribute.get_strategy(), data_dir=data_dir, manifest=manifest, image_size=image_size,
         batch_size=options.batch_size, options=data.PipelineOptions(),

@@ -19,7 +19,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer import checkpoints, data, distribute, evaluation, export, loop, model as model_lib, recipe, reporting
-from trainer import export_report, features, model_card, quality, run_dir, steps, transfer
+from trainer import export_report, model_card, quality, run_dir, steps, transfer
 
 METRICS_FILE = "metrics.json"
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
@@ -139,8 +139,8 @@ def train_and_evaluate(
     shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
     if report_pending and not shares_phase1:
         with stopwatch.stage("data-quality report"):
-            write_quality_report(options, model=model, manifest=manifest, splits=splits,
-                                 collector=make_collector(options, model=model, manifest=manifest))
+            collector = quality.Collector.for_model(model, manifest=manifest, max_images=options.quality.max_images)
+            write_quality_report(options, model=model, manifest=manifest, splits=splits, collector=collector)
     loss_function = options.recipe.loss_function(manifest)
     reporter = reporting.EpochReporter(
         model_dir=model_dir, chief=chief, class_names=class_names if loop_options.confusion_matrix_images else None
@@ -155,7 +155,8 @@ def train_and_evaluate(
             if phase.fine_tune_at is not None:
                 transfer.unfreeze(model, phase, strategy=strategy)
             started = time.perf_counter()
-            collector = make_collector(options, model=model, manifest=manifest) if shares_phase1 and index == 0 else None
+            collector = (quality.Collector.for_model(model, manifest=manifest, max_images=options.quality.max_images)
+                         if shares_phase1 and index == 0 else None)
             trained = transfer.phase_data(phase, model=model, evaluation_step=evaluation_step, splits=splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
                                           collector=collector)
@@ -216,11 +217,6 @@ def shares_phase1_pass(options: RunOptions, *, phases: list, strategy: tf.distri
         distribute.num_workers(strategy) == 1 and options.schedule.cache_features and bool(phases)
         and phases[0].fine_tune_at is None and not transfer.replaced_by_later_checkpoint(options.model_dir, phases, 0)
     )
-
-
-def make_collector(options: RunOptions, *, model: keras.Model, manifest: dict) -> quality.Collector:
-    width = model.get_layer(features.HEAD_LAYERS[0]).input.shape[-1]
-    return quality.Collector(manifest=manifest, width=width, max_images=options.quality.max_images)
 
 
 def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict, splits: data.DistributedSplits,
