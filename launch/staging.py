@@ -11,7 +11,9 @@ The wheel is what `python -m launch.tpu_vm --package=...` installs on each host;
 trainer's --data_dir then points at. The wheel is built from a copy of the project (so the checkout gets no
 build/ or *.egg-info), with `python -m build` when installed, else `pip wheel --no-deps`; both without build
 isolation, so no download is needed. Uploads use google-cloud-storage with the application default
-credentials (STORAGE_EMULATOR_HOST points it at an emulator, as the tests do).
+credentials (STORAGE_EMULATOR_HOST points it at an emulator, as the tests do). The local inputs (--staging_dir's
+form, every --local_path, a source checkout for --package) are checked before the storage client is created, so
+a typo is reported as such, at once, even where no credentials or network are available.
 """
 
 import importlib.util
@@ -101,16 +103,32 @@ def upload_path(*, client, local_path: str, bucket: str, prefix: str) -> tuple[s
     return f"gs://{bucket}/{base}", count
 
 
+def check_local_inputs(*, staging_dir: str, local_paths: list[str], package: bool, project_dir: str) -> None:
+    """Checks what can be checked without credentials or network; main calls it before creating the client.
+
+    Raises:
+        ValueError: a bad --staging_dir, a --local_path that does not exist, or --package where project_dir is not
+            a source checkout (the installed `launch-staging` script's project folder is site-packages).
+    """
+    split_gcs_uri(staging_dir)
+    for path in local_paths:
+        if not os.path.exists(path):
+            raise ValueError(f"--local_path {path!r} does not exist")
+    if package and not os.path.isfile(os.path.join(project_dir, "setup.py")):
+        raise ValueError(
+            f"--package builds the wheel from a source checkout, but {project_dir!r} has no setup.py; run "
+            f"`python -m launch.staging` from a clone of the project, or pass --nopackage to upload only the data"
+        )
+
+
 def stage(*, client, staging_dir: str, local_paths: list[str], package: bool, project_dir: str = PROJECT_DIR) -> list[str]:
     """Uploads the wheel (if package) and local_paths under staging_dir; returns one summary line per upload.
 
     Raises:
-        ValueError: a bad --staging_dir, or a --local_path that does not exist.
+        ValueError: see check_local_inputs.
     """
+    check_local_inputs(staging_dir=staging_dir, local_paths=local_paths, package=package, project_dir=project_dir)
     bucket, folder = split_gcs_uri(staging_dir)
-    for path in local_paths:
-        if not os.path.exists(path):
-            raise ValueError(f"--local_path {path!r} does not exist")
     lines = []
     if package:
         with tempfile.TemporaryDirectory(prefix="staging_wheel_") as output_dir:
@@ -129,9 +147,12 @@ def main(argv: list[str]) -> int:
         trainer_args.fail(f"unexpected arguments: {argv[1:]}")
     trainer_args.require(FLAGS.staging_dir, "staging_dir")
     try:
-        split_gcs_uri(FLAGS.staging_dir)
+        # Local mistakes first: creating the client looks for credentials (and may probe the metadata server).
+        check_local_inputs(staging_dir=FLAGS.staging_dir, local_paths=FLAGS.local_path, package=FLAGS.package,
+                           project_dir=PROJECT_DIR)
         client = storage.Client(project=FLAGS.project)
-        lines = stage(client=client, staging_dir=FLAGS.staging_dir, local_paths=FLAGS.local_path, package=FLAGS.package)
+        lines = stage(client=client, staging_dir=FLAGS.staging_dir, local_paths=FLAGS.local_path, package=FLAGS.package,
+                      project_dir=PROJECT_DIR)
     except ValueError as error:
         trainer_args.fail(str(error))
     except (RuntimeError, exceptions.GoogleAPIError, auth_exceptions.GoogleAuthError) as error:
