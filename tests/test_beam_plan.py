@@ -3,6 +3,7 @@
 In-process with FnApiRunner, so the remote inputs can live on TensorFlow's in-memory ram:// file system.
 """
 
+import json
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,28 @@ def test_refusals_come_before_any_shard_and_leave_nothing(image_dir, tmp_path, c
     assert not output_dir.exists()
     if case == "outside_path":
         assert "'/elsewhere/cat.jpg' is not inside --input_dir" in str(raised.value)
+
+
+def test_a_file_list_of_odd_names_converts_as_the_walk_does_in_both_converters(image_dir, tmp_path, monkeypatch):
+    """Classes starting with "#" or a space or named as the input folder, names holding U+2028, U+0085 or a
+    carriage return, CRLF lines read in small byte ranges: the same shards as walking the folder."""
+    import shutil
+
+    monkeypatch.setattr(beam_plan, "FILE_LIST_RANGE_BYTES", 40)
+    names = {"circle": "#circle", "square": " square", "triangle": "col"}
+    odd = tmp_path / "col"  # the input folder has the name of a class
+    for index, path in enumerate(sorted(image_dir.rglob("*.jpg"))):
+        stem = ["a\u2028b", "c\u0085d", "e\rf", "#g", " h "][index % 5]
+        target = odd / names[path.parent.name] / f"{stem}{index}.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, target)
+    monkeypatch.chdir(tmp_path)
+    walked_files, _ = convert_both(conversion.Source(input_dir="col"), str(tmp_path / "walked"))
+    lines = [path.relative_to(odd).as_posix() for path in sorted(odd.rglob("*.jpg"))]
+    (tmp_path / "list.txt").write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
+    local_files, beam_files = convert_both(conversion.Source(input_dir="col", file_list="list.txt"), str(tmp_path))
+    assert local_files == beam_files
+    assert json.loads(local_files["manifest.json"])["classes"] == [" square", "#circle", "col"]
+    for name in walked_files:  # the manifest differs only by naming the list
+        if name != "manifest.json":
+            assert walked_files[name] == local_files[name], name

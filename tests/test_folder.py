@@ -347,3 +347,85 @@ def test_a_missing_file_list_or_two_listings_are_refused(tmp_path):
         _list(tmp_path / "images", file_list=str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="--labels_csv and --file_list both list the files"):
         _list(tmp_path / "images", file_list="a.txt", labels_csv="b.csv")
+
+
+# Legal names a text list must carry exactly as walking finds them: a class starting with "#" (not a comment),
+# a class named like the input folder (not a prefix to strip), spaces at either end of a name (not stripped),
+# Unicode line separators and a carriage return inside a name (a line ends only at "\n"), and a name that is
+# not UTF-8 (skipped with the same reason either way).
+ODD_NAMES = [
+    "col/a.jpg", "col/col/b.jpg", "#tag/a.jpg", "# tag/a.jpg", " lead/a.jpg", "trail /a.jpg",
+    "green/#1.jpg", "green/ spaced .jpg", "green/line\u2028sep.jpg", "green/next\u0085line.jpg",
+    "green/cr\rmid.jpg", "green/tab\tname.jpg",
+]
+NOT_UTF8_NAME = b"green/latin\xff.jpg"
+
+
+def _odd_folder(tmp_path):
+    import os
+
+    root = tmp_path / "col"
+    for name in ODD_NAMES:
+        _touch(root, name)
+    with open(os.path.join(os.fsencode(root), NOT_UTF8_NAME), "wb") as odd:
+        odd.write(b"x")
+    return root
+
+
+def _list_lines(root, form: str) -> bytes:
+    """The walked files of root as a file list's bytes: relative lines, absolute lines, or a CSV (CRLF rows)."""
+    import csv
+    import io
+    import os
+
+    names = [*ODD_NAMES, os.fsdecode(NOT_UTF8_NAME)]
+    if form == "csv":
+        text = io.StringIO(newline="")
+        csv.writer(text).writerows([["name", "size"], *[[name, "1"] for name in names]])
+        return text.getvalue().encode("utf-8", "surrogateescape")
+    lines = [f"{root}/{name}" if form == "absolute" else name for name in names]
+    ending = "\r\n" if form == "relative_crlf" else "\n"
+    return ending.join(lines).encode("utf-8", "surrogateescape") + ending.encode()
+
+
+@pytest.mark.parametrize("form", ["relative", "relative_crlf", "absolute", "csv"])
+def test_a_file_list_gives_the_walks_classes_and_files_for_every_legal_name(tmp_path, monkeypatch, form):
+    root = _odd_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)  # --input_dir=col, relative, as the folder of the same name as a class
+    walked = _list("col")
+    assert walked.classes == [" lead", "# tag", "#tag", "col", "green", "trail "]
+    assert walked.skipped == [{"path": "green/latin\udcff.jpg", "reason": folder.NOT_UTF8_REASON}]
+    list_name = "list.csv" if form == "csv" else "list.txt"
+    (tmp_path / list_name).write_bytes(_list_lines(root, form))
+    listed = _list("col", file_list=str(tmp_path / list_name))
+    assert listed.classes == walked.classes
+    assert _relative_files(listed) == _relative_files(walked) and len(listed.files) == len(ODD_NAMES)
+    assert listed.skipped == walked.skipped
+
+
+@pytest.mark.parametrize("line, message", [
+    ("/elsewhere/col/a.jpg", r"line 2 path '/elsewhere/col/a.jpg' is not inside --input_dir 'col' \(.*/col\)"),
+    ("gs://bucket/col/a.jpg", r"line 2 path 'gs://bucket/col/a.jpg' is not inside --input_dir 'col'"),
+])
+def test_a_full_path_outside_a_relative_input_dir_is_refused_with_its_line(tmp_path, monkeypatch, line, message):
+    root = _odd_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "list.txt").write_text(f"{root}/col/a.jpg\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        _list("col", file_list="list.txt")
+
+
+def test_a_file_list_that_is_a_folder_or_utf16_is_one_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(ValueError, match=r"--file_list '.*images' is a folder; expected a text file of paths"):
+        _list(tmp_path / "images", file_list=str(tmp_path / "images"))
+    (tmp_path / "list.txt").write_bytes("cats/1.jpg\ndogs/2.jpg\n".encode("utf-16"))
+    with pytest.raises(ValueError, match=r"--file_list '.*list.txt' is UTF-16 text; save it as UTF-8"):
+        _list(tmp_path / "images", file_list=str(tmp_path / "list.txt"))
+
+
+def test_a_csv_row_with_an_unclosed_quote_is_refused_with_its_line(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "list.csv").write_text('name\ncats/1.jpg\n"dogs/line\nbreak.jpg"\n')
+    with pytest.raises(ValueError, match=r"line 3 .*unclosed quote"):
+        _list(tmp_path / "images", file_list=str(tmp_path / "list.csv"))

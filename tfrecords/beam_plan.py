@@ -36,6 +36,7 @@ from tfrecords import writer
 PLAN_FOLDER = writer.BEAM_PLAN_FOLDER  # under <output_dir>/_progress
 SUMMARY_FILE = "summary.json"
 FILE_LIST_RANGE_BYTES = 16 * 2**20
+FILE_LIST_TAIL_BYTES = 64 * 2**10  # read at a time to finish the last line of a range
 LISTED_FILES_PER_PLAN_FILE = 10_000
 
 
@@ -74,13 +75,11 @@ def make_listing(source: conversion.Source, options: conversion.ConversionOption
             f"--input_dir {source.input_dir!r} does not exist or is not a folder; expected <input_dir>/<class>/<image files>"
         )
     if source.file_list and not source.labels_csv:
-        if not tf.io.gfile.exists(source.file_list):
-            raise ValueError(f"--file_list {source.file_list!r} does not exist; expected a text file of paths, one per line")
+        folder.check_file_list(source.file_list)
         size = tf.io.gfile.stat(source.file_list).length
         ranges = [(start, min(start + FILE_LIST_RANGE_BYTES, size)) for start in range(0, size, FILE_LIST_RANGE_BYTES)]
-        with tf.io.gfile.GFile(source.file_list, "rb") as list_file:
-            header = list_file.readline().decode("utf-8-sig")  # one line: a CSV's header
-        columns = folder.file_list_columns(source.file_list, header)
+        header = _read_lines((0, 1), path=source.file_list, header=False)  # a CSV's header: the first line
+        columns = folder.file_list_columns(source.file_list, header[0] if header else "")
         return Listing(kind="file_list", layout=None, classes=None, items=ranges, columns=columns)
     if not source.labels_csv and not folder.is_local(source.input_dir):
         layout, roots = folder.find_roots(source.input_dir)
@@ -237,25 +236,29 @@ def _list_file_list(pipeline, source: conversion.Source, options: conversion.Con
 
 def _read_lines(byte_range: tuple, *, path: str, header: bool) -> list:
     """The lines of a text file that start in byte_range [start, end) (the usual rule for splitting a text file),
-    without the file's first line when it is a header."""
+    without the file's first line when it is a header. Lines end only at "\\n" (folder.decode_list_line):
+    the file is read in bytes and split here, since GFile.readline() also drops every "\\r" inside a line."""
     start, end = byte_range
+    offset = max(start - 1, 0)
     with tf.io.gfile.GFile(path, "rb") as text_file:
-        if start > 0:
-            # A line belongs to the range its first byte is in: skip the line the previous range holds.
-            text_file.seek(start - 1)
-            text_file.readline()
-        lines = []
-        while text_file.tell() < end:
-            line = text_file.readline()
-            if not line:
+        text_file.seek(offset)
+        data = text_file.read(end - offset)
+        while data and not data.endswith(b"\n"):  # finish the last line that starts in the range
+            more = text_file.read(FILE_LIST_TAIL_BYTES)
+            if not more:
                 break
-            lines.append(line)
-    first = lines[0] if lines and start == 0 else None
-    if first is not None and first.startswith(b"\xef\xbb\xbf"):
-        lines[0] = first[3:]  # the byte-order mark some editors write (utf-8-sig, as tfrecords.build reads it)
+            data += more[: more.find(b"\n") + 1] if b"\n" in more else more
+    if start > 0:
+        # A line belongs to the range its first byte is in: drop the line the previous range holds.
+        data = data[data.find(b"\n") + 1 :] if b"\n" in data else b""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()  # after the last line end
+    if lines and start == 0:
+        lines[0] = lines[0].removeprefix(folder.UTF8_BOM)  # as tfrecords.build reads it
     if header and start == 0:
         lines = lines[1:]
-    return [line.decode("utf-8") for line in lines]
+    return [folder.decode_list_line(line) for line in lines]
 
 
 def _parse_line(line: str, *, input_dir: str, where: str, columns: tuple | None):

@@ -51,6 +51,7 @@ import hashlib
 import io
 import os
 import posixpath
+import re
 import stat
 
 from absl import logging
@@ -67,6 +68,9 @@ TEST_FOLDER = "test"
 IGNORED_NAMES = ("__MACOSX",)
 # A CSV --file_list's path column, the first of these its header names (Cloud Storage inventory reports: "name").
 FILE_LIST_PATH_COLUMNS = ("path", "name", "key", "object")
+UTF8_BOM = b"\xef\xbb\xbf"  # the byte-order mark some editors write at the start of UTF-8 text
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a line starting like gs:// is a full path
+NOT_UTF8_REASON = "its name is not UTF-8 text (records and the manifest store names as UTF-8); rename it"
 
 
 # slots: a listing of 10 million files holds 10 million of these.
@@ -255,9 +259,11 @@ def _list_file_list(
     """Lists the files a text file names (one path per line) instead of walking input_dir.
 
     For inputs too large to walk, e.g. a bucket of millions of objects: the list can come from an object
-    inventory or `gsutil ls -r`. Each line is a path relative to input_dir, or a full path inside it
-    (gs://bucket/photos/cats/1.jpg for --input_dir=gs://bucket/photos); blank lines and lines starting with
-    "#" are skipped, a path listed twice counts once. The classes and splits come from the paths exactly as
+    inventory or `gcloud storage ls 'gs://bucket/photos/**'`. A line ends at "\\n" (or "\\r\\n") only and is
+    taken exactly as written (file_list_path): a full path (starting with "/" or gs://) inside input_dir, or
+    else a path relative to input_dir. There is no comment syntax: names may start with "#". Empty lines are
+    skipped, a path listed twice counts once; a line of no class folder (e.g. "# note") names a top-level file,
+    ignored as walking ignores one. The classes and splits come from the paths exactly as
     from the folders (class folders, or pre-split train/validation|val/test folders), with the same ignore
     rules (hidden names, __MACOSX, top-level files). Nothing is checked per object remotely: a listed object
     that does not exist is skipped with "cannot read file" when it is read. Local paths are checked with one
@@ -291,10 +297,10 @@ def _list_file_list(
 
 def _read_file_list(file_list: str, input_dir: str) -> set:
     """The candidate paths of a --file_list, relative to input_dir (ignored names and top-level files left out)."""
-    if not tf.io.gfile.exists(file_list):
-        raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
+    check_file_list(file_list)
     with tf.io.gfile.GFile(file_list, "rb") as list_file:
-        lines = list_file.read().decode("utf-8-sig").splitlines()
+        data = list_file.read()
+    lines = [decode_list_line(line) for line in data.removeprefix(UTF8_BOM).split(b"\n")]
     columns = file_list_columns(file_list, lines[0] if lines else "")
     relative_paths = set()
     for line_number, line in enumerate(lines, start=1):
@@ -305,6 +311,29 @@ def _read_file_list(file_list: str, input_dir: str) -> set:
         if relative_path:
             relative_paths.add(relative_path)
     return relative_paths
+
+
+def check_file_list(file_list: str) -> None:
+    """Refuses a --file_list that is missing, a folder, or UTF-16 text (read as UTF-8 it would name nothing).
+
+    Raises:
+        ValueError: one line naming the flag and the file.
+    """
+    if not tf.io.gfile.exists(file_list):
+        raise ValueError(f"--file_list {file_list!r} does not exist; expected a text file of paths, one per line")
+    if tf.io.gfile.isdir(file_list):
+        raise ValueError(f"--file_list {file_list!r} is a folder; expected a text file of paths, one per line")
+    with tf.io.gfile.GFile(file_list, "rb") as list_file:
+        if list_file.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+            raise ValueError(f"--file_list {file_list!r} is UTF-16 text; save it as UTF-8 (one path per line)")
+
+
+def decode_list_line(line: bytes) -> str:
+    """A --file_list line as text, without its line end ("\\n" or "\\r\\n": a line ends nowhere else, so Unicode
+    line separators and a lone carriage return stay inside the name). Bytes that are not UTF-8 are kept as
+    surrogates (Python's file-name convention): such a file is then skipped with NOT_UTF8_REASON, as walking
+    skips it."""
+    return line.removesuffix(b"\n").removesuffix(b"\r").decode("utf-8", "surrogateescape")
 
 
 def file_list_columns(file_list: str, header: str) -> tuple | None:
@@ -329,10 +358,16 @@ def file_list_columns(file_list: str, header: str) -> tuple | None:
 def file_list_entry(line: str, columns: tuple | None, *, where: str) -> str:
     """The path a --file_list line gives: the line itself, or in a CSV its path column (gs://<bucket>/<name>
     when there is a bucket column)."""
-    if columns is None or not line.strip():
+    if columns is None or not line:
         return line
     path_column, bucket_column = columns
-    fields = next(csv.reader([line]))
+    try:
+        fields = next(csv.reader([line], strict=True))
+    except csv.Error as error:
+        raise ValueError(
+            f"{where} is {line!r}: an unclosed quote ({error}); a CSV list holds one row per line, so a name "
+            "with a line break cannot be listed"
+        ) from error
     if len(fields) <= max(path_column, bucket_column or 0):
         raise ValueError(f"{where} is {line!r}: fewer fields than the header names; expected a row of the same columns")
     if bucket_column is None:
@@ -342,25 +377,43 @@ def file_list_entry(line: str, columns: tuple | None, *, where: str) -> str:
 
 def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
     """The path relative to input_dir that a --file_list line names, or None for a line that names no candidate
-    (blank, a "#" comment, a top-level file, a hidden or ignored name).
+    (empty, a top-level file, a hidden or ignored name).
+
+    The line is taken exactly as written: no comment syntax, no spaces stripped (names may start with "#" or
+    a space). One rule says what it is relative to: a line starting with "/" or a scheme ("gs://") is a full
+    path, which must lie inside input_dir (a relative input_dir is taken from the current folder); any other
+    line is relative to input_dir, even when its first folder has input_dir's name.
 
     Raises:
-        ValueError: the path is not inside input_dir (`where` names the line in the message).
+        ValueError: a full path outside input_dir, a path leaving it with "..", or a NUL byte (`where` names
+            the line in the message).
     """
-    line = line.strip()
-    if not line or line.startswith("#"):
+    if not line:
         return None
-    prefix = input_dir.rstrip("/") + "/"
-    relative_path = posixpath.normpath(line[len(prefix):] if line.startswith(prefix) else line)
-    outside = ("://" in line and not line.startswith(prefix)) or relative_path.startswith("/")
-    if outside or relative_path.split("/")[0] == "..":
-        raise ValueError(
-            f"{where} path {line!r} is not inside --input_dir {input_dir!r}; list paths relative to --input_dir, "
-            "or full paths under it"
-        )
+    if "\0" in line:
+        raise ValueError(f"{where} holds a NUL byte; expected UTF-8 text, one path per line")
+    relative_path = _relative_list_path(line, input_dir=input_dir, where=where)
     parts = relative_path.split("/")
-    if len(parts) < 2 or any(_is_ignored(part) for part in parts):
+    if relative_path == "." or len(parts) < 2 or any(_is_ignored(part) for part in parts):
         return None
+    return relative_path
+
+
+def _relative_list_path(line: str, *, input_dir: str, where: str) -> str:
+    if line.startswith("/") or _SCHEME.match(line):
+        root = input_dir.rstrip("/") if not is_local(input_dir) else os.path.abspath(input_dir)
+        full = line if not is_local(line) else posixpath.normpath(line)
+        relative_path = full[len(root) + 1:] if full.startswith(root + "/") else None
+    else:
+        root, relative_path = None, line
+    if relative_path is not None:
+        relative_path = posixpath.normpath(relative_path)
+    if relative_path is None or relative_path.startswith("/") or relative_path.split("/")[0] == "..":
+        resolved = f" ({root})" if root and root != input_dir else ""
+        raise ValueError(
+            f"{where} path {line!r} is not inside --input_dir {input_dir!r}{resolved}; list paths relative to "
+            "--input_dir, or full paths under it"
+        )
     return relative_path
 
 
@@ -397,6 +450,8 @@ def path_entry(relative_path: str, *, pre_split: bool, split_of_folder: dict) ->
 def listed_file_reason(input_dir: str, relative_path: str) -> str | None:
     """Why a path named by --file_list is not read, or None. Only local paths are checked (one lstat, never
     opened); a remote object that is gone is found when it is read."""
+    if not _is_utf8(relative_path):
+        return NOT_UTF8_REASON
     if not is_local(input_dir):
         return None
     path = os.path.join(input_dir, relative_path)
@@ -488,6 +543,15 @@ def check_has_files(*, num_files: int, input_dir: str) -> None:
 
 def _by_path(source_file: SourceFile) -> str:
     return source_file.relative_path
+
+
+def _is_utf8(name: str) -> bool:
+    """False for a local name whose bytes are not UTF-8 (os.scandir gives those bytes as surrogates)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_ignored(name: str) -> bool:
@@ -620,7 +684,7 @@ class _Walk:
 
     def _add_file(self, relative_path: str, relative_root: str, files: list) -> None:
         path = os.path.join(self.input_dir, relative_path)
-        reason = _special_file_reason(path)
+        reason = NOT_UTF8_REASON if not _is_utf8(relative_path) else _special_file_reason(path)
         if reason:
             self.skipped.append({"path": relative_path, "reason": reason})
             return
