@@ -20,7 +20,8 @@ A trainer flag that contradicts the shape (e.g. --strategy=mirrored with --shape
 `scheduling.restartJobOnWorkerRestart` (on by default) restarts every replica when one restarts, which is what
 MultiWorkerMirroredStrategy needs; the restarted trainer resumes from its last checkpoint in --model_dir.
 `--dry_run` prints the CustomJobSpec JSON (what `gcloud ai custom-jobs create --config` reads) and the gcloud
-command; without it the spec is written to --spec_file (or a temporary file) and that command is run.
+command; without it the spec is written to --spec_file (or a temporary file) and that command is run. Every flag,
+--spec_file's folder and (to submit) --project are checked before --spec_file is written or gcloud runs.
 
 --action=upload_model, create_endpoint and deploy_model serve a finished run online instead (see
 launch/vertex_serving.py): the SavedModel into the Model Registry with a prebuilt TensorFlow prediction container,
@@ -228,6 +229,32 @@ def serve(argv: list[str]) -> int:
     return trainer_args.run_tool(command, install_hint="install the Google Cloud CLI")
 
 
+def check_spec_file(spec_file: str) -> None:
+    """Checks that --spec_file ('' = none) can be written as a file, before anything is written or run.
+
+    Raises:
+        ValueError: spec_file is a folder, or its folder does not exist.
+    """
+    if not spec_file:
+        return
+    if os.path.isdir(spec_file):
+        example = os.path.join(spec_file, PLACEHOLDER_SPEC_FILE)
+        raise ValueError(f"--spec_file {spec_file!r} is a folder; give a file path such as {example!r}")
+    folder = os.path.dirname(os.path.abspath(spec_file))
+    if not os.path.isdir(folder):
+        problem = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise ValueError(f"--spec_file {spec_file!r}: its folder {folder!r} {problem}; create it or give another path")
+
+
+def write_spec_file(spec_file: str, text: str) -> None:
+    """Writes the spec to --spec_file; a write that still fails (e.g. no permission) is one error line."""
+    try:
+        with open(spec_file, "w", encoding="utf-8") as file:
+            file.write(text + "\n")
+    except OSError as error:
+        trainer_args.fail(f"--spec_file {spec_file!r}: cannot write it: {error.strerror or error}")
+
+
 def main(argv: list[str]) -> int:
     if FLAGS.action != "train":
         return serve(argv)
@@ -240,12 +267,15 @@ def main(argv: list[str]) -> int:
             restart_job_on_worker_restart=FLAGS.restart_job_on_worker_restart, timeout_hours=FLAGS.timeout_hours,
         )
         make_gcloud_command(project=FLAGS.project, region=FLAGS.region, display_name=FLAGS.display_name, spec_file="x")
+        check_spec_file(FLAGS.spec_file)
     except ValueError as error:
         trainer_args.fail(str(error))
+    if not FLAGS.dry_run and not FLAGS.project:
+        trainer_args.fail("--project is required to submit (or pass --dry_run)")
+    # Every flag and local input is checked: only now is anything written.
     text = json.dumps(spec, indent=2)
     if FLAGS.spec_file:
-        with open(FLAGS.spec_file, "w", encoding="utf-8") as file:
-            file.write(text + "\n")
+        write_spec_file(FLAGS.spec_file, text)
     if FLAGS.dry_run:
         command = make_gcloud_command(project=FLAGS.project, region=FLAGS.region, display_name=FLAGS.display_name,
                                       spec_file=FLAGS.spec_file or PLACEHOLDER_SPEC_FILE)
@@ -253,8 +283,6 @@ def main(argv: list[str]) -> int:
         note = "" if FLAGS.spec_file else f"  # after saving the JSON above as {PLACEHOLDER_SPEC_FILE}"
         print(shlex.join(command) + note)
         return 0
-    if not FLAGS.project:
-        trainer_args.fail("--project is required to submit (or pass --dry_run)")
     spec_file = FLAGS.spec_file
     if not spec_file:
         handle, spec_file = tempfile.mkstemp(prefix="custom_job_", suffix=".json")

@@ -4,6 +4,7 @@ import json
 import shlex
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -16,6 +17,9 @@ DEFAULTS = dict(
     staging_bucket="gs://b/staging", service_account="", spot=False, restart_job_on_worker_restart=True, timeout_hours=0,
 )
 
+
+# Generous: a subprocess that starts Python on a loaded 2-core machine; the test never measures this.
+SUBPROCESS_TIMEOUT_SECONDS = 300
 
 MACHINE_FIELDS = ("machine_type", "accelerator_type", "accelerator_count", "tpu_topology")
 
@@ -81,7 +85,8 @@ def test_invalid_flags_are_named(changes, message):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, "-m", "launch.vertex", *args], cwd=REPO_ROOT, capture_output=True,
-                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"}, timeout=60)
+                          text=True, env={"PYTHONPATH": str(REPO_ROOT), "PATH": "/usr/bin:/bin"},
+                          timeout=SUBPROCESS_TIMEOUT_SECONDS)
 
 
 def test_dry_run_prints_the_spec_and_the_gcloud_command(tmp_path):
@@ -109,3 +114,59 @@ def test_cli_errors_are_one_line_with_exit_code_2(args, message):
     result = run_cli(*args)
     assert result.returncode == 2
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_cli_spec_file_in_a_missing_folder_is_one_line_and_writes_nothing(tmp_path, dry_run):
+    # Before: open() raised FileNotFoundError, a traceback (exit 1) instead of one line and exit 2.
+    spec_file = tmp_path / "no_such_folder" / "spec.json"
+    result = run_cli("--project=my-project", "--image_uri=gcr.io/p/i:1", f"--spec_file={spec_file}",
+                     *(["--dry_run"] if dry_run else []))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr == (f"error: --spec_file {str(spec_file)!r}: its folder {str(spec_file.parent)!r} does not "
+                             "exist; create it or give another path\n")
+    assert result.stdout == "" and not spec_file.parent.exists()
+
+
+def never_run_a_tool(command, **kwargs):
+    raise AssertionError(f"{command[0]} was run before the local inputs were checked")
+
+
+def run_main(monkeypatch, capsys, **flag_values) -> tuple[int, str]:
+    """vertex.main (--action=train) with these flag values and a run_tool that fails the test; (exit code, stderr)."""
+    flag_values = {
+        "action": "train", "shape": "single", "image_uri": "gcr.io/p/i:1", "num_workers": 2, "machine_type": "",
+        "accelerator_type": "", "accelerator_count": 0, "tpu_topology": "", "staging_bucket": None,
+        "service_account": "", "spot": False, "restart_job_on_worker_restart": True, "timeout_hours": 0,
+        "project": "my-project", "region": "us-central1", "display_name": "flowers", "spec_file": "", "dry_run": False,
+        **flag_values,
+    }
+    monkeypatch.setattr(vertex, "FLAGS", types.SimpleNamespace(**flag_values))
+    monkeypatch.setattr(vertex.trainer_args, "run_tool", never_run_a_tool)
+    with pytest.raises(SystemExit) as exit_info:
+        vertex.main(["launch.vertex"])
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_main_requires_the_project_before_writing_the_spec_file(monkeypatch, capsys, tmp_path):
+    # Before: --spec_file was written, then the run stopped for want of --project, leaving a file behind.
+    spec_file = tmp_path / "spec.json"
+    code, stderr = run_main(monkeypatch, capsys, project=None, spec_file=str(spec_file))
+    assert code == 2 and stderr == "error: --project is required to submit (or pass --dry_run)\n"
+    assert not spec_file.exists()
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_main_refuses_a_spec_file_that_is_a_folder(monkeypatch, capsys, tmp_path, dry_run):
+    code, stderr = run_main(monkeypatch, capsys, spec_file=str(tmp_path), dry_run=dry_run)
+    assert code == 2
+    assert stderr == f"error: --spec_file {str(tmp_path)!r} is a folder; give a file path such as {str(tmp_path / vertex.PLACEHOLDER_SPEC_FILE)!r}\n"
+
+
+def test_main_refuses_a_spec_file_under_a_file(monkeypatch, capsys, tmp_path):
+    not_a_folder = tmp_path / "notes.txt"
+    not_a_folder.write_text("")
+    code, stderr = run_main(monkeypatch, capsys, spec_file=str(not_a_folder / "spec.json"), dry_run=True)
+    assert code == 2 and stderr.endswith(f"its folder {str(not_a_folder)!r} is a file, not a folder; create it or give "
+                                         "another path\n")
+    assert not_a_folder.read_text() == ""
