@@ -6,8 +6,10 @@
         --dry_run -- --data_dir=gs://my-bucket/flowers_tfrecords --model_dir=gs://my-bucket/flowers_tpu \
         --batch_size=1024
 
-Three gcloud commands, run in order (`--dry_run` prints them):
+The gcloud commands, run in order, each only if the one before succeeded (`--dry_run` prints them):
 
+0. `gcloud storage ls <package>` when the install step copies a gs:// wheel: a wrong or missing wheel stops the
+   launch here, before a billed TPU VM exists;
 1. `gcloud compute tpus tpu-vm create NAME ...` (skipped with --nocreate, for an existing TPU VM);
 2. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=<install>`: pip-installs --package (a wheel on
    gs://, staged by `python -m launch.staging`, copied with `gcloud storage cp`; or any pip requirement), then
@@ -15,11 +17,15 @@ Three gcloud commands, run in order (`--dry_run` prints them):
 3. `gcloud compute tpus tpu-vm ssh NAME --worker=all --command=<train>`: `python3 -m trainer.train` with the
    flags after `--` verbatim plus `--strategy=tpu --tpu=local` and `--precision=mixed_bfloat16` unless given.
 
+--package is read on the TPU VM's hosts, so a path on this machine (which they cannot read) is refused before
+anything runs: stage the wheel with `python -m launch.staging` and pass the gs:// path it prints.
+
 The remote --command is a shell string by necessity; it is assembled with shlex.quote from validated parts, so
 no trainer flag is ever interpreted by the remote shell. The training step exits 75 when the TPU VM is
 preempted (the trainer saved a checkpoint): run this again with --nocreate --noinstall to resume.
 """
 
+import os
 import re
 import shlex
 import sys
@@ -36,6 +42,7 @@ ZONE_PATTERN = r"[a-z]+-[a-z]+[0-9]+-[a-z]"
 ACCELERATOR_PATTERN = r"v[0-9]+[a-z]*(litepod)?-[0-9]+"
 REMOTE_WHEEL_DIR = "/tmp/imagefolder_transfer_wheel"
 LIBTPU_FIND_LINKS = "https://storage.googleapis.com/libtpu-tf-releases/index.html"
+LOCAL_ARCHIVE_SUFFIXES = (".whl", ".tar.gz", ".tgz", ".zip")  # what pip installs from a file
 
 
 def define_flags() -> None:
@@ -49,7 +56,8 @@ def define_flags() -> None:
     flags.DEFINE_string(
         "package", None,
         "What to pip-install on every host: a gs://.../*.whl (from `python -m launch.staging`) or a pip requirement "
-        "(e.g. imagefolder-transfer==0.1.0, or git+https://...).",
+        "(e.g. imagefolder-transfer==0.1.0, or git+https://...); not a path on this machine, which the hosts cannot "
+        "read.",
     )
     flags.DEFINE_string(
         "tensorflow_package", "tensorflow-tpu==2.21.0",
@@ -86,10 +94,33 @@ def make_create_command(*, name: str, zone: str, project: str, accelerator_type:
     return command + (["--spot"] if spot else [])
 
 
+def is_local_path(package: str) -> bool:
+    """Whether --package names a file or folder on this machine rather than a pip requirement or a URL."""
+    if "file:" in package:
+        return True
+    if "://" in package:
+        return False
+    return ("/" in package or "\\" in package or package.startswith((".", "~"))
+            or package.endswith(LOCAL_ARCHIVE_SUFFIXES))
+
+
+def make_check_command(*, package: str, project: str) -> list[str]:
+    """`gcloud storage ls` of a gs:// --package: run before create, it fails at once if the wheel is not there."""
+    return ["gcloud", "storage", "ls", package] + ([f"--project={project}"] if project else [])
+
+
 def make_install_script(*, package: str, tensorflow_package: str, tensorflow_find_links: str) -> str:
     """The remote shell command that installs the package (and the TPU TensorFlow) on one host."""
     if not package or any(character.isspace() for character in package):
         raise ValueError(f"--package {package!r} must be a gs://...whl path or one pip requirement")
+    if is_local_path(package):
+        exists = os.path.exists(os.path.expanduser(package.removeprefix("file://")))
+        missing = "" if exists else " (it does not exist here either)"
+        raise ValueError(
+            f"--package {package!r} is a path on this machine{missing}, which the TPU VM's hosts cannot read: stage "
+            "the wheel with `python -m launch.staging --staging_dir=gs://BUCKET/staging` and pass the gs://.../*.whl "
+            "it prints"
+        )
     steps = []
     if package.startswith("gs://"):
         if not package.endswith(".whl"):
@@ -129,15 +160,19 @@ def make_commands(
     """
     check_names(name=name, zone=zone, accelerator_type=accelerator_type, project=project)
     commands = []
-    if create:
-        commands.append(make_create_command(
-            name=name, zone=zone, project=project, accelerator_type=accelerator_type, version=version, spot=spot,
-        ))
     ssh = _gcloud_tpu("ssh", name, zone, project) + ["--worker=all"]
     if install:
         script = make_install_script(
             package=package or "", tensorflow_package=tensorflow_package, tensorflow_find_links=tensorflow_find_links,
         )
+        if package.startswith("gs://"):
+            # First of all: the hosts copy the wheel only after create, when the TPU VM is already billed.
+            commands.append(make_check_command(package=package, project=project))
+    if create:
+        commands.append(make_create_command(
+            name=name, zone=zone, project=project, accelerator_type=accelerator_type, version=version, spot=spot,
+        ))
+    if install:
         commands.append(ssh + [f"--command={script}"])
     commands.append(ssh + [f"--command={make_train_script(trainer_flags)}"])
     return commands
