@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("tf2onnx", reason="the onnx extra is not installed (pip install '.[onnx]')")
 pytest.importorskip("onnxruntime", reason="the onnx extra is not installed (pip install '.[onnx]')")
 
-from tests.test_export import IMAGE_SIZE, build_small_classifier, encode, prepare  # noqa: E402
+from tests.test_export import CLASS_NAMES, IMAGE_SIZE, build_small_classifier, encode, prepare  # noqa: E402
 from trainer import onnx_model  # noqa: E402
 
 
@@ -19,7 +19,7 @@ def images() -> np.ndarray:
 def onnx_file(images, tmp_path_factory):
     model = build_small_classifier(images)
     path = str(tmp_path_factory.mktemp("onnx") / onnx_model.ONNX_FILE)
-    assert onnx_model.export_onnx(model=model, image_size=IMAGE_SIZE, path=path) == path
+    assert onnx_model.export_onnx(model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, path=path) == path
     return model, path
 
 
@@ -34,6 +34,12 @@ def test_onnx_gives_the_keras_probabilities_for_any_batch_size(onnx_file, images
     for batch in (images[:1], images):
         np.testing.assert_allclose(onnx_model.predict_onnx(session=session, images=batch), expected[: len(batch)],
                                    atol=onnx_model.ONNX_TOLERANCE)
+
+
+def test_the_onnx_file_carries_its_class_names_in_label_order(onnx_file):
+    # trainer.predict checks the names it prints against these, not against a labels file that may be another's.
+    session = onnx_model.load_onnx_session(onnx_file[1])
+    assert onnx_model.class_names(session) == CLASS_NAMES
 
 
 def test_onnx_input_of_the_wrong_size_is_a_clear_error(onnx_file):

@@ -1,9 +1,12 @@
 """trainer/prediction.py: batched labelling, path expansion, bad files, CSV/JSON/table output, CLI exit codes."""
 
 import csv
+import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import tracemalloc
@@ -15,12 +18,18 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+from tests import test_export
 from trainer import export, prediction
 from trainer import model as model_lib
 
 CLASS_NAMES = ["cat", "dog", "fox", "owl"]
 IMAGE_SIZE = 32
 REPO_ROOT = Path(__file__).resolve().parents[1]
+ONNX_INSTALLED = all(importlib.util.find_spec(name) for name in ("tf2onnx", "onnx", "onnxruntime"))
+# Every format trainer.predict runs (ONNX only with the onnx extra installed).
+EXPORT_FORMATS = ["saved_model", "tflite", "onnx"] if ONNX_INSTALLED else ["saved_model", "tflite"]
+# Where each format's own class names are, as the error that finds them disagreeing with labels.txt names it.
+NAMES_SOURCES = {"saved_model": "the SavedModel", "tflite": "tflite/labels.txt", "onnx": "model.onnx"}
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +52,29 @@ def model_dir(tmp_path_factory):
     )
     (folder / prediction.LABELS_FILE).write_text("".join(name + "\n" for name in CLASS_NAMES))
     return folder
+
+
+@pytest.fixture(scope="module")
+def exports_dir(tmp_path_factory):
+    """A --model_dir with every export a training run writes (SavedModel, float TFLite, ONNX when installed), by
+    export.export_run, of a small classifier whose probabilities follow the pixels (tests/test_export.py's)."""
+    images = test_export.prepare([test_export.encode(seed, "JPEG", size=(40, 50 + 9 * seed), smooth=True)
+                                  for seed in range(6)])
+    model = test_export.build_small_classifier(images)
+    folder = tmp_path_factory.mktemp("exports")
+    export.export_run(model=model, class_names=test_export.CLASS_NAMES, model_dir=str(folder),
+                      options=export.ExportOptions(tflite=("float",), onnx=ONNX_INSTALLED),
+                      strategy=tf.distribute.get_strategy())
+    return folder
+
+
+def copy_run(model_dir: Path, destination: Path) -> Path:
+    shutil.copytree(model_dir, destination)
+    return destination
+
+
+def write_labels(folder: Path, class_names: list[str]) -> None:
+    (folder / prediction.LABELS_FILE).write_text("".join(name + "\n" for name in class_names))
 
 
 @pytest.fixture(scope="module")
@@ -436,4 +468,60 @@ def test_an_unknown_format_or_a_missing_export_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="--format='pt' is not one of"):
         prediction.load_serving(model_dir=str(model_dir), model_format="pt")
     with pytest.raises(ValueError, match="no TFLite model at"):
+        prediction.load_serving(model_dir=str(model_dir), model_format="tflite")
+
+
+# --- Every format checks the class names it prints against the model it runs ------------------------------
+
+@pytest.mark.parametrize("model_format", EXPORT_FORMATS)
+def test_every_format_checks_every_class_name_it_prints(exports_dir, tmp_path, model_format):
+    # Before: only the top class's name was compared (and for ONNX none): two swapped runner-up classes
+    # printed each other's probabilities under the wrong names.
+    paths = write_images(tmp_path, ["a.png", "b.jpg"])
+    serve = prediction.load_serving(model_dir=str(exports_dir), model_format=model_format)
+    names = test_export.CLASS_NAMES
+    results, _ = prediction.predict_files(serve=serve, paths=paths, class_names=names, top_k=3, batch_size=2)
+    top = {result["class_name"] for result in results}
+    assert len(top) == 1, "the test needs one top class for both images"
+    first, second = [name for name in names if name not in top]
+    swapped = [{first: second, second: first}.get(name, name) for name in names]
+    with pytest.raises(ValueError, match=rf"labels.txt calls class \d '.*' but {NAMES_SOURCES[model_format]} calls"):
+        prediction.predict_files(serve=serve, paths=paths, class_names=swapped, top_k=3, batch_size=2)
+
+
+@pytest.mark.parametrize("model_format", [name for name in EXPORT_FORMATS if name != "saved_model"])
+def test_cli_refuses_labels_that_disagree_with_the_export_it_runs(exports_dir, tmp_path, model_format):
+    # Before: --format=onnx printed the reordered names with exit 0 (even with saved_model/ removed), and a
+    # reordered tflite/labels.txt was reported as a SavedModel mismatch.
+    model_dir = copy_run(exports_dir, tmp_path / "model")
+    shutil.rmtree(model_dir / export.SAVED_MODEL_DIR)
+    names = test_export.CLASS_NAMES
+    renamed = names[1:] + names[:1]  # every class renamed
+    write_labels(model_dir / export.TFLITE_DIR if model_format == "tflite" else model_dir, renamed)
+    (image,) = write_images(tmp_path, ["a.png"])
+    completed = run_cli(f"--model_dir={model_dir}", f"--format={model_format}", image)
+    assert completed.returncode == 2, completed.stderr
+    (line,) = error_lines(completed.stderr)
+    assert re.search(rf"labels.txt calls class \d '.*' but {NAMES_SOURCES[model_format]} calls it", line), line
+    assert completed.stdout == ""
+
+
+@pytest.mark.skipif(not ONNX_INSTALLED, reason="the onnx extra is not installed (pip install '.[onnx]')")
+def test_an_onnx_file_without_class_names_is_refused_with_how_to_re_export(exports_dir, tmp_path):
+    import onnx
+
+    model_dir = copy_run(exports_dir, tmp_path / "model")
+    graph = onnx.load(str(model_dir / "model.onnx"))
+    del graph.metadata_props[:]  # as model.onnx was written before it carried the class names
+    onnx.save(graph, str(model_dir / "model.onnx"))
+    with pytest.raises(ValueError, match=r"model.onnx' carries no class names.*--export_onnx"):
+        prediction.load_serving(model_dir=str(model_dir), model_format="onnx")
+
+
+def test_a_missing_export_names_the_training_flag_that_writes_it(exports_dir, tmp_path):
+    model_dir = copy_run(exports_dir, tmp_path / "model")
+    with pytest.raises(ValueError, match=r"no TFLite model at .*model_int8.tflite'; train with --export_tflite=int8"):
+        prediction.load_serving(model_dir=str(model_dir), model_format="tflite", tflite_kind="int8")
+    (model_dir / export.TFLITE_DIR / prediction.LABELS_FILE).unlink()
+    with pytest.raises(ValueError, match=r"no labels.txt beside .*model.tflite'"):
         prediction.load_serving(model_dir=str(model_dir), model_format="tflite")

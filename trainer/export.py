@@ -144,7 +144,8 @@ def export_run(
     if options.onnx:
         from trainer import onnx_model  # here, not at the top: onnx_model imports this module
 
-        onnx_model.export_onnx(model=model, image_size=image_size, path=tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
+        onnx_model.export_onnx(model=model, class_names=class_names, image_size=image_size,
+                               path=tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
 
 
 def read_calibration_images(*, data_dir: str, manifest: dict, image_size: int, count: int) -> np.ndarray:

@@ -3,7 +3,9 @@
 <model_dir>/model.onnx is the same classifier as the SavedModel's `serving_images` minus the crop: input
 `images`, float32 [batch, image_size, image_size, 3] RGB pixels in [0, 255] (channels last, already cropped and
 resized as trainer.data.decode_and_resize does), output `probabilities`, float32 [batch, num_classes] in the
-order of labels.txt. The batch dimension is dynamic.
+order of labels.txt. The batch dimension is dynamic. The file carries the class names itself, in label-id order:
+its metadata_props entry `class_names` holds them as a JSON list (class_names reads them), so trainer.predict
+checks the names it prints against the model it runs, not against the labels file beside it.
 
 Written by Keras 3's own `model.export(format="onnx")` (tf2onnx under the TensorFlow backend: the maintained path
 for our pinned Keras and TensorFlow), then checked: onnxruntime must load it and give the Keras model's
@@ -12,6 +14,7 @@ probabilities on a batch of 2 (ONNX_TOLERANCE). tf2onnx, onnx and onnxruntime ar
 """
 
 import importlib.util
+import json
 import os
 import tempfile
 
@@ -24,6 +27,8 @@ from trainer import export
 ONNX_FILE = "model.onnx"
 INPUT_NAME = "images"
 OUTPUT_NAME = "probabilities"
+# The metadata_props key of the class names (a JSON list, in label-id order).
+CLASS_NAMES_KEY = "class_names"
 # Largest difference of a probability between onnxruntime and Keras on the check batch (float32 rounding).
 ONNX_TOLERANCE = 1e-4
 INSTALL_HINT = "pip install 'imagefolder-transfer[onnx]' (tf2onnx, onnx, onnxruntime)"
@@ -36,8 +41,9 @@ def check_installed() -> None:
         raise ValueError(f"--export_onnx needs {', '.join(missing)}: {INSTALL_HINT}")
 
 
-def export_onnx(*, model: keras.Model, image_size: int, path: str) -> str:
-    """Writes the model as ONNX to `path` (local or gs://), renames its tensors, checks it with onnxruntime.
+def export_onnx(*, model: keras.Model, class_names: list[str], image_size: int, path: str) -> str:
+    """Writes the model as ONNX to `path` (local or gs://), renames its tensors, stores the class names in it
+    (CLASS_NAMES_KEY), checks it with onnxruntime.
 
     Raises:
         ValueError: the ONNX packages are missing, or onnxruntime's probabilities differ from Keras's.
@@ -52,6 +58,7 @@ def export_onnx(*, model: keras.Model, image_size: int, path: str) -> str:
         model.export(local_path, format="onnx", input_signature=signature, verbose=False)
         graph = onnx.load(local_path)
         _rename_output(graph, OUTPUT_NAME)
+        onnx.helper.set_model_props(graph, {CLASS_NAMES_KEY: json.dumps(list(class_names))})
         onnx.checker.check_model(graph)
         onnx.save(graph, local_path)
         check_against_keras(model=model, onnx_path=local_path, image_size=image_size)
@@ -91,6 +98,12 @@ def load_onnx_session(path: str):
     with tf.io.gfile.GFile(path, "rb") as file:
         content = file.read()
     return onnxruntime.InferenceSession(content, providers=["CPUExecutionProvider"])
+
+
+def class_names(session) -> list[str] | None:
+    """The class names an ONNX file carries (export_onnx stores them), or None for a file written without them."""
+    stored = session.get_modelmeta().custom_metadata_map.get(CLASS_NAMES_KEY)
+    return None if stored is None else json.loads(stored)
 
 
 def predict_onnx(*, session, images: np.ndarray) -> np.ndarray:

@@ -93,44 +93,91 @@ def read_class_names(model_dir: str) -> list[str]:
 
 def load_serving(*, model_dir: str, model_format: str = "saved_model", tflite_kind: str = "float"):
     """A serving function of one of a run's exports: called with `image_bytes` (a string tensor of encoded images),
-    it returns `probabilities`, `class_ids` and `class_names`, as the SavedModel's `serving_default` does.
+    it returns `probabilities`, `class_ids` and `class_names`, and `top_k_*`, as the SavedModel's `serving_default`
+    does.
 
     For "tflite" (the file of `tflite_kind`, see export.TFLITE_FILES) and "onnx", each file is prepared as
-    `serving_default` prepares it (data.decode_and_resize to the export's input size) and the class names come
-    from the labels file beside the export, so predict_files' name check compares two files.
+    `serving_default` prepares it (data.decode_and_resize to the export's input size), `top_k_*` lists every class,
+    and the names are the export's own: tflite/labels.txt beside the TFLite file, the class names model.onnx
+    carries. `class_names_source` says which, so check_class_names names the file that disagrees.
     """
     if model_format not in MODEL_FORMATS:
         raise ValueError(f"--format={model_format!r} is not one of {MODEL_FORMATS}")
     if model_format == "saved_model":
         return export.load_serving_function(tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR))
     if model_format == "tflite":
-        if tflite_kind not in export.TFLITE_FILES:
-            raise ValueError(f"--tflite_kind={tflite_kind!r} is not one of {list(export.TFLITE_FILES)}")
-        folder = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
-        interpreter = export.load_tflite_interpreter(tf.io.gfile.join(folder, export.TFLITE_FILES[tflite_kind]))
-        image_size = int(interpreter.get_input_details()[0]["shape"][1])
-        class_names = read_class_names(folder)
-
-        def predict(pixels):
-            return export.predict_tflite(interpreter=interpreter, images=pixels)
+        predict, image_size, class_names, source = _load_tflite(model_dir, tflite_kind)
     else:
-        from trainer import onnx_model
-
-        session = onnx_model.load_onnx_session(tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE))
-        image_size = int(session.get_inputs()[0].shape[1])
-        class_names = read_class_names(model_dir)
-
-        def predict(pixels):
-            return onnx_model.predict_onnx(session=session, images=pixels)
+        predict, image_size, class_names, source = _load_onnx(model_dir)
 
     def serve(image_bytes):
         pixels = np.stack([data.decode_and_resize(encoded, image_size).numpy() for encoded in tf.unstack(image_bytes)])
         probabilities = predict(pixels.astype(np.float32))
-        class_ids = np.argmax(probabilities, axis=1)
-        return {"probabilities": tf.constant(probabilities), "class_ids": tf.constant(class_ids),
-                "class_names": tf.constant([class_names[class_id] for class_id in class_ids])}
+        # Stable sort of the negated values: ties keep label-id order, as tf.argmax does in the signature.
+        best_first = np.argsort(-probabilities, axis=1, kind="stable")
+        names = np.array(class_names, dtype=object)
+        return {"probabilities": tf.constant(probabilities), "class_ids": tf.constant(best_first[:, 0]),
+                "class_names": tf.constant(names[best_first[:, 0]]), "top_k_class_ids": tf.constant(best_first),
+                "top_k_class_names": tf.constant(names[best_first]), "class_names_source": source}
 
     return serve
+
+
+def _load_tflite(model_dir: str, tflite_kind: str):
+    """(predict(pixels) -> probabilities, image size, class names, where the names are) of a run's TFLite file."""
+    if tflite_kind not in export.TFLITE_FILES:
+        raise ValueError(f"--tflite_kind={tflite_kind!r} is not one of {list(export.TFLITE_FILES)}")
+    folder = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
+    path = tf.io.gfile.join(folder, export.TFLITE_FILES[tflite_kind])
+    if not tf.io.gfile.exists(path):
+        raise ValueError(f"no TFLite model at {path!r}; train with --export_tflite={tflite_kind} to write it")
+    class_names = schema.read_labels(folder)
+    if not class_names:
+        raise ValueError(f"no {LABELS_FILE} beside {path!r} (or it is empty): the TFLite file's class names are kept "
+                         f"there; train with --export_tflite={tflite_kind} again to write both")
+    interpreter = export.load_tflite_interpreter(path)
+    image_size = int(interpreter.get_input_details()[0]["shape"][1])
+    return (lambda pixels: export.predict_tflite(interpreter=interpreter, images=pixels), image_size, class_names,
+            f"{export.TFLITE_DIR}/{LABELS_FILE}")
+
+
+def _load_onnx(model_dir: str):
+    """(predict(pixels) -> probabilities, image size, class names, where the names are) of a run's model.onnx."""
+    from trainer import onnx_model  # the onnx extra: imported only when an ONNX file is read
+
+    path = tf.io.gfile.join(model_dir, onnx_model.ONNX_FILE)
+    session = onnx_model.load_onnx_session(path)
+    class_names = onnx_model.class_names(session)
+    if class_names is None:
+        raise ValueError(
+            f"{path!r} carries no class names (it was written before model.onnx stored them), so the names printed "
+            "could not be checked against it; re-export it: run the same `python -m trainer.train` command with "
+            "--export_onnx again (a finished run is not retrained, only evaluated and exported)"
+        )
+    image_size = int(session.get_inputs()[0].shape[1])
+    return (lambda pixels: onnx_model.predict_onnx(session=session, images=pixels), image_size, class_names,
+            onnx_model.ONNX_FILE)
+
+
+def check_class_names(outputs: dict, class_names: list[str]) -> None:
+    """The check of the names predict prints, for every format: raises ValueError when the model names a class it
+    returned (its top class or one of its top-k) otherwise than labels.txt does.
+
+    A labels.txt of another run, or reordered, would otherwise rename predictions silently. The SavedModel names
+    its classes itself (the names are in its graph); load_serving's functions name theirs from the export's own
+    names and say where those are (`class_names_source`).
+    """
+    source = outputs.get("class_names_source", "the SavedModel")
+    pairs = list(zip(outputs["class_ids"].numpy(), outputs["class_names"].numpy()))
+    if "top_k_class_ids" in outputs:  # absent only from SavedModels of the first exports
+        pairs += zip(outputs["top_k_class_ids"].numpy().ravel(), outputs["top_k_class_names"].numpy().ravel())
+    for class_id, served_name in pairs:
+        if served_name.decode("utf-8") != class_names[class_id]:
+            raise ValueError(
+                f"{LABELS_FILE} calls class {class_id} {class_names[class_id]!r} but {source} calls it "
+                f"{served_name.decode('utf-8')!r}; the two must come from the same training run: use its "
+                f"{LABELS_FILE} and exports as it wrote them"
+            )
 
 
 def read_file(path: str) -> bytes:
@@ -154,7 +201,8 @@ def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], 
 
     Raises:
         tf.errors.InvalidArgumentError: one of the images cannot be decoded.
-        ValueError: the model's number of classes differs from len(class_names).
+        ValueError: the model's number of classes differs from len(class_names), or it names a class otherwise
+            (check_class_names).
     """
     outputs = serve(image_bytes=tf.constant(encoded_images))
     probabilities = outputs["probabilities"].numpy()
@@ -163,13 +211,7 @@ def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], 
             f"the model outputs {probabilities.shape[-1]} class probabilities but {LABELS_FILE} lists "
             f"{len(class_names)} class names ({class_names[:5]}...); use the {LABELS_FILE} of the same --model_dir"
         )
-    # The SavedModel names its own predictions: a labels file of another run would rename them silently.
-    for class_id, served_name in zip(outputs["class_ids"].numpy(), outputs["class_names"].numpy()):
-        if served_name.decode("utf-8") != class_names[class_id]:
-            raise ValueError(
-                f"{LABELS_FILE} calls class {class_id} {class_names[class_id]!r} but the SavedModel calls it "
-                f"{served_name.decode('utf-8')!r}; use the {LABELS_FILE} of the same --model_dir"
-            )
+    check_class_names(outputs, class_names)
     # Stable sort of the negated values: ties keep label-id order, as tf.argmax does in the signature.
     best_first = np.argsort(-probabilities, axis=-1, kind="stable")[:, :top_k]
     labelled = []
