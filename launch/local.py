@@ -37,6 +37,10 @@ FLAGS = flags.FLAGS
 HOST = "127.0.0.1"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 TRAINER_MODULE = "trainer.train"
+# After the workers exit, their output is copied until end of file; this bounds the wait only for a process the
+# worker left behind that still holds its stdout or stderr open. Generous: a loaded machine may take a while to
+# copy the last lines, and cutting them off would lose the reason a worker failed.
+OUTPUT_DRAIN_SECONDS = 60
 
 
 def define_flags() -> None:
@@ -191,8 +195,9 @@ def run_workers(*, workers: list[tuple[dict, list[str]]], grace_period_seconds: 
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
+        drained_by = time.monotonic() + OUTPUT_DRAIN_SECONDS
         for thread in threads:
-            thread.join(timeout=5)
+            thread.join(timeout=max(0.0, drained_by - time.monotonic()))
     return combine_exit_codes(codes, stopped_by_launcher=state["signalled"])
 
 
@@ -206,11 +211,11 @@ def describe(workers: list[tuple[dict, list[str]]]) -> str:
 
 def main(argv: list[str]) -> int:
     try:
+        if FLAGS.grace_period_seconds < 0:
+            raise ValueError(f"--grace_period_seconds {FLAGS.grace_period_seconds} must be >= 0")
         workers = make_worker_commands(
             num_workers=FLAGS.num_workers, trainer_flags=argv[1:], ports=pick_free_ports(max(FLAGS.num_workers, 0)),
         )
-        if FLAGS.grace_period_seconds < 0:
-            raise ValueError(f"--grace_period_seconds {FLAGS.grace_period_seconds} must be >= 0")
     except ValueError as error:
         trainer_args.fail(str(error))
     if FLAGS.dry_run:

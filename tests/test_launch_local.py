@@ -15,6 +15,10 @@ import pytest
 from launch import local
 from tests.conftest import REPO_ROOT
 
+# Generous: how long a subprocess (or a stand-in worker) may take to start on a loaded 2-core machine. Every wait
+# bounded by it ends as soon as what it waits for happens; no test measures it.
+SUBPROCESS_TIMEOUT_SECONDS = 300
+
 
 def test_tf_config_and_commands():
     workers = local.make_worker_commands(num_workers=2, trainer_flags=["--data_dir=d"], ports=[1001, 1002], python="py")
@@ -54,37 +58,62 @@ def test_combine_exit_codes(codes, signalled, expected):
     assert local.combine_exit_codes(codes, stopped_by_launcher=signalled) == expected
 
 
-# Stand-in worker: prints its TF_CONFIG index, then sleeps until SIGTERM, which it answers like the trainer.
-PREEMPTIBLE = """
-import json, os, signal, sys, time
+# Stand-in worker: answers SIGTERM like the trainer, then says it is ready (a line, and a file named by its index
+# in the folder argv[1]) and sleeps until the signal comes.
+PREEMPTIBLE = f"""
+import json, os, pathlib, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: (print("checkpoint saved", flush=True), sys.exit(75)))
-print("ready", json.loads(os.environ["TF_CONFIG"])["task"]["index"], flush=True)
-time.sleep(60)
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+print("ready", index, flush=True)
+pathlib.Path(sys.argv[1], str(index)).touch()
+time.sleep({SUBPROCESS_TIMEOUT_SECONDS})
 """
 
 
-def stand_ins(*scripts):
+def stand_ins(*scripts, arguments=()):
+    """Workers that run these Python scripts (with arguments) instead of the trainer, with the trainer's TF_CONFIG."""
     workers = local.make_worker_commands(num_workers=len(scripts), trainer_flags=[], ports=list(range(1, len(scripts) + 1)))
-    return [(tf_config, [sys.executable, "-c", script]) for (tf_config, _), script in zip(workers, scripts)]
+    return [(tf_config, [sys.executable, "-c", script, *arguments]) for (tf_config, _), script in zip(workers, scripts)]
 
 
-def test_sigterm_is_forwarded_and_preemption_exits_75(capfd):
-    timer = threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        code = local.run_workers(workers=stand_ins(PREEMPTIBLE, PREEMPTIBLE), grace_period_seconds=20)
-    finally:
-        timer.cancel()
+def signal_once_ready(ready_dir, count: int, signal_number: int) -> threading.Thread:
+    """Sends signal_number to this process once `count` stand-ins wrote their ready file into ready_dir and
+    run_workers handles the signal: when, not after how long (a loaded machine may start the workers slowly)."""
+    handler_before = signal.getsignal(signal_number)
+
+    def wait_then_signal():
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_SECONDS
+        while time.monotonic() < deadline:
+            if len(os.listdir(ready_dir)) >= count and signal.getsignal(signal_number) is not handler_before:
+                os.kill(os.getpid(), signal_number)
+                return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=wait_then_signal, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sigterm_is_forwarded_and_preemption_exits_75(capfd, tmp_path):
+    # Before: SIGTERM came after a fixed 3 s, which a loaded machine can reach before the workers handle it.
+    signal_once_ready(tmp_path, 2, signal.SIGTERM)
+    code = local.run_workers(workers=stand_ins(PREEMPTIBLE, PREEMPTIBLE, arguments=[str(tmp_path)]),
+                             grace_period_seconds=SUBPROCESS_TIMEOUT_SECONDS)
     output = capfd.readouterr().out
     assert code == 75
     assert "[worker 0] ready 0" in output and "[worker 1] ready 1" in output
     assert output.count("checkpoint saved") == 2
 
 
-def test_a_failed_worker_stops_the_others_and_its_code_wins(capfd):
-    stuck = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)\n"
-    failing = "import sys, time\ntime.sleep(0.5)\nprint('bad input', file=sys.stderr)\nsys.exit(3)\n"
-    code = local.run_workers(workers=stand_ins(stuck, failing), grace_period_seconds=1)
+def test_a_failed_worker_stops_the_others_and_its_code_wins(capfd, tmp_path):
+    # The failing worker exits once the stuck one ignores SIGTERM (before: after a fixed 0.5 s, which a loaded
+    # machine can reach first, and then SIGTERM ends the stuck worker and nothing is left to kill).
+    stuck = (f"import pathlib, signal, sys, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+             f"pathlib.Path(sys.argv[1], 'stuck').touch()\ntime.sleep({SUBPROCESS_TIMEOUT_SECONDS})\n")
+    failing = (f"import pathlib, sys, time\ndeadline = time.monotonic() + {SUBPROCESS_TIMEOUT_SECONDS}\n"
+               "while not pathlib.Path(sys.argv[1], 'stuck').exists() and time.monotonic() < deadline:\n"
+               "    time.sleep(0.05)\nprint('bad input', file=sys.stderr)\nsys.exit(3)\n")
+    code = local.run_workers(workers=stand_ins(stuck, failing, arguments=[str(tmp_path)]), grace_period_seconds=1)
     assert code == 3
     errors = capfd.readouterr().err
     assert "[worker 1] bad input" in errors and "worker 1 exited with 3" in errors and "killing them" in errors
@@ -94,7 +123,7 @@ LAUNCHER_OF_SLEEPERS = """
 import sys
 from launch import local
 from tests.test_launch_local import stand_ins
-sleeper = "import os, pathlib, sys, time\\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\\ntime.sleep(120)\\n"
+sleeper = "import os, pathlib, sys, time\\npathlib.Path(sys.argv[1]).write_text(str(os.getpid()))\\ntime.sleep(900)\\n"
 workers = [(tf_config, command + [f"{sys.argv[1]}/{index}"]) for index, (tf_config, command) in enumerate(stand_ins(sleeper, sleeper))]
 local.run_workers(workers=workers, grace_period_seconds=1)
 """
@@ -106,14 +135,14 @@ def test_workers_die_when_the_launcher_is_killed(tmp_path):
     launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER_OF_SLEEPERS, str(tmp_path)], cwd=REPO_ROOT,
                                 env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
     try:
-        deadline = time.time() + 60
+        deadline = time.time() + SUBPROCESS_TIMEOUT_SECONDS
         while len(list(tmp_path.iterdir())) < 2 and time.time() < deadline:
             time.sleep(0.1)
         pids = [int(path.read_text()) for path in tmp_path.iterdir()]
         assert len(pids) == 2
         launcher.kill()
-        launcher.wait(timeout=10)
-        deadline = time.time() + 10
+        launcher.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS)
+        deadline = time.time() + SUBPROCESS_TIMEOUT_SECONDS
         while any(_alive(pid) for pid in pids) and time.time() < deadline:
             time.sleep(0.1)
         assert not any(_alive(pid) for pid in pids)
@@ -131,7 +160,7 @@ def _alive(pid: int) -> bool:
         return stat_file.read().split(") ")[1][0] != "Z"
 
 
-def run_cli(*args, timeout=60):
+def run_cli(*args, timeout=SUBPROCESS_TIMEOUT_SECONDS):
     return subprocess.run([sys.executable, "-m", "launch.local", *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=timeout)
 
