@@ -31,7 +31,7 @@ def emulator_host():
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + SUBPROCESS_TIMEOUT_SECONDS  # ends as soon as it listens
         while True:
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
@@ -43,7 +43,7 @@ def emulator_host():
         yield f"http://127.0.0.1:{port}"
     finally:
         process.terminate()
-        process.wait(timeout=10)
+        process.wait(timeout=SUBPROCESS_TIMEOUT_SECONDS)
 
 
 @pytest.fixture
