@@ -409,7 +409,8 @@ def test_each_batch_is_in_the_incomplete_file_before_the_next_is_labelled(serve,
             assert [item["path"] for item in json.loads(held + "\n]\n")] == paths[:num_items]
 
 
-def test_a_run_that_stops_keeps_the_rows_so_far_in_the_incomplete_file(serve, tmp_path):
+def test_a_run_that_stops_with_an_error_leaves_neither_output_nor_incomplete_file(serve, tmp_path):
+    # Before: the rows labelled so far stayed in <output>.incomplete (only a killed process may leave it now).
     paths = write_images(tmp_path / "images", [f"image{index}.png" for index in range(7)])
     calls = []
 
@@ -419,18 +420,108 @@ def test_a_run_that_stops_keeps_the_rows_so_far_in_the_incomplete_file(serve, tm
             raise RuntimeError("the machine went away")
         return serve(image_bytes=image_bytes)
 
-    output = tmp_path / "predictions.csv"
+    output = tmp_path / "out" / "nested" / "predictions.csv"
     with pytest.raises(RuntimeError, match="went away"):
         stream_to_file(serve=failing_serve, paths=paths, output=str(output), top_k=2, batch_size=3)
-    assert not output.exists()
-    with open(str(output) + ".incomplete", newline="") as file:
-        assert [row["path"] for row in csv.DictReader(file)] == paths[:6]
+    assert len(calls) == 3  # two batches were written to the .incomplete file before the error
+    assert not (tmp_path / "out").exists()  # nor the folders it made for the output
     # An error before any row (the labels of another model) leaves no file at all.
     other_output = tmp_path / "other" / "predictions.json"
     batches = prediction.predict_batches(serve=serve, paths=paths, class_names=["a", "b"], top_k=1, batch_size=3)
     with pytest.raises(ValueError, match="lists 2 class names"), prediction.PredictionFile(str(other_output)) as opened:
         prediction.write_batches(batches=batches, output=opened)
     assert not (tmp_path / "other").exists()
+    # An output that cannot take the finished file (here a folder of that name) keeps what is there.
+    (tmp_path / "taken.csv").mkdir()
+    (tmp_path / "taken.csv" / "kept.txt").write_text("kept")
+    with pytest.raises(tf.errors.OpError):
+        stream_to_file(serve=serve, paths=paths, output=str(tmp_path / "taken.csv"), top_k=2, batch_size=3)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "taken.csv"]
+    assert (tmp_path / "taken.csv" / "kept.txt").read_text() == "kept"
+
+
+# --- --output never replaces what it must not: the run's files, the images, a file without --overwrite -----
+
+def test_cli_refuses_an_existing_output_untouched_and_replaces_it_with_overwrite(model_dir, tmp_path):
+    # Before: any existing .csv/.json was overwritten without a word.
+    (image,) = write_images(tmp_path / "images", ["a.png"])
+    output = tmp_path / "predictions.csv"
+    output.write_bytes(b"somebody's spreadsheet\r\n")
+    completed = run_cli(f"--model_dir={model_dir}", f"--output={output}", image)
+    assert completed.returncode == 2, completed.stderr
+    (line,) = error_lines(completed.stderr)
+    assert "already exists" in line and "--overwrite" in line
+    assert output.read_bytes() == b"somebody's spreadsheet\r\n"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "predictions.csv"]
+    completed = run_cli(f"--model_dir={model_dir}", f"--output={output}", "--overwrite", image)
+    assert completed.returncode == 0, completed.stderr
+    assert [row["path"] for row in csv.DictReader(io.StringIO(output.read_text()))] == [image]
+
+
+def test_cli_never_writes_into_the_model_dir_even_with_overwrite(model_dir, tmp_path):
+    # Before: --output=<model_dir>/run.json replaced the run's own record.
+    run = copy_run(model_dir, tmp_path / "model")
+    (run / "run.json").write_bytes(b'{"classes": ["cat", "dog", "fox", "owl"]}\n')
+    (image,) = write_images(tmp_path / "images", ["a.png"])
+    completed = run_cli(f"--model_dir={run}", f"--output={run / 'run.json'}", "--overwrite", image)
+    assert completed.returncode == 2, completed.stderr
+    (line,) = error_lines(completed.stderr)
+    assert "inside --model_dir" in line
+    assert (run / "run.json").read_bytes() == b'{"classes": ["cat", "dog", "fox", "owl"]}\n'
+    assert not (run / "run.json.incomplete").exists()
+
+
+def test_cli_output_that_is_a_folder_is_one_line_before_any_work_and_leaves_nothing(model_dir, tmp_path):
+    # Before: a traceback at the end of the run, and a stray dir.csv.incomplete holding every row.
+    (image,) = write_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "dir.csv").mkdir()
+    completed = run_cli(f"--model_dir={model_dir}", f"--output={tmp_path / 'dir.csv'}", image)
+    assert completed.returncode == 2, completed.stderr
+    (line,) = error_lines(completed.stderr)
+    assert "is a folder" in line and "Traceback" not in completed.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dir.csv", "images"]
+    assert not list((tmp_path / "dir.csv").iterdir())
+
+
+@pytest.mark.parametrize("output, inputs, overwrite, message", [
+    ("images/predictions.csv", ["images"], False, "inside 'images', a folder being labelled"),
+    ("images/nested/predictions.json", ["images/"], True, "inside 'images/', a folder being labelled"),
+    ("images/predictions.csv", ["images/*"], False, "matches 'images/*', which is being labelled"),
+    ("images/nested/predictions.csv", ["image*"], False, "matches 'image*', which is being labelled"),
+    ("images/listed.csv", ["images/listed.csv"], True, "is 'images/listed.csv', a file being labelled"),
+    ("model/predictions.csv", ["images"], False, "inside --model_dir"),
+    ("model/run.json", ["images"], True, "inside --model_dir"),
+    ("existing.csv", ["images"], False, "already exists; pass --overwrite"),
+    ("folder.json", ["images"], True, "is a folder"),
+    ("existing.csv/predictions.csv", ["images"], False, "is a file, not a folder"),
+    ("predictions.txt", ["images"], False, "must end in .csv or .json"),
+], ids=["in_folder", "nested_in_folder", "glob_match", "inside_glob_match", "a_labelled_file", "model_dir",
+        "model_dir_overwrite", "exists", "folder", "parent_is_a_file", "extension"])
+def test_output_paths_that_would_replace_something_are_refused(tmp_path, monkeypatch, output, inputs, overwrite,
+                                                               message):
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "images", ["a.png", "nested/b.png"])
+    (tmp_path / "images" / "listed.csv").write_text("an image with a misleading name")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "run.json").write_text("{}")
+    (tmp_path / "existing.csv").write_text("x")
+    (tmp_path / "folder.json").mkdir()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        prediction.check_output_path(output, overwrite=overwrite, model_dir="model", inputs=inputs)
+
+
+@pytest.mark.parametrize("output, inputs, overwrite", [
+    ("predictions.csv", ["images/a.png"], False),  # beside a file being labelled (photo.jpg in the same folder)
+    ("predictions.csv", ["images/*.png"], False),
+    ("existing.csv", ["images"], True),
+    ("new/folder/predictions.json", ["images", "elsewhere/*"], False),
+])
+def test_output_paths_that_replace_nothing_are_accepted(tmp_path, monkeypatch, output, inputs, overwrite):
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "images", ["a.png"])
+    (tmp_path / "model").mkdir()
+    (tmp_path / "existing.csv").write_text("x")
+    prediction.check_output_path(output, overwrite=overwrite, model_dir="model", inputs=inputs)
 
 
 def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):

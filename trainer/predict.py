@@ -8,9 +8,10 @@ goes through the SavedModel's `serving_default` signature in one call; --format=
 dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
 and the same output. Without --output a table is
 printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
-(local or gs://). Each batch's rows are printed or written before the next batch is labelled, so memory does
-not grow with the number of files: the output file fills as <output>.incomplete (what a crashed run keeps) and
-is renamed to <output> when every file is done. Files that cannot be read or decoded are reported on stderr as
+(local or gs://): never inside --model_dir or the folders being labelled, and an existing file only with
+--overwrite. Each batch's rows are printed or written before the next batch is labelled, so memory does
+not grow with the number of files: the output file fills as <output>.incomplete and is renamed to <output>
+when every file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are reported on stderr as
 `error: <path>: ...` at the end, the rest are still labelled, and the run exits with code 1; bad flags or paths
 that match nothing exit with code 2. The work is trainer/prediction.py's; this module reads the flags.
 """
@@ -30,8 +31,10 @@ flags.DEFINE_enum("format", "saved_model", list(prediction.MODEL_FORMATS),
                   "The export to label with: saved_model/, tflite/<--tflite_kind file> or model.onnx.")
 flags.DEFINE_enum("tflite_kind", "float", list(export.TFLITE_FILES), "With --format=tflite: which TFLite file.")
 flags.DEFINE_string(
-    "output", None, "Write predictions to this .csv or .json file (local or gs://) instead of printing a table."
+    "output", None, "Write predictions to this .csv or .json file (local or gs://) instead of printing a table; "
+    "not inside --model_dir or the folders being labelled."
 )
+flags.DEFINE_bool("overwrite", False, "Replace an existing --output file (once every file is labelled).")
 FLAGS = flags.FLAGS
 
 
@@ -48,7 +51,8 @@ def main(argv: list[str]) -> None:
         if FLAGS.num_read_threads < 1:
             raise ValueError(f"--num_read_threads {FLAGS.num_read_threads} must be at least 1")
         if FLAGS.output:
-            prediction.check_output_path(FLAGS.output)
+            prediction.check_output_path(FLAGS.output, overwrite=FLAGS.overwrite, model_dir=FLAGS.model_dir,
+                                         inputs=argv[1:])
         files = prediction.list_images(argv[1:])
         class_names = prediction.read_class_names(FLAGS.model_dir)
         serve = prediction.load_serving(model_dir=FLAGS.model_dir, model_format=FLAGS.format,

@@ -8,8 +8,11 @@ The serving function is the SavedModel's `serving_default`, or the same contract
 
 import concurrent.futures
 import csv
+import fnmatch
 import io
 import json
+import os
+import posixpath
 import time
 from collections.abc import Iterable, Iterator
 from typing import Self
@@ -321,10 +324,72 @@ def write_batches(*, batches: Iterable[tuple[list[dict], dict[str, str]]], outpu
     return num_labelled, failures
 
 
-def check_output_path(path: str) -> None:
+def check_output_format(path: str) -> None:
     """Raises ValueError unless `path` ends in one of OUTPUT_FORMATS."""
     if not path.lower().endswith(OUTPUT_FORMATS):
         raise ValueError(f"--output {path!r} must end in .csv or .json (e.g. --output=predictions.csv)")
+
+
+def check_output_path(path: str, *, overwrite: bool, model_dir: str, inputs: list[str]) -> None:
+    """Raises ValueError, before any work, when writing `path` could replace or add to something it must not.
+
+    Refused: another extension than OUTPUT_FORMATS; a path inside `model_dir` (the run's own files, such as
+    run.json, even with `overwrite`); a path inside a folder being labelled, matching a glob being labelled (or
+    inside a folder that does), or being a file that is labelled; a folder; a path under a file; an existing file
+    unless `overwrite`. Only strings are compared for globs, so nothing is listed twice.
+
+    Args:
+        path: the --output value (local or gs://).
+        overwrite: --overwrite: an existing file may be replaced (once every file is labelled).
+        model_dir: the --model_dir predictions are made with.
+        inputs: the file, folder and glob arguments being labelled.
+    """
+    check_output_format(path)
+    output = _comparable(path)
+    if _is_within(output, _comparable(model_dir)):
+        raise ValueError(f"--output {path!r} is inside --model_dir {model_dir!r}; write predictions outside the run, "
+                         "whose files (run.json, labels.txt, ...) it must not replace")
+    for argument in inputs:
+        reason = _labelled_location(output, argument)
+        if reason:
+            raise ValueError(f"--output {path!r} {reason}; write predictions outside the images being labelled")
+    if tf.io.gfile.isdir(path):
+        raise ValueError(f"--output {path!r} is a folder; give a file in it, e.g. --output={path.rstrip('/')}/predictions.csv")
+    folder = path.rpartition("/")[0]
+    if folder and tf.io.gfile.exists(folder) and not tf.io.gfile.isdir(folder):
+        raise ValueError(f"--output {path!r}: {folder!r} is a file, not a folder; give a path in a folder")
+    if tf.io.gfile.exists(path) and not overwrite:
+        raise ValueError(f"--output {path!r} already exists; pass --overwrite to replace it (it is replaced only once "
+                         "every file is labelled) or give another path")
+
+
+def _labelled_location(output: str, argument: str) -> str | None:
+    """Why the comparable `output` lies among what `argument` labels (a file, folder or glob), else None."""
+    if any(character in argument for character in "*?["):
+        # fnmatch's * also matches "/": a glob refuses a little more than it lists, never less.
+        pattern = _comparable(argument)
+        folders = [output] + [output[:index] for index, character in enumerate(output) if character == "/"]
+        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in folders):
+            return f"matches {argument!r}, which is being labelled"
+        return None
+    if output == _comparable(argument):
+        return f"is {argument!r}, a file being labelled"
+    if tf.io.gfile.isdir(argument) and _is_within(output, _comparable(argument)):
+        return f"is inside {argument!r}, a folder being labelled"
+    return None
+
+
+def _comparable(path: str) -> str:
+    """A path in one spelling: a local one absolute with its links resolved (so `./run` or a link to the
+    model_dir is the model_dir), a remote one (gs://...) with "." and ".." and doubled or trailing "/" removed."""
+    if "://" in path:
+        scheme, _, rest = path.partition("://")
+        return f"{scheme}://{posixpath.normpath(rest)}"
+    return os.path.realpath(path)
+
+
+def _is_within(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
 
 
 def format_csv_rows(results: list[dict]) -> str:
@@ -378,21 +443,23 @@ class PredictionFile:
     """Writes results batch by batch as CSV or JSON, chosen by the extension of `path` (local or gs://).
 
     Use it in a `with` block. The rows go to `path` + ".incomplete" as they come, and the file is renamed to
-    `path` when the block ends without an error: `path` only ever holds a finished file, and a run that stops
-    halfway keeps the rows labelled so far in the .incomplete file (one that stops before any row writes no
-    file). A missing parent folder is created. The finished file is the same whatever the batches: a CSV header
-    row and one row per image, or one JSON list of {path, class_name, probability, top_k: [{class_name,
-    probability}, ...]}.
+    `path` when the block ends without an error: `path` only ever holds a finished file. A block that ends with
+    an error (or whose rename fails) removes the .incomplete file and the folders it made, leaving `path` as it
+    was; only a killed process can leave an .incomplete file, which the next run over it replaces. A missing
+    parent folder is created. The finished file is the same whatever the batches: a CSV header row and one row
+    per image, or one JSON list of {path, class_name, probability, top_k: [{class_name, probability}, ...]}.
+    Check `path` first with check_output_path: this class replaces an existing file.
     """
 
     def __init__(self, path: str):
-        check_output_path(path)
+        check_output_format(path)
         self.path = path
         self.temporary_path = path + schema.INCOMPLETE_SUFFIX
         self.is_csv = path.lower().endswith(".csv")
         self.num_written = 0
         self.file = None
         self.last_flush = 0.0
+        self.made_folders = []  # the missing parent folders _open made, outermost first
 
     def __enter__(self) -> Self:
         return self
@@ -418,22 +485,38 @@ class PredictionFile:
 
     def __exit__(self, error_type, error, traceback) -> None:
         if error_type is not None:
-            if self.file is not None:
-                self.file.close()
+            self._discard()
             return
-        if self.file is None:
-            self._open()
-            self.file.write(format_csv_header(0) if self.is_csv else "[]\n")
-        elif not self.is_csv:
-            self.file.write("\n]\n")
-        self.file.close()
-        tf.io.gfile.rename(self.temporary_path, self.path, overwrite=True)
+        try:
+            if self.file is None:
+                self._open()
+                self.file.write(format_csv_header(0) if self.is_csv else "[]\n")
+            elif not self.is_csv:
+                self.file.write("\n]\n")
+            self.file.close()
+            tf.io.gfile.rename(self.temporary_path, self.path, overwrite=True)
+        except BaseException:
+            self._discard()
+            raise
 
     def _open(self) -> None:
         folder = self.path.rpartition("/")[0]
-        if folder and not tf.io.gfile.isdir(folder):
-            tf.io.gfile.makedirs(folder)
+        while folder and not tf.io.gfile.exists(folder):
+            self.made_folders.insert(0, folder)
+            folder = folder.rpartition("/")[0]
+        if self.made_folders:
+            tf.io.gfile.makedirs(self.made_folders[-1])
         self.file = tf.io.gfile.GFile(self.temporary_path, "w")
+
+    def _discard(self) -> None:
+        """Closes and removes the .incomplete file, then the folders _open made if they are still empty."""
+        if self.file is not None:
+            self.file.close()
+        if tf.io.gfile.exists(self.temporary_path) and not tf.io.gfile.isdir(self.temporary_path):
+            tf.io.gfile.remove(self.temporary_path)
+        for folder in reversed(self.made_folders):
+            if tf.io.gfile.isdir(folder) and not tf.io.gfile.listdir(folder):
+                tf.io.gfile.rmtree(folder)
 
 
 class PredictionTable:
