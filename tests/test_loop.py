@@ -134,3 +134,28 @@ def test_a_fine_tuning_phase_that_cannot_beat_phase_1_stops_after_its_patience_a
 def test_a_fine_tune_patience_of_0_never_stops():
     stop = loop.AdaptiveStop(0, transfer.Phase("phase2", 1, 4, 0.0, "sgd", "0.5"), best=0.9)
     assert not any(stop.should_stop({"val_accuracy": 0.1}, epoch=epoch) for epoch in (2, 3))
+
+
+@pytest.mark.parametrize("checkpoint_every_steps", [0, 1])
+def test_a_run_that_lost_its_lock_writes_no_checkpoint_or_history(tmp_path, preemption, checkpoint_every_steps):
+    # Paused for long, it resumed before its heartbeat noticed that a run on another host took model_dir over.
+    from trainer import run_dir
+
+    images, labels = separable_batches(6)
+    train_dataset = tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
+    validation = tf.data.Dataset.from_tensor_slices((images[:2], labels[:2], np.ones((2, 8), "float32")))
+    reporter = reporting.EpochReporter(model_dir=str(tmp_path / "run"), chief=True)
+    lock = run_dir.acquire_lock(str(tmp_path / "run"), on_lost=lambda message: None)
+    (tmp_path / "run" / run_dir.LOCK_FILE).write_text(json.dumps({"host": "other-vm", "pid": 4321, "token": "theirs"}))
+    model = tiny_model(tmp_path)
+    with pytest.raises(run_dir.LockLost, match=r"taken over by another run \(host 'other-vm', pid 4321\)"):
+        loop.train_phase(
+            transfer.Phase("phase1", 0, 2, 1e-2, "adam", None), phase_data(model, train_dataset, validation),
+            optimizer=adam(model), loss_function=None, global_batch_size=8, strategy=tf.distribute.get_strategy(),
+            model_dir=str(tmp_path / "run"), reporter=reporter, preemption=preemption, lock=lock,
+            options=loop.LoopOptions(steps_per_epoch=3, checkpoint_every_steps=checkpoint_every_steps),
+        )
+    lock.release()
+    assert not (tmp_path / "run" / checkpoints.CHECKPOINT_DIR).exists()
+    assert not (tmp_path / "run" / reporting.HISTORY_FILE).exists()
+    assert json.loads((tmp_path / "run" / run_dir.LOCK_FILE).read_text())["token"] == "theirs"

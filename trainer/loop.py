@@ -15,7 +15,7 @@ import keras
 import tensorflow as tf
 from absl import logging
 
-from trainer import checkpoints, distribute, steps
+from trainer import checkpoints, distribute, run_dir, steps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ def train_phase(
     preemption: checkpoints.PreemptionWatcher,
     options: LoopOptions,
     weights_model: keras.Model | None = None,
+    lock: run_dir.Lock | None = None,
 ) -> dict:
     """Trains one phase from its latest checkpoint (if any) up to its last epoch.
 
@@ -89,6 +90,7 @@ def train_phase(
         reporter: the run's reporting.EpochReporter (its history holds every epoch so far).
         weights_model: the model whose weights are saved as the best ones, when `model` is only a part
             of it (the head trained on cached features); None: trained.model.
+        lock: the chief's run_dir.Lock, checked before each write (checkpoints, history.json); None: not checked.
 
     Returns:
         phase_result's dict: {"phase", "validation_accuracy"}.
@@ -96,6 +98,7 @@ def train_phase(
     Raises:
         checkpoints.Preempted: after SIGTERM, once the checkpoint is saved.
         FloatingPointError: when the training loss stops being finite.
+        run_dir.LockLost: another run took the model_dir over; nothing more was written.
     """
     model = trained.model
     checkpoint = checkpoints.PhaseCheckpoint(
@@ -123,6 +126,7 @@ def train_phase(
         totals, input_wait, elapsed = train_epoch(
             step_runner, checkpoint=checkpoint, steps_per_epoch=steps_per_epoch, profiler=profiler,
             preemption=preemption, checkpoint_every_steps=options.checkpoint_every_steps, phase_name=phase.name,
+            lock=lock,
         )
         check_finite_loss(phase.name, int(checkpoint.epoch) + 1, totals)
         validation = steps.evaluate(trained.evaluation_step, trained.validation_dataset)
@@ -130,6 +134,8 @@ def train_phase(
         improved = entry["val_accuracy"] > reporter.history.best_validation_accuracy()
         # Decided before the entry is recorded: a stop is written into it (history.json, metrics.json).
         stop = stopper.should_stop(validation["loss"]) | adaptive.should_stop(entry, epoch=int(checkpoint.epoch) + 1)
+        if lock is not None:
+            lock.check()
         reporter.record(entry, confusion_matrix=validation["confusion_matrix"], epochs=phase.last_epoch,
                         steps=steps_per_epoch, elapsed=elapsed)
         if improved and distribute.is_chief(strategy):
@@ -151,9 +157,10 @@ def phase_result(phase, history_epochs: list[dict]) -> dict:
             "stopped_early": entries[-1].get("stopped_early") if entries else None}
 
 
-def train_epoch(step_runner, *, checkpoint, steps_per_epoch, profiler, preemption, checkpoint_every_steps, phase_name):
+def train_epoch(step_runner, *, checkpoint, steps_per_epoch, profiler, preemption, checkpoint_every_steps, phase_name,
+                lock=None):
     """Runs the training steps left in the current epoch; returns (sums [loss, correct, count], input
-    wait in seconds or None when not timed, elapsed seconds)."""
+    wait in seconds or None when not timed, elapsed seconds). lock: as train_phase's."""
     totals, input_wait, started = tf.zeros([3]), 0.0, time.perf_counter()
     while int(checkpoint.step) < steps_per_epoch:
         num_steps = min(step_runner.steps_per_execution, steps_per_epoch - int(checkpoint.step))
@@ -164,12 +171,16 @@ def train_epoch(step_runner, *, checkpoint, steps_per_epoch, profiler, preemptio
         checkpoint.step.assign_add(num_steps)
         profiler.after(num_steps)
         if preemption.requested:
+            if lock is not None:
+                lock.check()
             checkpoint.save()
             raise checkpoints.Preempted(
                 f"{phase_name} stopped by SIGTERM at epoch {int(checkpoint.epoch) + 1}, step {int(checkpoint.step)}"
             )
         step = int(checkpoint.step)
         if checkpoint_every_steps and step % checkpoint_every_steps < num_steps and step < steps_per_epoch:
+            if lock is not None:
+                lock.check()
             checkpoint.save()
     return totals, input_wait, time.perf_counter() - started
 

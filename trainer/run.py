@@ -104,14 +104,18 @@ class RunOptions:
 
 def train_and_evaluate(
     options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict, stopwatch: reporting.Stopwatch | None = None,
+    lock: run_dir.Lock | None = None,
 ) -> dict:
     """Trains the phases, restores the best weights, evaluates, exports; returns what metrics.json holds.
 
     stopwatch: times the stages (metrics.json "time_seconds"); started with the program by train.py.
+    lock: the chief's run_dir.Lock, checked before the run's writes (checkpoints, history, export, metrics); None:
+        not checked (other workers, tests).
 
     Raises:
         checkpoints.Preempted: a SIGTERM stopped training after saving a checkpoint.
         FloatingPointError: the training loss stopped being finite.
+        run_dir.LockLost: another run took the model_dir over (this one was paused); nothing more was written.
     """
     class_names, model_dir, chief = manifest["classes"], options.model_dir, distribute.is_chief(strategy)
     stopwatch = stopwatch or reporting.Stopwatch()
@@ -176,7 +180,7 @@ def train_and_evaluate(
                 result = loop.train_phase(
                     phase, trained, optimizer=optimizer, loss_function=loss_function,
                     global_batch_size=options.batch_size, strategy=strategy, model_dir=model_dir, reporter=reporter,
-                    preemption=preemption, weights_model=model,
+                    preemption=preemption, weights_model=model, lock=lock,
                     # Profiling traces steps of the first phase only.
                     options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
                 )
@@ -194,6 +198,8 @@ def train_and_evaluate(
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))
+    if lock is not None:
+        lock.check()
     with stopwatch.stage("export"):
         calibration_images = export.read_calibration_images(
             data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
@@ -201,6 +207,8 @@ def train_and_evaluate(
         ) if chief and "int8" in options.export.tflite else None
         export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export,
                           strategy=strategy, calibration_images=calibration_images)
+    if lock is not None:
+        lock.check()  # the export took a while: evaluation.json and metrics.json must still be this run's
     if chief:
         write_metrics(model_dir, metrics)
         with stopwatch.stage("reports (evaluation report, plots, model card)"):

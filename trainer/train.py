@@ -368,16 +368,17 @@ def main(argv: list[str]) -> None:
             if advice:
                 logging.warning("%s", advice)
             metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest,
-                                                 stopwatch=reporting.Stopwatch(started=STARTED))
+                                                 stopwatch=reporting.Stopwatch(started=STARTED), lock=lock)
             if FLAGS.baseline_cnn:
-                baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest)
+                baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest,
+                                                      lock=lock)
                 metrics["baseline_cnn"] = {key: baseline[key] for key in ("accuracy", "loss", "phases")}
     except checkpoints.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except FloatingPointError as error:
         fail(error, exit_code=1)
-    except (model_lib.BackboneError, data.DataError) as error:
+    except (model_lib.BackboneError, data.DataError, run_dir.LockLost) as error:
         fail(error)
     finally:
         if lock is not None:
