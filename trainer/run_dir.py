@@ -77,7 +77,9 @@ def check_identity(*, model_dir: str, identity: dict) -> None:
         raise RunDirError(f"--model_dir {model_dir!r} is a file; pass a folder (new, or of an earlier run to resume)")
     run_path = tf.io.gfile.join(model_dir, RUN_FILE)
     if not tf.io.gfile.exists(run_path):
-        foreign = sorted(name.rstrip("/") for name in tf.io.gfile.listdir(model_dir) if name.rstrip("/") != LOCK_FILE)
+        # run.lock, and what a lock's write or takeover can leave (run.lock.incomplete, run.lock.stale-*).
+        names = [name.rstrip("/") for name in tf.io.gfile.listdir(model_dir)]
+        foreign = sorted(name for name in names if not name.startswith(LOCK_FILE))
         if foreign:
             raise RunDirError(
                 f"--model_dir {model_dir!r} is not empty ({', '.join(repr(name) for name in foreign[:3])}) and has no "
