@@ -15,6 +15,7 @@ from tfrecords import beam_pipeline  # noqa: E402 (after the importorskip: apach
 from tfrecords import beam_plan  # noqa: E402
 from tfrecords import conversion  # noqa: E402
 from tfrecords import demo_images  # noqa: E402
+from tfrecords import folder as folder_module  # noqa: E402
 
 SETTINGS = {"validation_fraction": 0.2, "test_fraction": 0.2, "num_shards": 3, "seed": 5, "max_side": 48,
             "jpeg_quality": 80, "max_skipped_fraction": 0.5}
@@ -65,17 +66,19 @@ def copy_to_ram(local: Path, remote: str) -> None:
 def test_file_list_read_in_small_ranges_gives_the_local_converters_output(image_dir, tmp_path, monkeypatch):
     # Ranges of 40 bytes: most lines straddle a range boundary, and each must be read exactly once.
     monkeypatch.setattr(beam_plan, "FILE_LIST_RANGE_BYTES", 40)
+    remote = "ram://beam_plan_ranges/images"  # the workers read a remote input's list (a local one's: the launcher)
+    copy_to_ram(image_dir, remote)
     paths = sorted(path.relative_to(image_dir).as_posix() for path in image_dir.rglob("*.jpg"))
-    # Full paths, a repeated line, a comment, a blank line and a byte-order mark, as object inventories have.
-    lines = [f"{image_dir}/{path}" for path in paths] + [paths[0], "# exported 2026-12-01", ""]
+    # Full paths, a repeated line, a note (a top-level name: ignored), a blank line and a byte-order mark.
+    lines = [f"{remote}/{path}" for path in paths] + [paths[0], "# exported 2026-12-01", ""]
     file_list = tmp_path / "files.txt"
     file_list.write_bytes(b"\xef\xbb\xbf" + "\n".join(lines).encode("utf-8"))
-    source = conversion.Source(input_dir=str(image_dir), file_list=str(file_list))
+    source = conversion.Source(input_dir=remote, file_list=str(file_list))
     listing = beam_plan.make_listing(source, conversion.ConversionOptions(**SETTINGS), str(tmp_path / "plan"))
     # The launcher holds byte ranges, not paths.
     assert listing.kind == "file_list" and len(listing.items) == -(-file_list.stat().st_size // 40)
 
-    local_files, beam_files = convert_both(source, str(tmp_path))
+    local_files, beam_files = convert_both(source, "ram://beam_plan_ranges/output")
     assert local_files == beam_files
     assert b'"file_list"' in beam_files["manifest.json"] and b"duplicate of circle/circle_001.jpg" in beam_files["manifest.json"]
 
@@ -85,7 +88,9 @@ def test_csv_file_list_read_in_small_ranges_gives_the_local_converters_output(im
     rows = [f'"{path.relative_to(image_dir).as_posix()}",{path.stat().st_size}' for path in sorted(image_dir.rglob("*.jpg"))]
     file_list = tmp_path / "files.csv"
     file_list.write_text("path,size\n" + "\n".join(rows) + "\n")
-    local_files, beam_files = convert_both(conversion.Source(input_dir=str(image_dir), file_list=str(file_list)), str(tmp_path))
+    copy_to_ram(image_dir, "ram://beam_plan_csv/images")
+    source = conversion.Source(input_dir="ram://beam_plan_csv/images", file_list=str(file_list))
+    local_files, beam_files = convert_both(source, "ram://beam_plan_csv/output")
     assert local_files == beam_files
 
 
@@ -117,6 +122,24 @@ def test_pre_split_file_list_and_remote_pre_split_folder(tmp_path):
         conversion.Source(input_dir=str(local), file_list=str(file_list)), str(tmp_path / "listed")
     )
     assert local_files == beam_files and b'"layout": "pre_split"' in beam_files["manifest.json"]
+    # The same list of the remote copy, read by the workers, with a loose file in train/: skipped with a reason.
+    with tf.io.gfile.GFile(f"{remote}/train/loose.jpg", "wb") as loose:
+        loose.write(b"x")
+    with open(file_list, "a") as listed:
+        listed.write("\ntrain/loose.jpg\n")
+    local_files, beam_files = convert_both(
+        conversion.Source(input_dir=remote, file_list=str(file_list)), "ram://beam_plan_pre_split/listed"
+    )
+    assert local_files == beam_files and folder_module.LOOSE_FILE_REASON.encode() in beam_files["manifest.json"]
+    with open(file_list, "a") as listed:
+        listed.write("test/1.jpg\n")  # a split folder of loose files only: refused by both, as walking refuses it
+    for build in (lambda: conversion.build(conversion.Source(input_dir=remote, file_list=str(file_list)),
+                                           "ram://beam_plan_pre_split/refused", conversion.ConversionOptions(**SETTINGS)),
+                  lambda: beam_pipeline.build_with_beam(conversion.Source(input_dir=remote, file_list=str(file_list)),
+                                                        "ram://beam_plan_pre_split/refused_beam",
+                                                        conversion.ConversionOptions(**SETTINGS), beam_options())):
+        with pytest.raises(ValueError, match=r"looks pre-split but 'test/' has no class subfolders"):
+            build()
 
 
 @pytest.mark.parametrize("case", ["outside_path", "copies_only_class", "links_only_class"])
@@ -124,7 +147,7 @@ def test_refusals_come_before_any_shard_and_leave_nothing(image_dir, tmp_path, c
     output_dir = tmp_path / "output"
     if case == "outside_path":
         file_list = tmp_path / "files.txt"
-        file_list.write_text(f"circle/circle_000.jpg\n/elsewhere/cat.jpg\nsquare/square_000.jpg\n")
+        file_list.write_text("circle/circle_000.jpg\n/elsewhere/cat.jpg\nsquare/square_000.jpg\n")
         source = conversion.Source(input_dir=str(image_dir), file_list=str(file_list))
         message = "--file_list"
     else:
@@ -157,19 +180,22 @@ def test_a_file_list_of_odd_names_converts_as_the_walk_does_in_both_converters(i
 
     monkeypatch.setattr(beam_plan, "FILE_LIST_RANGE_BYTES", 40)
     names = {"circle": "#circle", "square": " square", "triangle": "col"}
-    odd = tmp_path / "col"  # the input folder has the name of a class
+    odd = tmp_path / "odd" / "col"  # the input folder has the name of a class
     for index, path in enumerate(sorted(image_dir.rglob("*.jpg"))):
         stem = ["a\u2028b", "c\u0085d", "e\rf", "#g", " h "][index % 5]
         target = odd / names[path.parent.name] / f"{stem}{index}.jpg"
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(path, target)
-    monkeypatch.chdir(tmp_path)
-    walked_files, _ = convert_both(conversion.Source(input_dir="col"), str(tmp_path / "walked"))
     lines = [path.relative_to(odd).as_posix() for path in sorted(odd.rglob("*.jpg"))]
     (tmp_path / "list.txt").write_bytes("\r\n".join(lines).encode("utf-8") + b"\r\n")
-    local_files, beam_files = convert_both(conversion.Source(input_dir="col", file_list="list.txt"), str(tmp_path))
-    assert local_files == beam_files
-    assert json.loads(local_files["manifest.json"])["classes"] == [" square", "#circle", "col"]
-    for name in walked_files:  # the manifest differs only by naming the list
-        if name != "manifest.json":
-            assert walked_files[name] == local_files[name], name
+    monkeypatch.chdir(tmp_path / "odd")
+    remote = "ram://beam_plan_odd/col"
+    copy_to_ram(odd, remote)
+    for input_dir, output in (("col", str(tmp_path)), (remote, "ram://beam_plan_odd/output")):  # listed here, by workers
+        walked_files, _ = convert_both(conversion.Source(input_dir=input_dir), f"{output}/walked")
+        local_files, beam_files = convert_both(conversion.Source(input_dir=input_dir, file_list="../list.txt"), output)
+        assert local_files == beam_files
+        assert json.loads(local_files["manifest.json"])["classes"] == [" square", "#circle", "col"]
+        for name in walked_files:  # the manifest differs only by naming the list
+            if name != "manifest.json":
+                assert walked_files[name] == local_files[name], name

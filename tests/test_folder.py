@@ -320,9 +320,9 @@ def test_a_file_list_skips_links_and_special_files_of_a_local_input(tmp_path):
     (tmp_path / "list.txt").write_text("cats/1.jpg\ncats/link.jpg\ncats/fifo.jpg\ndogs/1.jpg\n")
     listing = _list(tmp_path / "images", file_list=str(tmp_path / "list.txt"))
     assert [file.relative_path for file in listing.files] == ["cats/1.jpg", "dogs/1.jpg"]
-    assert listing.skipped == [  # in path order
+    assert listing.skipped == _list(tmp_path / "images").skipped == [  # in path order, as walking skips them
         {"path": "cats/fifo.jpg", "reason": "not a regular file (a FIFO); never opened"},
-        {"path": "cats/link.jpg", "reason": "a symbolic link; --file_list names the real files"},
+        {"path": "cats/link.jpg", "reason": "symbolic link into 'dogs' (dogs/1.jpg); its files are listed there"},
     ]
 
 
@@ -394,7 +394,7 @@ def test_a_file_list_gives_the_walks_classes_and_files_for_every_legal_name(tmp_
     monkeypatch.chdir(tmp_path)  # --input_dir=col, relative, as the folder of the same name as a class
     walked = _list("col")
     assert walked.classes == [" lead", "# tag", "#tag", "col", "green", "trail "]
-    assert walked.skipped == [{"path": "green/latin\udcff.jpg", "reason": folder.NOT_UTF8_REASON}]
+    assert walked.skipped == [{"path": "green/latin\\xff.jpg", "reason": folder.NOT_UTF8_REASON}]
     list_name = "list.csv" if form == "csv" else "list.txt"
     (tmp_path / list_name).write_bytes(_list_lines(root, form))
     listed = _list("col", file_list=str(tmp_path / list_name))
@@ -427,5 +427,111 @@ def test_a_file_list_that_is_a_folder_or_utf16_is_one_clear_error(tmp_path):
 def test_a_csv_row_with_an_unclosed_quote_is_refused_with_its_line(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "list.csv").write_text('name\ncats/1.jpg\n"dogs/line\nbreak.jpg"\n')
-    with pytest.raises(ValueError, match=r"line 3 .*unclosed quote"):
+    with pytest.raises(ValueError, match=r"line 3 .*not one CSV row"):
         _list(tmp_path / "images", file_list=str(tmp_path / "list.csv"))
+
+
+def _walk_and_list(root, lines: list, tmp_path) -> tuple:
+    (tmp_path / "attack.txt").write_bytes(b"".join(line.encode("utf-8", "surrogateescape") + b"\n" for line in lines))
+    return _list(root), _list(root, file_list=str(tmp_path / "attack.txt"))
+
+
+def _assert_same(walked, listed) -> None:
+    assert listed.classes == walked.classes and listed.layout == walked.layout
+    assert _relative_files(listed) == _relative_files(walked)
+    assert listed.skipped == walked.skipped and listed.label_conflicts == walked.label_conflicts
+
+
+def test_a_file_list_follows_links_as_the_walk_does(tmp_path):
+    """A folder link from one class into another (as `find -L` lists it), and a file link to outside the input:
+    the listed files keep the class walking gives them, with the same skipped lines and label conflicts."""
+    import os
+
+    root = tmp_path / "images"
+    for name in ("roses/1.jpg", "roses/sub/2.jpg", "roses/sub/3.jpg", "daisy/1.jpg"):
+        _touch(root, name, content=name.encode())
+    _touch(tmp_path, "outside/x.jpg", content=b"outside")
+    os.symlink("../roses/sub", root / "daisy" / "more")
+    os.symlink(tmp_path / "outside" / "x.jpg", root / "daisy" / "linked.jpg")
+    lines = ["daisy/1.jpg", "daisy/linked.jpg", "daisy/more/2.jpg", "daisy/more/3.jpg", "roses/1.jpg",
+             "roses/sub/2.jpg", "roses/sub/3.jpg"]
+    walked, listed = _walk_and_list(root, lines, tmp_path)
+    assert [(path, class_name) for path, class_name, _, _ in _relative_files(walked)] == [
+        ("daisy/1.jpg", "daisy"), ("daisy/linked.jpg", "daisy"), ("roses/1.jpg", "roses"),
+        ("roses/sub/2.jpg", "roses"), ("roses/sub/3.jpg", "roses")]
+    assert listed.classes == walked.classes and _relative_files(listed) == _relative_files(walked)
+    # The walk skips the folder link once; the list names its files, so each is skipped, for the same reason.
+    assert walked.skipped == [{"path": "daisy/more", "reason": "symbolic link into 'roses' (roses/sub); its files "
+                                                               "are listed there"}]
+    assert listed.skipped == [
+        {"path": f"daisy/more/{index}.jpg", "reason": f"symbolic link into 'roses' (roses/sub/{index}.jpg); its files "
+                                                      "are listed there"} for index in (2, 3)]
+
+
+@pytest.mark.parametrize("loose", ["train/loose.jpg", "test/loose.jpg", "validation/loose.jpg"])
+def test_loose_files_of_a_split_folder_are_skipped_with_a_reason_by_walk_and_list(tmp_path, loose):
+    root = tmp_path / "images"
+    names = ["train/cats/1.jpg", "train/dogs/1.jpg", "validation/cats/2.jpg", "validation/dogs/2.jpg",
+             "test/cats/3.jpg", loose]
+    for name in names:
+        _touch(root, name)
+    walked, listed = _walk_and_list(root, names, tmp_path)
+    assert walked.skipped == [{"path": loose, "reason": folder.LOOSE_FILE_REASON}]
+    _assert_same(walked, listed)
+
+
+def test_a_listed_split_folder_without_class_folders_is_refused_as_walking_refuses_it(tmp_path):
+    root = tmp_path / "images"
+    names = ["train/cats/1.jpg", "train/dogs/1.jpg", "val/cats/2.jpg", "test/3.jpg", "test/4.jpg"]
+    for name in names:
+        _touch(root, name)
+    with pytest.raises(ValueError, match=r"looks pre-split but 'test/' has no class subfolders"):
+        _list(root)
+    (tmp_path / "list.txt").write_text("\n".join(names) + "\n")
+    with pytest.raises(ValueError, match=r"looks pre-split but 'test/' has no class subfolders"):
+        _list(root, file_list=str(tmp_path / "list.txt"))
+
+
+def test_names_that_are_not_utf8_anywhere_in_the_folder_are_handled_by_walk_and_list(tmp_path):
+    import os
+
+    root = tmp_path / "images"
+    for name in ("cats/1.jpg", "dogs/1.jpg"):
+        _touch(root, name)
+    raw = os.fsencode(root)
+    for name in (b"README\xe9.txt", b"cats/sub\xe9/2.jpg"):  # a top-level file (ignored) and a nested folder
+        os.makedirs(os.path.dirname(os.path.join(raw, name)), exist_ok=True)
+        with open(os.path.join(raw, name), "wb") as odd:
+            odd.write(b"x")
+    walked, listed = _walk_and_list(root, ["cats/1.jpg", "dogs/1.jpg", "cats/sub\udce9/2.jpg"], tmp_path)
+    assert walked.skipped == [{"path": "cats/sub\\xe9/2.jpg", "reason": folder.NOT_UTF8_REASON}]
+    _assert_same(walked, listed)
+    os.makedirs(os.path.join(raw, b"bird\xe9"))
+    with open(os.path.join(raw, b"bird\xe9", b"1.jpg"), "wb") as odd:
+        odd.write(b"x")
+    with pytest.raises(ValueError, match=r"has a class named 'bird\\\\xe9', not UTF-8 text"):
+        _list(root)
+    (tmp_path / "list.txt").write_bytes(b"cats/1.jpg\nbird\xe9/1.jpg\n")
+    with pytest.raises(ValueError, match=r"has a class named 'bird\\\\xe9', not UTF-8 text .*saved as UTF-8"):
+        _list(root, file_list=str(tmp_path / "list.txt"))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (["images/cats/1.jpg", "images/dogs/1.jpg"], r"only one class folder \('images'\), the name of --input_dir: "
+                                                  r"list paths relative to --input_dir"),
+    (["path,label", "cats/1.jpg,dogs"], r"has a label column; pass it as --labels_csv"),
+])
+def test_a_file_list_of_another_shape_is_refused_with_what_to_do(tmp_path, lines, message):
+    for name in ("cats/1.jpg", "dogs/1.jpg"):
+        _touch(tmp_path / "images", name)
+    list_name = "list.csv" if "," in lines[0] else "list.txt"
+    (tmp_path / list_name).write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=message):
+        _list(tmp_path / "images", file_list=str(tmp_path / list_name))
+
+
+def test_a_line_naming_the_input_folder_itself_is_ignored(tmp_path):
+    for name in ("cats/1.jpg", "dogs/1.jpg"):
+        _touch(tmp_path / "images", name)
+    (tmp_path / "list.txt").write_text(f"{tmp_path}/images\n{tmp_path}/images/\ncats/1.jpg\ndogs/1.jpg\n")
+    assert len(_list(tmp_path / "images", file_list=str(tmp_path / "list.txt")).files) == 2

@@ -139,7 +139,7 @@ def _check_summary(*, summary: dict, source: conversion.Source, label_conflicts:
     """
     if summary["errors"]:
         raise ValueError(summary["errors"][0])
-    folder.check_classes(class_names=summary["classes"], input_dir=source.input_dir)
+    folder.check_classes(class_names=summary["classes"], input_dir=source.input_dir, file_list=source.file_list)
     folder.check_has_files(num_files=sum(summary["listed_counts"].values()), input_dir=source.input_dir)
     conversion.check_classes_kept(
         classes=summary["classes"], listed_counts=summary["listed_counts"], kept_counts=summary["kept_counts"],

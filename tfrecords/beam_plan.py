@@ -74,7 +74,7 @@ def make_listing(source: conversion.Source, options: conversion.ConversionOption
         raise ValueError(
             f"--input_dir {source.input_dir!r} does not exist or is not a folder; expected <input_dir>/<class>/<image files>"
         )
-    if source.file_list and not source.labels_csv:
+    if source.file_list and not source.labels_csv and not folder.is_local(source.input_dir):
         folder.check_file_list(source.file_list)
         size = tf.io.gfile.stat(source.file_list).length
         ranges = [(start, min(start + FILE_LIST_RANGE_BYTES, size)) for start in range(0, size, FILE_LIST_RANGE_BYTES)]
@@ -203,7 +203,8 @@ def _list_known(pipeline, source: conversion.Source, options: conversion.Convers
 
 
 def _list_file_list(pipeline, source: conversion.Source, options: conversion.ConversionOptions, listing: Listing) -> tuple:
-    """Listing stages of a --file_list, as folder._list_file_list lists it: (files, skipped, refusals, layout)."""
+    """Listing stages of the --file_list of a remote input, as folder._list_file_list lists it: (files, skipped,
+    refusals, layout). (A local input's list is read on this machine, where its links can be followed.)"""
     where = f"--file_list {source.file_list!r}"
     paths = (
         pipeline
@@ -215,23 +216,28 @@ def _list_file_list(pipeline, source: conversion.Source, options: conversion.Con
     )
     unique = paths.path | "ListedOnce" >> beam.Distinct()
     top_folders = unique | "TopFolder" >> beam.Map(lambda path: path.split("/")[0]) | "TopFolders" >> beam.Distinct()
-    split_layout = (
-        top_folders | "AllTopFolders" >> beam.combiners.ToList() | "SplitLayout" >> beam.Map(_split_layout, where=where)
+    deep_tops = (
+        unique | "DeepPaths" >> beam.Filter(lambda path: path.count("/") >= 2)
+        | "DeepTop" >> beam.Map(lambda path: path.split("/")[0]) | "DeepTops" >> beam.Distinct()
     )
-    entries = unique | "Entry" >> beam.FlatMap(_entry, split_layout=beam.pvalue.AsSingleton(split_layout))
+    split_layout = (
+        top_folders | "AllTopFolders" >> beam.combiners.ToList() | "SplitLayout" >> beam.Map(
+            _split_layout, deep_tops=beam.pvalue.AsList(deep_tops), input_dir=source.input_dir, where=where)
+    )
+    entries = unique | "Entry" >> beam.FlatMap(
+        _entry, split_layout=beam.pvalue.AsSingleton(split_layout)).with_outputs("skipped", main="entry")
     class_names = (
-        entries | "ClassOf" >> beam.MapTuple(lambda path, class_name, split: class_name)
+        entries.entry | "ClassOf" >> beam.MapTuple(lambda path, class_name, split: class_name)
         | "ClassNames" >> beam.Distinct() | "AllClassNames" >> beam.combiners.ToList()
     )
     layout = split_layout | "WithClasses" >> beam.Map(
         lambda found, names: {**found, "classes": sorted(names)}, names=beam.pvalue.AsSingleton(class_names)
     )
-    files = entries | "FileOf" >> beam.FlatMap(
-        _listed_file, input_dir=source.input_dir, options=options
-    ).with_outputs("skipped", main="file")
+    files = entries.entry | "FileOf" >> beam.Map(lambda entry: _source_file(source.input_dir, *entry, options))
+    skipped = entries.skipped
     layout_errors = layout | "LayoutError" >> beam.FlatMap(lambda found: [found["error"]] if found["error"] else [])
     errors = (paths.error, layout_errors) | "AllErrors" >> beam.Flatten()
-    return files.file, files.skipped, errors, layout
+    return files, skipped, errors, layout
 
 
 def _read_lines(byte_range: tuple, *, path: str, header: bool) -> list:
@@ -271,27 +277,25 @@ def _parse_line(line: str, *, input_dir: str, where: str, columns: tuple | None)
         yield path
 
 
-def _split_layout(top_folders: list, *, where: str) -> dict:
+def _split_layout(top_folders: list, *, deep_tops: list, input_dir: str, where: str) -> dict:
     try:
         pre_split, split_of_folder = folder.path_layout(set(top_folders), where=where)
+        if pre_split:
+            folder.check_split_folders(
+                listed=set(top_folders) & set(split_of_folder), with_classes=set(deep_tops), input_dir=input_dir
+            )
     except ValueError as error:
         return {"layout": folder.LAYOUT_CLASS_FOLDERS, "pre_split": False, "split_of_folder": {}, "error": str(error)}
     layout = folder.LAYOUT_PRE_SPLIT if pre_split else folder.LAYOUT_CLASS_FOLDERS
     return {"layout": layout, "pre_split": pre_split, "split_of_folder": split_of_folder, "error": None}
 
 
-def _entry(path: str, *, split_layout: dict) -> list:
+def _entry(path: str, *, split_layout: dict):
     entry = folder.path_entry(path, pre_split=split_layout["pre_split"], split_of_folder=split_layout["split_of_folder"])
-    return [(path, *entry)] if entry else []
-
-
-def _listed_file(entry: tuple, *, input_dir: str, options: conversion.ConversionOptions):
-    path, class_name, split = entry
-    reason = folder.listed_file_reason(input_dir, path)
-    if reason:
-        yield beam.pvalue.TaggedOutput("skipped", {"path": path, "reason": reason})
-        return
-    yield _source_file(input_dir, path, class_name, split, options)
+    if entry == folder.LOOSE:
+        yield beam.pvalue.TaggedOutput("skipped", {"path": path, "reason": folder.LOOSE_FILE_REASON})
+    elif entry:
+        yield (path, *entry)
 
 
 def _walk_root(item: tuple, *, input_dir: str, options: conversion.ConversionOptions) -> list:

@@ -70,6 +70,8 @@ IGNORED_NAMES = ("__MACOSX",)
 FILE_LIST_PATH_COLUMNS = ("path", "name", "key", "object")
 UTF8_BOM = b"\xef\xbb\xbf"  # the byte-order mark some editors write at the start of UTF-8 text
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a line starting like gs:// is a full path
+LOOSE = "loose"  # path_entry of a file directly in a split folder
+LOOSE_FILE_REASON = "directly in a split folder, outside every class folder; move it into its class folder"
 NOT_UTF8_REASON = "its name is not UTF-8 text (records and the manifest store names as UTF-8); rename it"
 
 
@@ -164,15 +166,31 @@ def list_images(
     if labels_csv and file_list:
         raise ValueError("--labels_csv and --file_list both list the files; pass only one")
     if file_list:
-        return _list_file_list(
+        listing = _list_file_list(
             input_dir=input_dir, file_list=file_list, validation_fraction=validation_fraction,
             test_fraction=test_fraction, seed=seed,
         )
-    if labels_csv:
-        return _list_labels_csv(
+    elif labels_csv:
+        listing = _list_labels_csv(
             input_dir=input_dir, labels_csv=labels_csv, validation_fraction=validation_fraction,
             test_fraction=test_fraction, seed=seed,
         )
+    else:
+        listing = _walk_folders(
+            input_dir=input_dir, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed
+        )
+    # A name that is not UTF-8 is recorded with its odd bytes escaped (\xe9): the manifest is UTF-8 JSON.
+    skipped = [{**entry, "path": printable_path(entry["path"])} for entry in listing.skipped]
+    return dataclasses.replace(listing, skipped=skipped)
+
+
+def printable_path(path: str) -> str:
+    """path as UTF-8 text: the bytes of a local name that is not UTF-8 (surrogates here) escaped as \\xe9."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _walk_folders(*, input_dir: str, validation_fraction: float, test_fraction: float, seed: int) -> Listing:
+    """Lists the class folders of input_dir by walking them (the policy of this module's docstring)."""
     layout, roots = find_roots(input_dir)
     class_names = sorted({class_name for class_name, _ in roots.values()})
     check_classes(class_names=class_names, input_dir=input_dir)
@@ -186,10 +204,22 @@ def list_images(
                 split=split, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
             ))
     check_has_files(num_files=len(files), input_dir=input_dir)
+    loose = [] if layout != LAYOUT_PRE_SPLIT else _loose_files(input_dir, {root.split("/")[0] for root in roots})
     return Listing(
-        layout=layout, classes=class_names, files=sorted(files, key=_by_path), skipped=walk.skipped,
-        label_conflicts=walk.label_conflicts,
+        layout=layout, classes=class_names, files=sorted(files, key=_by_path),
+        skipped=sorted(loose + walk.skipped, key=lambda entry: entry["path"]), label_conflicts=walk.label_conflicts,
     )
+
+
+def _loose_files(input_dir: str, split_folders: set) -> list:
+    """The skipped lines of the files directly in the split folders of a pre-split input (next to its class
+    folders): they belong to no class, so they are not read, but they are not left out silently either."""
+    skipped = []
+    for split_folder in sorted(split_folders):
+        for name in _entries(tf.io.gfile.join(input_dir, split_folder)):
+            if not _is_ignored(name) and not _is_folder(tf.io.gfile.join(input_dir, split_folder, name)):
+                skipped.append({"path": f"{split_folder}/{name}", "reason": LOOSE_FILE_REASON})
+    return skipped
 
 
 def find_roots(input_dir: str) -> tuple:
@@ -263,36 +293,76 @@ def _list_file_list(
     taken exactly as written (file_list_path): a full path (starting with "/" or gs://) inside input_dir, or
     else a path relative to input_dir. There is no comment syntax: names may start with "#". Empty lines are
     skipped, a path listed twice counts once; a line of no class folder (e.g. "# note") names a top-level file,
-    ignored as walking ignores one. The classes and splits come from the paths exactly as
-    from the folders (class folders, or pre-split train/validation|val/test folders), with the same ignore
-    rules (hidden names, __MACOSX, top-level files). Nothing is checked per object remotely: a listed object
-    that does not exist is skipped with "cannot read file" when it is read. Local paths are checked with one
-    stat each: a missing file, a symbolic link (name the real file) and anything that is not a regular file
-    are skipped with the reason. Skipped files count towards --max_skipped_fraction.
+    ignored as walking ignores one. The classes and splits come from the paths exactly as from the folders
+    (class folders, or pre-split train/validation|val/test folders), with the same ignore rules (hidden names,
+    __MACOSX, top-level files) and the same skipped lines (files directly in a split folder). Nothing is
+    checked per object remotely: a listed object that does not exist is skipped with "cannot read file" when
+    it is read. Local paths are checked as walking checks the files it finds (_local_listed_files): links
+    followed under the same policy, special files skipped; a path that is not there is skipped with the
+    reason. Skipped files count towards --max_skipped_fraction.
     """
     relative_paths = _read_file_list(file_list, input_dir)
-    pre_split, split_of_folder = path_layout({path.split("/")[0] for path in relative_paths}, where=f"--file_list {file_list!r}")
-    entries = []  # (relative_path, class_name, split or None)
+    where = f"--file_list {file_list!r}"
+    pre_split, split_of_folder = path_layout({path.split("/")[0] for path in relative_paths}, where=where)
+    entries, skipped = [], []  # entries: (relative_path, class_name, split or None)
     for relative_path in sorted(relative_paths):
         entry = path_entry(relative_path, pre_split=pre_split, split_of_folder=split_of_folder)
-        if entry:
+        if entry == LOOSE:
+            skipped.append({"path": relative_path, "reason": LOOSE_FILE_REASON})
+        elif entry:
             entries.append((relative_path, *entry))
+    if pre_split:
+        check_split_folders(
+            listed={path.split("/")[0] for path in relative_paths} & set(split_of_folder),
+            with_classes={path.split("/")[0] for path, _, _ in entries}, input_dir=input_dir,
+        )
     class_names = sorted({class_name for _, class_name, _ in entries})
-    check_classes(class_names=class_names, input_dir=input_dir)
+    check_classes(class_names=class_names, input_dir=input_dir, file_list=file_list)
     labels = {name: label for label, name in enumerate(class_names)}
-    skipped, files = [], []
+    label_conflicts = []
+    if is_local(input_dir):
+        entries, walk = _local_listed_files(input_dir, entries, pre_split=pre_split)
+        skipped, label_conflicts = skipped + walk.skipped, walk.label_conflicts
+    files = []
     for relative_path, class_name, split in entries:
-        reason = listed_file_reason(input_dir, relative_path)
-        if reason:
-            skipped.append({"path": relative_path, "reason": reason})
-            continue
         files.append(source_file_of(
             input_dir=input_dir, relative_path=relative_path, class_name=class_name, label=labels[class_name],
             split=split, seed=seed, validation_fraction=validation_fraction, test_fraction=test_fraction,
         ))
     check_has_files(num_files=len(files), input_dir=input_dir)
     return Listing(layout=LAYOUT_PRE_SPLIT if pre_split else LAYOUT_CLASS_FOLDERS, classes=class_names,
-                   files=sorted(files, key=_by_path), skipped=skipped)
+                   files=sorted(files, key=_by_path), skipped=sorted(skipped, key=lambda entry: entry["path"]),
+                   label_conflicts=label_conflicts)
+
+
+def _local_listed_files(input_dir: str, entries: list, *, pre_split: bool) -> tuple:
+    """The listed entries of a local input that walking would list, and the _Walk that judged them (its skipped
+    lines and label conflicts).
+
+    Each listed file goes through the walk's own check (_Walk.add_file): links are followed under the walk's
+    policy (a path through a link into another class folder is skipped, a second path to a file already
+    listed too), special files are skipped. As the walk lists real entries before links, paths without a link
+    on the way are judged first, then the others, each group in path order.
+    """
+    depth = 2 if pre_split else 1
+    walk = _Walk(input_dir, {"/".join(path.split("/")[:depth]): class_name for path, class_name, _ in entries})
+    real_input = os.path.realpath(input_dir)
+    plain, linked = [], []
+    for entry in entries:
+        path = os.path.join(input_dir, entry[0])
+        if not _is_utf8(entry[0]):
+            walk.skipped.append({"path": entry[0], "reason": NOT_UTF8_REASON})
+        elif not os.path.lexists(path):
+            walk.skipped.append({"path": entry[0], "reason": "named in --file_list but not in --input_dir"})
+        elif os.path.realpath(path) == os.path.join(real_input, entry[0]):
+            plain.append(entry)
+        else:
+            linked.append(entry)
+    kept = []
+    for relative_path, class_name, split in plain + linked:
+        if walk.add_file(relative_path, "/".join(relative_path.split("/")[:depth])):
+            kept.append((relative_path, class_name, split))
+    return kept, walk
 
 
 def _read_file_list(file_list: str, input_dir: str) -> set:
@@ -352,6 +422,11 @@ def file_list_columns(file_list: str, header: str) -> tuple | None:
             f"--file_list {file_list!r} is a CSV whose header {header!r} names no path column; expected one of "
             f"{', '.join(FILE_LIST_PATH_COLUMNS)} (and optionally bucket, as in a Cloud Storage inventory report)"
         )
+    if "label" in names:
+        raise ValueError(
+            f"--file_list {file_list!r} has a label column; pass it as --labels_csv (a --file_list takes each "
+            "file's class from its folder)"
+        )
     return path_column, names.index("bucket") if "bucket" in names else None
 
 
@@ -365,8 +440,8 @@ def file_list_entry(line: str, columns: tuple | None, *, where: str) -> str:
         fields = next(csv.reader([line], strict=True))
     except csv.Error as error:
         raise ValueError(
-            f"{where} is {line!r}: an unclosed quote ({error}); a CSV list holds one row per line, so a name "
-            "with a line break cannot be listed"
+            f"{where} is {line!r}: not one CSV row ({error}); a CSV list holds one row per line, so a name with "
+            "a line break cannot be listed"
         ) from error
     if len(fields) <= max(path_column, bucket_column or 0):
         raise ValueError(f"{where} is {line!r}: fewer fields than the header names; expected a row of the same columns")
@@ -392,6 +467,11 @@ def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
         return None
     if "\0" in line:
         raise ValueError(f"{where} holds a NUL byte; expected UTF-8 text, one path per line")
+    if not is_local(input_dir) and not _is_utf8(line):
+        raise ValueError(
+            f"{where} is not UTF-8 text ({printable_path(line)!r}), so it names no object of --input_dir "
+            f"{input_dir!r} (object names are UTF-8); save the list as UTF-8"
+        )
     relative_path = _relative_list_path(line, input_dir=input_dir, where=where)
     parts = relative_path.split("/")
     if relative_path == "." or len(parts) < 2 or any(_is_ignored(part) for part in parts):
@@ -403,7 +483,7 @@ def _relative_list_path(line: str, *, input_dir: str, where: str) -> str:
     if line.startswith("/") or _SCHEME.match(line):
         root = input_dir.rstrip("/") if not is_local(input_dir) else os.path.abspath(input_dir)
         full = line if not is_local(line) else posixpath.normpath(line)
-        relative_path = full[len(root) + 1:] if full.startswith(root + "/") else None
+        relative_path = full[len(root) + 1:] if full.startswith(root + "/") else "." if full == root else None
     else:
         root, relative_path = None, line
     if relative_path is not None:
@@ -437,29 +517,29 @@ def path_layout(top_folders: set, *, where: str) -> tuple:
     return pre_split, split_of_folder
 
 
-def path_entry(relative_path: str, *, pre_split: bool, split_of_folder: dict) -> tuple | None:
-    """(class name, split or None) of a listed path in its layout; None for a path outside every class folder."""
+def path_entry(relative_path: str, *, pre_split: bool, split_of_folder: dict) -> tuple | str | None:
+    """(class name, split or None) of a listed path in its layout; LOOSE for a file directly in a split folder
+    (skipped with LOOSE_FILE_REASON, as walking skips it); None for a path outside every split folder."""
     parts = relative_path.split("/")
     if not pre_split:
         return parts[0], None
-    if parts[0] in split_of_folder and len(parts) > 2:
-        return parts[1], split_of_folder[parts[0]]
+    if parts[0] in split_of_folder:
+        return (parts[1], split_of_folder[parts[0]]) if len(parts) > 2 else LOOSE
     return None
 
 
-def listed_file_reason(input_dir: str, relative_path: str) -> str | None:
-    """Why a path named by --file_list is not read, or None. Only local paths are checked (one lstat, never
-    opened); a remote object that is gone is found when it is read."""
-    if not _is_utf8(relative_path):
-        return NOT_UTF8_REASON
-    if not is_local(input_dir):
-        return None
-    path = os.path.join(input_dir, relative_path)
-    if not os.path.lexists(path):
-        return "named in --file_list but not in --input_dir"
-    if os.path.islink(path):
-        return "a symbolic link; --file_list names the real files"
-    return _special_file_reason(path)
+def check_split_folders(*, listed: set, with_classes: set, input_dir: str) -> None:
+    """Refuses a split folder of a pre-split input that holds no class folder (e.g. test/ of loose images).
+
+    Args:
+        listed: the split folders that are there (their names).
+        with_classes: the split folders that hold at least one class folder.
+    """
+    for name in sorted(listed - with_classes):
+        raise ValueError(
+            f"--input_dir {input_dir!r} looks pre-split but {name + '/'!r} has no class subfolders; expected "
+            f"<input_dir>/{name}/<class>/<image files>"
+        )
 
 
 def _list_labels_csv(
@@ -513,9 +593,15 @@ def _list_labels_csv(
     return Listing(layout=LAYOUT_LABELS_CSV, classes=class_names, files=sorted(files, key=_by_path), skipped=skipped)
 
 
-def check_classes(*, class_names: list, input_dir: str) -> None:
+def check_classes(*, class_names: list, input_dir: str, file_list: str | None = None) -> None:
     """Refuses fewer than two classes, or a class name that cannot be a line of labels.txt."""
+    list_hint = f" (is --file_list {file_list!r} saved as UTF-8?)" if file_list else ""
     for name in class_names:
+        if not _is_utf8(name):
+            raise ValueError(
+                f"--input_dir {input_dir!r} has a class named {printable_path(name)!r}, not UTF-8 text{list_hint}; "
+                "rename it (labels.txt and the records store names as UTF-8)"
+            )
         if any(not character.isprintable() for character in name):
             raise ValueError(
                 f"--input_dir {input_dir!r} has a class named {name!r}, with a line break or control "
@@ -524,6 +610,11 @@ def check_classes(*, class_names: list, input_dir: str) -> None:
     if not class_names:
         raise ValueError(
             f"--input_dir {input_dir!r} has no class subfolders; expected <input_dir>/<class>/<image files>"
+        )
+    if len(class_names) == 1 and file_list and class_names[0] == posixpath.basename(input_dir.rstrip("/")):
+        raise ValueError(
+            f"--file_list {file_list!r} names only one class folder ({class_names[0]!r}), the name of --input_dir: "
+            "list paths relative to --input_dir (cats/1.jpg), or full paths (/data/images/cats/1.jpg)"
         )
     if len(class_names) == 1:
         raise ValueError(
@@ -561,12 +652,23 @@ def _is_ignored(name: str) -> bool:
 def _subfolders(folder: str) -> list:
     """Returns the sorted names of the non-ignored subfolders of folder."""
     names = []
-    for entry in tf.io.gfile.listdir(folder):
-        # gfile lists gs:// folders with a trailing "/".
-        name = entry.rstrip("/")
-        if not _is_ignored(name) and tf.io.gfile.isdir(tf.io.gfile.join(folder, name)):
+    for name in _entries(folder):
+        if not _is_ignored(name) and _is_folder(tf.io.gfile.join(folder, name)):
             names.append(name)
     return sorted(names)
+
+
+def _is_folder(path: str) -> bool:
+    return os.path.isdir(path) if is_local(path) else tf.io.gfile.isdir(path)
+
+
+def _entries(folder: str) -> list:
+    """The names in a folder: locally through the operating system (a name that is not UTF-8 comes back with
+    surrogates, where tf.io.gfile fails on it), remotely through tf.io.gfile (without the "/" it ends gs://
+    folders with)."""
+    if is_local(folder):
+        return os.listdir(folder)
+    return [entry.rstrip("/") for entry in tf.io.gfile.listdir(folder)]
 
 
 def is_local(path: str) -> bool:
@@ -646,7 +748,7 @@ class _Walk:
             if os.path.isdir(os.path.join(self.input_dir, relative_path)):
                 self._visit(relative_path, relative_root, folders, links, files)
             else:
-                self._add_file(relative_path, relative_root, files)
+                self.add_file(relative_path, relative_root, files)
         return sorted(files)
 
     def _visit(self, relative_folder: str, relative_root: str, folders: list, links: list, files: list) -> None:
@@ -680,23 +782,27 @@ class _Walk:
             elif is_folder:
                 folders.append(relative_path)
             else:
-                self._add_file(relative_path, relative_root, files)
+                self.add_file(relative_path, relative_root, files)
 
-    def _add_file(self, relative_path: str, relative_root: str, files: list) -> None:
+    def add_file(self, relative_path: str, relative_root: str, files: list | None = None) -> bool:
+        """Judges one file found (or listed) in the class folder relative_root: True (and appended to files)
+        when it is listed, False when it is skipped (with its reason in self.skipped)."""
         path = os.path.join(self.input_dir, relative_path)
         reason = NOT_UTF8_REASON if not _is_utf8(relative_path) else _special_file_reason(path)
         if reason:
             self.skipped.append({"path": relative_path, "reason": reason})
-            return
+            return False
         real = os.path.realpath(path)
         if not self._belongs(real, relative_path, relative_root):
-            return
+            return False
         first = self.seen_files.setdefault(real, relative_path)
         if first != relative_path:
             self.skipped.append({"path": relative_path, "reason": f"same file as {first} (symbolic link)"})
             self._conflict(first, relative_path)
-            return
-        files.append(relative_path)
+            return False
+        if files is not None:
+            files.append(relative_path)
+        return True
 
     def _belongs(self, real: str, relative_path: str, relative_root: str) -> bool:
         """False (and the path skipped) when a link leads out of this class folder into another one."""
