@@ -2,6 +2,8 @@
 
 import io
 import re
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import tensorflow as tf
 
 from tfrecords import images
+from trainer import data
 
 ODD_IMAGES_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "odd_images"
 
@@ -151,3 +154,111 @@ def test_refuses_to_run_when_truncated_images_are_allowed(monkeypatch):
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
         images.load_image(_rgb_jpeg())
+
+
+# --- Transparency: the same pixels in conversion (training) and in the serving signature (prediction) --------
+
+HIDDEN = (200, 30, 60)  # the colour under transparent pixels: a plain convert("RGB") or channels=3 decode shows it
+SIZE = 32
+
+
+def _png16(values: np.ndarray) -> bytes:
+    """A 16-bit PNG of uint16 [height, width, channels] (Pillow cannot write 16-bit RGBA)."""
+    height, width, channels = values.shape
+    color_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]
+    rows = b"".join(b"\x00" + values[row].astype(">u2").tobytes() for row in range(height))
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def _alpha() -> np.ndarray:
+    """Opaque left half, transparent right half, a half-transparent band below the middle (aligned to JPEG's 16 px
+    blocks, so the transparent top right block is plain white in the converted JPEG too)."""
+    alpha = np.full((SIZE, SIZE), 255, np.uint8)
+    alpha[:, SIZE // 2 :] = 0
+    alpha[16:24, :] = 128
+    return alpha
+
+
+def _colours() -> np.ndarray:
+    """Smooth colours (little JPEG noise), the hidden colour under the transparent half."""
+    ramp = np.linspace(20, 235, SIZE).astype(np.uint8)
+    rgb = np.stack([np.tile(ramp, (SIZE, 1)), np.tile(ramp[:, None], (1, SIZE)), np.full((SIZE, SIZE), 90, np.uint8)], -1)
+    rgb[:, SIZE // 2 :] = HIDDEN
+    return rgb
+
+
+def _transparent_file(kind: str) -> bytes:
+    rgb, alpha = _colours(), _alpha()
+    if kind == "rgba":
+        return _encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "PNG")
+    if kind == "webp_rgba":
+        return _encode(Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), "WEBP", lossless=True, exact=True)
+    if kind == "gray_alpha":
+        return _encode(Image.fromarray(np.dstack([rgb[..., 1], alpha]), "LA"), "PNG")
+    if kind == "rgba_16_bit":
+        return _png16(np.dstack([rgb, alpha]).astype(np.uint16) * 257)
+    if kind == "rgb_colour_key":  # tRNS naming one RGB colour transparent
+        return _encode(Image.fromarray(rgb), "PNG", transparency=HIDDEN)
+    # A palette PNG whose tRNS gives each palette entry its alpha.
+    palette_image = Image.fromarray(rgb).quantize(colors=64, dither=Image.Dither.NONE)
+    entries = len(palette_image.getpalette()) // 3
+    hidden_index = palette_image.getpixel((SIZE - 1, 0))
+    alphas = bytes(0 if index == hidden_index else 255 for index in range(entries))
+    return _encode(palette_image, "PNG", transparency=alphas)
+
+
+def _serving_pixels(encoded: bytes) -> np.ndarray:
+    """What the SavedModel's serving signature (and predict's TFLite and ONNX paths) feed the model: here
+    uncropped and at the file's own size, so the pixels are the decoded ones."""
+    return data.decode_and_resize(tf.constant(encoded), SIZE, crop_fraction=1.0, dct_scale=False).numpy()
+
+
+TRANSPARENT_KINDS = ["rgba", "webp_rgba", "gray_alpha", "rgba_16_bit", "rgb_colour_key", "palette_alpha"]
+
+
+@pytest.mark.parametrize("kind", TRANSPARENT_KINDS)
+def test_transparent_pixels_are_the_same_white_in_conversion_and_in_serving(kind):
+    # Before: the converter put transparent pixels on white, the serving decode showed the colour hidden under
+    # them (HIDDEN, or black): one image, two inputs.
+    encoded = _transparent_file(kind)
+    served = _serving_pixels(encoded)
+    np.testing.assert_array_equal(served[:16, -16:], 255.0)  # transparent: white, as the converter makes it
+    # Exactly the pixels the converter encodes as JPEG (its RGB conversion, before the JPEG's rounding).
+    rgba = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGBA"))
+    assert rgba[0, -1, 3] == 0 and not np.array_equal(rgba[0, -1, :3], [255, 255, 255])
+    stored = np.asarray(images._to_rgb(Image.open(io.BytesIO(encoded))))
+    np.testing.assert_array_equal(served, stored.astype(np.float32))
+    # And within JPEG noise of what training reads back from the stored file.
+    converted = _serving_pixels(images.load_image(encoded)[0])
+    assert np.abs(converted - served).mean() < 4 and np.abs(converted[:16, -16:] - 255).max() < 16
+
+
+def test_composite_on_white_is_pillows_alpha_composite_for_every_colour_and_alpha():
+    colour, alpha = np.meshgrid(np.arange(256), np.arange(256))
+    rgba = np.stack([colour, colour, colour, alpha], -1).astype(np.uint8)
+    background = Image.new("RGBA", (256, 256), images.BACKGROUND_COLOR)
+    background.alpha_composite(Image.fromarray(rgba, "RGBA"))
+    expected = np.asarray(background.convert("RGB")).astype(np.int32)
+    np.testing.assert_array_equal(images.composite_on_white(rgba[..., :3].astype(np.int32), alpha[..., None]), expected)
+    in_graph = images.composite_on_white(tf.constant(rgba[..., :3], tf.int32), tf.constant(alpha[..., None], tf.int32))
+    np.testing.assert_array_equal(in_graph.numpy(), expected)
+
+
+@pytest.mark.skipif(not ODD_IMAGES_DIR.is_dir(), reason=f"{ODD_IMAGES_DIR} is absent")
+@pytest.mark.parametrize("file_name", sorted(name for name, kind in ODD_IMAGES.items()
+                                             if kind == CONVERTED and name.endswith(".png")))
+def test_odd_pngs_are_served_as_converted(file_name):
+    # Real 16-bit, grayscale+alpha and palette+transparency files (animated: the first frame, both ways).
+    encoded = (ODD_IMAGES_DIR / file_name).read_bytes()
+    rgba = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGBA")).astype(np.int32)
+    stored = images.composite_on_white(rgba[..., :3], rgba[..., 3:])
+    height, width = stored.shape[:2]
+    served = data.decode_and_resize(tf.constant(encoded), max(height, width), crop_fraction=1.0, dct_scale=False)
+    # Compare at the file's own size: resize the stored pixels the same way.
+    expected = data.resize_pixels(tf.constant(stored.astype(np.uint8)), max(height, width)).numpy()
+    np.testing.assert_allclose(served.numpy(), expected, atol=1e-3)

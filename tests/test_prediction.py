@@ -127,7 +127,7 @@ def test_batched_results_equal_one_image_per_call(serve, tmp_path):
     assert failures == {}
     assert [result["path"] for result in results] == paths
     for path, result in zip(paths, results):
-        outputs = serve(image_bytes=tf.constant([prediction.read_file(path)]))
+        outputs = serve(image_bytes=tf.constant([prediction.read_image(path)]))
         assert result["class_name"] == outputs["class_names"][0].numpy().decode()
         np.testing.assert_allclose(
             [entry["probability"] for entry in result["top_k"]],
@@ -616,3 +616,103 @@ def test_a_missing_export_names_the_training_flag_that_writes_it(exports_dir, tm
     (model_dir / export.TFLITE_DIR / prediction.LABELS_FILE).unlink()
     with pytest.raises(ValueError, match=r"no labels.txt beside .*model.tflite'"):
         prediction.load_serving(model_dir=str(model_dir), model_format="tflite")
+
+
+# --- One decode-and-normalise path: a file is labelled as the converter stores it for training ---------------
+
+def transparent_png(hidden=(200, 30, 60)) -> bytes:
+    """A photo-like image whose right quarter is transparent over `hidden` (which the converter makes white), with a
+    half-transparent strip beside it."""
+    rgb = np.asarray(Image.open(io.BytesIO(test_export.encode(3, "PNG", size=(40, 48), smooth=True))))
+    rgba = np.dstack([rgb, np.full((40, 48), 255, np.uint8)])
+    rgba[:, 30:36, 3] = 128
+    rgba[:, 36:] = (*hidden, 0)
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("model_format", EXPORT_FORMATS)
+def test_a_transparent_png_gets_its_converted_copys_input_in_every_format(exports_dir, tmp_path, model_format):
+    # Before: the converter put transparent pixels on white for training, predict showed the colour hidden under
+    # them. Now predict prepares a file as the converter stores it: the same bytes reach the model, so a PNG and
+    # its converted copy (what training and evaluation read) get the same probabilities, exactly.
+    from tfrecords import images
+
+    png = transparent_png()
+    (tmp_path / "transparent.png").write_bytes(png)
+    (tmp_path / "converted.jpg").write_bytes(images.load_image(png)[0])
+    (tmp_path / "shown.png").write_bytes(encode_opaque(png))  # the hidden colour shown: the model must see it
+    serve = prediction.load_serving(model_dir=str(exports_dir), model_format=model_format)
+    paths = [str(tmp_path / name) for name in ("transparent.png", "converted.jpg", "shown.png")]
+    results, failures = prediction.predict_files(serve=serve, paths=paths, class_names=test_export.CLASS_NAMES,
+                                                 top_k=3, batch_size=3)
+    assert failures == {}
+    transparent, converted, shown = [
+        [{entry["class_name"]: entry["probability"] for entry in result["top_k"]}[name] for name in test_export.CLASS_NAMES]
+        for result in results
+    ]
+    np.testing.assert_allclose(transparent, converted, atol=1e-6)
+    assert np.abs(np.array(shown) - converted).max() > 0.1  # the test model does look at those pixels
+
+
+def test_a_server_given_the_transparent_png_itself_sees_it_on_white_too(exports_dir):
+    # A client of the SavedModel (TensorFlow Serving, Vertex AI) sends the file as it is: the signature's own
+    # decode puts transparent pixels on white with the converter's formula, so only JPEG rounding differs.
+    from tfrecords import images
+
+    png = transparent_png()
+    serve = export.load_serving_function(str(exports_dir / export.SAVED_MODEL_DIR))
+    files = [png, images.load_image(png)[0], encode_opaque(png)]
+    as_file, converted, shown = serve(image_bytes=tf.constant(files))["probabilities"].numpy()
+    assert np.abs(as_file - converted).max() < 0.02
+    assert np.abs(shown - converted).max() > 0.1
+
+
+def encode_opaque(png: bytes) -> bytes:
+    rgba = np.asarray(Image.open(io.BytesIO(png)).convert("RGBA")).copy()
+    rgba[..., 3] = 255
+    buffer = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_broken_images(folder: Path) -> list[str]:
+    """Files TensorFlow's decoders log about (libjpeg straight to stderr) besides failing."""
+    jpeg = encode(0, "JPEG", size=(60, 50))
+    start_of_scan = jpeg.index(b"\xff\xda")
+    contents = {
+        "header_only.jpg": jpeg[:start_of_scan],  # libjpeg: "Input file read error"
+        "start_marker_only.jpg": b"\xff\xd8\xff",  # libjpeg: "Improper call to JPEG library in state 201"
+        "cut_in_half.jpg": jpeg[: len(jpeg) // 2],  # TensorFlow: "Premature end of JPEG data"
+        "cut_in_half.png": encode(1, "PNG")[:300],
+        "text.png": b"not an image",
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in contents.items():
+        (folder / name).write_bytes(content)
+    return sorted(str(folder / name) for name in contents)
+
+
+@pytest.mark.parametrize("model_format", EXPORT_FORMATS)
+def test_each_broken_file_is_one_line_on_stderr_without_decoder_noise(exports_dir, tmp_path, model_format):
+    # Before: each broken file also printed libjpeg's and TensorFlow's own lines ("Input file read error",
+    # "Improper call to JPEG library", "Local rendezvous is aborting", ...), some twice (batch, then file).
+    images_folder = tmp_path / "images"
+    good = write_images(images_folder, ["good.png", "good.jpg"])
+    broken = write_broken_images(images_folder)
+    # As a user runs it: without the TF_CPP_MIN_LOG_LEVEL the test session sets.
+    environment = {name: value for name, value in os.environ.items() if name != "TF_CPP_MIN_LOG_LEVEL"}
+    completed = subprocess.run(
+        [sys.executable, "-m", "trainer.predict", f"--model_dir={exports_dir}", f"--format={model_format}",
+         "--batch_size=8", str(images_folder)],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120, env=environment,
+    )
+    assert completed.returncode == 1, completed.stderr
+    lines = completed.stderr.splitlines()
+    for path in broken:
+        assert [line for line in lines if path in line] == [f"error: {path}: not a decodable image"], completed.stderr
+    noise = [line for line in lines if not line.startswith("error:")
+             and re.search(r"(?i)jpeg|png|rendezvous|input file|corrupt|invalid", line)]
+    assert noise == []
+    assert sorted(line.split()[0] for line in completed.stdout.splitlines()[1:]) == sorted(good)

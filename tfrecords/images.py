@@ -7,7 +7,9 @@ An RGB JPEG without EXIF rotation and within `max_side` is stored as it came (no
 full decode that proves every pixel is there. Everything else (PNG, GIF, BMP, WebP, grayscale, 16-bit,
 palette, CMYK/YCCK, EXIF-rotated, with alpha, larger than `max_side`) is decoded, rotated upright,
 converted to 8-bit RGB, downscaled if needed and re-encoded as JPEG, so the trainer needs one decoder.
-Animated images keep their first frame.
+Animated images keep their first frame. Transparent pixels are composited on white, exactly as
+composite_on_white computes it: the formula the serving signature applies in its graph (trainer.data), so a file
+gets the same pixels in training and in serving.
 
 Speed: JPEG decoders can scale by 1/2, 1/4 or 1/8 while decoding (Pillow's `Image.draft()`). A kept
 JPEG is validated at 1/8 scale, and a JPEG to be downscaled is decoded at the smallest such scale that
@@ -169,7 +171,27 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         return image.convert("RGB")
     # A plain convert("RGB") drops alpha and shows whatever colour hides under transparent pixels
     # (often black); white is what an image viewer shows.
+    # Pillow's alpha_composite computes composite_on_white (the serving graph's formula) exactly, for every colour
+    # and alpha (tests/test_images.py), in place on uint8: a large image needs no int32 copies here.
     foreground = image.convert("RGBA")
     background = Image.new("RGBA", foreground.size, BACKGROUND_COLOR)
     background.alpha_composite(foreground)
     return background.convert("RGB")
+
+
+def composite_on_white(rgb, alpha):
+    """Pixels over a white background, rounded: (rgb * alpha + 255 * (255 - alpha)) / 255 per channel, exactly
+    Pillow's alpha_composite onto white.
+
+    The one definition of transparent pixels: the serving signature applies it in its graph (trainer.data), and
+    the converter's Pillow alpha_composite (_to_rgb) gives exactly these values for every colour and alpha, which
+    tests/test_images.py checks. Operators only, so it takes numpy arrays and tensors alike.
+
+    Args:
+        rgb: int32 [..., 3] colours in [0, 255] (numpy array or tensor).
+        alpha: int32 [..., 1] opacities in [0, 255] (0: transparent).
+
+    Returns:
+        int32 [..., 3] in [0, 255].
+    """
+    return (rgb * alpha + 255 * (255 - alpha) + 127) // 255

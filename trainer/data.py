@@ -17,7 +17,7 @@ import re
 import keras
 import tensorflow as tf
 
-from tfrecords import schema
+from tfrecords import images, schema
 
 AUTOTUNE = tf.data.AUTOTUNE
 # Evaluation and serving keep the central 87.5% of each side (the Inception / TF-slim convention):
@@ -328,10 +328,40 @@ def _decode_window(
         return tf.switch_case(branch, [decode_jpeg_window(ratio) for ratio in DCT_RATIOS])
 
     def decode_any_then_crop():
-        image = tf.io.decode_image(encoded, channels=3, expand_animations=False)
-        return tf.image.crop_to_bounding_box(image, offset_height, offset_width, height, width)
+        return tf.image.crop_to_bounding_box(decode_on_white(encoded), offset_height, offset_width, height, width)
 
     return tf.cond(tf.io.is_jpeg(encoded), decode_jpeg, decode_any_then_crop)
+
+
+def decode_on_white(encoded: tf.Tensor) -> tf.Tensor:
+    """Decodes PNG, WebP, GIF or BMP bytes to uint8 RGB [height, width, 3], transparent pixels composited on white
+    with the converter's formula (tfrecords.images.composite_on_white): a file served gets the pixels its converted
+    copy was trained on, not the colour hidden under its transparent pixels.
+
+    GIF and BMP decode as RGB: TensorFlow decodes GIF transparency as black, and the fourth byte of a 32-bit BMP
+    is usually padding, not alpha.
+    """
+    signature = tf.strings.substr(encoded, 0, 4)
+
+    def png():
+        # libpng gives every PNG an alpha channel: grey+alpha, palette and colour-key (tRNS) transparency too.
+        return tf.io.decode_png(encoded, channels=4)
+
+    def webp():
+        # WebP decodes only at its own channel count: 3, or 4 with alpha.
+        image = tf.io.decode_image(encoded, channels=0, expand_animations=False)
+        alpha = tf.where(tf.shape(image)[2] == 4, image[..., -1:], tf.constant(255, tf.uint8))
+        return tf.concat([image[..., :3], alpha], axis=-1)
+
+    def composite(rgba):
+        rgba = tf.cast(rgba, tf.int32)
+        return tf.cast(images.composite_on_white(rgba[..., :3], rgba[..., 3:]), tf.uint8)
+
+    image = tf.case(
+        [(signature == b"\x89PNG", lambda: composite(png())), (signature == b"RIFF", lambda: composite(webp()))],
+        default=lambda: tf.io.decode_image(encoded, channels=3, expand_animations=False),
+    )
+    return tf.ensure_shape(image, [None, None, 3])
 
 
 def dct_scale_branch(smaller_side: tf.Tensor, min_side: int) -> tf.Tensor:
@@ -344,7 +374,8 @@ def _image_shape(encoded: tf.Tensor) -> tf.Tensor:
     """Returns [height, width] of an encoded image, reading only the header for JPEG."""
 
     def decode_any_shape():
-        return tf.shape(tf.io.decode_image(encoded, channels=3, expand_animations=False))[:2]
+        # channels=0: a WebP decodes only at its own channel count.
+        return tf.shape(tf.io.decode_image(encoded, channels=0, expand_animations=False))[:2]
 
     return tf.cond(tf.io.is_jpeg(encoded), lambda: tf.io.extract_jpeg_shape(encoded)[:2], decode_any_shape)
 

@@ -347,7 +347,8 @@ def load_tflite_interpreter(tflite_path: str, num_threads: int | None = None):
     num_threads: the interpreter's CPU threads; None = the runtime's default.
     """
     if not tf.io.gfile.exists(tflite_path):
-        raise ValueError(f"no TFLite model at {tflite_path!r}; write one with trainer.export.export_tflite")
+        raise ValueError(f"no TFLite model at {tflite_path!r}; train with --export_tflite=<kinds> to write it "
+                         f"({', '.join(f'{kind}: {name}' for kind, name in TFLITE_FILES.items())})")
     with tf.io.gfile.GFile(tflite_path, "rb") as file:
         tflite_model = file.read()
     try:  # Optional: LiteRT is where the interpreter lives now; tf.lite.Interpreter warns it is deprecated.

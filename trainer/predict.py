@@ -6,14 +6,16 @@ PATH arguments are image files, folders (searched recursively, hidden files and 
 globs, local or gs://. Files are read a batch at a time (--batch_size) by a few threads, and each batch
 goes through the SavedModel's `serving_default` signature in one call; --format=tflite (--tflite_kind=float,
 dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
-and the same output. Without --output a table is
-printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
+and the same output. Every file is first made what the converter stores for training (upright 8-bit RGB,
+transparent pixels on white), so each format sees the pixels the model was trained on. Without --output a table
+is printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
 (local or gs://): never inside --model_dir or the folders being labelled, and an existing file only with
---overwrite. Each batch's rows are printed or written before the next batch is labelled, so memory does
-not grow with the number of files: the output file fills as <output>.incomplete and is renamed to <output>
-when every file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are reported on stderr as
-`error: <path>: ...` at the end, the rest are still labelled, and the run exits with code 1; bad flags or paths
-that match nothing exit with code 2. The work is trainer/prediction.py's; this module reads the flags.
+--overwrite. Each batch's rows are printed or written before the next batch is labelled, so memory does not grow
+with the number of files: the output file fills as <output>.incomplete and is renamed to <output> when every
+file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are
+reported on stderr, one line each (`error: <path>: ...`), at the end, the rest are still labelled, and the run
+exits with code 1; bad flags or paths that match nothing exit with code 2. The work is trainer/prediction.py's;
+this module reads the flags.
 """
 
 import sys

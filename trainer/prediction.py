@@ -4,6 +4,10 @@ batch, and write each batch's rows of a table, CSV or JSON before labelling the 
 with the number of files and an output file fills as the run goes (under <output>.incomplete until finished).
 The serving function is the SavedModel's `serving_default`, or the same contract around a TFLite or ONNX export
 (load_serving): the files prepared as `serving_default` prepares them.
+
+Each file is first made what the converter stores for training (read_image: tfrecords.images.load_image, upright
+8-bit RGB with transparent pixels on white), so every format is given the pixels training and evaluation read,
+and a file the converter would skip is reported, in one line, before any TensorFlow decoder sees it.
 """
 
 import concurrent.futures
@@ -20,7 +24,7 @@ from typing import Self
 import numpy as np
 import tensorflow as tf
 
-from tfrecords import schema
+from tfrecords import images, schema
 from trainer import data, export
 
 LABELS_FILE = schema.LABELS_FILE
@@ -189,6 +193,21 @@ def read_file(path: str) -> bytes:
         return file.read()
 
 
+def read_image(path: str) -> bytes:
+    """A file's bytes as the converter stores them for training (tfrecords.images.load_image, at full size): an
+    upright RGB JPEG kept byte for byte, anything else (PNG, transparency, grey, 16-bit, palette, EXIF-rotated,
+    CMYK, WebP, ...) decoded, normalised and re-encoded as JPEG.
+
+    Pillow decodes it, which prints nothing: TensorFlow's decoders print their own lines for a broken file (libjpeg
+    straight to stderr), and now only see files that decode.
+
+    Raises:
+        tf.errors.OpError: the file cannot be read.
+        tfrecords.images.ImageError: the converter would skip it (not an image, truncated, corrupt, ...).
+    """
+    return images.load_image(read_file(path))[0]
+
+
 def label_images(*, serve, encoded_images: list[bytes], class_names: list[str], top_k: int) -> list[dict]:
     """Runs the serving signature once on a batch of encoded images.
 
@@ -230,8 +249,9 @@ def predict_batches(
     """Labels image files a batch at a time, reading the next batch while the current one runs.
 
     A generator, so a caller writes each batch out before the next one is labelled and holds no more than a
-    batch of results however many files there are. A batch holding an undecodable file is labelled again one
-    file at a time, so only that file is lost.
+    batch of results however many files there are. The reading threads prepare each file as the converter
+    stores it (read_image), so a file that is no image fails there; should the model still fail to decode one, its
+    batch is labelled again one file at a time, so only that file is lost.
 
     Args:
         serve: the `serving_default` signature from export.load_serving_function, or load_serving's function.
@@ -260,10 +280,10 @@ def predict_batches(
     # Batches are sliced as they are reached rather than all up front: a list of them would be one more
     # reference per file.
     with concurrent.futures.ThreadPoolExecutor(max_workers=num_read_threads) as executor:
-        pending = [executor.submit(read_file, path) for path in paths[:batch_size]]
+        pending = [executor.submit(read_image, path) for path in paths[:batch_size]]
         for start in range(0, len(paths), batch_size):
             batch, reads = paths[start : start + batch_size], pending
-            pending = [executor.submit(read_file, path) for path in paths[start + batch_size : start + 2 * batch_size]]
+            pending = [executor.submit(read_image, path) for path in paths[start + batch_size : start + 2 * batch_size]]
             failures, readable, encoded_images = {}, [], []
             for path, read in zip(batch, reads):
                 try:
@@ -271,6 +291,8 @@ def predict_batches(
                     readable.append(path)
                 except tf.errors.OpError as error:
                     failures[path] = f"cannot be read ({(error.message or type(error).__name__).splitlines()[0]})"
+                except images.ImageError:
+                    failures[path] = NOT_DECODABLE
             if not readable:
                 yield [], failures
                 continue
@@ -354,7 +376,7 @@ def check_output_path(path: str, *, overwrite: bool, model_dir: str, inputs: lis
         if reason:
             raise ValueError(f"--output {path!r} {reason}; write predictions outside the images being labelled")
     if tf.io.gfile.isdir(path):
-        raise ValueError(f"--output {path!r} is a folder; give a file in it, e.g. --output={path.rstrip('/')}/predictions.csv")
+        raise ValueError(f"--output {path!r} is a folder; give a file, e.g. --output={path.rstrip('/')}/predictions.csv")
     folder = path.rpartition("/")[0]
     if folder and tf.io.gfile.exists(folder) and not tf.io.gfile.isdir(folder):
         raise ValueError(f"--output {path!r}: {folder!r} is a file, not a folder; give a path in a folder")
