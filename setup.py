@@ -16,7 +16,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["tfrecords", "trainer", "launch"]),
+    packages=find_packages(include=["tfrecords", "tfrecords.*", "trainer", "trainer.*", "launch"]),
     install_requires=[
         "tensorflow>=2.21,<3",
         "keras>=3.15,<4",
