@@ -1,4 +1,5 @@
-# The README's two commands: `make demo` and `make test`. Both create .venv and install into it.
+# The README's two commands: `make demo` and `make test`. Both create .venv and install into it
+# (the docs extra too: the suite builds the documentation site with `mkdocs build --strict`).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
 install: $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e ".[test,beam,lite]"
+	$(BIN)/python -m pip install --quiet -e ".[test,beam,lite,docs]"
 
 demo: install
 	DEMO_DIR=$(DEMO_DIR) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh

@@ -55,6 +55,8 @@ setup(
         "profile": ["tensorboard-plugin-profile>=2.19"],
         # tfrecords/beam_build.py; [gcp] brings the DataflowRunner and Cloud Storage IO.
         "beam": ["apache-beam[gcp]>=2.77,<3"],
+        # The documentation site (docs/, mkdocs.yml): `mkdocs serve`; tests/test_docs.py builds it with --strict.
+        "docs": ["mkdocs==1.6.1", "mkdocs-material==9.8.2"],
     },
     entry_points={
         "console_scripts": [
