@@ -214,7 +214,7 @@ flags.DEFINE_integer(
     "Training steps per tf.function call. TPUs want many (e.g. 50) to avoid a host round trip per step; "
     "above 1 the per-epoch input-wait share cannot be measured.",
 )
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (helps GPUs; slow on CPUs; TPUs always compile).")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (when and why: trainer/fit/steps.py uses_xla).")
 flags.DEFINE_integer("num_gpus", 0, "With --strategy=mirrored, use only the first N GPUs; 0 = all.")
 flags.DEFINE_enum(
     "learning_rate_scaling", "none", ["none", "linear"],

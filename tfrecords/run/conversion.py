@@ -29,18 +29,20 @@ DEFAULT_MAX_SIDE = 1024
 def define_conversion_flags() -> None:
     """Defines the conversion flags of the two entry points, tfrecords/build.py and tfrecords/beam_build.py, at
     their import (beam_build has no --num_workers: Beam owns it). The only flags defined outside an entry
-    module: two programs share them, with one help text."""
+    module: two programs share them, with one help text. In two groups: what is read, and what is written."""
+    _define_input_flags()
+    _define_output_flags()
+    flags.mark_flag_as_required("output_dir")
+
+
+def _define_input_flags() -> None:
+    """The input (--input_dir, or the files --labels_csv or --file_list name) and its split."""
     flags.DEFINE_string(
         "input_dir",
         None,
         "Image folder, local or gs://: <input_dir>/<class>/<image files>, or pre-split "
         "<input_dir>/{train,validation|val,test}/<class>/<image files>, or any files listed by "
         "--labels_csv. Not used with --tfds_name.",
-    )
-    flags.DEFINE_string(
-        "output_dir",
-        None,
-        "Folder for the shards, labels.txt and manifest.json, local or gs://; created if missing.",
     )
     flags.DEFINE_float(
         "validation_fraction",
@@ -55,6 +57,38 @@ def define_conversion_flags() -> None:
         "pre-split folders keep their splits.",
     )
     flags.DEFINE_integer(
+        "seed",
+        42,
+        "Seed of the train/validation/test assignment and of the example order. Keep it fixed so files "
+        "keep their split across reruns.",
+    )
+    flags.DEFINE_string(
+        "labels_csv",
+        None,
+        "CSV file (local or gs://) of `path,label` rows, path relative to --input_dir, for datasets "
+        "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
+        "folders.",
+    )
+    flags.DEFINE_string(
+        "file_list",
+        None,
+        "Text file (local or gs://) of the image files' paths, one per line, taken exactly as written (a line "
+        "starting with / or gs:// is a full path under --input_dir, any other is relative to it; no comments), "
+        "e.g. from gcloud storage ls 'gs://BUCKET/images/**', or a .csv whose header names the path column (path, name, "
+        "key or object; with a bucket column the path is gs://<bucket>/<name>, as in a Cloud Storage inventory "
+        "report); laid out as class folders or pre-split folders: --input_dir is then never walked, for buckets of "
+        "millions of objects.",
+    )
+
+
+def _define_output_flags() -> None:
+    """The output folder, its shards and how images are stored in them."""
+    flags.DEFINE_string(
+        "output_dir",
+        None,
+        "Folder for the shards, labels.txt and manifest.json, local or gs://; created if missing.",
+    )
+    flags.DEFINE_integer(
         "num_shards",
         0,
         "Shards per split. 0 picks the number from --target_shard_mb.",
@@ -64,12 +98,6 @@ def define_conversion_flags() -> None:
         100,
         "With --num_shards=0, aim at shards of about this many MiB (of source files). 100 to 200 MiB "
         "reads well from gs://.",
-    )
-    flags.DEFINE_integer(
-        "seed",
-        42,
-        "Seed of the train/validation/test assignment and of the example order. Keep it fixed so files "
-        "keep their split across reruns.",
     )
     flags.DEFINE_bool(
         "overwrite",
@@ -97,23 +125,6 @@ def define_conversion_flags() -> None:
         "Fail (exit 1, no manifest) when more than this share of the files cannot be decoded: that "
         "usually means a wrong folder. Duplicates do not count. 1 never fails.",
     )
-    flags.DEFINE_string(
-        "labels_csv",
-        None,
-        "CSV file (local or gs://) of `path,label` rows, path relative to --input_dir, for datasets "
-        "whose labels are not folder names. A first row `path,label` is a header. Splits as for class "
-        "folders.",
-    )
-    flags.DEFINE_string(
-        "file_list",
-        None,
-        "Text file (local or gs://) of the image files' paths, one per line (relative to --input_dir or full "
-        "paths under it, e.g. from gcloud storage ls -r), or a .csv whose header names the path column (path, name, "
-        "key or object; with a bucket column the path is gs://<bucket>/<name>, as in a Cloud Storage inventory "
-        "report); laid out as class folders or pre-split folders: --input_dir is then never walked, for buckets of "
-        "millions of objects.",
-    )
-    flags.mark_flag_as_required("output_dir")
 
 
 class InputError(ValueError):

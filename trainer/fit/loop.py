@@ -27,7 +27,7 @@ class LoopOptions:
 
     steps_per_epoch: training steps per epoch; 0 = one pass over the train split.
     steps_per_execution: training steps per tf.function call; above 1 the input wait is not timed.
-    jit_compile: XLA-compile the per-replica training step.
+    jit_compile: --jit_compile, the request to XLA-compile the training step (decided by steps.uses_xla).
     checkpoint_every_steps: also checkpoint within an epoch every this many steps; 0 = per epoch only.
     early_stopping_patience: end a phase after this many epochs without a better val_loss; 0 = off.
     fine_tune_patience: end a fine-tuning phase after this many epochs in a row that do not beat the best
@@ -90,7 +90,7 @@ def train_phase(
             strategy.scope()), its training and validation datasets and its evaluation step.
         optimizer: built for trained.model in strategy.scope().
         loss_function: per-example training loss (recipe.make_loss_function); None: cross-entropy.
-        reporter: the run's reporting.EpochReporter (its history holds every epoch so far).
+        reporter: the run's training_log.EpochReporter (its history holds every epoch so far).
         weights_model: the model whose weights are saved as the best ones, when `model` is only a part
             of it (the head trained on cached features); None: trained.model.
         lock: the chief's run_dir.Lock, checked before each write (checkpoints, history.json); None: not checked.
@@ -104,22 +104,15 @@ def train_phase(
         run_dir.LockLost: another run took the model_dir over; nothing more was written.
     """
     model = trained.model
-    checkpoint = checkpoints.PhaseCheckpoint(
-        model_dir=model_dir, phase_name=phase.name, model=model, optimizer=optimizer, strategy=strategy,
-        initial_epoch=phase.first_epoch,
-    )
-    if latest := checkpoint.restore_latest():
-        logging.info("%s: restored %s (%d epochs and %d steps done)", phase.name, latest,
-                     int(checkpoint.epoch), int(checkpoint.step))
-    reporter.history.keep_until(int(checkpoint.epoch))
+    checkpoint = restore_phase(phase, model=model, optimizer=optimizer, strategy=strategy, model_dir=model_dir,
+                               reporter=reporter)
     if int(checkpoint.epoch) >= phase.last_epoch:
         logging.info("%s already finished in an earlier run (delete --model_dir to retrain)", phase.name)
         return phase_result(phase, reporter.history.epochs)
-    step_runner = StepRunner(
-        steps.make_train_step(model=model, optimizer=optimizer, strategy=strategy, global_batch_size=global_batch_size,
-                              jit_compile=options.jit_compile, loss_function=loss_function),
-        iter(trained.train_dataset), options.steps_per_execution,
-    )
+    train_step = steps.make_train_step(model=model, optimizer=optimizer, strategy=strategy,
+                                       global_batch_size=global_batch_size, jit_compile=options.jit_compile,
+                                       loss_function=loss_function)
+    step_runner = StepRunner(train_step, iter(trained.train_dataset), options.steps_per_execution)
     profiler = Profiler(options.profile_steps, reporter.log_dir, enabled=distribute.is_chief(strategy))
     stopper = EarlyStopping(options.early_stopping_patience, phase.name)
     fine_tune_patience = options.fine_tune_patience if phase.fine_tune_at is not None else 0
@@ -150,6 +143,19 @@ def train_phase(
         checkpoint.save()
     profiler.stop()  # the phase ended inside the profiled range
     return phase_result(phase, reporter.history.epochs)
+
+
+def restore_phase(phase, *, model, optimizer, strategy, model_dir: str, reporter) -> checkpoints.PhaseCheckpoint:
+    """The phase's checkpoint, restored from its latest save if there is one; the history is cut back to it."""
+    checkpoint = checkpoints.PhaseCheckpoint(
+        model_dir=model_dir, phase_name=phase.name, model=model, optimizer=optimizer, strategy=strategy,
+        initial_epoch=phase.first_epoch,
+    )
+    if latest := checkpoint.restore_latest():
+        logging.info("%s: restored %s (%d epochs and %d steps done)", phase.name, latest,
+                     int(checkpoint.epoch), int(checkpoint.step))
+    reporter.history.keep_until(int(checkpoint.epoch))
+    return checkpoint
 
 
 def phase_result(phase, history_epochs: list[dict]) -> dict:

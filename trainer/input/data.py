@@ -682,6 +682,12 @@ def make_dataset(
             num_parallel_calls=AUTOTUNE,
             deterministic=ordered,
         )
+    return _feed(dataset, options, training=training, ordered=ordered)
+
+
+def _feed(dataset: tf.data.Dataset, options: PipelineOptions, *, training: bool, ordered: bool) -> tf.data.Dataset:
+    """The last steps of make_dataset: threading and memory options, the tf.data service (training with
+    --data_service), prefetch."""
     dataset = dataset.with_options(
         dataset_options(deterministic=ordered, ram_budget_gb=options.ram_budget_gb, private_threads=options.private_threads)
     )

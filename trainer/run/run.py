@@ -115,9 +115,34 @@ class RunOptions:
         }
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one run share once it is set up (train_and_evaluate's own state)."""
+
+    options: RunOptions
+    strategy: tf.distribute.Strategy
+    manifest: dict
+    stopwatch: training_log.Stopwatch
+    lock: run_dir.Lock | None
+    splits: data.DistributedSplits
+    model: keras.Model
+    loop_options: loop.LoopOptions
+    evaluation_step: object
+    phases: list
+
+    @property
+    def chief(self) -> bool:
+        return distribute.is_chief(self.strategy)
+
+    def check_lock(self) -> None:
+        """Raises run_dir.LockLost when another run took the model_dir over (before each of the run's writes)."""
+        if self.lock is not None:
+            self.lock.check()
+
+
 def train_and_evaluate(
-    options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict, stopwatch: training_log.Stopwatch | None = None,
-    lock: run_dir.Lock | None = None,
+    options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict,
+    stopwatch: training_log.Stopwatch | None = None, lock: run_dir.Lock | None = None,
 ) -> dict:
     """Trains the phases, restores the best weights, evaluates, exports; returns what metrics.json holds.
 
@@ -130,8 +155,28 @@ def train_and_evaluate(
         FloatingPointError: the training loss stopped being finite.
         run_dir.LockLost: another run took the model_dir over (this one was paused); nothing more was written.
     """
-    class_names, model_dir, chief = manifest["classes"], options.model_dir, distribute.is_chief(strategy)
-    stopwatch = stopwatch or training_log.Stopwatch()
+    run = _set_up(options, strategy=strategy, manifest=manifest, stopwatch=stopwatch or training_log.Stopwatch(),
+                  lock=lock)
+    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
+    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
+    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own now.
+    report_pending = bool(run.chief and options.quality and classifier.get_backbones(run.model)
+                          and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
+    shares_phase1 = report_pending and shares_phase1_pass(options, phases=run.phases, strategy=strategy)
+    if report_pending and not shares_phase1:
+        with run.stopwatch.stage("data-quality report"):
+            collector = quality.Collector.for_model(run.model, manifest=manifest, max_images=options.quality.max_images)
+            write_quality_report(options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
+    reporter = training_log.EpochReporter(
+        model_dir=options.model_dir, chief=run.chief,
+        class_names=manifest["classes"] if run.loop_options.confusion_matrix_images else None,
+    )
+    phase_results = _train_phases(run, reporter=reporter, shares_phase1=shares_phase1)
+    return _evaluate_and_export(run, phase_results=phase_results, history=reporter.history.epochs)
+
+
+def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -> _Run:
+    """Seeds, precision, the datasets, the model (with its on-device augmentation) and the phases."""
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(options.precision)
     loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(
@@ -143,90 +188,97 @@ def train_and_evaluate(
     )
     with strategy.scope():
         device_augmentation = options.augmentation.make_layers(on="device", seed=options.seed)
-        model = classifier.build_model(options.model, num_classes=len(class_names), augmentation=device_augmentation)
-    if chief and options.augmented:
-        write_augmented_images(model_dir, splits, device_augmentation)
-    evaluation_step = steps.make_evaluation_step(model=model, strategy=strategy)  # traced once per run
-    phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
-    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
-    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
-    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own now.
-    report_pending = bool(chief and options.quality and classifier.get_backbones(model)
-                          and not tf.io.gfile.exists(tf.io.gfile.join(model_dir, quality.QUALITY_JSON)))
-    shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
-    if report_pending and not shares_phase1:
-        with stopwatch.stage("data-quality report"):
-            collector = quality.Collector.for_model(model, manifest=manifest, max_images=options.quality.max_images)
-            write_quality_report(options, model=model, manifest=manifest, splits=splits, collector=collector)
-    loss_function = options.recipe.loss_function(manifest)
-    reporter = training_log.EpochReporter(
-        model_dir=model_dir, chief=chief, class_names=class_names if loop_options.confusion_matrix_images else None
+        model = classifier.build_model(options.model, num_classes=len(manifest["classes"]),
+                                       augmentation=device_augmentation)
+    if distribute.is_chief(strategy) and options.augmented:
+        write_augmented_images(options.model_dir, splits, device_augmentation)
+    return _Run(
+        options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
+        model=model, loop_options=loop_options,
+        evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
+        phases=transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model),
     )
-    eval_split = data.evaluation_split(manifest)
+
+
+def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_phase1: bool) -> dict:
+    """Trains each phase a rerun has not finished yet; returns each phase's last validation accuracy."""
+    options, model = run.options, run.model
+    loss_function = options.recipe.loss_function(run.manifest)
     # A resumed run skips finished phases: their results come from the metrics.json of the run before.
-    phase_results = read_metrics(model_dir).get("phases", {})
+    phase_results = read_metrics(options.model_dir).get("phases", {})
     with checkpoints.PreemptionWatcher() as preemption:
-        for index, phase in enumerate(phases):
-            if transfer.replaced_by_later_checkpoint(model_dir, phases, index):
+        for index, phase in enumerate(run.phases):
+            if transfer.replaced_by_later_checkpoint(options.model_dir, run.phases, index):
                 continue
             if phase.fine_tune_at is not None:
-                transfer.unfreeze(model, phase, strategy=strategy)
+                transfer.unfreeze(model, phase, strategy=run.strategy)
             started = time.perf_counter()
-            collector = (quality.Collector.for_model(model, manifest=manifest, max_images=options.quality.max_images)
+            collector = (quality.Collector.for_model(model, manifest=run.manifest, max_images=options.quality.max_images)
                          if shares_phase1 and index == 0 else None)
-            trained = transfer.phase_data(phase, model=model, evaluation_step=evaluation_step, splits=splits,
+            trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
                                           collector=collector)
             if trained.model is not model:
-                stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+                run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
             if collector is not None:
-                with stopwatch.stage("data-quality report"):
-                    write_quality_report(options, model=model, manifest=manifest, splits=splits, collector=collector)
+                with run.stopwatch.stage("data-quality report"):
+                    write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
+                                         collector=collector)
                 collector = None  # its arrays are not kept through training
-            with strategy.scope():
-                optimizer = options.recipe.optimizer(
-                    name=phase.optimizer, learning_rate=phase.learning_rate, precision=options.precision,
-                    total_steps=(phase.last_epoch - phase.first_epoch) * loop_options.steps_per_epoch, model=trained.model,
-                    ema_steps_per_epoch=loop_options.steps_per_epoch if phase.fine_tune_at is not None else None,
-                )
-            with stopwatch.stage(f"{phase.name}: training and validation"):
+            with run.stopwatch.stage(f"{phase.name}: training and validation"):
                 result = loop.train_phase(
-                    phase, trained, optimizer=optimizer, loss_function=loss_function,
-                    global_batch_size=options.batch_size, strategy=strategy, model_dir=model_dir, reporter=reporter,
-                    preemption=preemption, weights_model=model, lock=lock,
+                    phase, trained, optimizer=_optimizer(run, phase, trained.model), loss_function=loss_function,
+                    global_batch_size=options.batch_size, strategy=run.strategy, model_dir=options.model_dir,
+                    reporter=reporter, preemption=preemption, weights_model=model, lock=run.lock,
                     # Profiling traces steps of the first phase only.
-                    options=loop_options if index == 0 else dataclasses.replace(loop_options, profile_steps=None),
+                    options=run.loop_options if index == 0 else dataclasses.replace(run.loop_options, profile_steps=None),
                 )
             trained.finish()
-            # The validation accuracy of the phase's last epoch. The evaluation split is measured once, below, on
-            # the weights kept: numbers per phase on it would invite choosing a phase by the split we report.
+            # The validation accuracy of the phase's last epoch. The evaluation split is measured once, after the
+            # phases, on the weights kept: numbers per phase on it would invite choosing a phase by the split we report.
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
                                          **({"stopped_early": result["stopped_early"]} if result.get("stopped_early") else {})}
             logging.info("%s done: validation accuracy %.4f", phase.name, result["validation_accuracy"])
-    with stopwatch.stage(f"{eval_split} evaluation"):
-        restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=reporter.history.epochs)
-        evaluated = steps.evaluate(evaluation_step, splits.images(eval_split, training=False))
+    return phase_results
+
+
+def _optimizer(run: _Run, phase: transfer.Phase, trained_model: keras.Model):
+    """The phase's fresh optimizer (its warmup and decay over the phase's steps), made under the strategy."""
+    steps_per_epoch = run.loop_options.steps_per_epoch
+    with run.strategy.scope():
+        return run.options.recipe.optimizer(
+            name=phase.optimizer, learning_rate=phase.learning_rate, precision=run.options.precision,
+            total_steps=(phase.last_epoch - phase.first_epoch) * steps_per_epoch, model=trained_model,
+            ema_steps_per_epoch=steps_per_epoch if phase.fine_tune_at is not None else None,
+        )
+
+
+def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> dict:
+    """The best weights on the evaluation split, the exports, metrics.json and the reports."""
+    options, model, manifest, model_dir = run.options, run.model, run.manifest, run.options.model_dir
+    eval_split = data.evaluation_split(manifest)
+    with run.stopwatch.stage(f"{eval_split} evaluation"):
+        restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=history)
+        evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False))
     metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
-                           restored=restored, history=reporter.history.epochs, strategy=strategy)
+                           restored=restored, history=history, strategy=run.strategy)
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))
-    if lock is not None:
-        lock.check()
-    with stopwatch.stage("export"):
+    run.check_lock()
+    with run.stopwatch.stage("export"):
         calibration_images = export.read_calibration_images(
             data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
             count=options.export.calibration_images,
-        ) if chief and "int8" in options.export.tflite else None
-        export.export_run(model=model, class_names=class_names, model_dir=model_dir, options=options.export,
-                          strategy=strategy, calibration_images=calibration_images)
-    if lock is not None:
-        lock.check()  # the export took a while: evaluation.json and metrics.json must still be this run's
-    if chief:
+        ) if run.chief and "int8" in options.export.tflite else None
+        export.export_run(model=model, class_names=manifest["classes"], model_dir=model_dir, options=options.export,
+                          strategy=run.strategy, calibration_images=calibration_images)
+    run.check_lock()  # the export took a while: evaluation.json and metrics.json must still be this run's
+    if run.chief:
         write_metrics(model_dir, metrics)
-        with stopwatch.stage("reports (evaluation report, plots, model card)"):
+        with run.stopwatch.stage("reports (evaluation report, plots, model card)"):
             write_reports(options, model=model, manifest=manifest, metrics=metrics)
-        metrics["time_seconds"] = stopwatch.summary()
+        metrics["time_seconds"] = run.stopwatch.summary()
         write_metrics(model_dir, metrics)  # again, with the time of everything
     return metrics
 
