@@ -236,7 +236,7 @@ def test_plots_show_any_class_name_as_it_is(tmp_path):
 def test_counted_batches_give_sklearns_report(num_classes, top_k):
     """evaluate_model counts batches (metrics.Counts) instead of holding the split's probabilities (issue 26):
     the same numbers as sklearn.metrics over the whole arrays, ties in the top k included."""
-    from sklearn import metrics
+    from sklearn import metrics as sklearn_metrics
 
     rng = np.random.default_rng(num_classes)
     labels = rng.integers(0, num_classes - 1, 500)  # the last class never occurs: zero support
@@ -248,16 +248,16 @@ def test_counted_batches_give_sklearns_report(num_classes, top_k):
     result = counts.report([f"c{i}" for i in range(num_classes)])
     class_ids = list(range(num_classes))
     predictions = probabilities.argmax(axis=1)
-    assert result["confusion_matrix"] == metrics.confusion_matrix(labels, predictions, labels=class_ids).tolist()
+    assert result["confusion_matrix"] == sklearn_metrics.confusion_matrix(labels, predictions, labels=class_ids).tolist()
     scores = probabilities[:, 1] if num_classes == 2 else probabilities
     assert result["top_k_accuracy"] == pytest.approx(
-        metrics.top_k_accuracy_score(labels, scores, k=min(top_k, num_classes), labels=class_ids))
-    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        sklearn_metrics.top_k_accuracy_score(labels, scores, k=min(top_k, num_classes), labels=class_ids))
+    precision, recall, f1, support = sklearn_metrics.precision_recall_fscore_support(
         labels, predictions, labels=class_ids, zero_division=0)
     assert [row["f1"] for row in result["per_class"]] == pytest.approx(f1.tolist())
     assert [row["precision"] for row in result["per_class"]] == pytest.approx(precision.tolist())
     for kind in ("macro", "weighted"):
-        expected = metrics.precision_recall_fscore_support(labels, predictions, labels=class_ids, average=kind,
+        expected = sklearn_metrics.precision_recall_fscore_support(labels, predictions, labels=class_ids, average=kind,
                                                            zero_division=0)
         assert [result[f"{kind}_avg"][name] for name in ("precision", "recall", "f1")] == pytest.approx(expected[:3])
 

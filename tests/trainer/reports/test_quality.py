@@ -336,7 +336,7 @@ def test_a_report_stopped_before_its_png_leaves_no_json_so_a_rerun_makes_it_agai
     manifest = schema.read_manifest(str(demo_data_dir))
     report = {"label_issues": [], "near_duplicates": [], "num_images": 1, "num_label_issues": 0,
               "num_near_duplicates": 0, "num_near_duplicates_across_splits": 0}
-    monkeypatch.setattr(quality.report, "plot_quality", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(quality.metrics, "plot_quality", lambda **_: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         quality.write_report(quality=report, output_dir=str(tmp_path), data_dir=str(demo_data_dir), manifest=manifest,
                              image_size=32)
