@@ -44,7 +44,8 @@ from absl import app, flags
 
 from benchmarks import common
 from tfrecords import schema
-from trainer import data, evaluation
+from trainer.input import data
+from trainer.reports import evaluation
 
 FLAGS = flags.FLAGS
 DEFAULT_BACKBONE_FILE = os.path.join(

@@ -10,7 +10,7 @@ model's size, so its crop and resize are nearly free), each TFLite file (the TFL
 measurement repeats (--repeats timed calls after 3 untimed ones, in interleaved rounds so a slow spell of this
 shared machine hits every export alike) and the table gives the median with the range of the rounds' medians;
 "vs SavedModel" is the ratio to the SavedModel measured in the same run. When the run's evaluation.json holds
-the exports' evaluation (trainer/export_report.py), their accuracy and agreement with the SavedModel are joined
+the exports' evaluation (trainer/reports/export_accuracy.py), their accuracy and agreement with the SavedModel are joined
 in. Inputs are random pixels: speed does not depend on them.
 """
 
@@ -23,7 +23,9 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from trainer import evaluation, export, export_report
+from trainer.exports import export
+from trainer.reports import evaluation
+from trainer.reports import export_accuracy
 
 FLAGS = flags.FLAGS
 WARMUP_CALLS = 3
@@ -32,12 +34,12 @@ WARMUP_CALLS = 3
 def make_runners(model_dir: str, image_size: int, num_threads: int) -> dict:
     """format -> {batch size: a callable running one batch}, for every export in model_dir."""
     runners = {}
-    for name, path in export_report.export_files(model_dir):
+    for name, path in export_accuracy.export_files(model_dir):
         if name == "saved_model":
             serve = export.load_serving_function(path, export.IMAGES_SIGNATURE)
             runners[name] = {size: _saved_model_call(serve, size, image_size) for size in (1, 32)}
         elif name == "onnx":
-            from trainer import onnx_model
+            from trainer.exports import onnx_model
 
             session = onnx_model.load_onnx_session(path)
             runners[name] = {size: _onnx_call(session, size, image_size) for size in (1, 32)}
@@ -92,7 +94,7 @@ def measure(runners: dict, repeats: int, rounds: int) -> dict:
 
 
 def format_table(seconds: dict, model_dir: str) -> str:
-    sizes = {name: export_report.file_size(path) for name, path in export_report.export_files(model_dir)}
+    sizes = {name: export_accuracy.file_size(path) for name, path in export_accuracy.export_files(model_dir)}
     evaluated = {}
     report_path = os.path.join(model_dir, evaluation.EVALUATION_JSON)
     if tf.io.gfile.exists(report_path):

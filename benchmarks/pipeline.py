@@ -5,8 +5,8 @@
 Rows (all at --image_size, --batch_size, images/s and the ratio to row 1 measured in this same run):
 1. keras.utils.image_dataset_from_directory + RandomFlip('horizontal') + RandomRotation(0.2) mapped on
    batches + prefetch (the Keras tutorial pipeline);
-2. trainer.data.make_dataset with exactly that augmentation (random crop off);
-3. trainer.data.make_dataset with the default policy (random resized crop + flip, both in the decode);
+2. trainer.input.data.make_dataset with exactly that augmentation (random crop off);
+3. trainer.input.data.make_dataset with the default policy (random resized crop + flip, both in the decode);
 4. read + decode + resize from the original files, nothing else (the decode ceiling).
 Rows 2 and 3 run on the folder converted as is and with --max_side (whose downscaled images the
 converter re-encodes at its default --jpeg_quality, 90; one more row reads a --jpeg_quality=95 copy).
@@ -28,7 +28,7 @@ from absl import app, flags
 
 from benchmarks import common
 from tfrecords import schema
-from trainer import data
+from trainer.input import data
 
 FLAGS = flags.FLAGS
 ACCELERATOR_RATES = (1_000, 3_500, 10_000)
@@ -58,7 +58,7 @@ def decode_ceiling(image_dir: str, image_size: int, batch_size: int) -> tf.data.
 
 
 def ours(data_dir: str, image_size: int, batch_size: int, policy: str, **kwargs) -> tf.data.Dataset:
-    """trainer.data.make_dataset with a named augmentation policy; kwargs are PipelineOptions fields."""
+    """trainer.input.data.make_dataset with a named augmentation policy; kwargs are PipelineOptions fields."""
     augmentation = None
     if policy == "baseline augmentation":
         # The same flip + rotation(0.2); the flip runs in the decode (make_dataset's flip=True).

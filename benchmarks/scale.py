@@ -73,7 +73,7 @@ SIMILAR_BATCH = 1000  # images generated per numpy call (1000 x 64 x 64 x 3 floa
 # Everything else is the default: 10 phase-1 epochs on cached features, 3 phase-2 epochs, the data-quality
 # report, the export (SavedModel and model.keras; no TFLite file by default).
 TRAIN_FLAGS = ("--weights=imagenet", "--preprocess=tf", "--image_size=32", "--batch_size=256")
-QUALITY_FILE = "data_quality.json"  # written by the trainer (trainer/quality.py QUALITY_JSON)
+QUALITY_FILE = "data_quality.json"  # written by the trainer (trainer/reports/quality.py QUALITY_JSON)
 QUALITY_LINE_START = "data quality of"  # the trainer's one-line summary of that report
 REPORT_PARTS_START = "data-quality report"  # the trainer's log lines of the report's parts and their seconds
 

@@ -2,9 +2,9 @@
 
     python -m benchmarks.train_step --image_dir=../shared/data/flowers_small
 
-MobileNetV2 (weights=None), --image_size, --batch_size, Keras `model.fit` on trainer.model.build_model:
-phase 1 (frozen backbone) and phase 2 (trainer.model.unfreeze_backbone, recompiled). Each phase is fed
-by trainer.data.make_dataset (default policy, and flip + rotation on the host or on the device) and by one
+MobileNetV2 (weights=None), --image_size, --batch_size, Keras `model.fit` on trainer.models.classifier.build_model:
+phase 1 (frozen backbone) and phase 2 (trainer.models.classifier.unfreeze_backbone, recompiled). Each phase is fed
+by trainer.input.data.make_dataset (default policy, and flip + rotation on the host or on the device) and by one
 synthetic in-memory batch repeated. "vs synthetic" = fed images/s / synthetic images/s: the input
 overhead (1.0 = none; target for phase 1: >= 0.95).
 Each phase times its feeds in --rounds interleaved rounds: every round fits each feed's model for one
@@ -23,8 +23,8 @@ from absl import app, flags
 
 from benchmarks import common
 from tfrecords import schema
-from trainer import data
-from trainer import model as model_lib
+from trainer.input import data
+from trainer.models import classifier
 
 FLAGS = flags.FLAGS
 
@@ -43,8 +43,8 @@ class EpochTimer(keras.callbacks.Callback):
 
 def build(num_classes: int, augmentation=None) -> keras.Model:
     keras.utils.set_random_seed(0)
-    model = model_lib.build_model(
-        model_lib.ModelSpec(
+    model = classifier.build_model(
+        classifier.ModelSpec(
             backbone="mobilenet_v2", image_size=FLAGS.image_size, weights="none", preprocess="tf", dropout=0.2,
         ),
         num_classes=num_classes, augmentation=augmentation,
@@ -61,7 +61,7 @@ def fit_rate(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> float:
 
 
 def to_phase_2(model: keras.Model) -> None:
-    model_lib.unfreeze_backbone(model, "0.7")
+    classifier.unfreeze_backbone(model, "0.7")
     model.compile(optimizer=keras.optimizers.Adam(1e-4), loss="sparse_categorical_crossentropy")
 
 

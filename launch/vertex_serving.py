@@ -24,7 +24,7 @@ PREBUILT_PREDICTION_PATTERN = re.compile(
     r"(?P<location>[a-z]+)-docker\.pkg\.dev/vertex-ai/prediction/tf2-(?P<accelerator>cpu|gpu)\.2-\d+:latest"
 )
 ACTIONS = ("upload_model", "create_endpoint", "deploy_model")
-SAVED_MODEL_DIR = "saved_model"  # trainer/export.py's; the launchers do not import TensorFlow
+SAVED_MODEL_DIR = "saved_model"  # trainer/exports/export.py's; the launchers do not import TensorFlow
 
 
 @dataclasses.dataclass(frozen=True)

@@ -34,7 +34,7 @@ def demo_image_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_data_dir(demo_image_dir, tmp_path_factory) -> Path:
     """demo_image_dir converted by tfrecords.build: train/validation/test splits, 2 shards each."""
-    from tfrecords import conversion
+    from tfrecords.run import conversion
 
     output_dir = tmp_path_factory.mktemp("demo_tfrecords")
     conversion.build(

@@ -15,8 +15,8 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import FLOWERS_DIR, LITE0_BACKBONE, REPO_ROOT
-from trainer import export
-from trainer import model as model_lib
+from trainer.exports import export
+from trainer.models import classifier
 
 ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
 TINY_TRAINING = [
@@ -253,15 +253,15 @@ def test_real_photos_with_a_pretrained_backbone_transfer(tmp_path):
     # And the mechanism itself: fine-tuning changed the top of the backbone, but not one BatchNorm statistic.
     # Read from phase 2's own checkpoint: the final model may hold phase 1's weights, restored as the best.
     pretrained = keras.saving.load_model(LITE0_BACKBONE, compile=False)
-    after_phase2 = model_lib.build_model(
-        model_lib.ModelSpec(
+    after_phase2 = classifier.build_model(
+        classifier.ModelSpec(
             backbone=str(LITE0_BACKBONE), image_size=96, weights="imagenet", preprocess="tf", dropout=0.2,
         ),
         num_classes=5,
     )
     checkpoint = tf.train.latest_checkpoint(str(model_dir / "checkpoints" / "phase2"))
     tf.train.Checkpoint(model=after_phase2).restore(checkpoint).expect_partial().assert_existing_objects_matched()
-    fine_tuned = model_lib.get_backbones(after_phase2)[0]
+    fine_tuned = classifier.get_backbones(after_phase2)[0]
     changed = {"batch_norm_statistics": 0, "other_weights": 0}
     for before, after in zip(pretrained.layers, fine_tuned.layers):
         for name, weight_before, weight_after in zip(

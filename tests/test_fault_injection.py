@@ -22,10 +22,10 @@ import pytest
 import tensorflow as tf
 
 from tests.conftest import REPO_ROOT
-from tfrecords import conversion
-from tfrecords import folder
 from tfrecords import schema
-from tfrecords import writer
+from tfrecords.run import conversion
+from tfrecords.sources import folder
+from tfrecords.writing import writer
 
 ENVIRONMENT = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO_ROOT)}
 SETTINGS = dict(validation_fraction=0.0, test_fraction=0.0, num_shards=1, target_shard_mb=100, seed=42, overwrite=False)
@@ -306,7 +306,7 @@ def test_a_shard_cut_at_a_record_boundary_stops_before_training(odd_data, tmp_pa
 
 @pytest.mark.parametrize("damage", ["cut_mid_record", "missing", "labels_reordered", "counts_changed"])
 def test_data_that_differs_from_its_manifest_is_found_without_reading_it(odd_data, tmp_path, damage):
-    from trainer import data as data_lib
+    from trainer.input import data as data_lib
 
     data = copy_data(odd_data, tmp_path / "data")
     manifest = manifest_of(data)
@@ -353,7 +353,7 @@ def test_reordered_class_names_never_train(odd_data, tmp_path):
 
 
 def test_a_record_outside_the_manifests_classes_fails_while_reading(odd_data):
-    from trainer import data as data_lib
+    from trainer.input import data as data_lib
 
     manifest = manifest_of(odd_data)
     fewer = manifest["classes"][:2]
@@ -454,11 +454,11 @@ def backbone_files(tmp_path_factory) -> dict:
 
 
 def test_weights_flag_with_a_backbone_file_is_refused(backbone_files):
-    from trainer import model as model_lib
+    from trainer.models import classifier
 
     with pytest.raises(ValueError, match=r"--weights 'none' cannot apply to backbone file '.*standard.keras': it carries"):
-        model_lib.check_weights(f"mobilenet_v2+{backbone_files['standard']}", "none")
-    model_lib.check_weights(str(backbone_files["standard"]), "imagenet")
+        classifier.check_weights(f"mobilenet_v2+{backbone_files['standard']}", "none")
+    classifier.check_weights(str(backbone_files["standard"]), "imagenet")
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -12,9 +12,9 @@ installs this package, TensorFlow included, on every worker):
 The same conversion as `python -m tfrecords.build`, with the same output: for the same input and flags
 the shards, labels.txt and manifest.json are byte-identical (tests/test_beam_pipeline.py and
 tests/test_beam_plan.py check it). A planning job lists, hashes, deduplicates and assigns the files to shards on
-the workers (tfrecords/beam_plan.py), with tfrecords/plan.py's own functions; this machine checks its summary
+the workers (tfrecords/beam/planning.py), with tfrecords/writing/plan.py's own functions; this machine checks its summary
 (refusing what tfrecords.build refuses, before any shard is written); a writing job writes one shard per task
-(tfrecords/beam_pipeline.py); this machine then writes the manifest. This machine's own time and memory do not
+(tfrecords/beam/pipeline.py); this machine then writes the manifest. This machine's own time and memory do not
 grow with the number of files for a gs:// folder or a --file_list (it lists class folders, or splits the list
 into byte ranges); a local folder or a --labels_csv is listed here. A worker skips a shard that an earlier,
 interrupted run already completed (same fingerprint and sha256), so a rerun with the same flags resumes.
@@ -37,8 +37,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tfrecords import beam_pipeline
-from tfrecords import conversion
+from tfrecords.beam import pipeline
+from tfrecords.run import conversion
 
 CONVERSION_FLAGS = [
     "input_dir", "output_dir", "validation_fraction", "test_fraction", "num_shards", "target_shard_mb", "seed",
@@ -51,7 +51,7 @@ FLAGS = flags.FLAGS
 
 def main(argv: list) -> int:
     try:
-        pipeline_options = beam_pipeline.make_pipeline_options(argv[1:])
+        pipeline_options = pipeline.make_pipeline_options(argv[1:])
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -66,7 +66,7 @@ def main(argv: list) -> int:
             overwrite=FLAGS.overwrite, max_side=FLAGS.max_side, jpeg_quality=FLAGS.jpeg_quality,
             max_skipped_fraction=FLAGS.max_skipped_fraction,
         )
-        manifest = beam_pipeline.build_with_beam(source, FLAGS.output_dir, options, pipeline_options)
+        manifest = pipeline.build_with_beam(source, FLAGS.output_dir, options, pipeline_options)
     except conversion.InputError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -7,9 +7,9 @@
 The input is either class folders (`<input_dir>/<class>/<image files>`, split here into train,
 validation and test by a stable hash of each file's path) or already split folders
 (`<input_dir>/train/<class>/...`, `<input_dir>/validation/<class>/...` or `val/`, optional `test/`).
-See tfrecords/folder.py for what is listed and what is ignored.
+See tfrecords/sources/folder.py for what is listed and what is ignored.
 
-Or a CSV of `path,label` rows (--labels_csv), or a TFDS dataset (--tfds_name, tfrecords/tfds_source.py).
+Or a CSV of `path,label` rows (--labels_csv), or a TFDS dataset (--tfds_name, tfrecords/sources/tfds_source.py).
 
 The output folder (local or gs://) receives `<split>-%05d-of-%05d.tfrecord` shards in the format of
 tfrecords/schema.py, `labels.txt` (one class name per line, line i is label id i), `flags.txt`, and
@@ -17,7 +17,7 @@ tfrecords/schema.py, `labels.txt` (one class name per line, line i is label id i
 skipped file with the reason. Files that are not decodable images, and exact duplicates, are skipped;
 more undecodable files than --max_skipped_fraction fails the run (exit 1, no manifest).
 
-This module reads the flags; tfrecords/conversion.py does the work: folder.py lists, plan.py hashes,
+This module reads the flags; tfrecords/run/conversion.py does the work: folder.py lists, plan.py hashes,
 deduplicates and assigns files to shards, shards.py writes one shard (resumably), writer.py runs the
 workers, schema.py writes labels and manifest; tfrecords/beam_build.py runs the same plan as an Apache Beam (Dataflow) pipeline, with the same output. A rerun of an interrupted
 conversion (no manifest yet) with the same flags keeps the complete shards; check a finished one with
@@ -30,7 +30,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from tfrecords import cli, conversion
+from tfrecords import cli
+from tfrecords.run import conversion
 
 conversion.define_conversion_flags()
 flags.DEFINE_integer(

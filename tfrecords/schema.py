@@ -1,4 +1,4 @@
-"""The one TFRecord schema: written by `tfrecords.build`, read by `trainer.data`.
+"""The one TFRecord schema: written by `tfrecords.build`, read by `trainer.input.data`.
 
 Every example holds one image, stored as JPEG bytes, with its label and where it came from:
 

@@ -6,7 +6,7 @@ For every shard listed in the manifest: the file exists, its sha256 and size mat
 recorded number of records, every record parses with the schema, its JPEG decodes to the recorded
 height and width, and its label matches its class name. Prints one summary line; exit code 0 when
 everything matches, 1 otherwise (each problem is printed on its own line first), 2 for a bad flag.
-The work is tfrecords/verification.py's; this module reads the flags.
+The work is tfrecords/writing/verification.py's; this module reads the flags.
 """
 
 import sys
@@ -14,7 +14,8 @@ import sys
 from absl import app
 from absl import flags
 
-from tfrecords import cli, verification
+from tfrecords import cli
+from tfrecords.writing import verification
 
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build`, local or gs://.")
 flags.mark_flag_as_required("data_dir")

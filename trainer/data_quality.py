@@ -7,15 +7,18 @@ finds it. This program makes it again on its own, for instance after fixing the 
 it embeds every image of --data_dir with <model_dir>/model.keras's feature extractor (the run's final backbone:
 after phase 2 it has been fine-tuned on these labels, wrong ones included, which can hide some of them) and
 writes data_quality.json and data_quality.png into --output_dir (default --model_dir), then prints one summary
-line. The method is trainer/quality.py's; this module reads the flags.
+line. The method is trainer/reports/quality.py's; this module reads the flags.
 """
 
 import sys
 
 from absl import app, flags
 
-from tfrecords import cli, schema
-from trainer import data, evaluation, quality
+from tfrecords import cli
+from tfrecords import schema
+from trainer.input import data
+from trainer.reports import evaluation
+from trainer.reports import quality
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a `python -m trainer.train` run (its model.keras embeds).")
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")

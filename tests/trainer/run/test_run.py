@@ -1,0 +1,75 @@
+"""trainer/run/run.py: one run top to bottom in this process, its options, and a rerun that resumes."""
+
+import dataclasses
+import json
+
+import pytest
+import tensorflow as tf
+
+from tests.trainer.models.test_classifier import save_tiny_backbone
+from tests.trainer.reports.test_training_log import read_hparams
+from tfrecords import schema
+from trainer.exports import export
+from trainer.fit import loop
+from trainer.fit import transfer
+from trainer.input import data
+from trainer.models import classifier
+from trainer.reports import model_card
+from trainer.run import run
+
+
+def tiny_options(demo_data_dir, model_dir) -> run.RunOptions:
+    backbone = save_tiny_backbone(model_dir.parent / "tiny_backbone.keras")
+    return run.RunOptions(
+        data_dir=str(demo_data_dir), model_dir=str(model_dir),
+        model=classifier.ModelSpec(backbone=backbone, preprocess="tf", image_size=32),
+        pipeline=data.PipelineOptions(seed=1),
+        schedule=transfer.PhaseSchedule(epochs=2, fine_tune_epochs=1),
+        loop=loop.LoopOptions(steps_per_epoch=2),
+        batch_size=8,
+    )
+
+
+def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
+    options = tiny_options(demo_data_dir, tmp_path / "model")
+    manifest = schema.read_manifest(str(demo_data_dir))
+    metrics = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
+    assert metrics["evaluated_split"] == "test" and metrics["num_examples"] == manifest["splits"]["test"]["num_examples"]
+    assert list(metrics["phases"]) == ["phase1", "phase2"]
+    assert [(entry["epoch"], entry["phase"]) for entry in metrics["history"]] == [(1, "phase1"), (2, "phase1"), (3, "phase2")]
+    assert json.loads((tmp_path / "model" / run.METRICS_FILE).read_text()) == metrics
+    assert schema.read_labels(str(tmp_path / "model")) == manifest["classes"]
+    assert (tmp_path / "model" / export.KERAS_MODEL_FILE).exists()
+    assert (tmp_path / "model" / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
+    # TensorBoard's HParams dashboard: this run's settings and final metrics.
+    (hyperparameters, final), = read_hparams(tmp_path).values()
+    assert hyperparameters["schedule.epochs"] == 2 and hyperparameters["batch_size"] == 8
+    assert hyperparameters["model.image_size"] == 32 and hyperparameters["recipe.label_smoothing"] == pytest.approx(0.1)
+    assert final["final/test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert final["final/best_validation_accuracy"] == pytest.approx(max(e["val_accuracy"] for e in metrics["history"]))
+    # The model card: the split and its size, the accuracy, and the exported signatures as saved.
+    card = (tmp_path / "model" / model_card.MODEL_CARD_FILE).read_text()
+    assert f"Split: **test**, {metrics['num_examples']} images. Accuracy **{metrics['accuracy']:.4f}**" in card
+    assert "| `serving_default` | `image_bytes`: string [None] |" in card
+    assert "| `serving_images` | `images`: uint8 [None, None, None, 3] |" in card
+    assert f"`probabilities`: float32 [None, {len(manifest['classes'])}]" in card
+    # A rerun of the finished run trains nothing and reports the same numbers, phase results included.
+    again = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
+    assert again["history"] == metrics["history"] and again["phases"] == metrics["phases"]
+    assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def test_options_check_their_flags_and_the_identity_names_the_model(demo_data_dir, tmp_path):
+    options = tiny_options(demo_data_dir, tmp_path / "model")
+    with pytest.raises(ValueError, match="--precision 'float16' is not one of"):
+        dataclasses.replace(options, precision="float16")
+    with pytest.raises(ValueError, match="--data_dir and --model_dir are required"):
+        dataclasses.replace(options, model_dir="")
+    manifest = schema.read_manifest(str(demo_data_dir))
+    identity = options.identity(manifest)
+    assert identity["classes"] == manifest["classes"] and identity["image_size"] == 32
+    assert identity["preprocess"] == "tf" and identity["augmentation_in_model"] == {}
+    on_device = dataclasses.replace(options, augmentation=data.LayerAugmentation(rotation=0.1, on="device"))
+    assert on_device.identity(manifest)["augmentation_in_model"] == {"rotation": 0.1}
+    assert on_device.augmented and not dataclasses.replace(
+        options, pipeline=data.PipelineOptions(flip=False, crop_min_area=1.0)).augmented

@@ -1,0 +1,388 @@
+"""One training run, top to bottom: datasets -> model -> phases -> best weights -> evaluate -> export.
+
+`trainer/train.py` (the entry point) reads the flags into a RunOptions and calls train_and_evaluate,
+which calls loop.train_phase once per phase: two hops from main to the epoch loop. Each stage's options
+are its own module's small frozen dataclass (data.PipelineOptions, model.ModelSpec, ...).
+"""
+
+# The options' fields are named after their modules (recipe: recipe.Recipe): annotations stay unevaluated.
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+
+import keras
+import tensorflow as tf
+from absl import logging
+
+from tfrecords import schema
+from trainer.exports import export
+from trainer.fit import checkpoints
+from trainer.fit import distribute
+from trainer.fit import loop
+from trainer.fit import recipe
+from trainer.fit import run_dir
+from trainer.fit import steps
+from trainer.fit import transfer
+from trainer.input import data
+from trainer.models import classifier
+from trainer.reports import evaluation
+from trainer.reports import export_accuracy
+from trainer.reports import model_card
+from trainer.reports import quality
+from trainer.reports import training_log
+
+METRICS_FILE = "metrics.json"
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """Everything one run needs, each stage's part in its own options (built by train.py from the flags).
+
+    data_dir, model_dir: the converted data and the run folder (local or gs://).
+    batch_size: global batch size, divided across replicas.
+    precision: the Keras dtype policy (mixed_float16 for GPUs, mixed_bfloat16 for TPUs).
+    seed: seed of weights initialisation, shuffling and augmentation.
+    """
+
+    data_dir: str
+    model_dir: str
+    # A factory: the default backbone's ImageNet weights are checked for when a spec is made, not at import.
+    model: classifier.ModelSpec = dataclasses.field(default_factory=classifier.ModelSpec)
+    pipeline: data.PipelineOptions = data.PipelineOptions()
+    augmentation: data.LayerAugmentation = data.LayerAugmentation()
+    schedule: transfer.PhaseSchedule = transfer.PhaseSchedule()
+    recipe: recipe.Recipe = recipe.Recipe()
+    loop: loop.LoopOptions = loop.LoopOptions()
+    export: export.ExportOptions = export.ExportOptions()
+    # None: no data-quality report (--nodata_quality).
+    quality: quality.QualityOptions | None = quality.QualityOptions()
+    batch_size: int = 32
+    precision: str = "float32"
+    seed: int = 42
+
+    def __post_init__(self):
+        if not self.data_dir or not self.model_dir:
+            raise ValueError("--data_dir and --model_dir are required")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size {self.batch_size} must be at least 1")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"--precision {self.precision!r} is not one of {PRECISIONS}")
+
+    @property
+    def augmented(self) -> bool:
+        """Training images are augmented (random crops, flips or layers)."""
+        return self.pipeline.augments or self.augmentation.any()
+
+    def hyperparameters(self) -> dict:
+        """Every scalar setting of the run's stages, as TensorBoard's HParams dashboard takes them.
+
+        Named <stage>.<field> (model.backbone, schedule.learning_rate, ...), plus batch_size, precision
+        and seed; a None becomes "default" (HParams takes only bool, int, float and str).
+        """
+        values = {"batch_size": self.batch_size, "precision": self.precision, "seed": self.seed}
+        for field in dataclasses.fields(self):
+            stage = getattr(self, field.name)
+            if not dataclasses.is_dataclass(stage):
+                continue
+            for stage_field in dataclasses.fields(stage):
+                value = getattr(stage, stage_field.name)
+                if value is None:
+                    value = "default"
+                if isinstance(value, (bool, int, float, str)):
+                    values[f"{field.name}.{stage_field.name}"] = value
+        return values
+
+    def identity(self, manifest: dict) -> dict:
+        """What defines this run's model (run_dir.check_identity): a rerun into the same --model_dir must match it."""
+        # Layers on the device are part of the model and its checkpoints (with their random-seed state).
+        on_device = self.augmentation.on == "device"
+        return {
+            "classes": manifest["classes"],
+            "data_fingerprint": run_dir.manifest_fingerprint(manifest),
+            "backbone": self.model.backbone,
+            "backbone_layer": self.model.backbone_layer,
+            "weights": self.model.weights,
+            "preprocess": self.model.preprocess_modes,
+            "image_size": self.model.image_size,
+            "dropout": self.model.dropout,
+            "augmentation_in_model": {name: value for name, value in self.augmentation.factors().items()
+                                      if on_device and value},
+            "baseline_cnn": self.model.baseline_cnn,
+        }
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the stages of one run share once it is set up (train_and_evaluate's own state)."""
+
+    options: RunOptions
+    strategy: tf.distribute.Strategy
+    manifest: dict
+    stopwatch: training_log.Stopwatch
+    lock: run_dir.Lock | None
+    splits: data.DistributedSplits
+    model: keras.Model
+    loop_options: loop.LoopOptions
+    evaluation_step: object
+    phases: list
+
+    @property
+    def chief(self) -> bool:
+        return distribute.is_chief(self.strategy)
+
+    def check_lock(self) -> None:
+        """Raises run_dir.LockLost when another run took the model_dir over (before each of the run's writes)."""
+        if self.lock is not None:
+            self.lock.check()
+
+
+def train_and_evaluate(
+    options: RunOptions, *, strategy: tf.distribute.Strategy, manifest: dict,
+    stopwatch: training_log.Stopwatch | None = None, lock: run_dir.Lock | None = None,
+) -> dict:
+    """Trains the phases, restores the best weights, evaluates, exports; returns what metrics.json holds.
+
+    stopwatch: times the stages (metrics.json "time_seconds"); started with the program by train.py.
+    lock: the chief's run_dir.Lock, checked before the run's writes (checkpoints, history, export, metrics); None:
+        not checked (other workers, tests).
+
+    Raises:
+        checkpoints.Preempted: a SIGTERM stopped training after saving a checkpoint.
+        FloatingPointError: the training loss stopped being finite.
+        run_dir.LockLost: another run took the model_dir over (this one was paused); nothing more was written.
+    """
+    run = _set_up(options, strategy=strategy, manifest=manifest, stopwatch=stopwatch or training_log.Stopwatch(),
+                  lock=lock)
+    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
+    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
+    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own now.
+    report_pending = bool(run.chief and options.quality and classifier.get_backbones(run.model)
+                          and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
+    shares_phase1 = report_pending and shares_phase1_pass(options, phases=run.phases, strategy=strategy)
+    if report_pending and not shares_phase1:
+        with run.stopwatch.stage("data-quality report"):
+            collector = quality.Collector.for_model(run.model, manifest=manifest, max_images=options.quality.max_images)
+            write_quality_report(options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
+    reporter = training_log.EpochReporter(
+        model_dir=options.model_dir, chief=run.chief,
+        class_names=manifest["classes"] if run.loop_options.confusion_matrix_images else None,
+    )
+    phase_results = _train_phases(run, reporter=reporter, shares_phase1=shares_phase1)
+    return _evaluate_and_export(run, phase_results=phase_results, history=reporter.history.epochs)
+
+
+def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -> _Run:
+    """Seeds, precision, the datasets, the model (with its on-device augmentation) and the phases."""
+    keras.utils.set_random_seed(options.seed)
+    keras.mixed_precision.set_global_policy(options.precision)
+    loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(
+        1, manifest["splits"]["train"]["num_examples"] // options.batch_size))
+    splits = data.DistributedSplits(
+        strategy=strategy, data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
+        batch_size=options.batch_size, options=options.pipeline,
+        augmentation=options.augmentation.make_layers(on="host", seed=options.seed),
+    )
+    with strategy.scope():
+        device_augmentation = options.augmentation.make_layers(on="device", seed=options.seed)
+        model = classifier.build_model(options.model, num_classes=len(manifest["classes"]),
+                                       augmentation=device_augmentation)
+    if distribute.is_chief(strategy) and options.augmented:
+        write_augmented_images(options.model_dir, splits, device_augmentation)
+    return _Run(
+        options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
+        model=model, loop_options=loop_options,
+        evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
+        phases=transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model),
+    )
+
+
+def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_phase1: bool) -> dict:
+    """Trains each phase a rerun has not finished yet; returns each phase's last validation accuracy."""
+    options, model = run.options, run.model
+    loss_function = options.recipe.loss_function(run.manifest)
+    # A resumed run skips finished phases: their results come from the metrics.json of the run before.
+    phase_results = read_metrics(options.model_dir).get("phases", {})
+    with checkpoints.PreemptionWatcher() as preemption:
+        for index, phase in enumerate(run.phases):
+            if transfer.replaced_by_later_checkpoint(options.model_dir, run.phases, index):
+                continue
+            if phase.fine_tune_at is not None:
+                transfer.unfreeze(model, phase, strategy=run.strategy)
+            started = time.perf_counter()
+            collector = (quality.Collector.for_model(model, manifest=run.manifest, max_images=options.quality.max_images)
+                         if shares_phase1 and index == 0 else None)
+            trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
+                                          schedule=options.schedule, augmented=options.augmented, seed=options.seed,
+                                          collector=collector)
+            if trained.model is not model:
+                run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+            if collector is not None:
+                with run.stopwatch.stage("data-quality report"):
+                    write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
+                                         collector=collector)
+                collector = None  # its arrays are not kept through training
+            with run.stopwatch.stage(f"{phase.name}: training and validation"):
+                result = loop.train_phase(
+                    phase, trained, optimizer=_optimizer(run, phase, trained.model), loss_function=loss_function,
+                    global_batch_size=options.batch_size, strategy=run.strategy, model_dir=options.model_dir,
+                    reporter=reporter, preemption=preemption, weights_model=model, lock=run.lock,
+                    # Profiling traces steps of the first phase only.
+                    options=run.loop_options if index == 0 else dataclasses.replace(run.loop_options, profile_steps=None),
+                )
+            trained.finish()
+            # The validation accuracy of the phase's last epoch. The evaluation split is measured once, after the
+            # phases, on the weights kept: numbers per phase on it would invite choosing a phase by the split we report.
+            phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
+                                         **({"stopped_early": result["stopped_early"]} if result.get("stopped_early") else {})}
+            logging.info("%s done: validation accuracy %.4f", phase.name, result["validation_accuracy"])
+    return phase_results
+
+
+def _optimizer(run: _Run, phase: transfer.Phase, trained_model: keras.Model):
+    """The phase's fresh optimizer (its warmup and decay over the phase's steps), made under the strategy."""
+    steps_per_epoch = run.loop_options.steps_per_epoch
+    with run.strategy.scope():
+        return run.options.recipe.optimizer(
+            name=phase.optimizer, learning_rate=phase.learning_rate, precision=run.options.precision,
+            total_steps=(phase.last_epoch - phase.first_epoch) * steps_per_epoch, model=trained_model,
+            ema_steps_per_epoch=steps_per_epoch if phase.fine_tune_at is not None else None,
+        )
+
+
+def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> dict:
+    """The best weights on the evaluation split, the exports, metrics.json and the reports."""
+    options, model, manifest, model_dir = run.options, run.model, run.manifest, run.options.model_dir
+    eval_split = data.evaluation_split(manifest)
+    with run.stopwatch.stage(f"{eval_split} evaluation"):
+        restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=history)
+        evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False))
+    metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
+                           restored=restored, history=history, strategy=run.strategy)
+    logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
+    # Every worker logs this; under multi_worker they must agree (the tests compare them).
+    logging.info("weights fingerprint %s", weights_fingerprint(model))
+    run.check_lock()
+    with run.stopwatch.stage("export"):
+        calibration_images = export.read_calibration_images(
+            data_dir=options.data_dir, manifest=manifest, image_size=options.model.image_size,
+            count=options.export.calibration_images,
+        ) if run.chief and "int8" in options.export.tflite else None
+        export.export_run(model=model, class_names=manifest["classes"], model_dir=model_dir, options=options.export,
+                          strategy=run.strategy, calibration_images=calibration_images)
+    run.check_lock()  # the export took a while: evaluation.json and metrics.json must still be this run's
+    if run.chief:
+        write_metrics(model_dir, metrics)
+        with run.stopwatch.stage("reports (evaluation report, plots, model card)"):
+            write_reports(options, model=model, manifest=manifest, metrics=metrics)
+        metrics["time_seconds"] = run.stopwatch.summary()
+        write_metrics(model_dir, metrics)  # again, with the time of everything
+    return metrics
+
+
+def shares_phase1_pass(options: RunOptions, *, phases: list, strategy: tf.distribute.Strategy) -> bool:
+    """True when phase 1 will compute cached features in this process for every image (one worker), so the
+    data-quality report can take each image's unaugmented features from that pass (transfer.cached_feature_data)."""
+    return (
+        distribute.num_workers(strategy) == 1 and options.schedule.cache_features and bool(phases)
+        and phases[0].fine_tune_at is None and not transfer.replaced_by_later_checkpoint(options.model_dir, phases, 0)
+    )
+
+
+def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict, splits: data.DistributedSplits,
+                         collector: quality.Collector) -> None:
+    """The chief's data-quality report (quality.py): embeds the splits the collector lacks, then writes it.
+
+    One worker embeds them with the run's own strategy and pipelines; the chief of several (whose pipelines
+    read only its share) reads every image through a pipeline of its own.
+    """
+    missing = collector.missing_splits()
+    started = time.perf_counter()
+    if missing:
+        if distribute.num_workers(splits.strategy) > 1:
+            splits = data.DistributedSplits(
+                strategy=tf.distribute.get_strategy(), data_dir=options.data_dir, manifest=manifest,
+                image_size=options.model.image_size, batch_size=options.quality.batch_size, options=options.pipeline,
+            )
+        quality.embed_splits(model=model, splits=splits, collector=collector, names=missing)
+        logging.info("data-quality report: embedded the %s split(s) in %.1fs", ", ".join(missing),
+                     time.perf_counter() - started)
+    report = quality.make_report(collector=collector, data_dir=options.data_dir, manifest=manifest,
+                                 options=options.quality)
+    started = time.perf_counter()
+    summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
+                                   manifest=manifest, image_size=options.model.image_size)
+    logging.info("data-quality report: written with its PNG in %.1fs; %s", time.perf_counter() - started, summary)
+
+
+def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:
+    """The chief's reports of a finished run: the evaluation report and plots, the learning curves, the
+    HParams entry and MODEL_CARD.md."""
+    split = metrics["evaluated_split"]
+    report = evaluation.evaluate_model(
+        model=model, data_dir=options.data_dir, manifest=manifest, split=split,
+        image_size=options.model.image_size, batch_size=options.batch_size, class_names=manifest["classes"],
+        top_k=options.export.top_k, output_dir=options.model_dir,
+    )
+    evaluation.write_learning_curves(options.model_dir)
+    final_metrics = {f"{split}_accuracy": metrics["accuracy"], f"{split}_loss": metrics["loss"],
+                     f"{split}_top_{report['top_k']}_accuracy": report["top_k_accuracy"]}
+    if metrics["history"]:
+        final_metrics["best_validation_accuracy"] = training_log.best_validation_accuracy(metrics["history"])
+    training_log.write_hparams(model_dir=options.model_dir, hyperparameters=options.hyperparameters(),
+                            final_metrics=final_metrics)
+    if options.export.tflite or options.export.onnx:  # the SavedModel alone has nothing to be compared with
+        rows = export_accuracy.evaluate_exports(
+            model_dir=options.model_dir, data_dir=options.data_dir, manifest=manifest, split=split,
+            image_size=options.model.image_size, tolerance=options.export.tolerance,
+        )
+        export_accuracy.add_to_report(output_dir=options.model_dir, rows=rows, report=report)
+    model_card.write_model_card(model_dir=options.model_dir, manifest=manifest, metrics=metrics, evaluation=report)
+
+
+def make_metrics(options: RunOptions, *, manifest, evaluated, split, phases, restored, history, strategy) -> dict:
+    """What metrics.json holds: the final accuracy on `split` (with its size), per-phase results, history."""
+    return {
+        "evaluated_split": split,
+        "num_examples": manifest["splits"][split]["num_examples"],
+        "loss": evaluated["loss"],
+        "accuracy": evaluated["accuracy"],
+        "backbone": options.model.name,
+        "image_size": options.model.image_size,
+        "num_classes": len(manifest["classes"]),
+        "num_replicas": strategy.num_replicas_in_sync,
+        "phases": phases,
+        "restored_best_weights_of_epoch": restored["epoch"] if restored else None,
+        "history": history,
+    }
+
+
+def read_metrics(model_dir: str) -> dict:
+    path = tf.io.gfile.join(model_dir, METRICS_FILE)
+    if not tf.io.gfile.exists(path):
+        return {}
+    with tf.io.gfile.GFile(path) as file:
+        return json.load(file)
+
+
+def write_metrics(model_dir: str, metrics: dict) -> None:
+    schema.write_text(tf.io.gfile.join(model_dir, METRICS_FILE), json.dumps(metrics, indent=2))
+
+
+def weights_fingerprint(model: keras.Model) -> str:
+    """A short digest of every weight's bytes: equal on all workers when they are in sync."""
+    digest = hashlib.sha256()
+    for weight in model.weights:
+        digest.update(keras.ops.convert_to_numpy(weight).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def write_augmented_images(model_dir: str, splits: data.DistributedSplits, device_augmentation) -> None:
+    """Puts a few augmented training images in TensorBoard (step 0), so users see what the model sees."""
+    images = splits.sample(8)
+    if device_augmentation is not None:
+        images = device_augmentation(images, training=True)
+    training_log.write_image_summary(model_dir=model_dir, name="augmented_training_images", images=images)
