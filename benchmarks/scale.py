@@ -22,7 +22,7 @@ measures (--stages):
   The trainer's "data quality of ..." line is printed with each row;
 - train_spilled (not by default): the older measurement, phase 1 only (1 epoch, no phase 2, no data-quality
   report) with the cached features in memory and spilled (--feature_cache_memory_mb=SPILL_BUDGET_MB), as in the
-  README's older rows.
+  docs/scale-and-capacity.md's older rows.
 Prints one row per kind and size, then a table per kind with the slope of each column between the smallest
 and the largest size (milliseconds or KiB per file, a share's points per 1,000 files): a flat column has a slope
 near 0. Timings on a shared 2-core machine vary by some percent between runs; the slopes of memory do not.
@@ -306,7 +306,7 @@ def measure_train(data_dir: str, model_dir: str, backbone: str) -> tuple:
 def measure_train_spilled(data_dir: str, model_root: str, backbone: str) -> dict:
     """The older measurement: phase 1 only (1 epoch, no phase 2), features in memory and spilled.
 
-    Without the data-quality report, which came after the README's rows of this measurement.
+    Without the data-quality report, which came after the older rows of this measurement (docs/scale-and-capacity.md).
     """
     row = {}
     for name, budget in (("memory", 4096), ("spilled", SPILL_BUDGET_MB)):

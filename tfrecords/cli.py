@@ -2,7 +2,7 @@
 
 absl parses flags itself unless told otherwise, and a value it cannot read (`--batch_size=abc`,
 `--export_tflite=float,int4`) then ends the program with `FATAL Flags parsing error: ...`, a hint line and exit
-code 1. Every other bad input of these programs is one `error:` line and exit code 2 (README, "What we
+code 1. Every other bad input of these programs is one `error:` line and exit code 2 (docs/guarantees.md, "What we
 guarantee"), so each entry point's run() passes this parser to app.run.
 """
 

@@ -110,7 +110,7 @@ def _define_output_flags() -> None:
         DEFAULT_MAX_SIDE,
         "Downscale images whose longer side is larger, keeping the aspect, before storing: the default 1024 keeps "
         "every crop of training at up to 384 px unscaled and makes phone-size photos 6x faster to train on "
-        "(README: Phone-size photos); 320 when training at 160 px is faster still; 0 keeps the original size.",
+        "(docs/input-pipeline.md: Phone-size photos); 320 when training at 160 px is faster still; 0 keeps the original size.",
     )
     flags.DEFINE_integer(
         "jpeg_quality",

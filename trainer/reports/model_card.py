@@ -197,7 +197,7 @@ def _serving_section(model_dir: str) -> str:
         lines += ["", "`serving_default` takes encoded image files (JPEG, PNG, GIF, BMP) and prepares them exactly as "
                   "evaluation did; `serving_images` takes decoded uint8 RGB images of any size and crops and resizes "
                   "them the same way (identical below twice the input size; large JPEGs sent as files are decoded at "
-                  "a reduced DCT scale, see the README)."]
+                  "a reduced DCT scale, see docs/input-pipeline.md)."]
     else:
         lines.append(f"No SavedModel in `{export.SAVED_MODEL_DIR}/`.")
     tflite_dir = tf.io.gfile.join(model_dir, export.TFLITE_DIR)
