@@ -58,7 +58,7 @@ def main(argv: list[str]) -> None:
                                          inputs=argv[1:])
         files = prediction.list_images(argv[1:])
         class_names = prediction.read_class_names(FLAGS.model_dir)
-        serve = prediction.load_serving(model_dir=FLAGS.model_dir, model_format=FLAGS.format,
+        serve = prediction.load_serving(model_dir=FLAGS.model_dir, class_names=class_names, model_format=FLAGS.format,
                                         tflite_kind=FLAGS.tflite_kind)
         batches = prediction.predict_batches(
             serve=serve, paths=files, class_names=class_names, top_k=FLAGS.top_k,

@@ -245,6 +245,33 @@ def load_serving_function(export_dir: str, signature: str = BYTES_SIGNATURE):
     return signatures[signature]
 
 
+def read_saved_model_class_names(export_dir: str) -> list[str] | None:
+    """The class names a SavedModel of export_saved_model names its classes with, all of them in label-id order,
+    read from saved_model.pb without loading the model (so also when only another export is run).
+
+    The signatures gather each name from one constant, the list of every class name (its `top_k_class_names` output
+    lists only the k best): that constant is the only string vector the SavedModel saves. Returns None when there is
+    no SavedModel, or not exactly one such constant (not a SavedModel of export_saved_model).
+    """
+    from tensorflow.core.protobuf import saved_model_pb2  # the SavedModel file format (a protocol buffer)
+
+    path = tf.io.gfile.join(export_dir, "saved_model.pb")
+    if not tf.io.gfile.exists(path):
+        return None
+    saved_model = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(path, "rb") as file:
+        saved_model.ParseFromString(file.read())
+    found = []
+    for meta_graph in saved_model.meta_graphs:
+        nodes = {node.name: node for node in meta_graph.graph_def.node}
+        for saved_object in meta_graph.object_graph_def.nodes:
+            node = nodes.get(saved_object.constant.operation) if saved_object.HasField("constant") else None
+            tensor = node.attr["value"].tensor if node is not None and node.op == "Const" else None
+            if tensor is not None and tensor.dtype == tf.string.as_datatype_enum and len(tensor.tensor_shape.dim) == 1:
+                found.append([name.decode("utf-8") for name in tensor.string_val])
+    return found[0] if len(found) == 1 else None
+
+
 def export_tflite(
     *, model: keras.Model, class_names: list[str], image_size: int, output_dir: str, quantization: str,
     calibration_images: np.ndarray | None = None,

@@ -100,7 +100,8 @@ def read_class_names(model_dir: str) -> list[str]:
     return class_names
 
 
-def load_serving(*, model_dir: str, model_format: str = "saved_model", tflite_kind: str = "float"):
+def load_serving(*, model_dir: str, class_names: list[str], model_format: str = "saved_model",
+                 tflite_kind: str = "float"):
     """A serving function of one of a run's exports: called with `image_bytes` (a string tensor of encoded images),
     it returns `probabilities`, `class_ids` and `class_names`, and `top_k_*`, as the SavedModel's `serving_default`
     does.
@@ -109,27 +110,77 @@ def load_serving(*, model_dir: str, model_format: str = "saved_model", tflite_ki
     `serving_default` prepares it (data.decode_and_resize to the export's input size), `top_k_*` lists every class,
     and the names are the export's own: tflite/labels.txt beside the TFLite file, the class names model.onnx
     carries. `class_names_source` says which, so check_class_names names the file that disagrees.
+
+    Before anything is labelled, `class_names` (labels.txt) are compared in full, in order, with the names of the
+    export that runs (check_same_class_names): the SavedModel's list of every class (its signature names only the
+    top-k), model.onnx's, tflite/labels.txt. A .tflite file carries no names, so tflite/labels.txt is also compared
+    with the SavedModel's: a labels.txt and a tflite/labels.txt reordered alike are refused, and without a
+    saved_model/ to check them against the TFLite file is not run.
+
+    Raises:
+        ValueError: an unknown format, a missing export, or class names that disagree with the export's or the run's.
     """
     if model_format not in MODEL_FORMATS:
         raise ValueError(f"--format={model_format!r} is not one of {MODEL_FORMATS}")
+    saved_model_dir = tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR)
     if model_format == "saved_model":
-        return export.load_serving_function(tf.io.gfile.join(model_dir, export.SAVED_MODEL_DIR))
+        serve = export.load_serving_function(saved_model_dir)
+        check_same_class_names(class_names, _run_class_names(saved_model_dir), "the SavedModel")
+        return serve
     if model_format == "tflite":
-        predict, image_size, class_names, source = _load_tflite(model_dir, tflite_kind)
+        predict, image_size, export_names, source = _load_tflite(model_dir, tflite_kind)
+        check_same_class_names(class_names, export_names, source)
+        check_same_class_names(class_names, _run_class_names(saved_model_dir), "the SavedModel")
     else:
-        predict, image_size, class_names, source = _load_onnx(model_dir)
+        predict, image_size, export_names, source = _load_onnx(model_dir)
+        check_same_class_names(class_names, export_names, source)
 
     def serve(image_bytes):
         pixels = np.stack([data.decode_and_resize(encoded, image_size).numpy() for encoded in tf.unstack(image_bytes)])
         probabilities = predict(pixels.astype(np.float32))
         # Stable sort of the negated values: ties keep label-id order, as tf.argmax does in the signature.
         best_first = np.argsort(-probabilities, axis=1, kind="stable")
-        names = np.array(class_names, dtype=object)
+        names = np.array(export_names, dtype=object)
         return {"probabilities": tf.constant(probabilities), "class_ids": tf.constant(best_first[:, 0]),
                 "class_names": tf.constant(names[best_first[:, 0]]), "top_k_class_ids": tf.constant(best_first),
                 "top_k_class_names": tf.constant(names[best_first]), "class_names_source": source}
 
     return serve
+
+
+def _run_class_names(saved_model_dir: str) -> list[str]:
+    """The run's own list of every class name: the one its SavedModel gathers its names from."""
+    names = export.read_saved_model_class_names(saved_model_dir)
+    if names is None:
+        raise ValueError(
+            f"no SavedModel with its class names in {saved_model_dir!r}, so the {LABELS_FILE} files could not be "
+            "checked against the run's own class names; give the --model_dir of a finished `python -m trainer.train` "
+            "run with its saved_model/ folder as it wrote it"
+        )
+    return names
+
+
+def check_same_class_names(class_names: list[str], own_names: list[str], source: str) -> None:
+    """Raises ValueError unless `class_names` (labels.txt) are `own_names`, all of them in the same order.
+
+    Args:
+        class_names: the names predict prints, from labels.txt.
+        own_names: the names of an export or of the run, in label-id order.
+        source: where `own_names` are, for the message ("the SavedModel", "tflite/labels.txt", "model.onnx").
+    """
+    if len(class_names) != len(own_names):
+        raise ValueError(
+            f"{LABELS_FILE} lists {len(class_names)} class names but {source} has {len(own_names)}; the two must "
+            f"come from the same training run: use its {LABELS_FILE} and exports as it wrote them"
+        )
+    for class_id, (name, own_name) in enumerate(zip(class_names, own_names)):
+        if name != own_name:
+            raise ValueError(_disagreement(class_id, name, own_name, source))
+
+
+def _disagreement(class_id: int, name: str, own_name: str, source: str) -> str:
+    return (f"{LABELS_FILE} calls class {class_id} {name!r} but {source} calls it {own_name!r}; the two must come "
+            f"from the same training run: use its {LABELS_FILE} and exports as it wrote them")
 
 
 def _load_tflite(model_dir: str, tflite_kind: str):
@@ -169,8 +220,9 @@ def _load_onnx(model_dir: str):
 
 
 def check_class_names(outputs: dict, class_names: list[str]) -> None:
-    """The check of the names predict prints, for every format: raises ValueError when the model names a class it
-    returned (its top class or one of its top-k) otherwise than labels.txt does.
+    """The check, per batch, of the names predict prints, for every format: raises ValueError when the model names a
+    class it returned (its top class or one of its top-k) otherwise than labels.txt does. (load_serving has already
+    compared every name, before the first batch.)
 
     A labels.txt of another run, or reordered, would otherwise rename predictions silently. The SavedModel names
     its classes itself (the names are in its graph); load_serving's functions name theirs from the export's own
@@ -182,11 +234,7 @@ def check_class_names(outputs: dict, class_names: list[str]) -> None:
         pairs += zip(outputs["top_k_class_ids"].numpy().ravel(), outputs["top_k_class_names"].numpy().ravel())
     for class_id, served_name in pairs:
         if served_name.decode("utf-8") != class_names[class_id]:
-            raise ValueError(
-                f"{LABELS_FILE} calls class {class_id} {class_names[class_id]!r} but {source} calls it "
-                f"{served_name.decode('utf-8')!r}; the two must come from the same training run: use its "
-                f"{LABELS_FILE} and exports as it wrote them"
-            )
+            raise ValueError(_disagreement(class_id, class_names[class_id], served_name.decode("utf-8"), source))
 
 
 def read_file(path: str) -> bytes:

@@ -34,8 +34,8 @@ NAMES_SOURCES = {"saved_model": "the SavedModel", "tflite": "tflite/labels.txt",
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A --model_dir holding an exported 4-class model and its labels.txt."""
+def small_model():
+    """An untrained 4-class mobilenet_v2 at 32x32 with a random head."""
     model = classifier.build_model(
         classifier.ModelSpec(
             backbone="mobilenet_v2", image_size=IMAGE_SIZE, weights="none", preprocess="tf", dropout=0.0,
@@ -47,12 +47,26 @@ def model_dir(tmp_path_factory):
     head = model.layers[-1]
     rng = np.random.default_rng(0)
     head.set_weights([rng.normal(0, 1, weight.shape).astype("float32") for weight in head.get_weights()])
-    folder = tmp_path_factory.mktemp("model_dir")
-    export.export_saved_model(
-        model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE, export_dir=str(folder / export.SAVED_MODEL_DIR)
-    )
+    return model
+
+
+def export_model_dir(folder: Path, model, top_k: int = export.DEFAULT_TOP_K) -> Path:
+    export.export_saved_model(model=model, class_names=CLASS_NAMES, image_size=IMAGE_SIZE,
+                              export_dir=str(folder / export.SAVED_MODEL_DIR), top_k=top_k)
     (folder / prediction.LABELS_FILE).write_text("".join(name + "\n" for name in CLASS_NAMES))
     return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, small_model):
+    """A --model_dir holding an exported 4-class model and its labels.txt."""
+    return export_model_dir(tmp_path_factory.mktemp("model_dir"), small_model)
+
+
+@pytest.fixture(scope="module")
+def top_1_model_dir(tmp_path_factory, small_model):
+    """The same, exported as `trainer.train --top_k=1` does: its signature names only the best class."""
+    return export_model_dir(tmp_path_factory.mktemp("top_1_model_dir"), small_model, top_k=1)
 
 
 @pytest.fixture(scope="module")
@@ -558,9 +572,9 @@ def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
 
 def test_an_unknown_format_or_a_missing_export_is_a_clear_error(model_dir):
     with pytest.raises(ValueError, match="--format='pt' is not one of"):
-        prediction.load_serving(model_dir=str(model_dir), model_format="pt")
+        prediction.load_serving(model_dir=str(model_dir), class_names=CLASS_NAMES, model_format="pt")
     with pytest.raises(ValueError, match="no TFLite model at"):
-        prediction.load_serving(model_dir=str(model_dir), model_format="tflite")
+        prediction.load_serving(model_dir=str(model_dir), class_names=CLASS_NAMES, model_format="tflite")
 
 
 # --- Every format checks the class names it prints against the model it runs ------------------------------
@@ -570,7 +584,8 @@ def test_every_format_checks_every_class_name_it_prints(exports_dir, tmp_path, m
     # Before: only the top class's name was compared (and for ONNX none): two swapped runner-up classes
     # printed each other's probabilities under the wrong names.
     paths = write_images(tmp_path, ["a.png", "b.jpg"])
-    serve = prediction.load_serving(model_dir=str(exports_dir), model_format=model_format)
+    serve = prediction.load_serving(model_dir=str(exports_dir), class_names=test_export.CLASS_NAMES,
+                                    model_format=model_format)
     names = test_export.CLASS_NAMES
     results, _ = prediction.predict_files(serve=serve, paths=paths, class_names=names, top_k=3, batch_size=2)
     top = {result["class_name"] for result in results}
@@ -598,6 +613,46 @@ def test_cli_refuses_labels_that_disagree_with_the_export_it_runs(exports_dir, t
     assert completed.stdout == ""
 
 
+def test_every_class_name_is_checked_though_the_signature_names_only_its_top_k(top_1_model_dir, tmp_path):
+    # Before: with `train --top_k=1` the signature names only the best class, so a labels.txt with two runner-up
+    # classes swapped printed them under each other's names (exit 0). The SavedModel's full list is compared now.
+    assert export.read_saved_model_class_names(str(top_1_model_dir / export.SAVED_MODEL_DIR)) == CLASS_NAMES
+    run = copy_run(top_1_model_dir, tmp_path / "model")
+    swapped = [CLASS_NAMES[0], CLASS_NAMES[2], CLASS_NAMES[1], CLASS_NAMES[3]]
+    write_labels(run, swapped)
+    with pytest.raises(ValueError, match=r"labels.txt calls class 1 'fox' but the SavedModel calls it 'dog'"):
+        prediction.load_serving(model_dir=str(run), class_names=prediction.read_class_names(str(run)))
+    with pytest.raises(ValueError, match=r"labels.txt lists 3 class names but the SavedModel has 4"):
+        prediction.load_serving(model_dir=str(run), class_names=CLASS_NAMES[:3])
+    prediction.load_serving(model_dir=str(top_1_model_dir), class_names=CLASS_NAMES)  # its own names pass
+
+
+@pytest.mark.parametrize("model_format", [name for name in EXPORT_FORMATS if name != "saved_model"])
+def test_labels_reordered_alike_beside_every_export_are_refused(exports_dir, tmp_path, model_format):
+    # Before: labels.txt and tflite/labels.txt reordered the same way printed swapped names (exit 0): the .tflite
+    # file carries no names. Both are checked against the SavedModel's own list now; ONNX against its own names.
+    run = copy_run(exports_dir, tmp_path / "model")
+    names = test_export.CLASS_NAMES
+    reordered = names[1:] + names[:1]
+    write_labels(run, reordered)
+    write_labels(run / export.TFLITE_DIR, reordered)
+    source = "the SavedModel" if model_format == "tflite" else "model.onnx"
+    with pytest.raises(ValueError, match=rf"labels.txt calls class 0 '{reordered[0]}' but {source} calls it"):
+        prediction.load_serving(model_dir=str(run), class_names=reordered, model_format=model_format)
+    if model_format == "tflite":
+        shutil.rmtree(run / export.SAVED_MODEL_DIR)  # nothing left to check the two labels files against
+        with pytest.raises(ValueError, match=r"no SavedModel with its class names in .*run's own class names"):
+            prediction.load_serving(model_dir=str(run), class_names=reordered, model_format=model_format)
+
+
+def test_a_truncated_tflite_labels_file_is_one_error(exports_dir, tmp_path):
+    # Before: an IndexError traceback from the first batch.
+    run = copy_run(exports_dir, tmp_path / "model")
+    write_labels(run / export.TFLITE_DIR, test_export.CLASS_NAMES[:2])
+    with pytest.raises(ValueError, match=r"labels.txt lists 3 class names but tflite/labels.txt has 2"):
+        prediction.load_serving(model_dir=str(run), class_names=test_export.CLASS_NAMES, model_format="tflite")
+
+
 @pytest.mark.skipif(not ONNX_INSTALLED, reason="the onnx extra is not installed (pip install '.[onnx]')")
 def test_an_onnx_file_without_class_names_is_refused_with_how_to_re_export(exports_dir, tmp_path):
     import onnx
@@ -607,16 +662,17 @@ def test_an_onnx_file_without_class_names_is_refused_with_how_to_re_export(expor
     del graph.metadata_props[:]  # as model.onnx was written before it carried the class names
     onnx.save(graph, str(model_dir / "model.onnx"))
     with pytest.raises(ValueError, match=r"model.onnx' carries no class names.*--export_onnx"):
-        prediction.load_serving(model_dir=str(model_dir), model_format="onnx")
+        prediction.load_serving(model_dir=str(model_dir), class_names=test_export.CLASS_NAMES, model_format="onnx")
 
 
 def test_a_missing_export_names_the_training_flag_that_writes_it(exports_dir, tmp_path):
     model_dir = copy_run(exports_dir, tmp_path / "model")
     with pytest.raises(ValueError, match=r"no TFLite model at .*model_int8.tflite'; train with --export_tflite=int8"):
-        prediction.load_serving(model_dir=str(model_dir), model_format="tflite", tflite_kind="int8")
+        prediction.load_serving(model_dir=str(model_dir), class_names=test_export.CLASS_NAMES, model_format="tflite",
+                                tflite_kind="int8")
     (model_dir / export.TFLITE_DIR / prediction.LABELS_FILE).unlink()
     with pytest.raises(ValueError, match=r"no labels.txt beside .*model.tflite'"):
-        prediction.load_serving(model_dir=str(model_dir), model_format="tflite")
+        prediction.load_serving(model_dir=str(model_dir), class_names=test_export.CLASS_NAMES, model_format="tflite")
 
 
 # --- One decode-and-normalise path: a file is labelled as the converter stores it for training ---------------
@@ -644,7 +700,8 @@ def test_a_transparent_png_gets_its_converted_copys_input_in_every_format(export
     (tmp_path / "transparent.png").write_bytes(png)
     (tmp_path / "converted.jpg").write_bytes(images.load_image(png)[0])
     (tmp_path / "shown.png").write_bytes(encode_opaque(png))  # the hidden colour shown: the model must see it
-    serve = prediction.load_serving(model_dir=str(exports_dir), model_format=model_format)
+    serve = prediction.load_serving(model_dir=str(exports_dir), class_names=test_export.CLASS_NAMES,
+                                    model_format=model_format)
     paths = [str(tmp_path / name) for name in ("transparent.png", "converted.jpg", "shown.png")]
     results, failures = prediction.predict_files(serve=serve, paths=paths, class_names=test_export.CLASS_NAMES,
                                                  top_k=3, batch_size=3)
