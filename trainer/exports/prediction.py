@@ -18,6 +18,7 @@ import json
 import os
 import posixpath
 import time
+import unicodedata
 from collections.abc import Iterable, Iterator
 from typing import Self
 
@@ -484,9 +485,15 @@ def format_csv_header(top_k: int) -> str:
 
 
 def _csv_lines(rows: list[list[str]]) -> str:
-    text = io.StringIO()
-    csv.writer(text, lineterminator="\n").writerows(rows)
-    return text.getvalue()
+    lines = []
+    for row in rows:
+        text = io.StringIO()
+        # The writer quotes a field holding a character of its line terminator, not any other: with "\n" alone a
+        # "\r" in a path or class name stayed bare and a reader split the row there. So rows are written ending
+        # in "\r\n" (a "\r" or "\n" inside a field is quoted) and that ending is replaced by the files' "\n".
+        csv.writer(text, lineterminator="\r\n").writerow(row)
+        lines.append(text.getvalue()[:-2] + "\n")
+    return "".join(lines)
 
 
 def format_json_items(results: list[dict]) -> str:
@@ -591,9 +598,17 @@ class PredictionFile:
                 tf.io.gfile.rmtree(folder)
 
 
+def printable(text: str) -> str:
+    """`text` for a terminal line: control characters and line or paragraph separators escaped as Python writes them
+    ("\\n", "\\r", "\\x1b", "\\u2028"), the rest as it is. For display only: CSV and JSON keep names as they are."""
+    return "".join(repr(character)[1:-1] if unicodedata.category(character) in ("Cc", "Zl", "Zp") else character
+                   for character in text)
+
+
 class PredictionTable:
     """Prints results as a table for the terminal, batch by batch: path, predicted class, its probability and
-    the top-k classes. Nothing is printed without results.
+    the top-k classes, one line per image (control characters in names escaped: printable). Nothing is printed
+    without results.
 
     The column widths come from all the paths and class names up front rather than from the rows (which are
     not kept), so the columns line up as the rows arrive.
@@ -602,8 +617,8 @@ class PredictionTable:
     def __init__(self, *, stream, paths: list[str], class_names: list[str]):
         self.stream = stream
         self.widths = [
-            max(len("path"), max((len(path) for path in paths), default=0)),
-            max(len("class_name"), max((len(name) for name in class_names), default=0)),
+            max(len("path"), max((len(printable(path)) for path in paths), default=0)),
+            max(len("class_name"), max((len(printable(name)) for name in class_names), default=0)),
             len("probability"),
         ]
         self.header_printed = False
@@ -614,8 +629,9 @@ class PredictionTable:
             return
         rows = [] if self.header_printed else [["path", "class_name", "probability", "top_k"]]
         for result in results:
-            top = ", ".join(f"{entry['class_name']} {entry['probability']:.4f}" for entry in result["top_k"])
-            rows.append([result["path"], result["class_name"], f"{result['probability']:.4f}", top])
+            top = ", ".join(f"{printable(entry['class_name'])} {entry['probability']:.4f}" for entry in result["top_k"])
+            rows.append([printable(result["path"]), printable(result["class_name"]), f"{result['probability']:.4f}",
+                         top])
         lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, self.widths)), row[3]]) for row in rows]
         self.stream.write("\n".join(lines) + "\n")
         # Piped, stdout is block-buffered: flushed per batch, the rows are out before the next batch is labelled.

@@ -288,6 +288,43 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
                 for number, (line, result) in enumerate(zip(lines, [None, *results]))}) == 1
 
 
+ODD_TEXT = ["cr\rret", "new\nline", "crlf\r\nend", "comma, here", 'quote " here', "line\u2028separator",
+            "tab\there", " spaced ", ""]
+
+
+def test_csv_quotes_every_field_a_reader_would_split(tmp_path):
+    # Before: csv.writer(lineterminator="\n") left a "\r" unquoted, so csv.reader read 'cr\rret.jpg' as two rows.
+    results = [
+        {"path": f"{text}.jpg", "class_name": text or "empty", "probability": 0.5,
+         "top_k": [{"class_name": text or "empty", "probability": 0.5}, {"class_name": "x\ry", "probability": 0.25}]}
+        for text in ODD_TEXT
+    ]
+    path = tmp_path / "odd.csv"
+    write_file(str(path), results)
+    with open(path, newline="", encoding="utf-8") as file:
+        rows = list(csv.reader(file))
+    assert rows[1:] == [[result["path"], result["class_name"], "0.500000", result["class_name"], "0.500000", "x\ry",
+                         "0.250000"] for result in results]
+    assert path.read_bytes().endswith(b"0.250000\n")  # rows still end in "\n"
+
+
+def test_the_table_shows_control_characters_escaped_one_row_per_image():
+    # Before: a path holding "\n" or "\r" broke its row in two on the terminal.
+    results = [{"path": f"{text}.jpg", "class_name": "new\nname", "probability": 0.5,
+                "top_k": [{"class_name": "new\nname", "probability": 0.5}]} for text in ODD_TEXT]
+    stream = io.StringIO()
+    table = prediction.PredictionTable(stream=stream, paths=[result["path"] for result in results],
+                                       class_names=["new\nname"])
+    table.write(results)
+    lines = stream.getvalue().split("\n")
+    assert lines[-1] == "" and len(lines[:-1]) == 1 + len(results)
+    assert not any(character in stream.getvalue() for character in "\r\t\u2028")
+    assert lines[1].startswith("cr\\rret.jpg ") and lines[3].startswith("crlf\\r\\nend.jpg ")
+    assert lines[6].startswith("line\\u2028separator.jpg ") and "new\\nname 0.5000" in lines[1]
+    assert lines[5].startswith('quote " here.jpg ')  # printable characters are shown as they are
+    assert len({line.index("0.5000") for line in lines[1:-1]}) == 1  # the widths count the escaped text
+
+
 def test_ram_filesystem_for_images_and_output(serve):
     root = f"ram://predict-{uuid.uuid4().hex}"
     tf.io.gfile.makedirs(f"{root}/images/nested")
