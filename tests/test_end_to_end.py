@@ -1,5 +1,6 @@
 """The real CLIs as subprocesses: image folder -> tfrecords.build -> trainer.train -> SavedModel -> predict."""
 
+import importlib.util
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from tests import entry_point_runs
 from tests.conftest import FLOWERS_DIR, LITE0_BACKBONE, REPO_ROOT
 from trainer.exports import export
 from trainer.models import classifier
@@ -63,12 +65,22 @@ def serve_file(model_dir: Path, image: Path) -> str:
     return outputs["class_names"].numpy()[0].decode()
 
 
-def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
-    model_dir = tmp_path / "model"
-    command = [f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING]
-    first = run_cli("trainer.train", *command)
+ONNX_INSTALLED = all(importlib.util.find_spec(name) for name in ("tf2onnx", "onnx", "onnxruntime"))
+EVERY_EXPORT = ["--export_tflite=float,int8", "--tflite_calibration_images=8", *(["--export_onnx"] * ONNX_INSTALLED)]
+
+
+@pytest.fixture(scope="module")
+def trained(converted, tmp_path_factory) -> tuple:
+    """One tiny run of the real command with every export, shared by the tests of what a run leaves behind."""
+    model_dir = tmp_path_factory.mktemp("trained") / "model"
+    command = [f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING, *EVERY_EXPORT]
+    result = run_cli("trainer.train", *command)
+    return model_dir, command, result, json.loads((model_dir / "metrics.json").read_text())
+
+
+def test_a_run_prints_and_writes_its_results(trained):
+    model_dir, _, first, metrics = trained
     assert re.search(r"test accuracy \d\.\d{4} on \d+ images \(95% interval 0\.\d{3}-[01]\.\d{3}\)", first.stdout)
-    metrics = json.loads((model_dir / "metrics.json").read_text())
     # Where the time went, printed and in metrics.json: every stage of this run, and the rest.
     assert "where the time went" in first.stdout
     times = metrics["time_seconds"]
@@ -95,12 +107,19 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     quality_report = json.loads((model_dir / "data_quality.json").read_text())
     assert quality_report["num_images"] == 60
     assert "data quality of 60 images: " in first.stdout
+
+
+def test_the_data_quality_report_alone_from_a_trained_model(trained, converted, tmp_path):
+    model_dir = trained[0]
     # On its own, the same report from the trained model (into another folder).
     alone = run_cli("trainer.data_quality", f"--data_dir={converted}", f"--model_dir={model_dir}",
                     f"--output_dir={tmp_path / 'quality'}")
     assert alone.stdout.startswith("data quality of 60 images: ")
     assert json.loads((tmp_path / "quality" / "data_quality.json").read_text())["num_images"] == 60
 
+
+def test_the_saved_model_and_predict_label_image_files(trained, demo_image_dir):
+    model_dir = trained[0]
     image = sorted((demo_image_dir / "square").glob("*.jpg"))[0]
     assert serve_file(model_dir, image) in ["circle", "square", "triangle"]
     predicted = run_cli("trainer.predict", f"--model_dir={model_dir}", str(image), str(demo_image_dir / "circle"))
@@ -108,17 +127,6 @@ def test_train_export_predict_and_resume(converted, demo_image_dir, tmp_path):
     assert header.split()[:3] == ["path", "class_name", "probability"] and len(lines) == 1 + 20
     path, class_name, probability = lines[0].split()[:3]
     assert path == str(image) and class_name in ["circle", "square", "triangle"] and 0 < float(probability) <= 1
-
-    # The same command again: both phases are finished, so nothing is retrained.
-    second = run_cli("trainer.train", *command)
-    assert "phase2 already finished" in second.stderr
-    assert "Epoch" not in second.stdout
-    rerun_metrics = json.loads((model_dir / "metrics.json").read_text())
-    assert rerun_metrics["accuracy"] == pytest.approx(metrics["accuracy"])
-    # Phase 1 is skipped on the rerun; its results are kept from the first run.
-    assert set(rerun_metrics["phases"]) == {"phase1", "phase2"}
-    for phase, results in metrics["phases"].items():
-        assert rerun_metrics["phases"][phase] == pytest.approx(results)
 
 
 def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):
@@ -160,28 +168,21 @@ def wait_for_epochs(process: subprocess.Popen, model_dir: Path, count: int) -> N
 def resume_and_check(converted, model_dir: Path) -> int:
     """Reruns the same command; checks it resumed and ended with one history entry per epoch."""
     resumed = run_cli("trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *LONG_TRAINING)
-    first_epoch = int(re.search(rf"Epoch (\d+)/{LONG_EPOCHS}", resumed.stdout).group(1))
-    assert first_epoch > 1, resumed.stdout[:2000]
+    resumed_at = first_epoch(resumed.stdout)
+    assert resumed_at > 1, resumed.stdout[:2000]
     assert "restored" in resumed.stderr
     history = json.loads((model_dir / "metrics.json").read_text())["history"]
     assert [entry["epoch"] for entry in history] == list(range(1, LONG_EPOCHS + 1))
-    return first_epoch
+    return resumed_at
 
 
-def test_killed_run_resumes_where_it_stopped(converted, tmp_path):
+def first_epoch(stdout: str) -> int:
+    return int(re.search(rf"Epoch (\d+)/{LONG_EPOCHS}", stdout).group(1))
+
+
+def test_sigterm_checkpoints_and_exits_for_a_retry_and_a_killed_run_resumes_where_it_stopped(converted, tmp_path):
     model_dir = tmp_path / "model"
-    process = start_training(converted, model_dir)
-    try:
-        wait_for_epochs(process, model_dir, 3)
-    finally:
-        process.kill()
-        process.communicate()
-    assert process.returncode == -signal.SIGKILL
-    assert resume_and_check(converted, model_dir) >= 3
-
-
-def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path):
-    model_dir = tmp_path / "model"
+    # A preemption notice: the run checkpoints mid-epoch and exits 75, for the scheduler to retry it.
     process = start_training(converted, model_dir)
     try:
         wait_for_epochs(process, model_dir, 2)
@@ -191,45 +192,67 @@ def test_sigterm_checkpoints_mid_epoch_and_exits_for_a_retry(converted, tmp_path
         process.kill()
     assert process.returncode == 75, stderr[-2000:]
     assert "preempted:" in stderr and "rerun the same command to resume" in stderr
-    assert resume_and_check(converted, model_dir) >= 3
+    preempted_at = len(json.loads((model_dir / "history.json").read_text()))
+    # The retry resumes after the epochs already done; then it is killed outright (no warning, no checkpoint).
+    process = start_training(converted, model_dir)
+    try:
+        wait_for_epochs(process, model_dir, preempted_at + 2)
+    finally:
+        process.kill()
+        stdout, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    assert first_epoch(stdout) > preempted_at >= 2 and "restored" in stderr, stdout[:2000]
+    # The same command once more resumes from the killed run's last checkpoint and ends with every epoch once.
+    assert resume_and_check(converted, model_dir) > preempted_at + 1
 
 
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["--data_dir={empty}", "--model_dir={model}"], r"--data_dir '.*' has no manifest.json"),
-        (["--data_dir={data}", "--model_dir={model}", "--backbone=resnet5"], r"--backbone 'resnet5' is not a known"),
-        (
-            ["--data_dir={data}", "--model_dir={model}", "--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
-            r"--batch_size 7 must be a positive multiple of the 2 replicas",
-        ),
-        (["--data_dir={data}", "--model_dir={model}", "--weights=/no/such/file.h5"], r"--weights '/no/such/file.h5'"),
-        (
-            ["--data_dir={data}", "--model_dir={model}", "--backbone=mobilenet_v2+resnet50", "--backbone_layer=block_5_add"],
-            r"--backbone_layer 'block_5_add' cannot apply to ensemble",
-        ),
-        (["--data_dir={data}", "--model_dir={model}", "--label_smoothing=1.5"], r"--label_smoothing 1.5 must be within"),
-        (["--data_dir={data}", "--model_dir={model}", "--data_threads=-1"], r"--data_threads -1 must be 0"),
-        (
-            ["--data_dir={data}", "--model_dir={model}", "--feature_cache_memory_mb=0"],
-            r"--feature_cache_memory_mb=0.0 must be positive",
-        ),
-        # Values absl cannot read at all: the same one line and exit 2 (tfrecords/cli.py), not absl's FATAL.
-        (["--data_dir={data}", "--model_dir={model}", "--batch_size=abc"], r"flag --batch_size=abc: invalid literal"),
-        (
-            ["--data_dir={data}", "--model_dir={model}", "--export_tflite=float,int4"],
-            r"\['int4'\] not one of \['float', 'dynamic_range', 'int8'\]",
-        ),
-    ],
-)
-def test_bad_training_input_is_a_one_line_error(converted, tmp_path, arguments, message):
-    values = {"empty": tmp_path, "data": converted, "model": tmp_path / "model"}
-    result = run_cli("trainer.train", *[argument.format(**values) for argument in arguments], check=False)
+BAD_TRAINING_INPUT = [
+    # First: it splits the CPU into 2 devices, which only the first run of a process can (tests/entry_point_runs.py).
+    (
+        ["--data_dir={data}", "--model_dir={model}", "--strategy=mirrored", "--num_cpu_devices=2", "--batch_size=7"],
+        r"--batch_size 7 must be a positive multiple of the 2 replicas",
+    ),
+    (["--data_dir={empty}", "--model_dir={model}"], r"--data_dir '.*' has no manifest.json"),
+    (["--data_dir={data}", "--model_dir={model}", "--backbone=resnet5"], r"--backbone 'resnet5' is not a known"),
+    (["--data_dir={data}", "--model_dir={model}", "--weights=/no/such/file.h5"], r"--weights '/no/such/file.h5'"),
+    (
+        ["--data_dir={data}", "--model_dir={model}", "--backbone=mobilenet_v2+resnet50", "--backbone_layer=block_5_add"],
+        r"--backbone_layer 'block_5_add' cannot apply to ensemble",
+    ),
+    (["--data_dir={data}", "--model_dir={model}", "--label_smoothing=1.5"], r"--label_smoothing 1.5 must be within"),
+    (["--data_dir={data}", "--model_dir={model}", "--data_threads=-1"], r"--data_threads -1 must be 0"),
+    (
+        ["--data_dir={data}", "--model_dir={model}", "--feature_cache_memory_mb=0"],
+        r"--feature_cache_memory_mb=0.0 must be positive",
+    ),
+    # Values absl cannot read at all: the same one line and exit 2 (tfrecords/cli.py), not absl's FATAL.
+    (["--data_dir={data}", "--model_dir={model}", "--batch_size=abc"], r"flag --batch_size=abc: invalid literal"),
+    (
+        ["--data_dir={data}", "--model_dir={model}", "--export_tflite=float,int4"],
+        r"\['int4'\] not one of \['float', 'dynamic_range', 'int8'\]",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def bad_training_runs(converted, tmp_path_factory) -> list:
+    """Each BAD_TRAINING_INPUT case run by trainer.train (one process for all: tests/entry_point_runs.py)."""
+    folders = [tmp_path_factory.mktemp("bad_training_input") for _ in BAD_TRAINING_INPUT]
+    argument_lists = [
+        [argument.format(empty=folder, data=converted, model=folder / "model") for argument in arguments]
+        for folder, (arguments, _) in zip(folders, BAD_TRAINING_INPUT)
+    ]
+    return list(zip(folders, entry_point_runs.run_each("trainer.train", argument_lists)))
+
+
+@pytest.mark.parametrize("case", range(len(BAD_TRAINING_INPUT)), ids=[message for _, message in BAD_TRAINING_INPUT])
+def test_bad_training_input_is_a_one_line_error(bad_training_runs, case):
+    folder, result = bad_training_runs[case]
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last_line = result.stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: ") and re.search(message, last_line), result.stderr[-2000:]
-    assert not (tmp_path / "model").exists()
+    assert last_line.startswith("error: ") and re.search(BAD_TRAINING_INPUT[case][1], last_line), result.stderr[-2000:]
+    assert not (folder / "model").exists()
 
 
 @pytest.mark.skipif(
@@ -290,23 +313,20 @@ def test_a_100_to_1_imbalanced_folder_trains_with_balanced_class_weights(tmp_pat
     run_cli("tfrecords.build", f"--input_dir={tmp_path / 'images'}", f"--output_dir={data_dir}", "--num_shards=1")
     manifest = json.loads((data_dir / "manifest.json").read_text())
     assert manifest["splits"]["train"]["class_counts"] == {"common": 100, "rare": 1}
-    run_cli("trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--class_weight=balanced", *TINY_TRAINING)
+    run_cli("trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}", "--class_weight=balanced", "--nodata_quality",
+            *TINY_TRAINING)
     report = json.loads((model_dir / "evaluation.json").read_text())
     assert [row["support"] for row in report["per_class"]] == [4, 1]
 
 
-def test_training_with_every_export_evaluates_each_one_in_the_report(converted, demo_image_dir, tmp_path):
-    pytest.importorskip("tf2onnx", reason="the onnx extra is not installed")
-    model_dir = tmp_path / "model"
-    run_cli("trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *TINY_TRAINING, "--nodata_quality",
-            "--export_tflite=float,int8", "--tflite_calibration_images=8", "--export_onnx")
+def test_training_with_every_export_evaluates_each_one_in_the_report(trained, demo_image_dir, tmp_path):
+    model_dir, _, _, metrics = trained
     assert "--export_tflite=float,int8\n" in (model_dir / "flags.txt").read_text()  # the list, as given
     rows = json.loads((model_dir / "evaluation.json").read_text())["exports"]
-    assert [row["format"] for row in rows] == ["saved_model", "tflite_float", "tflite_int8", "onnx"]
-    metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert [row["format"] for row in rows] == ["saved_model", "tflite_float", "tflite_int8", *["onnx"] * ONNX_INSTALLED]
     assert rows[0]["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-4)
     assert rows[0]["num_examples"] == metrics["num_examples"]
-    assert rows[1]["agreement_with_saved_model"] == 1.0 and rows[3]["agreement_with_saved_model"] == 1.0
+    assert all(row["agreement_with_saved_model"] == 1.0 for row in rows if row["format"] in ("tflite_float", "onnx"))
     assert "exports on the test split" in (model_dir / "evaluation.txt").read_text()
     assert "## Exports" in (model_dir / "MODEL_CARD.md").read_text()
     # trainer.predict with each export: the same classes and probabilities (float TFLite and ONNX compute what the
@@ -317,7 +337,7 @@ def test_training_with_every_export_evaluates_each_one_in_the_report(converted, 
         (images / image.name).write_bytes(image.read_bytes())
     (images / "broken.jpg").write_bytes(b"not an image")
     outputs = {}
-    for model_format in ("saved_model", "tflite", "onnx"):
+    for model_format in ("saved_model", "tflite", *["onnx"] * ONNX_INSTALLED):
         output = tmp_path / f"{model_format}.json"
         result = run_cli("trainer.predict", f"--model_dir={model_dir}", f"--format={model_format}", "--top_k=2",
                          f"--output={output}", str(images), check=False)
@@ -331,3 +351,17 @@ def test_training_with_every_export_evaluates_each_one_in_the_report(converted, 
         assert [item["class_name"] for item in labelled] == [item["class_name"] for item in reference], model_format
         np.testing.assert_allclose([item["probability"] for item in labelled],
                                    [item["probability"] for item in reference], atol=1e-4)
+
+
+def test_a_finished_run_run_again_retrains_nothing(trained):
+    # Last of the tests of the shared run: it runs the same command again in its model_dir.
+    model_dir, command, _, metrics = trained
+    second = run_cli("trainer.train", *command)
+    assert "phase2 already finished" in second.stderr
+    assert "Epoch" not in second.stdout
+    rerun_metrics = json.loads((model_dir / "metrics.json").read_text())
+    assert rerun_metrics["accuracy"] == pytest.approx(metrics["accuracy"])
+    # Phase 1 is skipped on the rerun; its results are kept from the first run.
+    assert set(rerun_metrics["phases"]) == {"phase1", "phase2"}
+    for phase, results in metrics["phases"].items():
+        assert rerun_metrics["phases"][phase] == pytest.approx(results)

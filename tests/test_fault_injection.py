@@ -21,6 +21,7 @@ from PIL import Image
 import pytest
 import tensorflow as tf
 
+from tests import entry_point_runs
 from tests.conftest import REPO_ROOT
 from tfrecords import schema
 from tfrecords.run import conversion
@@ -273,35 +274,107 @@ def test_odd_class_names_reach_every_output(trained, odd_data, tmp_path):
     assert list((trained / "logs" / "validation").glob("events.out.tfevents.*"))
 
 
-@pytest.mark.parametrize("change, message", [
-    (["--backbone=resnet50", "--image_size=48"], r"backbone was 'mobilenet_v2', now 'resnet50'.*image_size was 32, now 48"),
-    (["--data_dir={other}"], r"classes was \[.*\], now \['circle', 'square', 'triangle'\]"),
-])
-def test_rerun_with_another_model_or_data_stops_before_touching_anything(
-    trained, odd_data, demo_data_dir, change, message
-):
-    # Before: other data "resumed" the old checkpoint, trained nothing and wrote its class names over the
-    # model; another backbone ended in a traceback after rewriting flags.txt.
-    before = tree(trained)
-    arguments = [f"--data_dir={odd_data}", f"--model_dir={trained}", *TINY_TRAINING]
-    for flag in change:
+# Each training below must stop with one error line before it trains (or, for damage found while reading, before it
+# writes more than its identity). Their data are prepared by one function each, next to its test, and all of them run
+# in one process of trainer.train (tests/entry_point_runs.py): a new interpreter each would cost seconds apiece.
+
+
+def replaced(arguments: list, flags: list) -> list:
+    """arguments with each of flags (--name=value) replacing the same flag's value."""
+    for flag in flags:
         name = flag.split("=")[0]
         arguments = [argument for argument in arguments if not argument.startswith(name + "=")]
-        arguments.append(flag.format(other=demo_data_dir))
-    result = run_cli("trainer.train", *arguments)
-    assert_one_line_error(result, r"--model_dir '.*' holds another model \(.*" + message + r".*new --model_dir")
-    assert tree(trained) == before
+        arguments.append(flag)
+    return arguments
 
 
-def test_a_shard_cut_at_a_record_boundary_stops_before_training(odd_data, tmp_path):
-    data = copy_data(odd_data, tmp_path / "data")
+def rerun_with_another_backbone(context: dict) -> list:
+    return replaced(context["rerun"], ["--backbone=resnet50", "--image_size=48"])
+
+
+def rerun_with_other_data(context: dict) -> list:
+    return replaced(context["rerun"], [f"--data_dir={context['demo_data_dir']}"])
+
+
+def training_of_a_shard_cut_at_a_record_boundary(context: dict) -> list:
+    data = copy_data(context["odd_data"], context["folder"] / "data")
     shard = data / manifest_of(data)["splits"]["train"]["shards"][0]["file"]
     ends = record_ends(shard)
     # Before: every remaining record reads fine, so it trained on what was left, exit 0.
     shard.write_bytes(shard.read_bytes()[:ends[len(ends) // 2 - 1]])
-    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
-    assert_one_line_error(result, rf"shard {shard.name} has \d+ bytes, the manifest says \d+.*python -m tfrecords.verify")
-    assert not (tmp_path / "model").exists()
+    context["shard"] = shard.name
+    return [f"--data_dir={data}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+
+
+def training_with_a_flipped_bit(context: dict) -> list:
+    data = copy_data(context["odd_data"], context["folder"] / "data")
+    shard = data / manifest_of(data)["splits"]["train"]["shards"][1]["file"]
+    damaged = bytearray(shard.read_bytes())
+    damaged[record_ends(shard)[0] + 100] ^= 0x10  # inside the second record's image bytes: same size
+    shard.write_bytes(bytes(damaged))
+    context["shard"] = shard.name
+    return [f"--data_dir={data}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+
+
+def training_with_reordered_class_names(context: dict) -> list:
+    data = copy_data(context["odd_data"], context["folder"] / "data")
+    manifest = manifest_of(data)
+    manifest["classes"] = manifest["classes"][::-1]
+    (data / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
+    # Before: trained and exported with the names swapped. With labels.txt reordered the same way, only the
+    # records' own class names give it away, while reading.
+    (data / schema.LABELS_FILE).write_text("".join(name + "\n" for name in manifest["classes"]), encoding="utf-8")
+    return [f"--data_dir={data}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+
+
+def training_at_a_too_small_image_size(context: dict) -> list:
+    # Before, this ended in a traceback.
+    arguments = [f"--data_dir={context['odd_data']}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+    return replaced(arguments, ["--image_size=16"])
+
+
+def training_with_a_backbone_file_holding_code(context: dict) -> list:
+    # Before, this ended in a traceback.
+    arguments = [f"--data_dir={context['odd_data']}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+    return replaced(arguments, [f"--backbone={context['backbone_files']['with_code']}", "--preprocess=none",
+                                "--weights=imagenet"])
+
+
+REFUSED_TRAININGS = [
+    rerun_with_another_backbone, rerun_with_other_data, training_of_a_shard_cut_at_a_record_boundary,
+    training_with_a_flipped_bit, training_with_reordered_class_names, training_at_a_too_small_image_size,
+    training_with_a_backbone_file_holding_code,
+]
+
+
+@pytest.fixture(scope="module")
+def refused(trained, odd_data, demo_data_dir, backbone_files, tmp_path_factory) -> dict:
+    """{case name: (its context, trainer.train's result)} for each of REFUSED_TRAININGS, run in one process."""
+    shared = {"odd_data": odd_data, "demo_data_dir": demo_data_dir, "backbone_files": backbone_files,
+              "trained_before": tree(trained),
+              "rerun": [f"--data_dir={odd_data}", f"--model_dir={trained}", *TINY_TRAINING]}
+    contexts = [{**shared, "folder": tmp_path_factory.mktemp(case.__name__)} for case in REFUSED_TRAININGS]
+    argument_lists = [case(context) for case, context in zip(REFUSED_TRAININGS, contexts)]
+    results = entry_point_runs.run_each("trainer.train", argument_lists)
+    return {case.__name__: (context, result) for case, context, result in zip(REFUSED_TRAININGS, contexts, results)}
+
+
+@pytest.mark.parametrize("case, message", [
+    (rerun_with_another_backbone, r"backbone was 'mobilenet_v2', now 'resnet50'.*image_size was 32, now 48"),
+    (rerun_with_other_data, r"classes was \[.*\], now \['circle', 'square', 'triangle'\]"),
+], ids=["another_backbone", "other_data"])
+def test_rerun_with_another_model_or_data_stops_before_touching_anything(refused, trained, case, message):
+    # Before: other data "resumed" the old checkpoint, trained nothing and wrote its class names over the
+    # model; another backbone ended in a traceback after rewriting flags.txt.
+    context, result = refused[case.__name__]
+    assert_one_line_error(result, r"--model_dir '.*' holds another model \(.*" + message + r".*new --model_dir")
+    assert tree(trained) == context["trained_before"]
+
+
+def test_a_shard_cut_at_a_record_boundary_stops_before_training(refused):
+    context, result = refused["training_of_a_shard_cut_at_a_record_boundary"]
+    assert_one_line_error(result, rf"shard {context['shard']} has \d+ bytes, the manifest says \d+.*python -m tfrecords.verify")
+    assert not (context["folder"] / "model").exists()
 
 
 @pytest.mark.parametrize("damage", ["cut_mid_record", "missing", "labels_reordered", "counts_changed"])
@@ -327,28 +400,16 @@ def test_data_that_differs_from_its_manifest_is_found_without_reading_it(odd_dat
         data_lib.check_data(str(data), manifest)
 
 
-def test_a_flipped_bit_stops_training_naming_the_shard(odd_data, tmp_path):
-    data = copy_data(odd_data, tmp_path / "data")
-    shard = data / manifest_of(data)["splits"]["train"]["shards"][1]["file"]
-    damaged = bytearray(shard.read_bytes())
-    damaged[record_ends(shard)[0] + 100] ^= 0x10  # inside the second record's image bytes: same size
-    shard.write_bytes(bytes(damaged))
-    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+def test_a_flipped_bit_stops_training_naming_the_shard(refused):
+    context, result = refused["training_with_a_flipped_bit"]
     assert_one_line_error(
-        result, rf"shard .*{shard.name}: a record failed to read \(corrupted record at \d+\).*tfrecords.verify"
+        result, rf"shard .*{context['shard']}: a record failed to read \(corrupted record at \d+\).*tfrecords.verify"
     )
-    assert not (tmp_path / "model" / "run.lock").exists()
+    assert not (context["folder"] / "model" / "run.lock").exists()
 
 
-def test_reordered_class_names_never_train(odd_data, tmp_path):
-    data = copy_data(odd_data, tmp_path / "data")
-    manifest = manifest_of(data)
-    manifest["classes"] = manifest["classes"][::-1]
-    (data / schema.MANIFEST_FILE).write_text(json.dumps(manifest))
-    # Before: trained and exported with the names swapped. With labels.txt reordered the same way, only the
-    # records' own class names give it away, while reading.
-    (data / schema.LABELS_FILE).write_text("".join(name + "\n" for name in manifest["classes"]), encoding="utf-8")
-    result = run_cli("trainer.train", f"--data_dir={data}", f"--model_dir={tmp_path / 'model'}", *TINY_TRAINING)
+def test_reordered_class_names_never_train(refused):
+    _, result = refused["training_with_reordered_class_names"]
     assert_one_line_error(result, r"shard .*\.tfrecord: record of '.*' has label \d for class '.*', but the manifest's")
 
 
@@ -461,20 +522,14 @@ def test_weights_flag_with_a_backbone_file_is_refused(backbone_files):
     classifier.check_weights(str(backbone_files["standard"]), "imagenet")
 
 
-@pytest.mark.parametrize("flags, message", [
-    # Before each of these ended in a traceback.
-    (["--image_size=16"], r"--backbone 'mobilenet_v2' cannot be built at --image_size 16: .*32"),
-    (["--backbone={with_code}", "--preprocess=none", "--weights=imagenet"],
+@pytest.mark.parametrize("case, message", [
+    (training_at_a_too_small_image_size, r"--backbone 'mobilenet_v2' cannot be built at --image_size 16: .*32"),
+    (training_with_a_backbone_file_holding_code,
      r"--backbone file '.*with_code.keras' cannot be loaded: Keras safe mode refused it"),
-])
-def test_bad_model_input_is_a_one_line_error(odd_data, backbone_files, tmp_path, flags, message):
-    model_dir = tmp_path / "model"
-    arguments = [f"--data_dir={odd_data}", f"--model_dir={model_dir}", *TINY_TRAINING]
-    for flag in flags:
-        name = flag.split("=")[0]
-        arguments = [argument for argument in arguments if not argument.startswith(name + "=")]
-        arguments.append(flag.format(**backbone_files))
-    result = run_cli("trainer.train", *arguments)
+], ids=["image_size_16", "backbone_with_code"])
+def test_bad_model_input_is_a_one_line_error(refused, case, message):
+    context, result = refused[case.__name__]
     assert_one_line_error(result, message)
     # At most the run's identity was written: nothing trained, and a corrected rerun may start anew.
+    model_dir = context["folder"] / "model"
     assert not model_dir.exists() or sorted(path.name for path in model_dir.iterdir()) == ["flags.txt", "run.json"]
