@@ -2,8 +2,9 @@
 
     python -m trainer.predict --model_dir=/tmp/flowers_model --top_k=3 photo.jpg more_photos/ 'shots/*.png'
 
-PATH arguments are image files, folders (searched recursively, hidden files and folders skipped) and
-globs, local or gs://. Files are read a batch at a time (--batch_size) by a few threads, and each batch
+PATH arguments are image files, folders (searched recursively, hidden files and folders skipped, each real folder
+once: a link loop is a warning) and globs, local or gs://; an argument is a folder or file if one has that name, else a
+glob. Files are read a batch at a time (--batch_size) by a few threads, and each batch
 goes through the SavedModel's `serving_default` signature in one call; --format=tflite (--tflite_kind=float,
 dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
 and the same output. Every file is first made what the converter stores for training (upright 8-bit RGB,
@@ -13,7 +14,7 @@ is printed; --output=predictions.csv or --output=predictions.json writes one row
 --overwrite. Each batch's rows are printed or written before the next batch is labelled, so memory does not grow
 with the number of files: the output file fills as <output>.incomplete and is renamed to <output> when every
 file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are
-reported on stderr, one line each (`error: <path>: ...`), at the end, the rest are still labelled, and the run
+reported on stderr, one line each (`error: <path>: ...`; so is a name that is not UTF-8), at the end, the rest are still labelled, and the run
 exits with code 1; bad flags or paths that match nothing exit with code 2. The work is trainer/exports/prediction.py's;
 this module reads the flags.
 """
@@ -53,10 +54,13 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--batch_size {FLAGS.batch_size} must be at least 1")
         if FLAGS.num_read_threads < 1:
             raise ValueError(f"--num_read_threads {FLAGS.num_read_threads} must be at least 1")
+        listing = prediction.list_inputs(argv[1:])
+        for warning in listing.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         if FLAGS.output:
             prediction.check_output_path(FLAGS.output, overwrite=FLAGS.overwrite, model_dir=FLAGS.model_dir,
-                                         inputs=argv[1:])
-        files = prediction.list_images(argv[1:])
+                                         listing=listing)
+        files = listing.files
         class_names = prediction.read_class_names(FLAGS.model_dir)
         serve = prediction.load_serving(model_dir=FLAGS.model_dir, class_names=class_names, model_format=FLAGS.format,
                                         tflite_kind=FLAGS.tflite_kind)
@@ -74,11 +78,11 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    for path, reason in failures.items():
-        print(f"error: {path}: {reason}", file=sys.stderr)
+    for path, reason in {**listing.skipped, **failures}.items():
+        print(f"error: {prediction.printable(path)}: {reason}", file=sys.stderr)
     if FLAGS.output:
         print(f"wrote {num_labelled} predictions to {FLAGS.output}")
-    if failures:
+    if failures or listing.skipped:
         sys.exit(1)
 
 

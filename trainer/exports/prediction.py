@@ -12,6 +12,7 @@ and a file the converter would skip is reported, in one line, before any TensorF
 
 import concurrent.futures
 import csv
+import dataclasses
 import fnmatch
 import io
 import json
@@ -38,50 +39,153 @@ NOT_DECODABLE = "not a decodable image"
 REMOTE_FLUSH_SECONDS = 300
 
 
-def list_images(paths: list[str]) -> list[str]:
+FOLDER, FILE, GLOB, NOT_UTF8 = "folder", "file", "glob", "not UTF-8"
+NOT_UTF8_REASON = "its name is not UTF-8 text (CSV, JSON and the table hold names as UTF-8); rename it"
+
+
+@dataclasses.dataclass
+class Listing:
+    """What the PATH arguments label (list_inputs).
+
+    files: the image files, in the arguments' order, each path once.
+    folders: every folder walked, by its comparable path (links resolved), to the path it was reached by.
+    globs: the arguments read as globs.
+    skipped: files and folders not labelled, to the reason (reported like a file that cannot be read).
+    warnings: what was left out on purpose (a link to a folder already listed), one line each.
+    """
+
+    files: list[str] = dataclasses.field(default_factory=list)
+    folders: dict[str, str] = dataclasses.field(default_factory=dict)
+    globs: list[str] = dataclasses.field(default_factory=list)
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def argument_kind(path: str) -> str:
+    """What a PATH argument means, the one decision list_inputs lists by and check_output_path refuses by: a FOLDER
+    if it is one, else a FILE if it exists, else a GLOB (so 'photos[2024]' is the folder of that name when there is
+    one); NOT_UTF8 for a local name whose bytes are not UTF-8 (given as surrogates, as Python gives them)."""
+    if not _is_utf8(path):
+        return NOT_UTF8
+    if tf.io.gfile.isdir(path):
+        return FOLDER
+    return FILE if tf.io.gfile.exists(path) else GLOB
+
+
+def list_inputs(paths: list[str]) -> Listing:
     """Expands folders and globs into files, keeping the arguments' order and listing each file once.
 
     A folder contributes its files recursively in sorted order, skipping hidden files and folders (names
-    starting with "."); a glob contributes its sorted matches, hidden names skipped and matched folders
-    expanded; a plain file is kept even when hidden.
+    starting with "."), following links to folders but walking each real folder once (a link loop or a second
+    link to a folder already walked is a warning); a glob contributes its sorted matches, hidden names skipped and
+    matched folders expanded; a plain file is kept even when hidden. A name that is not UTF-8 is skipped with
+    NOT_UTF8_REASON, the other files still listed.
 
     Args:
         paths: files, folders and globs, local or gs://.
 
-    Returns:
-        The image file paths.
-
     Raises:
         ValueError: a path matches nothing, or a folder holds no visible file.
     """
-    files = []
+    listing = Listing()
     for path in paths:
-        if tf.io.gfile.isdir(path):
-            found = _list_folder(path)
-            if not found:
-                raise ValueError(f"folder {path!r} has no files (hidden ones are skipped); give a folder of images")
-        elif tf.io.gfile.exists(path):
-            found = [path]
-        else:
-            found = []
-            for match in sorted(tf.io.gfile.glob(path)):
-                if _base_name(match).startswith("."):
-                    continue
-                found.extend(_list_folder(match) if tf.io.gfile.isdir(match) else [match])
-            if not found:
+        kind = argument_kind(path)
+        if kind == NOT_UTF8:
+            listing.skipped[path] = NOT_UTF8_REASON
+        elif kind == FILE:
+            listing.files.append(path)
+        elif kind == FOLDER:
+            if _comparable(path) not in listing.folders and not _walk(path, listing):
                 raise ValueError(
-                    f"{path!r} is neither a file, a folder nor a glob that matches anything; check the path"
+                    f"folder '{printable(path)}' has no files (hidden ones are skipped); give a folder of images"
                 )
-        files.extend(found)
-    return list(dict.fromkeys(files))
+        else:
+            listing.globs.append(path)
+            if not _list_glob(path, listing):
+                raise ValueError(
+                    f"'{printable(path)}' is neither a file, a folder nor a glob that matches anything; check the path"
+                )
+    listing.files = list(dict.fromkeys(listing.files))
+    return listing
 
 
-def _list_folder(folder: str) -> list[str]:
-    found = []
-    for parent, subfolders, names in tf.io.gfile.walk(folder):
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]
-        found.extend(tf.io.gfile.join(parent, name) for name in names if not name.startswith("."))
-    return sorted(found)
+def list_images(paths: list[str]) -> list[str]:
+    """The image files of list_inputs(paths)."""
+    return list_inputs(paths).files
+
+
+def _list_glob(pattern: str, listing: Listing) -> bool:
+    """Adds a glob's matches to listing; False when it matches nothing."""
+    matched = False
+    for match in sorted(tf.io.gfile.glob(pattern)):
+        if _base_name(match).startswith("."):
+            continue
+        if tf.io.gfile.isdir(match):
+            matched = _comparable(match) in listing.folders or _walk(match, listing) or matched
+        else:
+            listing.files.append(match)
+            matched = True
+    return matched
+
+
+def _walk(folder: str, listing: Listing) -> bool:
+    """Adds the files under folder to listing, in sorted order, each real folder walked once; False if it holds
+    no visible file (one skipped for its name counts as one)."""
+    found, pending, num_skipped = [], [folder], len(listing.skipped)
+    while pending:
+        current = pending.pop()
+        real = _comparable(current)
+        if real in listing.folders:
+            listing.warnings.append(f"{printable(current)}: skipped, a link to {printable(listing.folders[real])}, "
+                                    "a folder already listed")
+            continue
+        listing.folders[real] = current
+        try:
+            names = _entries(current)
+        except (OSError, tf.errors.OpError) as error:
+            listing.skipped[current] = f"folder cannot be read ({getattr(error, 'strerror', None) or error})"
+            continue
+        for name in sorted(names, reverse=True):  # popped from the end: walked in sorted order
+            path = tf.io.gfile.join(current, name)
+            if name.startswith("."):
+                continue
+            if not _is_utf8(name):
+                listing.skipped[path] = NOT_UTF8_REASON
+            elif _is_folder(path):
+                pending.append(path)
+            else:
+                found.append(path)
+    listing.files.extend(sorted(found))
+    return bool(found) or len(listing.skipped) > num_skipped
+
+
+def _entries(folder: str) -> list[str]:
+    """The names in a folder: locally through the operating system, which gives a name that is not UTF-8 with
+    surrogates (tf.io.gfile fails on the whole folder), remotely through tf.io.gfile (without gs://'s "/")."""
+    if "://" not in folder:
+        return os.listdir(folder)
+    return [name.rstrip("/") for name in tf.io.gfile.listdir(folder)]
+
+
+def _is_folder(path: str) -> bool:
+    return os.path.isdir(path) if "://" not in path else tf.io.gfile.isdir(path)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def printable(text: str) -> str:
+    """`text` for one line of a terminal: the bytes of a name that is not UTF-8 (surrogates) escaped as "\\xff",
+    control characters and line or paragraph separators as Python writes them ("\\n", "\\r", "\\x1b", "\\u2028"),
+    the rest as it is. For display only: CSV and JSON keep names as they are."""
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(repr(character)[1:-1] if unicodedata.category(character) in ("Cc", "Zl", "Zp") else character
+                   for character in text)
 
 
 def _base_name(path: str) -> str:
@@ -403,29 +507,30 @@ def check_output_format(path: str) -> None:
         raise ValueError(f"--output {path!r} must end in .csv or .json (e.g. --output=predictions.csv)")
 
 
-def check_output_path(path: str, *, overwrite: bool, model_dir: str, inputs: list[str]) -> None:
-    """Raises ValueError, before any work, when writing `path` could replace or add to something it must not.
+def check_output_path(path: str, *, overwrite: bool, model_dir: str, listing: Listing) -> None:
+    """Raises ValueError, before any file is labelled, when writing `path` could replace or add to something it must
+    not.
 
     Refused: another extension than OUTPUT_FORMATS; a path inside `model_dir` (the run's own files, such as
-    run.json, even with `overwrite`); a path inside a folder being labelled, matching a glob being labelled (or
-    inside a folder that does), or being a file that is labelled; a folder; a path under a file; an existing file
-    unless `overwrite`. Only strings are compared for globs, so nothing is listed twice.
+    run.json, even with `overwrite`); a path among what `listing` labels, compared as list_inputs read each
+    argument, links resolved: inside a folder walked (also one reached through a link), one of the files, or
+    matching an argument read as a glob (or inside a folder that does); a folder; a path under a file; an existing
+    file unless `overwrite`.
 
     Args:
         path: the --output value (local or gs://).
         overwrite: --overwrite: an existing file may be replaced (once every file is labelled).
         model_dir: the --model_dir predictions are made with.
-        inputs: the file, folder and glob arguments being labelled.
+        listing: list_inputs of the file, folder and glob arguments being labelled.
     """
     check_output_format(path)
     output = _comparable(path)
     if _is_within(output, _comparable(model_dir)):
         raise ValueError(f"--output {path!r} is inside --model_dir {model_dir!r}; write predictions outside the run, "
                          "whose files (run.json, labels.txt, ...) it must not replace")
-    for argument in inputs:
-        reason = _labelled_location(output, argument)
-        if reason:
-            raise ValueError(f"--output {path!r} {reason}; write predictions outside the images being labelled")
+    reason = _labelled_location(path, listing)
+    if reason:
+        raise ValueError(f"--output {path!r} {reason}; write predictions outside the images being labelled")
     if tf.io.gfile.isdir(path):
         raise ValueError(f"--output {path!r} is a folder; give a file, e.g. --output={path.rstrip('/')}/predictions.csv")
     folder = path.rpartition("/")[0]
@@ -436,19 +541,21 @@ def check_output_path(path: str, *, overwrite: bool, model_dir: str, inputs: lis
                          "every file is labelled) or give another path")
 
 
-def _labelled_location(output: str, argument: str) -> str | None:
-    """Why the comparable `output` lies among what `argument` labels (a file, folder or glob), else None."""
-    if any(character in argument for character in "*?["):
+def _labelled_location(path: str, listing: Listing) -> str | None:
+    """Why the output `path` lies among what `listing` labels, else None."""
+    output = _comparable(path)
+    ancestors = [output] + [output[:index] for index, character in enumerate(output) if character == "/" and index]
+    for ancestor in ancestors:
+        if ancestor in listing.folders:
+            return f"is inside '{printable(listing.folders[ancestor])}', a folder being labelled"
+    for pattern in listing.globs:
         # fnmatch's * also matches "/": a glob refuses a little more than it lists, never less.
-        pattern = _comparable(argument)
-        folders = [output] + [output[:index] for index, character in enumerate(output) if character == "/"]
-        if any(fnmatch.fnmatchcase(candidate, pattern) for candidate in folders):
-            return f"matches {argument!r}, which is being labelled"
-        return None
-    if output == _comparable(argument):
-        return f"is {argument!r}, a file being labelled"
-    if tf.io.gfile.isdir(argument) and _is_within(output, _comparable(argument)):
-        return f"is inside {argument!r}, a folder being labelled"
+        if any(fnmatch.fnmatchcase(candidate, _comparable(pattern)) for candidate in ancestors):
+            return f"matches {pattern!r}, which is being labelled"
+    if tf.io.gfile.exists(path):  # a file listed under another name (a link to it) would be labelled, then replaced
+        for file in listing.files:
+            if _comparable(file) == output:
+                return f"is '{printable(file)}', a file being labelled"
     return None
 
 
@@ -596,13 +703,6 @@ class PredictionFile:
         for folder in reversed(self.made_folders):
             if tf.io.gfile.isdir(folder) and not tf.io.gfile.listdir(folder):
                 tf.io.gfile.rmtree(folder)
-
-
-def printable(text: str) -> str:
-    """`text` for a terminal line: control characters and line or paragraph separators escaped as Python writes them
-    ("\\n", "\\r", "\\x1b", "\\u2028"), the rest as it is. For display only: CSV and JSON keep names as they are."""
-    return "".join(repr(character)[1:-1] if unicodedata.category(character) in ("Cc", "Zl", "Zp") else character
-                   for character in text)
 
 
 class PredictionTable:

@@ -539,7 +539,7 @@ def test_cli_output_that_is_a_folder_is_one_line_before_any_work_and_leaves_noth
     ("images/predictions.csv", ["images"], False, "inside 'images', a folder being labelled"),
     ("images/nested/predictions.json", ["images/"], True, "inside 'images/', a folder being labelled"),
     ("images/predictions.csv", ["images/*"], False, "matches 'images/*', which is being labelled"),
-    ("images/nested/predictions.csv", ["image*"], False, "matches 'image*', which is being labelled"),
+    ("images/nested/predictions.csv", ["image*"], False, "is inside './images', a folder being labelled"),
     ("images/listed.csv", ["images/listed.csv"], True, "is 'images/listed.csv', a file being labelled"),
     ("model/predictions.csv", ["images"], False, "inside --model_dir"),
     ("model/run.json", ["images"], True, "inside --model_dir"),
@@ -559,7 +559,8 @@ def test_output_paths_that_would_replace_something_are_refused(tmp_path, monkeyp
     (tmp_path / "existing.csv").write_text("x")
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(ValueError, match=re.escape(message)):
-        prediction.check_output_path(output, overwrite=overwrite, model_dir="model", inputs=inputs)
+        prediction.check_output_path(output, overwrite=overwrite, model_dir="model",
+                                     listing=prediction.list_inputs(inputs))
 
 
 @pytest.mark.parametrize("output, inputs, overwrite", [
@@ -567,13 +568,82 @@ def test_output_paths_that_would_replace_something_are_refused(tmp_path, monkeyp
     ("predictions.csv", ["images/*.png"], False),
     ("existing.csv", ["images"], True),
     ("new/folder/predictions.json", ["images", "elsewhere/*"], False),
+    ("photos[2024].csv", ["photos[2024]"], False),  # beside the folder of that name
 ])
 def test_output_paths_that_replace_nothing_are_accepted(tmp_path, monkeypatch, output, inputs, overwrite):
     monkeypatch.chdir(tmp_path)
     write_images(tmp_path / "images", ["a.png"])
+    write_images(tmp_path / "elsewhere", ["b.png"])
+    write_images(tmp_path / "photos[2024]", ["c.png"])
     (tmp_path / "model").mkdir()
     (tmp_path / "existing.csv").write_text("x")
-    prediction.check_output_path(output, overwrite=overwrite, model_dir="model", inputs=inputs)
+    prediction.check_output_path(output, overwrite=overwrite, model_dir="model", listing=prediction.list_inputs(inputs))
+
+
+def test_an_argument_is_refused_as_it_is_listed_a_folder_with_glob_characters_too(tmp_path, monkeypatch):
+    # Before: 'photos[2024]' was listed as the folder of that name but compared as a glob (matching 'photos2'), so
+    # --output='photos[2024]/notes.csv' --overwrite labelled notes.csv and then replaced it.
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "photos[2024]", ["a.png"])
+    (tmp_path / "photos[2024]" / "notes.csv").write_text("my notes")
+    listing = prediction.list_inputs(["photos[2024]"])
+    assert listing.files == ["photos[2024]/a.png", "photos[2024]/notes.csv"] and listing.globs == []
+    for output in ("photos[2024]/notes.csv", "photos[2024]/new.csv"):
+        with pytest.raises(ValueError, match=re.escape("is inside 'photos[2024]', a folder being labelled")):
+            prediction.check_output_path(output, overwrite=True, model_dir="model", listing=listing)
+    # Read as a glob when no file or folder has that name: 'photos[2024]' then matches 'photos2'.
+    write_images(tmp_path / "photos2", ["b.png"])
+    listing = prediction.list_inputs(["photo[s]2"])
+    assert listing.globs == ["photo[s]2"] and listing.files == ["./photos2/b.png"]  # as tf.io.gfile.glob gives it
+    with pytest.raises(ValueError, match=re.escape("is inside './photos2', a folder being labelled")):
+        prediction.check_output_path("photos2/new.csv", overwrite=True, model_dir="model", listing=listing)
+
+
+def test_an_output_reached_through_a_link_in_a_labelled_folder_is_refused(tmp_path, monkeypatch):
+    # Before: images2/link -> other: other/old.csv was labelled through the link, then replaced by --overwrite.
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "images2", ["a.png"])
+    write_images(tmp_path / "other", ["b.png"])
+    (tmp_path / "other" / "old.csv").write_text("kept")
+    (tmp_path / "images2" / "link").symlink_to(tmp_path / "other")
+    (tmp_path / "loose.png").symlink_to(tmp_path / "old.json")  # a file link to the output's path
+    (tmp_path / "old.json").write_text("[]")
+    listing = prediction.list_inputs(["images2", "loose.png"])
+    for output, message in [("other/old.csv", "is inside 'images2/link', a folder being labelled"),
+                            ("other/new.json", "is inside 'images2/link', a folder being labelled"),
+                            ("old.json", "is 'loose.png', a file being labelled")]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            prediction.check_output_path(output, overwrite=True, model_dir="model", listing=listing)
+
+
+def test_a_link_loop_lists_each_real_folder_once_with_a_warning(tmp_path):
+    # Before: `ln -s .. in2/loop/up` listed every file ~40 times, then failed (too many levels of links).
+    write_images(tmp_path / "in2", ["a.png", "loop/b.png"])
+    (tmp_path / "in2" / "loop" / "up").symlink_to("..")
+    (tmp_path / "in2" / "zagain").symlink_to(tmp_path / "in2" / "loop")
+    listing = prediction.list_inputs([str(tmp_path / "in2"), str(tmp_path / "in2" / "loop")])
+    assert listing.files == [str(tmp_path / "in2" / "a.png"), str(tmp_path / "in2" / "loop" / "b.png")]
+    assert sorted(listing.warnings) == [
+        f"{tmp_path}/in2/loop/up: skipped, a link to {tmp_path}/in2, a folder already listed",
+        f"{tmp_path}/in2/zagain: skipped, a link to {tmp_path}/in2/loop, a folder already listed",
+    ]
+    assert listing.skipped == {}
+
+
+def test_a_name_that_is_not_utf8_is_one_reported_file_and_the_others_are_labelled(tmp_path):
+    # Before: one such name stopped the whole run ("'utf-8' codec can't decode byte 0xff").
+    write_images(tmp_path / "images", ["a.png", "b.png"])
+    bad = os.fsdecode(os.fsencode(str(tmp_path / "images")) + b"/\xffbad.png")
+    Path(bad).write_bytes(encode(0))
+    listing = prediction.list_inputs([str(tmp_path / "images"), bad])
+    assert listing.files == [str(tmp_path / "images" / "a.png"), str(tmp_path / "images" / "b.png")]
+    assert listing.skipped == {bad: prediction.NOT_UTF8_REASON}  # walked and given: one entry
+    assert prediction.printable(bad) == f"{tmp_path}/images/\\xffbad.png"
+    assert prediction.argument_kind(bad) == prediction.NOT_UTF8
+    (tmp_path / "only_bad").mkdir()
+    os.rename(bad, os.fsdecode(os.fsencode(str(tmp_path / "only_bad")) + b"/\xff.png"))
+    listing = prediction.list_inputs([str(tmp_path / "only_bad")])  # not "has no files": its file is reported
+    assert listing.files == [] and list(listing.skipped.values()) == [prediction.NOT_UTF8_REASON]
 
 
 def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
