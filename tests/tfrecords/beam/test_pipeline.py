@@ -8,6 +8,7 @@ import pytest
 
 beam_options = pytest.importorskip("apache_beam.options.pipeline_options")
 
+from tests import entry_point_runs  # noqa: E402
 from tfrecords.beam import pipeline  # noqa: E402 (after the importorskip: apache_beam is the `beam` extra)
 from tfrecords import demo_images  # noqa: E402
 from tfrecords.beam import planning  # noqa: E402
@@ -119,23 +120,33 @@ def test_task_file_round_trip(image_dir, tmp_path):
         assert planning.task_from_json(planning.task_to_json(task)) == task
 
 
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["--max_side=-1"], "error: --max_side=-1 is negative"),
-        (["--num_shard=2"], "error: --num_shard is neither a flag of tfrecords.beam_build"),
-        (
-            ["--runner=DataflowRunner", "--project=demo", "--region=us-central1", "--temp_location=gs://demo/tmp"],
-            "error: --input_dir '{input_dir}' is not on gs://",
-        ),
-    ],
-    ids=["negative_max_side", "mistyped_flag", "dataflow_local_input"],
-)
-def test_program_flag_errors_exit_2_with_one_line(image_dir, tmp_path, arguments, message):
-    result = _run_beam_build(f"--input_dir={image_dir}", f"--output_dir={tmp_path / 'output'}", *arguments)
+FLAG_ERRORS = [
+    (["--max_side=-1"], "error: --max_side=-1 is negative"),
+    (["--num_shard=2"], "error: --num_shard is neither a flag of tfrecords.beam_build"),
+    (
+        ["--runner=DataflowRunner", "--project=demo", "--region=us-central1", "--temp_location=gs://demo/tmp"],
+        "error: --input_dir '{input_dir}' is not on gs://",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_error_runs(image_dir, tmp_path_factory) -> list:
+    """(folder, result) of tfrecords.beam_build for each of FLAG_ERRORS, all in one process (tests/entry_point_runs.py)."""
+    folders = [tmp_path_factory.mktemp("flag_error") for _ in FLAG_ERRORS]
+    argument_lists = [
+        [f"--input_dir={image_dir}", f"--output_dir={folder / 'output'}", *arguments]
+        for folder, (arguments, _) in zip(folders, FLAG_ERRORS)
+    ]
+    return list(zip(folders, entry_point_runs.run_each("tfrecords.beam_build", argument_lists)))
+
+
+@pytest.mark.parametrize("case", range(len(FLAG_ERRORS)), ids=["negative_max_side", "mistyped_flag", "dataflow_local_input"])
+def test_program_flag_errors_exit_2_with_one_line(flag_error_runs, image_dir, case):
+    folder, result = flag_error_runs[case]
     assert result.returncode == 2, result.stderr[-3000:]
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
-    assert error_lines[0].startswith(message.format(input_dir=image_dir))
+    assert error_lines[0].startswith(FLAG_ERRORS[case][1].format(input_dir=image_dir))
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "output").exists()
+    assert not (folder / "output").exists()

@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 import tensorflow as tf
 
+from tests import entry_point_runs
 from tfrecords import demo_images
 from tfrecords import schema
 from tfrecords.run import conversion
@@ -293,24 +294,34 @@ def _make_single_class(tmp_path):
     return tmp_path / "all"
 
 
-@pytest.mark.parametrize(
-    "make_input_dir, message",
-    [
-        (_make_missing, "does not exist or is not a folder"),
-        (_make_empty, "has no class subfolders"),
-        (_make_single_class, "has only one class folder ('circle')"),
-    ],
-    ids=["missing", "empty", "single_class"],
-)
-def test_program_input_errors_exit_2_with_one_line(tmp_path, make_input_dir, message):
-    input_dir = make_input_dir(tmp_path)
-    result = _run_build(f"--input_dir={input_dir}", f"--output_dir={tmp_path / 'output'}")
+INPUT_ERRORS = [
+    (_make_missing, "does not exist or is not a folder"),
+    (_make_empty, "has no class subfolders"),
+    (_make_single_class, "has only one class folder ('circle')"),
+]
+
+
+@pytest.fixture(scope="module")
+def input_error_runs(tmp_path_factory) -> list:
+    """(folder, input_dir, result) of tfrecords.build for each of INPUT_ERRORS, all in one process (tests/entry_point_runs.py)."""
+    folders = [tmp_path_factory.mktemp("input_error") for _ in INPUT_ERRORS]
+    input_dirs = [make_input_dir(folder) for folder, (make_input_dir, _) in zip(folders, INPUT_ERRORS)]
+    argument_lists = [
+        [f"--input_dir={input_dir}", f"--output_dir={folder / 'output'}"] for folder, input_dir in zip(folders, input_dirs)
+    ]
+    return list(zip(folders, input_dirs, entry_point_runs.run_each("tfrecords.build", argument_lists)))
+
+
+@pytest.mark.parametrize("case", range(len(INPUT_ERRORS)), ids=["missing", "empty", "single_class"])
+def test_program_input_errors_exit_2_with_one_line(input_error_runs, case):
+    folder, input_dir, result = input_error_runs[case]
+    message = INPUT_ERRORS[case][1]
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1
     assert error_lines[0].startswith(f"error: --input_dir {str(input_dir)!r} {message}")
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "output").exists()
+    assert not (folder / "output").exists()
 
 
 def test_tfds_source_with_mock_data(tmp_path):
@@ -461,44 +472,55 @@ def test_ram_filesystem_input_and_output(image_dir):
     assert verification.verify(data_dir="ram://output")[0] == []
 
 
-@pytest.mark.parametrize(
-    "flag, message",
-    [
-        ("--max_side=-1", "error: --max_side=-1 is negative"),
-        ("--jpeg_quality=100", "error: --jpeg_quality=100 is not in [1, 95]"),
-        ("--num_workers=-2", "error: --num_workers=-2 is negative"),
-        ("--max_skipped_fraction=2", "error: --max_skipped_fraction=2.0 is not in [0, 1]"),
-        ("--num_shards=-1", "error: --num_shards=-1 is negative"),
-        ("--file_list=/no/such/inventory.txt", "error: --file_list '/no/such/inventory.txt' does not exist"),
-    ],
-)
-def test_program_flag_errors_exit_2_and_keep_earlier_output(built, image_dir, flag, message):
+FLAG_ERRORS = [
+    ("--max_side=-1", "error: --max_side=-1 is negative"),
+    ("--jpeg_quality=100", "error: --jpeg_quality=100 is not in [1, 95]"),
+    ("--num_workers=-2", "error: --num_workers=-2 is negative"),
+    ("--max_skipped_fraction=2", "error: --max_skipped_fraction=2.0 is not in [0, 1]"),
+    ("--num_shards=-1", "error: --num_shards=-1 is negative"),
+    ("--file_list=/no/such/inventory.txt", "error: --file_list '/no/such/inventory.txt' does not exist"),
+]
+
+
+@pytest.fixture(scope="module")
+def flag_error_runs(built, image_dir) -> tuple:
+    """The earlier output's files, tfrecords.build's result for each of FLAG_ERRORS (one process), the files after."""
     _, output_dir = built
     before = {path.name: path.read_bytes() for path in output_dir.iterdir()}
-    result = _run_build(f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--overwrite", flag)
+    results = entry_point_runs.run_each("tfrecords.build", [
+        [f"--input_dir={image_dir}", f"--output_dir={output_dir}", "--overwrite", flag] for flag, _ in FLAG_ERRORS
+    ])
+    return before, results, {path.name: path.read_bytes() for path in output_dir.iterdir()}
+
+
+@pytest.mark.parametrize("case", range(len(FLAG_ERRORS)), ids=[flag for flag, _ in FLAG_ERRORS])
+def test_program_flag_errors_exit_2_and_keep_earlier_output(flag_error_runs, case):
+    before, results, after = flag_error_runs
+    result, message = results[case], FLAG_ERRORS[case][1]
     assert result.returncode == 2
     assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
         line for line in result.stderr.splitlines() if line.startswith(message)
     ] != []
     assert "Traceback" not in result.stderr
-    assert {path.name: path.read_bytes() for path in output_dir.iterdir()} == before
+    assert after == before
 
 
 def test_verify_program_finds_a_corrupt_shard(image_dir, tmp_path):
-    output_dir = tmp_path / "output"
+    output_dir, corrupt_dir = tmp_path / "output", tmp_path / "corrupt"
     _build(image_dir, output_dir)
-    command = [sys.executable, "-m", "tfrecords.verify", f"--data_dir={output_dir}"]
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().endswith(": OK")
-    shard = output_dir / "train-00000-of-00002.tfrecord"
+    shutil.copytree(output_dir, corrupt_dir)
+    shard = corrupt_dir / "train-00000-of-00002.tfrecord"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    result = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 1
-    assert "problem: train-00000-of-00002.tfrecord: sha256 differs from the manifest" in result.stdout
-    assert "FAILED" in result.stdout.splitlines()[-1]
+    intact, corrupt = entry_point_runs.run_each(
+        "tfrecords.verify", [[f"--data_dir={output_dir}"], [f"--data_dir={corrupt_dir}"]]
+    )
+    assert intact.returncode == 0, intact.stderr
+    assert intact.stdout.strip().endswith(": OK")
+    assert corrupt.returncode == 1
+    assert "problem: train-00000-of-00002.tfrecord: sha256 differs from the manifest" in corrupt.stdout
+    assert "FAILED" in corrupt.stdout.splitlines()[-1]
 
 
 def test_a_file_list_of_a_remote_input_names_an_object_that_is_gone(image_dir, tmp_path):
