@@ -9,6 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
+from tests import entry_point_runs
 from tests.conftest import REPO_ROOT
 from tfrecords import schema
 from trainer.exports import export
@@ -138,31 +139,41 @@ def test_cli_writes_report_and_plots(tiny_model, demo_data_dir, manifest, tmp_pa
     assert report["num_examples"] == manifest["splits"]["test"]["num_examples"]
 
 
-def test_cli_without_a_model_is_a_one_line_error(demo_data_dir, tmp_path):
-    result = run_evaluate(f"--model_dir={tmp_path / 'missing'}", f"--data_dir={demo_data_dir}")
+@pytest.fixture(scope="module")
+def evaluate_runs(tiny_model, demo_data_dir, demo_image_dir, tmp_path_factory) -> dict:
+    """trainer.evaluate without a model, and on data without a test split: one process (tests/entry_point_runs.py)."""
+    from tfrecords.run import conversion
+
+    folder = tmp_path_factory.mktemp("evaluate_runs")
+    data_dir = folder / "no_test_split"
+    conversion.build(conversion.Source(input_dir=str(demo_image_dir)), str(data_dir), conversion.ConversionOptions(
+        validation_fraction=0.25, test_fraction=0.0, num_shards=1, seed=1, num_workers=1))
+    model_dir = folder / "model"
+    model_dir.mkdir()
+    tiny_model.save(str(model_dir / export.KERAS_MODEL_FILE))
+    without_a_model, without_a_test_split = entry_point_runs.run_each("trainer.evaluate", [
+        [f"--model_dir={folder / 'missing'}", f"--data_dir={demo_data_dir}"],
+        [f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8"],
+    ])
+    return {"folder": folder, "data_dir": data_dir, "model_dir": model_dir,
+            "without_a_model": without_a_model, "without_a_test_split": without_a_test_split}
+
+
+def test_cli_without_a_model_is_a_one_line_error(evaluate_runs):
+    result, missing = evaluate_runs["without_a_model"], evaluate_runs["folder"] / "missing"
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1, result.stderr[-2000:]
     assert error_lines[0] == (
-        f"error: --model_dir {str(tmp_path / 'missing')!r} has no {export.KERAS_MODEL_FILE}; train first: "
+        f"error: --model_dir {str(missing)!r} has no {export.KERAS_MODEL_FILE}; train first: "
         "python -m trainer.train --data_dir=<data_dir> --model_dir=<model_dir>"
     )
 
 
-def test_cli_without_split_evaluates_what_training_reports_validation_when_there_is_no_test(
-    tiny_model, demo_image_dir, tmp_path
-):
-    from tfrecords.run import conversion
-
-    data_dir = tmp_path / "no_test_split"
-    conversion.build(conversion.Source(input_dir=str(demo_image_dir)), str(data_dir), conversion.ConversionOptions(
-        validation_fraction=0.25, test_fraction=0.0, num_shards=1, seed=1, num_workers=1))
+def test_cli_without_split_evaluates_what_training_reports_validation_when_there_is_no_test(evaluate_runs):
+    result, data_dir, model_dir = (evaluate_runs[key] for key in ("without_a_test_split", "data_dir", "model_dir"))
     manifest = schema.read_manifest(str(data_dir))
     assert "test" not in manifest["splits"] and data.evaluation_split(manifest) == "validation"
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    tiny_model.save(str(model_dir / export.KERAS_MODEL_FILE))
-    result = run_evaluate(f"--model_dir={model_dir}", f"--data_dir={data_dir}", "--batch_size=8")
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.startswith(f"validation split of {data_dir}: {manifest['splits']['validation']['num_examples']} images")
     report = json.loads((model_dir / "evaluation_validation" / evaluation.EVALUATION_JSON).read_text())
