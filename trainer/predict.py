@@ -3,20 +3,21 @@
     python -m trainer.predict --model_dir=/tmp/flowers_model --top_k=3 photo.jpg more_photos/ 'shots/*.png'
 
 PATH arguments are image files, folders (searched recursively, hidden files and folders skipped, each real folder
-once: a link loop is a warning) and globs, local or gs://; an argument is a folder or file if one has that name, else a
-glob. Files are read a batch at a time (--batch_size) by a few threads, and each batch
-goes through the SavedModel's `serving_default` signature in one call; --format=tflite (--tflite_kind=float,
-dynamic_range or int8) or --format=onnx labels them with that export instead, the files prepared the same way
-and the same output. Every file is first made what the converter stores for training (upright 8-bit RGB,
-transparent pixels on white), so each format sees the pixels the model was trained on. Without --output a table
-is printed; --output=predictions.csv or --output=predictions.json writes one row / object per image instead
-(local or gs://): never inside --model_dir or the folders being labelled, and an existing file only with
---overwrite. Each batch's rows are printed or written before the next batch is labelled, so memory does not grow
-with the number of files: the output file fills as <output>.incomplete and is renamed to <output> when every
-file is done (an error removes it; only a killed run leaves it). Files that cannot be read or decoded are
-reported on stderr, one line each (`error: <path>: ...`; so is a name that is not UTF-8), at the end, the rest are still labelled, and the run
-exits with code 1; bad flags or paths that match nothing exit with code 2. The work is trainer/exports/prediction.py's;
-this module reads the flags.
+once: a link loop is a warning) and globs, local or gs://; an argument is a folder or file if one has that name,
+else a glob. Files are read a batch at a time (--batch_size) by a few threads, and each batch goes through the
+SavedModel's `serving_default` signature in one call; --format=tflite (--tflite_kind=float, dynamic_range or int8)
+or --format=onnx labels them with that export instead, the files prepared the same way and the same output. Every
+file is first made what the converter stores for training (upright 8-bit RGB, transparent pixels on white), so each
+format sees the pixels the model was trained on. Without --output a table is printed; --output=predictions.csv or
+--output=predictions.json writes one row / object per image instead (local or gs://): never inside --model_dir or
+the folders being labelled, and an existing file only with --overwrite. Each batch's rows are printed or written
+before the next batch is labelled, so memory does not grow with the number of files: the output file fills as
+<output>.<random>.incomplete, a new file of this run's own, and becomes <output> when every file is done (an error
+or Ctrl-C removes it; only a killed run leaves it); should <output> have appeared meanwhile (another run), it is
+kept and the run fails, unless --overwrite. Files that cannot be read or decoded are reported on stderr, one line
+each (`error: <path>: ...`; so is a name that is not UTF-8), at the end, the rest are still labelled, and the run
+exits with code 1; bad flags or paths that match nothing exit with code 2. The work is
+trainer/exports/prediction.py's; this module reads the flags.
 """
 
 import sys
@@ -70,7 +71,7 @@ def main(argv: list[str]) -> None:
         )
         # Each batch is written before the next is labelled, so memory does not grow with the number of files.
         if FLAGS.output:
-            with prediction.PredictionFile(FLAGS.output) as output:
+            with prediction.PredictionFile(FLAGS.output, overwrite=FLAGS.overwrite) as output:
                 num_labelled, failures = prediction.write_batches(batches=batches, output=output)
         else:
             table = prediction.PredictionTable(stream=sys.stdout, paths=files, class_names=class_names)
@@ -78,6 +79,9 @@ def main(argv: list[str]) -> None:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: the output's temporary file is already removed (PredictionFile)
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(130)
     for path, reason in {**listing.skipped, **failures}.items():
         print(f"error: {prediction.printable(path)}: {reason}", file=sys.stderr)
     if FLAGS.output:

@@ -1,7 +1,7 @@
 """Labelling image files with an exported model, in batches, and writing the results (the work of
 `python -m trainer.predict`): list the files, read them with a few threads, call a serving function per
 batch, and write each batch's rows of a table, CSV or JSON before labelling the next, so memory does not grow
-with the number of files and an output file fills as the run goes (under <output>.incomplete until finished).
+with the number of files and an output file fills as the run goes (under <output>.<random>.incomplete until finished).
 The serving function is the SavedModel's `serving_default`, or the same contract around a TFLite or ONNX export
 (load_serving): the files prepared as `serving_default` prepares them.
 
@@ -20,6 +20,7 @@ import os
 import posixpath
 import time
 import unicodedata
+import uuid
 from collections.abc import Iterable, Iterator
 from typing import Self
 
@@ -628,19 +629,23 @@ def format_json_items(results: list[dict]) -> str:
 class PredictionFile:
     """Writes results batch by batch as CSV or JSON, chosen by the extension of `path` (local or gs://).
 
-    Use it in a `with` block. The rows go to `path` + ".incomplete" as they come, and the file is renamed to
-    `path` when the block ends without an error: `path` only ever holds a finished file. A block that ends with
-    an error (or whose rename fails) removes the .incomplete file and the folders it made, leaving `path` as it
-    was; only a killed process can leave an .incomplete file, which the next run over it replaces. A missing
+    Use it in a `with` block. The rows go to a temporary file of this run's own beside `path`,
+    `<path>.<random>.incomplete` (created new, never through a file or link already there, so two runs never share
+    one), as they come, and it becomes `path` when the block ends without an error: `path` only ever holds a
+    finished file. Without `overwrite` that last step creates `path` only if it is still absent (a file that
+    appeared during the run, e.g. another run's output, is refused with ValueError and kept); with it, `path` is
+    replaced in one rename. A block that ends with an error (or whose last step fails) removes the temporary file
+    and the folders it made, leaving `path` as it was; only a killed process can leave a temporary file. A missing
     parent folder is created. The finished file is the same whatever the batches: a CSV header row and one row
     per image, or one JSON list of {path, class_name, probability, top_k: [{class_name, probability}, ...]}.
-    Check `path` first with check_output_path: this class replaces an existing file.
+    Check `path` first with check_output_path.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, overwrite: bool = False):
         check_output_format(path)
         self.path = path
-        self.temporary_path = path + schema.INCOMPLETE_SUFFIX
+        self.overwrite = overwrite
+        self.temporary_path = None  # made by _open
         self.is_csv = path.lower().endswith(".csv")
         self.num_written = 0
         self.file = None
@@ -651,7 +656,7 @@ class PredictionFile:
         return self
 
     def write(self, results: list[dict]) -> None:
-        """Appends the results (all with as many top-k entries as the first batch's) to the .incomplete file."""
+        """Appends the results (all with as many top-k entries as the first batch's) to the temporary file."""
         if not results:
             return
         if self.file is None:
@@ -680,10 +685,42 @@ class PredictionFile:
             elif not self.is_csv:
                 self.file.write("\n]\n")
             self.file.close()
-            tf.io.gfile.rename(self.temporary_path, self.path, overwrite=True)
+            self._finish()
         except BaseException:
             self._discard()
             raise
+
+    def _finish(self) -> None:
+        """Makes the temporary file `path`: replacing it only with `overwrite`, else only while it is absent."""
+        appeared = ValueError(
+            f"--output {self.path!r} exists now but did not when this run started (another run's?); it was kept and "
+            "these predictions discarded: pass --overwrite to replace it, or give another path"
+        )
+        if "://" in self.path:
+            # An object store has no create-if-absent rename: checked just before, by name (ram:// takes any name
+            # the temporary file's starts with for an existing one).
+            folder, _, name = self.path.rpartition("/")
+            if not self.overwrite and name in [entry.rstrip("/") for entry in tf.io.gfile.listdir(folder)]:
+                raise appeared
+            tf.io.gfile.rename(self.temporary_path, self.path, overwrite=True)
+        elif self.overwrite:
+            os.replace(self.temporary_path, self.path)
+        else:
+            self._create_if_absent(appeared)
+
+    def _create_if_absent(self, appeared: ValueError) -> None:
+        try:
+            os.link(self.temporary_path, self.path)  # fails if `path` exists, whatever it is: never replaced
+        except FileExistsError:
+            raise appeared from None
+        except OSError:  # a filesystem without hard links: claim the name (fails if taken), then rename onto it
+            try:
+                os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                raise appeared from None
+            os.replace(self.temporary_path, self.path)
+            return
+        os.remove(self.temporary_path)
 
     def _open(self) -> None:
         folder = self.path.rpartition("/")[0]
@@ -692,13 +729,20 @@ class PredictionFile:
             folder = folder.rpartition("/")[0]
         if self.made_folders:
             tf.io.gfile.makedirs(self.made_folders[-1])
-        self.file = tf.io.gfile.GFile(self.temporary_path, "w")
+        # A name no other run picks (16 random hex digits), so two runs on one --output never share a file.
+        temporary_path = f"{self.path}.{uuid.uuid4().hex[:16]}{schema.INCOMPLETE_SUFFIX}"
+        if "://" in self.path:  # an object store has no links to write through
+            self.file, self.temporary_path = tf.io.gfile.GFile(temporary_path, "w"), temporary_path
+            return
+        # O_EXCL: a new file, never through a file or link already there (mode 0o666 less the umask, as open() makes).
+        descriptor = os.open(temporary_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        self.file, self.temporary_path = os.fdopen(descriptor, "w", encoding="utf-8", newline=""), temporary_path
 
     def _discard(self) -> None:
-        """Closes and removes the .incomplete file, then the folders _open made if they are still empty."""
+        """Closes and removes the temporary file, then the folders _open made if they are still empty."""
         if self.file is not None:
             self.file.close()
-        if tf.io.gfile.exists(self.temporary_path) and not tf.io.gfile.isdir(self.temporary_path):
+        if self.temporary_path and tf.io.gfile.exists(self.temporary_path):
             tf.io.gfile.remove(self.temporary_path)
         for folder in reversed(self.made_folders):
             if tf.io.gfile.isdir(folder) and not tf.io.gfile.listdir(folder):

@@ -411,7 +411,7 @@ def test_streamed_files_are_byte_identical_to_the_whole_list_format(serve, tmp_p
         )
         assert (num_labelled, streamed_failures) == (len(results), failures)
         assert (tmp_path / name).read_bytes() == reference(results).encode("utf-8"), name
-        assert not (tmp_path / (name + ".incomplete")).exists()
+        assert not list(tmp_path.glob("*.incomplete"))
     # With no failed file, the table's widths fixed up front are the ones the whole table had.
     good = [result["path"] for result in results]
     stream = io.StringIO()
@@ -438,18 +438,19 @@ def test_streamed_files_without_any_result_are_the_empty_formats(serve, tmp_path
 def test_each_batch_is_in_the_incomplete_file_before_the_next_is_labelled(serve, tmp_path, name):
     paths = write_images(tmp_path / "images", [f"image{index}.png" for index in range(7)])
     output = tmp_path / "out" / name
-    incomplete = tmp_path / "out" / (name + ".incomplete")
     seen_before_call = []
 
     def watched_serve(image_bytes):
         # The real model, called as predict calls it; before each call, what the output file holds so far.
-        seen_before_call.append(incomplete.read_text() if incomplete.exists() else None)
+        incomplete = list((tmp_path / "out").glob(name + ".*.incomplete")) if (tmp_path / "out").exists() else []
+        assert len(incomplete) <= 1
+        seen_before_call.append(incomplete[0].read_text() if incomplete else None)
         return serve(image_bytes=image_bytes)
 
     stream_to_file(serve=watched_serve, paths=paths, output=str(output), top_k=2, batch_size=3)
     assert len(seen_before_call) == 3  # batches of 3, 3 and 1 files
     final = output.read_text()
-    assert not incomplete.exists()
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == [name]
     assert seen_before_call[0] in (None, "")
     if name.endswith(".csv"):
         lines = final.splitlines(keepends=True)
@@ -486,10 +487,59 @@ def test_a_run_that_stops_with_an_error_leaves_neither_output_nor_incomplete_fil
     # An output that cannot take the finished file (here a folder of that name) keeps what is there.
     (tmp_path / "taken.csv").mkdir()
     (tmp_path / "taken.csv" / "kept.txt").write_text("kept")
-    with pytest.raises(tf.errors.OpError):
+    with pytest.raises(ValueError, match="exists now but did not when this run started"):
         stream_to_file(serve=serve, paths=paths, output=str(tmp_path / "taken.csv"), top_k=2, batch_size=3)
+    with pytest.raises(IsADirectoryError), prediction.PredictionFile(str(tmp_path / "taken.csv"),
+                                                                     overwrite=True) as opened:
+        opened.write([{"path": "a.png", "class_name": "cat", "probability": 1.0, "top_k": []}])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "taken.csv"]
     assert (tmp_path / "taken.csv" / "kept.txt").read_text() == "kept"
+
+
+def result_rows(name: str) -> list[dict]:
+    return [{"path": name, "class_name": "cat", "probability": 1.0, "top_k": [{"class_name": "cat", "probability": 1.0}]}]
+
+
+@pytest.mark.parametrize("name", ["predictions.csv", "predictions.json"])
+def test_two_runs_on_one_output_never_share_a_file_and_the_second_replaces_only_with_overwrite(tmp_path, name):
+    # Before: both wrote <output>.incomplete at once (NUL bytes in the output) and the second reported success.
+    output = str(tmp_path / name)
+    first, second = prediction.PredictionFile(output), prediction.PredictionFile(output)
+    first.write(result_rows("first.png"))
+    second.write(result_rows("second.png"))
+    first.write(result_rows("first2.png"))
+    assert first.temporary_path != second.temporary_path
+    assert len(list(tmp_path.glob(name + ".*.incomplete"))) == 2
+    # The first to finish makes the output; the second, started before it existed, may not replace it.
+    first.__exit__(None, None, None)
+    written_first = Path(output).read_bytes()
+    with pytest.raises(ValueError, match="exists now but did not when this run started.*--overwrite"):
+        second.__exit__(None, None, None)
+    assert Path(output).read_bytes() == written_first
+    assert b"second.png" not in written_first and b"\0" not in written_first
+    assert os.listdir(tmp_path) == [name]
+    with prediction.PredictionFile(output, overwrite=True) as third:
+        third.write(result_rows("third.png"))
+    assert b"third.png" in Path(output).read_bytes() and os.listdir(tmp_path) == [name]
+
+
+def test_the_temporary_file_is_never_written_through_a_link_already_there(model_dir, tmp_path):
+    # Before: a link named <output>.incomplete (here into the model_dir) was followed, and its target overwritten.
+    run = copy_run(model_dir, tmp_path / "model")
+    (run / "run.json").write_text("the run's record")
+    output = tmp_path / "predictions.csv"
+    (tmp_path / "predictions.csv.incomplete").symlink_to(run / "run.json")
+    write_file(str(output), result_rows("a.png"))
+    assert (run / "run.json").read_text() == "the run's record"
+    assert output.read_text().startswith("path,class_name,probability")
+    assert sorted(os.listdir(tmp_path)) == ["model", "predictions.csv", "predictions.csv.incomplete"]
+    assert oct(output.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
 
 
 # --- --output never replaces what it must not: the run's files, the images, a file without --overwrite -----
