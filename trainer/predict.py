@@ -26,6 +26,8 @@ from absl import app, flags
 
 from tfrecords import cli
 from trainer.exports import export
+from trainer.exports import listing
+from trainer.exports import output_files
 from trainer.exports import prediction
 
 flags.DEFINE_string("model_dir", None, "The --model_dir of a finished `python -m trainer.train` run.")
@@ -55,13 +57,13 @@ def main(argv: list[str]) -> None:
             raise ValueError(f"--batch_size {FLAGS.batch_size} must be at least 1")
         if FLAGS.num_read_threads < 1:
             raise ValueError(f"--num_read_threads {FLAGS.num_read_threads} must be at least 1")
-        listing = prediction.list_inputs(argv[1:])
-        for warning in listing.warnings:
+        listed = listing.list_inputs(argv[1:])
+        for warning in listed.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         if FLAGS.output:
-            prediction.check_output_path(FLAGS.output, overwrite=FLAGS.overwrite, model_dir=FLAGS.model_dir,
-                                         listing=listing)
-        files = listing.files
+            output_files.check_output_path(FLAGS.output, overwrite=FLAGS.overwrite, model_dir=FLAGS.model_dir,
+                                           listed=listed)
+        files = listed.files
         class_names = prediction.read_class_names(FLAGS.model_dir)
         serve = prediction.load_serving(model_dir=FLAGS.model_dir, class_names=class_names, model_format=FLAGS.format,
                                         tflite_kind=FLAGS.tflite_kind)
@@ -71,10 +73,10 @@ def main(argv: list[str]) -> None:
         )
         # Each batch is written before the next is labelled, so memory does not grow with the number of files.
         if FLAGS.output:
-            with prediction.PredictionFile(FLAGS.output, overwrite=FLAGS.overwrite) as output:
+            with output_files.PredictionFile(FLAGS.output, overwrite=FLAGS.overwrite) as output:
                 num_labelled, failures = prediction.write_batches(batches=batches, output=output)
         else:
-            table = prediction.PredictionTable(stream=sys.stdout, paths=files, class_names=class_names)
+            table = output_files.PredictionTable(stream=sys.stdout, paths=files, class_names=class_names)
             num_labelled, failures = prediction.write_batches(batches=batches, output=table)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -82,11 +84,11 @@ def main(argv: list[str]) -> None:
     except KeyboardInterrupt:  # Ctrl-C: the output's temporary file is already removed (PredictionFile)
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
-    for path, reason in {**listing.skipped, **failures}.items():
-        print(f"error: {prediction.printable(path)}: {reason}", file=sys.stderr)
+    for path, reason in {**listed.skipped, **failures}.items():
+        print(f"error: {listing.printable(path)}: {reason}", file=sys.stderr)
     if FLAGS.output:
         print(f"wrote {num_labelled} predictions to {FLAGS.output}")
-    if failures or listing.skipped:
+    if failures or listed.skipped:
         sys.exit(1)
 
 

@@ -20,6 +20,8 @@ from PIL import Image
 
 from tests.trainer.exports import test_export
 from trainer.exports import export
+from trainer.exports import listing
+from trainer.exports import output_files
 from trainer.exports import prediction
 from trainer.models import classifier
 
@@ -169,7 +171,7 @@ def test_list_images_expands_folders_and_globs(tmp_path):
         "photos/b.png", "photos/a.jpg", "photos/.hidden.png", "photos/nested/c.png", "photos/.cache/d.png",
         "loose1.png", "loose2.png", ".loose3.png", "globbed/e.png",
     ])
-    found = prediction.list_images([
+    found = listing.list_images([
         str(tmp_path / "photos"), str(tmp_path / "loose*.png"), str(tmp_path / "photos" / "a.jpg"),
         str(tmp_path / "glob*"),
     ])
@@ -177,12 +179,12 @@ def test_list_images_expands_folders_and_globs(tmp_path):
         "/photos/a.jpg", "/photos/b.png", "/photos/nested/c.png", "/loose1.png", "/loose2.png", "/globbed/e.png",
     ]
     # A hidden file named explicitly is kept.
-    assert prediction.list_images([str(tmp_path / ".loose3.png")]) == [str(tmp_path / ".loose3.png")]
+    assert listing.list_images([str(tmp_path / ".loose3.png")]) == [str(tmp_path / ".loose3.png")]
     with pytest.raises(ValueError, match="neither a file, a folder nor a glob"):
-        prediction.list_images([str(tmp_path / "missing*.jpg")])
+        listing.list_images([str(tmp_path / "missing*.jpg")])
     (tmp_path / "empty" / ".only_hidden").mkdir(parents=True)
     with pytest.raises(ValueError, match="has no files"):
-        prediction.list_images([str(tmp_path / "empty")])
+        listing.list_images([str(tmp_path / "empty")])
 
 
 def test_corrupt_file_among_good_ones_is_reported_and_the_rest_labelled(model_dir, serve, tmp_path):
@@ -192,7 +194,7 @@ def test_corrupt_file_among_good_ones_is_reported_and_the_rest_labelled(model_di
     (images / "empty.png").write_bytes(b"")
     bad = [str(images / "c.jpg"), str(images / "empty.png")]
     results, failures = prediction.predict_files(
-        serve=serve, paths=prediction.list_images([str(images)]), class_names=CLASS_NAMES, top_k=2, batch_size=4
+        serve=serve, paths=listing.list_images([str(images)]), class_names=CLASS_NAMES, top_k=2, batch_size=4
     )
     assert [result["path"] for result in results] == good
     assert failures == {path: "not a decodable image" for path in bad}
@@ -236,7 +238,7 @@ def test_cli_usage_errors_exit_2_with_one_line(model_dir, tmp_path, arguments, m
 
 
 def write_file(path: str, results: list[dict]) -> None:
-    with prediction.PredictionFile(path) as output:
+    with output_files.PredictionFile(path) as output:
         output.write(results)
 
 
@@ -269,10 +271,10 @@ def test_csv_and_json_outputs_hold_sorted_top_k(serve, tmp_path):
     ]
 
     with pytest.raises(ValueError, match="must end in .csv or .json"):
-        prediction.PredictionFile(str(tmp_path / "predictions.tsv"))
+        output_files.PredictionFile(str(tmp_path / "predictions.tsv"))
 
     stream = io.StringIO()
-    table = prediction.PredictionTable(stream=stream, paths=paths, class_names=CLASS_NAMES)
+    table = output_files.PredictionTable(stream=stream, paths=paths, class_names=CLASS_NAMES)
     table.write([])
     assert stream.getvalue() == ""  # no results, no header
     table.write(results[:1])
@@ -313,7 +315,7 @@ def test_the_table_shows_control_characters_escaped_one_row_per_image():
     results = [{"path": f"{text}.jpg", "class_name": "new\nname", "probability": 0.5,
                 "top_k": [{"class_name": "new\nname", "probability": 0.5}]} for text in ODD_TEXT]
     stream = io.StringIO()
-    table = prediction.PredictionTable(stream=stream, paths=[result["path"] for result in results],
+    table = output_files.PredictionTable(stream=stream, paths=[result["path"] for result in results],
                                        class_names=["new\nname"])
     table.write(results)
     lines = stream.getvalue().split("\n")
@@ -331,7 +333,7 @@ def test_ram_filesystem_for_images_and_output(serve):
     for name, encoded in [("a.png", encode(0)), ("nested/b.jpg", encode(1, "JPEG")), (".hidden.png", encode(2))]:
         with tf.io.gfile.GFile(f"{root}/images/{name}", "wb") as file:
             file.write(encoded)
-    paths = prediction.list_images([f"{root}/images"])
+    paths = listing.list_images([f"{root}/images"])
     assert paths == [f"{root}/images/a.png", f"{root}/images/nested/b.jpg"]
     results, failures = prediction.predict_files(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=2, batch_size=2)
     assert failures == {} and len(results) == 2
@@ -389,7 +391,7 @@ def stream_to_file(*, serve, paths: list[str], output: str, top_k: int, batch_si
     batches = prediction.predict_batches(
         serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=top_k, batch_size=batch_size, num_read_threads=2
     )
-    with prediction.PredictionFile(output) as opened:
+    with output_files.PredictionFile(output) as opened:
         return prediction.write_batches(batches=batches, output=opened)
 
 
@@ -400,7 +402,7 @@ def test_streamed_files_are_byte_identical_to_the_whole_list_format(serve, tmp_p
     write_images(images, ["a.png", "b.jpg", "e, quoted.png", "f.png", "g.jpg", "h.png", "i.png"])
     for name in ("c.jpg", "d.png", "d2.png"):
         (images / name).write_bytes(b"not an image")
-    paths = prediction.list_images([str(images)])
+    paths = listing.list_images([str(images)])
     results, failures = prediction.predict_files(
         serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=top_k, batch_size=batch_size
     )
@@ -418,7 +420,7 @@ def test_streamed_files_are_byte_identical_to_the_whole_list_format(serve, tmp_p
     prediction.write_batches(
         batches=prediction.predict_batches(serve=serve, paths=good, class_names=CLASS_NAMES, top_k=top_k,
                                            batch_size=batch_size),
-        output=prediction.PredictionTable(stream=stream, paths=good, class_names=CLASS_NAMES),
+        output=output_files.PredictionTable(stream=stream, paths=good, class_names=CLASS_NAMES),
     )
     assert stream.getvalue() == reference_table(results)
 
@@ -481,7 +483,7 @@ def test_a_run_that_stops_with_an_error_leaves_neither_output_nor_incomplete_fil
     # An error before any row (the labels of another model) leaves no file at all.
     other_output = tmp_path / "other" / "predictions.json"
     batches = prediction.predict_batches(serve=serve, paths=paths, class_names=["a", "b"], top_k=1, batch_size=3)
-    with pytest.raises(ValueError, match="lists 2 class names"), prediction.PredictionFile(str(other_output)) as opened:
+    with pytest.raises(ValueError, match="lists 2 class names"), output_files.PredictionFile(str(other_output)) as opened:
         prediction.write_batches(batches=batches, output=opened)
     assert not (tmp_path / "other").exists()
     # An output that cannot take the finished file (here a folder of that name) keeps what is there.
@@ -489,7 +491,7 @@ def test_a_run_that_stops_with_an_error_leaves_neither_output_nor_incomplete_fil
     (tmp_path / "taken.csv" / "kept.txt").write_text("kept")
     with pytest.raises(ValueError, match="exists now but did not when this run started"):
         stream_to_file(serve=serve, paths=paths, output=str(tmp_path / "taken.csv"), top_k=2, batch_size=3)
-    with pytest.raises(IsADirectoryError), prediction.PredictionFile(str(tmp_path / "taken.csv"),
+    with pytest.raises(IsADirectoryError), output_files.PredictionFile(str(tmp_path / "taken.csv"),
                                                                      overwrite=True) as opened:
         opened.write([{"path": "a.png", "class_name": "cat", "probability": 1.0, "top_k": []}])
     assert sorted(path.name for path in tmp_path.iterdir()) == ["images", "taken.csv"]
@@ -504,7 +506,7 @@ def result_rows(name: str) -> list[dict]:
 def test_two_runs_on_one_output_never_share_a_file_and_the_second_replaces_only_with_overwrite(tmp_path, name):
     # Before: both wrote <output>.incomplete at once (NUL bytes in the output) and the second reported success.
     output = str(tmp_path / name)
-    first, second = prediction.PredictionFile(output), prediction.PredictionFile(output)
+    first, second = output_files.PredictionFile(output), output_files.PredictionFile(output)
     first.write(result_rows("first.png"))
     second.write(result_rows("second.png"))
     first.write(result_rows("first2.png"))
@@ -518,7 +520,7 @@ def test_two_runs_on_one_output_never_share_a_file_and_the_second_replaces_only_
     assert Path(output).read_bytes() == written_first
     assert b"second.png" not in written_first and b"\0" not in written_first
     assert os.listdir(tmp_path) == [name]
-    with prediction.PredictionFile(output, overwrite=True) as third:
+    with output_files.PredictionFile(output, overwrite=True) as third:
         third.write(result_rows("third.png"))
     assert b"third.png" in Path(output).read_bytes() and os.listdir(tmp_path) == [name]
 
@@ -609,8 +611,8 @@ def test_output_paths_that_would_replace_something_are_refused(tmp_path, monkeyp
     (tmp_path / "existing.csv").write_text("x")
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(ValueError, match=re.escape(message)):
-        prediction.check_output_path(output, overwrite=overwrite, model_dir="model",
-                                     listing=prediction.list_inputs(inputs))
+        output_files.check_output_path(output, overwrite=overwrite, model_dir="model",
+                                     listed=listing.list_inputs(inputs))
 
 
 @pytest.mark.parametrize("output, inputs, overwrite", [
@@ -627,7 +629,7 @@ def test_output_paths_that_replace_nothing_are_accepted(tmp_path, monkeypatch, o
     write_images(tmp_path / "photos[2024]", ["c.png"])
     (tmp_path / "model").mkdir()
     (tmp_path / "existing.csv").write_text("x")
-    prediction.check_output_path(output, overwrite=overwrite, model_dir="model", listing=prediction.list_inputs(inputs))
+    output_files.check_output_path(output, overwrite=overwrite, model_dir="model", listed=listing.list_inputs(inputs))
 
 
 def test_an_argument_is_refused_as_it_is_listed_a_folder_with_glob_characters_too(tmp_path, monkeypatch):
@@ -636,17 +638,17 @@ def test_an_argument_is_refused_as_it_is_listed_a_folder_with_glob_characters_to
     monkeypatch.chdir(tmp_path)
     write_images(tmp_path / "photos[2024]", ["a.png"])
     (tmp_path / "photos[2024]" / "notes.csv").write_text("my notes")
-    listing = prediction.list_inputs(["photos[2024]"])
-    assert listing.files == ["photos[2024]/a.png", "photos[2024]/notes.csv"] and listing.globs == []
+    listed = listing.list_inputs(["photos[2024]"])
+    assert listed.files == ["photos[2024]/a.png", "photos[2024]/notes.csv"] and listed.globs == []
     for output in ("photos[2024]/notes.csv", "photos[2024]/new.csv"):
         with pytest.raises(ValueError, match=re.escape("is inside 'photos[2024]', a folder being labelled")):
-            prediction.check_output_path(output, overwrite=True, model_dir="model", listing=listing)
+            output_files.check_output_path(output, overwrite=True, model_dir="model", listed=listed)
     # Read as a glob when no file or folder has that name: 'photos[2024]' then matches 'photos2'.
     write_images(tmp_path / "photos2", ["b.png"])
-    listing = prediction.list_inputs(["photo[s]2"])
-    assert listing.globs == ["photo[s]2"] and listing.files == ["./photos2/b.png"]  # as tf.io.gfile.glob gives it
+    listed = listing.list_inputs(["photo[s]2"])
+    assert listed.globs == ["photo[s]2"] and listed.files == ["./photos2/b.png"]  # as tf.io.gfile.glob gives it
     with pytest.raises(ValueError, match=re.escape("is inside './photos2', a folder being labelled")):
-        prediction.check_output_path("photos2/new.csv", overwrite=True, model_dir="model", listing=listing)
+        output_files.check_output_path("photos2/new.csv", overwrite=True, model_dir="model", listed=listed)
 
 
 def test_an_output_reached_through_a_link_in_a_labelled_folder_is_refused(tmp_path, monkeypatch):
@@ -658,12 +660,12 @@ def test_an_output_reached_through_a_link_in_a_labelled_folder_is_refused(tmp_pa
     (tmp_path / "images2" / "link").symlink_to(tmp_path / "other")
     (tmp_path / "loose.png").symlink_to(tmp_path / "old.json")  # a file link to the output's path
     (tmp_path / "old.json").write_text("[]")
-    listing = prediction.list_inputs(["images2", "loose.png"])
+    listed = listing.list_inputs(["images2", "loose.png"])
     for output, message in [("other/old.csv", "is inside 'images2/link', a folder being labelled"),
                             ("other/new.json", "is inside 'images2/link', a folder being labelled"),
                             ("old.json", "is 'loose.png', a file being labelled")]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            prediction.check_output_path(output, overwrite=True, model_dir="model", listing=listing)
+            output_files.check_output_path(output, overwrite=True, model_dir="model", listed=listed)
 
 
 def test_a_link_loop_lists_each_real_folder_once_with_a_warning(tmp_path):
@@ -671,13 +673,13 @@ def test_a_link_loop_lists_each_real_folder_once_with_a_warning(tmp_path):
     write_images(tmp_path / "in2", ["a.png", "loop/b.png"])
     (tmp_path / "in2" / "loop" / "up").symlink_to("..")
     (tmp_path / "in2" / "zagain").symlink_to(tmp_path / "in2" / "loop")
-    listing = prediction.list_inputs([str(tmp_path / "in2"), str(tmp_path / "in2" / "loop")])
-    assert listing.files == [str(tmp_path / "in2" / "a.png"), str(tmp_path / "in2" / "loop" / "b.png")]
-    assert sorted(listing.warnings) == [
+    listed = listing.list_inputs([str(tmp_path / "in2"), str(tmp_path / "in2" / "loop")])
+    assert listed.files == [str(tmp_path / "in2" / "a.png"), str(tmp_path / "in2" / "loop" / "b.png")]
+    assert sorted(listed.warnings) == [
         f"{tmp_path}/in2/loop/up: skipped, a link to {tmp_path}/in2, a folder already listed",
         f"{tmp_path}/in2/zagain: skipped, a link to {tmp_path}/in2/loop, a folder already listed",
     ]
-    assert listing.skipped == {}
+    assert listed.skipped == {}
 
 
 def test_a_name_that_is_not_utf8_is_one_reported_file_and_the_others_are_labelled(tmp_path):
@@ -685,15 +687,15 @@ def test_a_name_that_is_not_utf8_is_one_reported_file_and_the_others_are_labelle
     write_images(tmp_path / "images", ["a.png", "b.png"])
     bad = os.fsdecode(os.fsencode(str(tmp_path / "images")) + b"/\xffbad.png")
     Path(bad).write_bytes(encode(0))
-    listing = prediction.list_inputs([str(tmp_path / "images"), bad])
-    assert listing.files == [str(tmp_path / "images" / "a.png"), str(tmp_path / "images" / "b.png")]
-    assert listing.skipped == {bad: prediction.NOT_UTF8_REASON}  # walked and given: one entry
-    assert prediction.printable(bad) == f"{tmp_path}/images/\\xffbad.png"
-    assert prediction.argument_kind(bad) == prediction.NOT_UTF8
+    listed = listing.list_inputs([str(tmp_path / "images"), bad])
+    assert listed.files == [str(tmp_path / "images" / "a.png"), str(tmp_path / "images" / "b.png")]
+    assert listed.skipped == {bad: listing.NOT_UTF8_REASON}  # walked and given: one entry
+    assert listing.printable(bad) == f"{tmp_path}/images/\\xffbad.png"
+    assert listing.argument_kind(bad) == listing.NOT_UTF8
     (tmp_path / "only_bad").mkdir()
     os.rename(bad, os.fsdecode(os.fsencode(str(tmp_path / "only_bad")) + b"/\xff.png"))
-    listing = prediction.list_inputs([str(tmp_path / "only_bad")])  # not "has no files": its file is reported
-    assert listing.files == [] and list(listing.skipped.values()) == [prediction.NOT_UTF8_REASON]
+    listed = listing.list_inputs([str(tmp_path / "only_bad")])  # not "has no files": its file is reported
+    assert listed.files == [] and list(listed.skipped.values()) == [listing.NOT_UTF8_REASON]
 
 
 def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
@@ -703,7 +705,7 @@ def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
     folder.mkdir()
     for index in range(1600):
         (folder / f"{index:05d}.png").write_bytes(encoded)
-    all_paths = prediction.list_images([str(folder)])
+    all_paths = listing.list_images([str(folder)])
 
     def peak_bytes(paths: list[str], output: str) -> int:
         tracemalloc.start()
@@ -713,7 +715,7 @@ def test_memory_does_not_grow_with_the_number_of_files(serve, tmp_path):
                 prediction.write_batches(
                     batches=prediction.predict_batches(serve=serve, paths=paths, class_names=CLASS_NAMES, top_k=3,
                                                        batch_size=32),
-                    output=prediction.PredictionTable(stream=devnull, paths=paths, class_names=CLASS_NAMES),
+                    output=output_files.PredictionTable(stream=devnull, paths=paths, class_names=CLASS_NAMES),
                 )
             return tracemalloc.get_traced_memory()[1]
         finally:
