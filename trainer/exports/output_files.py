@@ -56,7 +56,8 @@ def check_output_path(path: str, *, overwrite: bool, model_dir: str, listed: lis
     if reason:
         raise ValueError(f"--output {path!r} {reason}; write predictions outside the images being labelled")
     if tf.io.gfile.isdir(path):
-        raise ValueError(f"--output {path!r} is a folder; give a file, e.g. --output={path.rstrip('/')}/predictions.csv")
+        raise ValueError(
+            f"--output {path!r} is a folder; give a file, e.g. --output={path.rstrip('/')}/predictions.csv")
     folder = path.rpartition("/")[0]
     if folder and tf.io.gfile.exists(folder) and not tf.io.gfile.isdir(folder):
         raise ValueError(f"--output {path!r}: {folder!r} is a file, not a folder; give a path in a folder")
@@ -287,9 +288,10 @@ class PredictionTable:
             return
         rows = [] if self.header_printed else [["path", "class_name", "probability", "top_k"]]
         for result in results:
-            top = ", ".join(f"{listing.printable(entry['class_name'])} {entry['probability']:.4f}" for entry in result["top_k"])
-            rows.append([listing.printable(result["path"]), listing.printable(result["class_name"]), f"{result['probability']:.4f}",
-                         top])
+            top = ", ".join(
+                f"{listing.printable(entry['class_name'])} {entry['probability']:.4f}" for entry in result["top_k"])
+            rows.append([listing.printable(result["path"]), listing.printable(result["class_name"]),
+                         f"{result['probability']:.4f}", top])
         lines = ["  ".join([*(cell.ljust(width) for cell, width in zip(row, self.widths)), row[3]]) for row in rows]
         self.stream.write("\n".join(lines) + "\n")
         # Piped, stdout is block-buffered: flushed per batch, the rows are out before the next batch is labelled.
