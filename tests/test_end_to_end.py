@@ -78,6 +78,7 @@ def trained(converted, tmp_path_factory) -> tuple:
     return model_dir, command, result, json.loads((model_dir / "metrics.json").read_text())
 
 
+@pytest.mark.xdist_group("e2e_trained")
 def test_a_run_prints_and_writes_its_results(trained):
     model_dir, _, first, metrics = trained
     assert re.search(r"test accuracy \d\.\d{4} on \d+ images \(95% interval 0\.\d{3}-[01]\.\d{3}\)", first.stdout)
@@ -109,6 +110,7 @@ def test_a_run_prints_and_writes_its_results(trained):
     assert "data quality of 60 images: " in first.stdout
 
 
+@pytest.mark.xdist_group("e2e_trained")
 def test_the_data_quality_report_alone_from_a_trained_model(trained, converted, tmp_path):
     model_dir = trained[0]
     # On its own, the same report from the trained model (into another folder).
@@ -118,6 +120,7 @@ def test_the_data_quality_report_alone_from_a_trained_model(trained, converted, 
     assert json.loads((tmp_path / "quality" / "data_quality.json").read_text())["num_images"] == 60
 
 
+@pytest.mark.xdist_group("e2e_trained")
 def test_the_saved_model_and_predict_label_image_files(trained, demo_image_dir):
     model_dir = trained[0]
     image = sorted((demo_image_dir / "square").glob("*.jpg"))[0]
@@ -322,6 +325,7 @@ def test_a_100_to_1_imbalanced_folder_trains_with_balanced_class_weights(tmp_pat
     assert [row["support"] for row in report["per_class"]] == [4, 1]
 
 
+@pytest.mark.xdist_group("e2e_trained")
 def test_training_with_every_export_evaluates_each_one_in_the_report(trained, demo_image_dir, tmp_path):
     model_dir, _, _, metrics = trained
     assert "--export_tflite=float,int8\n" in (model_dir / "flags.txt").read_text()  # the list, as given
@@ -356,6 +360,7 @@ def test_training_with_every_export_evaluates_each_one_in_the_report(trained, de
                                    [item["probability"] for item in reference], atol=1e-4)
 
 
+@pytest.mark.xdist_group("e2e_trained")
 def test_a_finished_run_run_again_retrains_nothing(trained):
     # Last of the tests of the shared run: it runs the same command again in its model_dir.
     model_dir, command, _, metrics = trained

@@ -259,6 +259,7 @@ def record_ends(path: Path) -> list:
     return ends
 
 
+@pytest.mark.xdist_group("odd_trained")
 def test_odd_class_names_reach_every_output(trained, odd_data, tmp_path):
     names = sorted(ODD_CLASS_NAMES)
     assert (trained / "labels.txt").read_text(encoding="utf-8").splitlines() == names
@@ -359,6 +360,7 @@ def refused(trained, odd_data, demo_data_dir, backbone_files, tmp_path_factory) 
     return {case.__name__: (context, result) for case, context, result in zip(REFUSED_TRAININGS, contexts, results)}
 
 
+@pytest.mark.xdist_group("odd_trained")
 @pytest.mark.parametrize("case, message", [
     (rerun_with_another_backbone, r"backbone was 'mobilenet_v2', now 'resnet50'.*image_size was 32, now 48"),
     (rerun_with_other_data, r"classes was \[.*\], now \['circle', 'square', 'triangle'\]"),
@@ -371,6 +373,7 @@ def test_rerun_with_another_model_or_data_stops_before_touching_anything(refused
     assert tree(trained) == context["trained_before"]
 
 
+@pytest.mark.xdist_group("odd_trained")
 def test_a_shard_cut_at_a_record_boundary_stops_before_training(refused):
     context, result = refused["training_of_a_shard_cut_at_a_record_boundary"]
     assert_one_line_error(result, rf"shard {context['shard']} has \d+ bytes, the manifest says \d+.*python -m tfrecords.verify")
@@ -400,6 +403,7 @@ def test_data_that_differs_from_its_manifest_is_found_without_reading_it(odd_dat
         data_lib.check_data(str(data), manifest)
 
 
+@pytest.mark.xdist_group("odd_trained")
 def test_a_flipped_bit_stops_training_naming_the_shard(refused):
     context, result = refused["training_with_a_flipped_bit"]
     assert_one_line_error(
@@ -408,6 +412,7 @@ def test_a_flipped_bit_stops_training_naming_the_shard(refused):
     assert not (context["folder"] / "model" / "run.lock").exists()
 
 
+@pytest.mark.xdist_group("odd_trained")
 def test_reordered_class_names_never_train(refused):
     _, result = refused["training_with_reordered_class_names"]
     assert_one_line_error(result, r"shard .*\.tfrecord: record of '.*' has label \d for class '.*', but the manifest's")
@@ -432,6 +437,7 @@ def test_a_record_outside_the_manifests_classes_fails_while_reading(odd_data):
                 pass
 
 
+@pytest.mark.xdist_group("odd_trained")
 def test_predict_checks_labels_against_the_models_own_class_names(trained, odd_data, tmp_path):
     # (trainer.evaluate's check of the data's classes against the model's: test_evaluate.)
     # A labels.txt that names the classes in another order than the SavedModel would rename predictions.
@@ -522,6 +528,7 @@ def test_weights_flag_with_a_backbone_file_is_refused(backbone_files):
     classifier.check_weights(str(backbone_files["standard"]), "imagenet")
 
 
+@pytest.mark.xdist_group("odd_trained")
 @pytest.mark.parametrize("case, message", [
     (training_at_a_too_small_image_size, r"--backbone 'mobilenet_v2' cannot be built at --image_size 16: .*32"),
     (training_with_a_backbone_file_holding_code,
