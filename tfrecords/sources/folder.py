@@ -56,6 +56,7 @@ import stat
 from absl import logging
 import tensorflow as tf
 
+from tfrecords import schema
 from tfrecords.writing import plan
 
 LAYOUT_CLASS_FOLDERS = "class_folders"
@@ -322,7 +323,7 @@ def _local_listed_files(input_dir: str, entries: list, *, pre_split: bool) -> tu
     plain, linked = [], []
     for entry in entries:
         path = os.path.join(input_dir, entry[0])
-        if not _is_utf8(entry[0]):
+        if not schema.is_utf8(entry[0]):
             walk.skipped.append({"path": entry[0], "reason": NOT_UTF8_REASON})
         elif not os.path.lexists(path):
             walk.skipped.append({"path": entry[0], "reason": "named in --file_list but not in --input_dir"})
@@ -439,7 +440,7 @@ def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
         return None
     if "\0" in line:
         raise ValueError(f"{where} holds a NUL byte; expected UTF-8 text, one path per line")
-    if not is_local(input_dir) and not _is_utf8(line):
+    if not is_local(input_dir) and not schema.is_utf8(line):
         raise ValueError(
             f"{where} is not UTF-8 text ({printable_path(line)!r}), so it names no object of --input_dir "
             f"{input_dir!r} (object names are UTF-8); save the list as UTF-8"
@@ -569,7 +570,7 @@ def check_classes(*, class_names: list, input_dir: str, file_list: str | None = 
     """Refuses fewer than two classes, or a class name that cannot be a line of labels.txt."""
     list_hint = f" (is --file_list {file_list!r} saved as UTF-8?)" if file_list else ""
     for name in class_names:
-        if not _is_utf8(name):
+        if not schema.is_utf8(name):
             raise ValueError(
                 f"--input_dir {input_dir!r} has a class named {printable_path(name)!r}, not UTF-8 text{list_hint}; "
                 "rename it (labels.txt and the records store names as UTF-8)"
@@ -606,15 +607,6 @@ def check_has_files(*, num_files: int, input_dir: str) -> None:
 
 def _by_path(source_file: plan.SourceFile) -> str:
     return source_file.relative_path
-
-
-def _is_utf8(name: str) -> bool:
-    """False for a local name whose bytes are not UTF-8 (os.scandir gives those bytes as surrogates)."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_ignored(name: str) -> bool:
@@ -760,7 +752,7 @@ class _Walk:
         """Judges one file found (or listed) in the class folder relative_root: True (and appended to files)
         when it is listed, False when it is skipped (with its reason in self.skipped)."""
         path = os.path.join(self.input_dir, relative_path)
-        reason = NOT_UTF8_REASON if not _is_utf8(relative_path) else _special_file_reason(path)
+        reason = NOT_UTF8_REASON if not schema.is_utf8(relative_path) else _special_file_reason(path)
         if reason:
             self.skipped.append({"path": relative_path, "reason": reason})
             return False

@@ -11,6 +11,8 @@ import unicodedata
 
 import tensorflow as tf
 
+from tfrecords import schema
+
 FOLDER, FILE, GLOB, NOT_UTF8 = "folder", "file", "glob", "not UTF-8"
 
 
@@ -39,7 +41,7 @@ def argument_kind(path: str) -> str:
     """What a PATH argument means, the one decision list_inputs lists by and check_output_path refuses by: a FOLDER
     if it is one, else a FILE if it exists, else a GLOB (so 'photos[2024]' is the folder of that name when there is
     one); NOT_UTF8 for a local name whose bytes are not UTF-8 (given as surrogates, as Python gives them)."""
-    if not _is_utf8(path):
+    if not schema.is_utf8(path):
         return NOT_UTF8
     if tf.io.gfile.isdir(path):
         return FOLDER
@@ -123,7 +125,7 @@ def _walk(folder: str, listing: Listing) -> bool:
             path = tf.io.gfile.join(current, name)
             if name.startswith("."):
                 continue
-            if not _is_utf8(name):
+            if not schema.is_utf8(name):
                 listing.skipped[path] = NOT_UTF8_REASON
             elif _is_folder(path):
                 pending.append(path)
@@ -143,14 +145,6 @@ def _entries(folder: str) -> list[str]:
 
 def _is_folder(path: str) -> bool:
     return os.path.isdir(path) if "://" not in path else tf.io.gfile.isdir(path)
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def printable(text: str) -> str:
