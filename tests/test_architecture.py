@@ -14,10 +14,11 @@ LAYERS = {
     "tfrecords": ["schema", "cli", "writing", "sources", "run", "beam", "entry"],
     "trainer": ["input", "models", "fit", "exports", "reports", "run", "entry"],
 }
-# The contracts every layer may read: the record format and the flag parser of every entry point.
-CONTRACTS = {"tfrecords.schema": 0, "tfrecords.cli": 1}
+# The contracts every layer may read: the record format, how file names are read, and the flag parser of every
+# entry point.
+CONTRACTS = {"tfrecords.schema": 0, "tfrecords.names": 0, "tfrecords.cli": 1}
 # What the trainer may read of the converter: the contracts, and its decode (training and serving see the same pixels).
-TRAINER_READS = {"tfrecords.schema", "tfrecords.cli", "tfrecords.writing.images"}
+TRAINER_READS = {"tfrecords.schema", "tfrecords.names", "tfrecords.cli", "tfrecords.writing.images"}
 MAX_FUNCTION_LINES = 80
 MAX_PARAMETERS = 12
 

@@ -84,16 +84,6 @@ def parse_example(serialized: tf.Tensor) -> dict:
     return tf.io.parse_single_example(serialized, FEATURES)
 
 
-def is_utf8(name: str) -> bool:
-    """False for a local file name whose bytes are not UTF-8 (Python gives those bytes as surrogates): such a name
-    cannot be held in the manifest, labels.txt, CSV or JSON, which are UTF-8 text."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def write_text(path: str, text: str) -> None:
     """Writes a small text file through tf.io.gfile under a temporary name, then renames it: readers never
     see half a file (a rename is atomic locally; on gs:// the object appears whole)."""

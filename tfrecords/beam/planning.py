@@ -26,6 +26,7 @@ import apache_beam as beam
 from apache_beam.runners import runner as beam_runner
 import tensorflow as tf
 
+from tfrecords import names
 from tfrecords import schema
 from tfrecords.run import conversion
 from tfrecords.sources import folder
@@ -74,14 +75,14 @@ def make_listing(source: conversion.Source, options: conversion.ConversionOption
         raise ValueError(
             f"--input_dir {source.input_dir!r} does not exist or is not a folder; expected <input_dir>/<class>/<image files>"
         )
-    if source.file_list and not source.labels_csv and not folder.is_local(source.input_dir):
+    if source.file_list and not source.labels_csv and not names.is_local(source.input_dir):
         folder.check_file_list(source.file_list)
         size = tf.io.gfile.stat(source.file_list).length
         ranges = [(start, min(start + FILE_LIST_RANGE_BYTES, size)) for start in range(0, size, FILE_LIST_RANGE_BYTES)]
         header = _read_lines((0, 1), path=source.file_list, header=False)  # a CSV's header: the first line
         columns = folder.file_list_columns(source.file_list, header[0] if header else "")
         return Listing(kind="file_list", layout=None, classes=None, items=ranges, columns=columns)
-    if not source.labels_csv and not folder.is_local(source.input_dir):
+    if not source.labels_csv and not names.is_local(source.input_dir):
         layout, roots = folder.find_roots(source.input_dir)
         classes = sorted({class_name for class_name, _ in roots.values()})
         folder.check_classes(class_names=classes, input_dir=source.input_dir)

@@ -56,7 +56,7 @@ import stat
 from absl import logging
 import tensorflow as tf
 
-from tfrecords import schema
+from tfrecords import names
 from tfrecords.writing import plan
 
 LAYOUT_CLASS_FOLDERS = "class_folders"
@@ -153,13 +153,8 @@ def list_images(
             input_dir=input_dir, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed
         )
     # A name that is not UTF-8 is recorded with its odd bytes escaped (\xe9): the manifest is UTF-8 JSON.
-    skipped = [{**entry, "path": printable_path(entry["path"])} for entry in listing.skipped]
+    skipped = [{**entry, "path": names.escaped(entry["path"])} for entry in listing.skipped]
     return dataclasses.replace(listing, skipped=skipped)
-
-
-def printable_path(path: str) -> str:
-    """path as UTF-8 text: the bytes of a local name that is not UTF-8 (surrogates here) escaped as \\xe9."""
-    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def _walk_folders(*, input_dir: str, validation_fraction: float, test_fraction: float, seed: int) -> Listing:
@@ -189,8 +184,8 @@ def _loose_files(input_dir: str, split_folders: set) -> list:
     folders): they belong to no class, so they are not read, but they are not left out silently either."""
     skipped = []
     for split_folder in sorted(split_folders):
-        for name in _entries(tf.io.gfile.join(input_dir, split_folder)):
-            if not _is_ignored(name) and not _is_folder(tf.io.gfile.join(input_dir, split_folder, name)):
+        for name in names.entries(tf.io.gfile.join(input_dir, split_folder)):
+            if not _is_ignored(name) and not names.is_folder(tf.io.gfile.join(input_dir, split_folder, name)):
                 skipped.append({"path": f"{split_folder}/{name}", "reason": LOOSE_FILE_REASON})
     return skipped
 
@@ -293,7 +288,7 @@ def _list_file_list(
     check_classes(class_names=class_names, input_dir=input_dir, file_list=file_list)
     labels = {name: label for label, name in enumerate(class_names)}
     label_conflicts = []
-    if is_local(input_dir):
+    if names.is_local(input_dir):
         entries, walk = _local_listed_files(input_dir, entries, pre_split=pre_split)
         skipped, label_conflicts = skipped + walk.skipped, walk.label_conflicts
     files = []
@@ -323,7 +318,7 @@ def _local_listed_files(input_dir: str, entries: list, *, pre_split: bool) -> tu
     plain, linked = [], []
     for entry in entries:
         path = os.path.join(input_dir, entry[0])
-        if not schema.is_utf8(entry[0]):
+        if not names.is_utf8(entry[0]):
             walk.skipped.append({"path": entry[0], "reason": NOT_UTF8_REASON})
         elif not os.path.lexists(path):
             walk.skipped.append({"path": entry[0], "reason": "named in --file_list but not in --input_dir"})
@@ -440,9 +435,9 @@ def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
         return None
     if "\0" in line:
         raise ValueError(f"{where} holds a NUL byte; expected UTF-8 text, one path per line")
-    if not is_local(input_dir) and not schema.is_utf8(line):
+    if not names.is_local(input_dir) and not names.is_utf8(line):
         raise ValueError(
-            f"{where} is not UTF-8 text ({printable_path(line)!r}), so it names no object of --input_dir "
+            f"{where} is not UTF-8 text ({names.escaped(line)!r}), so it names no object of --input_dir "
             f"{input_dir!r} (object names are UTF-8); save the list as UTF-8"
         )
     relative_path = _relative_list_path(line, input_dir=input_dir, where=where)
@@ -454,8 +449,8 @@ def file_list_path(line: str, *, input_dir: str, where: str) -> str | None:
 
 def _relative_list_path(line: str, *, input_dir: str, where: str) -> str:
     if line.startswith("/") or _SCHEME.match(line):
-        root = input_dir.rstrip("/") if not is_local(input_dir) else os.path.abspath(input_dir)
-        full = line if not is_local(line) else posixpath.normpath(line)
+        root = input_dir.rstrip("/") if not names.is_local(input_dir) else os.path.abspath(input_dir)
+        full = line if not names.is_local(line) else posixpath.normpath(line)
         relative_path = full[len(root) + 1:] if full.startswith(root + "/") else "." if full == root else None
     else:
         root, relative_path = None, line
@@ -549,7 +544,7 @@ def _list_labels_csv(
             f"(e.g. {missing[:3]}); fix the paths (relative to --input_dir) or remove those rows"
         )
     skipped = []
-    if is_local(input_dir):
+    if names.is_local(input_dir):
         for relative_path in sorted(labels_by_path):
             reason = _special_file_reason(os.path.join(input_dir, relative_path))
             if reason:
@@ -570,9 +565,9 @@ def check_classes(*, class_names: list, input_dir: str, file_list: str | None = 
     """Refuses fewer than two classes, or a class name that cannot be a line of labels.txt."""
     list_hint = f" (is --file_list {file_list!r} saved as UTF-8?)" if file_list else ""
     for name in class_names:
-        if not schema.is_utf8(name):
+        if not names.is_utf8(name):
             raise ValueError(
-                f"--input_dir {input_dir!r} has a class named {printable_path(name)!r}, not UTF-8 text{list_hint}; "
+                f"--input_dir {input_dir!r} has a class named {names.escaped(name)!r}, not UTF-8 text{list_hint}; "
                 "rename it (labels.txt and the records store names as UTF-8)"
             )
         if any(not character.isprintable() for character in name):
@@ -615,29 +610,11 @@ def _is_ignored(name: str) -> bool:
 
 def _subfolders(folder: str) -> list:
     """Returns the sorted names of the non-ignored subfolders of folder."""
-    names = []
-    for name in _entries(folder):
-        if not _is_ignored(name) and _is_folder(tf.io.gfile.join(folder, name)):
-            names.append(name)
-    return sorted(names)
-
-
-def _is_folder(path: str) -> bool:
-    return os.path.isdir(path) if is_local(path) else tf.io.gfile.isdir(path)
-
-
-def _entries(folder: str) -> list:
-    """The names in a folder: locally through the operating system (a name that is not UTF-8 comes back with
-    surrogates, where tf.io.gfile fails on it), remotely through tf.io.gfile (without the "/" it ends gs://
-    folders with)."""
-    if is_local(folder):
-        return os.listdir(folder)
-    return [entry.rstrip("/") for entry in tf.io.gfile.listdir(folder)]
-
-
-def is_local(path: str) -> bool:
-    """True for a path on this machine's disk (no scheme such as gs://)."""
-    return "://" not in path
+    subfolders = []
+    for name in names.entries(folder):
+        if not _is_ignored(name) and names.is_folder(tf.io.gfile.join(folder, name)):
+            subfolders.append(name)
+    return sorted(subfolders)
 
 
 def _special_file_reason(path: str) -> str | None:
@@ -673,7 +650,7 @@ class _Walk:
         self.real_roots = {}
         self.seen_folders = set()
         self.seen_files = {}
-        if is_local(input_dir):
+        if names.is_local(input_dir):
             for relative_root in sorted(roots):
                 real = os.path.realpath(os.path.join(input_dir, relative_root))
                 if real in self.real_roots:
@@ -686,7 +663,7 @@ class _Walk:
         # An object store lists a folder in pages of about a thousand names, one round trip each: the class
         # folders are listed concurrently, so a bucket of many classes lists in the time of its largest few.
         self.remote_files = {}
-        if not is_local(input_dir):
+        if not names.is_local(input_dir):
             with concurrent.futures.ThreadPoolExecutor(max_workers=REMOTE_LISTING_THREADS) as pool:
                 listings = pool.map(lambda root: remote_files_under(input_dir, root), sorted(roots))
                 self.remote_files = dict(zip(sorted(roots), listings))
@@ -699,7 +676,7 @@ class _Walk:
 
     def files_under(self, relative_root: str) -> list:
         """Relative paths of the files listed for the class folder relative_root, sorted."""
-        if not is_local(self.input_dir):
+        if not names.is_local(self.input_dir):
             return self.remote_files[relative_root]
         files = []
         # Real entries first, links after: a file or folder reached both ways is listed under its real path.
@@ -752,7 +729,7 @@ class _Walk:
         """Judges one file found (or listed) in the class folder relative_root: True (and appended to files)
         when it is listed, False when it is skipped (with its reason in self.skipped)."""
         path = os.path.join(self.input_dir, relative_path)
-        reason = NOT_UTF8_REASON if not schema.is_utf8(relative_path) else _special_file_reason(path)
+        reason = NOT_UTF8_REASON if not names.is_utf8(relative_path) else _special_file_reason(path)
         if reason:
             self.skipped.append({"path": relative_path, "reason": reason})
             return False

@@ -11,7 +11,7 @@ import unicodedata
 
 import tensorflow as tf
 
-from tfrecords import schema
+from tfrecords import names
 
 FOLDER, FILE, GLOB, NOT_UTF8 = "folder", "file", "glob", "not UTF-8"
 
@@ -41,7 +41,7 @@ def argument_kind(path: str) -> str:
     """What a PATH argument means, the one decision list_inputs lists by and check_output_path refuses by: a FOLDER
     if it is one, else a FILE if it exists, else a GLOB (so 'photos[2024]' is the folder of that name when there is
     one); NOT_UTF8 for a local name whose bytes are not UTF-8 (given as surrogates, as Python gives them)."""
-    if not schema.is_utf8(path):
+    if not names.is_utf8(path):
         return NOT_UTF8
     if tf.io.gfile.isdir(path):
         return FOLDER
@@ -117,17 +117,17 @@ def _walk(folder: str, listing: Listing) -> bool:
             continue
         listing.folders[real] = current
         try:
-            names = _entries(current)
+            entry_names = names.entries(current)
         except (OSError, tf.errors.OpError) as error:
             listing.skipped[current] = f"folder cannot be read ({getattr(error, 'strerror', None) or error})"
             continue
-        for name in sorted(names, reverse=True):  # popped from the end: walked in sorted order
+        for name in sorted(entry_names, reverse=True):  # popped from the end: walked in sorted order
             path = tf.io.gfile.join(current, name)
             if name.startswith("."):
                 continue
-            if not schema.is_utf8(name):
+            if not names.is_utf8(name):
                 listing.skipped[path] = NOT_UTF8_REASON
-            elif _is_folder(path):
+            elif names.is_folder(path):
                 pending.append(path)
             else:
                 found.append(path)
@@ -135,23 +135,11 @@ def _walk(folder: str, listing: Listing) -> bool:
     return bool(found) or len(listing.skipped) > num_skipped
 
 
-def _entries(folder: str) -> list[str]:
-    """The names in a folder: locally through the operating system, which gives a name that is not UTF-8 with
-    surrogates (tf.io.gfile fails on the whole folder), remotely through tf.io.gfile (without gs://'s "/")."""
-    if "://" not in folder:
-        return os.listdir(folder)
-    return [name.rstrip("/") for name in tf.io.gfile.listdir(folder)]
-
-
-def _is_folder(path: str) -> bool:
-    return os.path.isdir(path) if "://" not in path else tf.io.gfile.isdir(path)
-
-
 def printable(text: str) -> str:
     """`text` for one line of a terminal: the bytes of a name that is not UTF-8 (surrogates) escaped as "\\xff",
     control characters and line or paragraph separators as Python writes them ("\\n", "\\r", "\\x1b", "\\u2028"),
     the rest as it is. For display only: CSV and JSON keep names as they are."""
-    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    text = names.escaped(text)
     return "".join(repr(character)[1:-1] if unicodedata.category(character) in ("Cc", "Zl", "Zp") else character
                    for character in text)
 
