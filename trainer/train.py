@@ -25,6 +25,7 @@ from tfrecords import cli
 from tfrecords import schema
 from trainer.exports import export
 from trainer.exports import onnx_model
+from trainer.fit import activations
 from trainer.fit import checkpoints
 from trainer.fit import distribute
 from trainer.fit import features
@@ -131,6 +132,14 @@ flags.DEFINE_string(
     "feature_cache_dir", "",
     "Where features past --feature_cache_memory_mb are spilled (a new subfolder per worker and split, deleted after "
     "phase 1), local or gs://; empty is the system's temporary folder (TMPDIR).",
+)
+flags.DEFINE_enum(
+    "phase2_cache", "auto", list(activations.MODES),
+    "Phase 2 on cached activations: the backbone is cut at a block boundary below --fine_tune_at, the frozen bottom "
+    "runs once per image and view (in phase 1's pass), and phase 2 trains the top on its cached output (kept like "
+    "phase 1's features: --feature_cache_memory_mb, --feature_cache_dir). auto: when the bottom holds a fair share "
+    "of the backbone's work and reading the cache back is cheaper than recomputing it (the log says which and why); "
+    "always / never force it. Same model as without it when augmentation is off.",
 )
 flags.DEFINE_bool(
     "data_quality", True,
@@ -311,6 +320,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
             unfreeze_stages=FLAGS.unfreeze_stages, cache_features=FLAGS.cache_features,
             feature_views=FLAGS.feature_views,
             feature_cache=features.CacheBudget(memory_mb=FLAGS.feature_cache_memory_mb, directory=FLAGS.feature_cache_dir),
+            phase2_cache=FLAGS.phase2_cache,
             learning_rate_scaling=FLAGS.learning_rate_scaling,
             base_batch_size=FLAGS.base_batch_size,
         ),

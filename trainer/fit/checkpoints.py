@@ -56,6 +56,12 @@ def has_checkpoint(model_dir: str, phase_name: str) -> bool:
     return tf.train.latest_checkpoint(phase_dir(model_dir, phase_name)) is not None
 
 
+def epochs_done(model_dir: str, phase_name: str) -> int:
+    """The epoch count saved in the phase's latest checkpoint (epochs of the run, earlier phases included); 0: none."""
+    latest = tf.train.latest_checkpoint(phase_dir(model_dir, phase_name))
+    return int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE")) if latest else 0
+
+
 class PhaseCheckpoint:
     """One phase's checkpoints: model, optimizer, the epoch count and the step within the epoch.
 

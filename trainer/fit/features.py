@@ -61,8 +61,9 @@ def _feature_step(feature_model: keras.Model, strategy: tf.distribute.Strategy, 
     if (strategy, training) not in steps:
 
         def replica_step(images, labels, weights=None, *more):
-            features = tf.cast(feature_model(images, training=training), tf.float32)
-            return (features, labels, tf.ones_like(labels, tf.float32) if weights is None else weights, *more)
+            outputs = tf.nest.flatten(feature_model(images, training=training))
+            outputs = [tf.cast(output, tf.float32) for output in outputs]
+            return (*outputs, labels, tf.ones_like(labels, tf.float32) if weights is None else weights, *more)
 
         steps[(strategy, training)] = tf.function(lambda batch: strategy.run(replica_step, args=batch))
     return steps[(strategy, training)]
@@ -79,6 +80,7 @@ class CachedFeatures:
         width: features per row.
         shuffle_rows: the shuffle buffer of a spilled cache, in rows (from the memory budget).
         folder: the spilled files' folder (this worker's own), or "".
+        shape: the shape of one row as the model takes it (cut activations are cached flat); () = (width,).
     """
 
     arrays: tuple | None
@@ -87,6 +89,7 @@ class CachedFeatures:
     width: int
     shuffle_rows: int = 0
     folder: str = ""
+    shape: tuple = ()
 
     @property
     def nbytes(self) -> int:
@@ -141,7 +144,7 @@ class CacheBudget:
 
 def compute_features(
     *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int, training: bool,
-    writer=None, collect=None, drop_padding: bool = False,
+    writer=None, collect=None, drop_padding: bool = False, second_writer=None,
 ) -> None:
     """Runs the feature model over a distributed dataset, handing this worker's rows to a writer and a collector.
 
@@ -155,22 +158,29 @@ def compute_features(
         training: run the model's augmentation layers (augment_on=device); the backbone stays in inference mode.
         writer: from CacheBudget.writer (or None: the features are only collected).
         collect: called with (features, labels, weights, *more) as numpy arrays, one call per replica and batch.
-        drop_padding: leave rows of weight 0 (evaluation padding) out of the writer (for training rows).
+        drop_padding: leave rows of weight 0 (evaluation padding) out of the writers (for training rows).
+        second_writer: of a feature model with two outputs (activations.CutModels.pass_model): where the second
+            output's rows go, flattened (the first goes to `writer` and `collect`).
     """
 
     step = _feature_step(feature_model, strategy, training)
+    num_outputs = len(feature_model.outputs)
     for index, batch in enumerate(dataset):
         if index >= num_batches:
             break
         per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
         for values in zip(*per_replica):
-            features, labels, weights, *more = (keras.ops.convert_to_numpy(value) for value in values)
+            outputs, (labels, weights, *more) = values[:num_outputs], values[num_outputs:]
+            features, *second = (keras.ops.convert_to_numpy(output) for output in outputs)
+            labels, weights, *more = (keras.ops.convert_to_numpy(value) for value in (labels, weights, *more))
             labels, weights = labels.astype(np.int32), weights.astype(np.float32)
             if collect is not None:
                 collect(features, labels, weights, *more)
-            if writer is not None:
-                keep = weights > 0 if drop_padding else slice(None)
-                writer.write(features[keep], labels[keep], weights[keep])
+            keep = weights > 0 if drop_padding else slice(None)
+            for rows, rows_writer in ((features, writer), (second[0] if second else None, second_writer)):
+                if rows_writer is not None:
+                    rows = rows.reshape(len(rows), -1)
+                    rows_writer.write(rows[keep], labels[keep], weights[keep])
 
 
 class _MemoryWriter:
@@ -265,11 +275,14 @@ def make_feature_dataset(
     if training:
         rows = rows.shuffle(cached.count, seed=seed).repeat()
     rows = rows.batch(local_batch_size, drop_remainder=True)
+    shape = [-1, *(cached.shape or (cached.width,))]
+
+    def gather(batch):
+        return tf.reshape(tf.gather(features, batch), shape), tf.gather(labels, batch), tf.gather(weights, batch)
+
     if training:
-        return rows.map(lambda batch: (tf.gather(features, batch), tf.gather(labels, batch))).prefetch(tf.data.AUTOTUNE)
-    return rows.map(
-        lambda batch: (tf.gather(features, batch), tf.gather(labels, batch), tf.gather(weights, batch))
-    ).prefetch(tf.data.AUTOTUNE)
+        return rows.map(lambda batch: gather(batch)[:2]).prefetch(tf.data.AUTOTUNE)
+    return rows.map(gather).prefetch(tf.data.AUTOTUNE)
 
 
 def _spilled_dataset(cached: CachedFeatures, *, local_batch_size: int, training: bool, seed: int | None) -> tf.data.Dataset:
@@ -278,7 +291,8 @@ def _spilled_dataset(cached: CachedFeatures, *, local_batch_size: int, training:
 
     def parse(record):
         parsed = tf.io.parse_single_example(record, spec)
-        features = tf.reshape(tf.io.decode_raw(parsed["features"], tf.float32), [-1, cached.width])
+        row_shape = cached.shape or (cached.width,)
+        features = tf.reshape(tf.io.decode_raw(parsed["features"], tf.float32), [-1, *row_shape])
         return features, tf.io.decode_raw(parsed["labels"], tf.int32), tf.io.decode_raw(parsed["weights"], tf.float32)
 
     files = tf.data.Dataset.from_tensor_slices(cached.paths)

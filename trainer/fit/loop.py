@@ -104,7 +104,7 @@ def train_phase(
         run_dir.LockLost: another run took the model_dir over; nothing more was written.
     """
     model = trained.model
-    checkpoint = restore_phase(phase, model=model, optimizer=optimizer, strategy=strategy, model_dir=model_dir,
+    checkpoint = restore_phase(phase, model=trained.checkpoint_model or model, optimizer=optimizer, strategy=strategy, model_dir=model_dir,
                                reporter=reporter)
     if int(checkpoint.epoch) >= phase.last_epoch:
         logging.info("%s already finished in an earlier run (delete --model_dir to retrain)", phase.name)

@@ -13,8 +13,10 @@ import dataclasses
 import time
 
 import keras
+import numpy as np
 from absl import logging
 
+from trainer.fit import activations as activations_lib
 from trainer.fit import checkpoints
 from trainer.fit import features as features_lib
 from trainer.fit import recipe
@@ -34,6 +36,7 @@ class PhaseSchedule:
     cache_features: phase 1 on cached backbone features (features.py). feature_views: augmented views
         per image cached when training images are augmented. feature_cache: features.CacheBudget, where
         they are kept (in memory, or spilled to files past its budget).
+    phase2_cache: phase 2 on cached activations at the cut (activations.py): "auto", "always" or "never".
     learning_rate_scaling: "linear" multiplies both rates by batch_size / base_batch_size; "none" not.
     """
 
@@ -48,6 +51,7 @@ class PhaseSchedule:
     cache_features: bool = True
     feature_views: int = 2
     feature_cache: features_lib.CacheBudget = features_lib.CacheBudget()
+    phase2_cache: str = "auto"
     learning_rate_scaling: str = "none"
     base_batch_size: int = 32
 
@@ -57,6 +61,8 @@ class PhaseSchedule:
         for flag, name in (("optimizer", self.optimizer), ("fine_tune_optimizer", self.fine_tune_optimizer or "adam")):
             if name not in recipe.OPTIMIZERS:
                 raise ValueError(f"--{flag} {name!r} is not one of {recipe.OPTIMIZERS}")
+        if self.phase2_cache not in activations_lib.MODES:
+            raise ValueError(f"--phase2_cache {self.phase2_cache!r} is not one of {activations_lib.MODES}")
         if self.feature_views < 1 or self.unfreeze_stages < 1:
             raise ValueError("--feature_views and --unfreeze_stages must be at least 1")
         if self.learning_rate_scaling not in ("none", "linear") or self.base_batch_size < 1:
@@ -147,11 +153,13 @@ def unfreeze(model: keras.Model, phase: Phase, *, strategy) -> None:
 class PhaseData:
     """What one phase trains and on what.
 
-    model: the trained model (the whole classifier, or only its head on cached features).
+    model: the trained model (the whole classifier, its head on cached features, or its top on cached activations).
     train_dataset: distributed, endless (images or features, labels) batches.
     validation_dataset: distributed, one pass of (inputs, labels, weights) batches.
     evaluation_step: steps.make_evaluation_step of `model`.
     finish(): called once the phase is trained (removes spilled feature files).
+    checkpoint_model: what the phase's checkpoints hold; None: `model`. Phase 2 on cached activations checkpoints
+        the whole classifier, so a rerun may resume it either way (cached or not).
     """
 
     model: keras.Model
@@ -159,11 +167,14 @@ class PhaseData:
     validation_dataset: object
     evaluation_step: object
     finish: object = lambda: None
+    checkpoint_model: keras.Model | None = None
 
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
-               augmented: bool, seed, collector=None) -> PhaseData:
-    """The whole model on images, or (phase 1 with --cache_features) its head on cached backbone features.
+               augmented: bool, seed, collector=None, activations: activations_lib.ActivationCache | None = None,
+               ) -> PhaseData:
+    """The whole model on images, (phase 1 with --cache_features) its head on cached backbone features, or
+    (phase 2 given an activation cache) its top on cached activations at the cut.
 
     Args:
         evaluation_step: the whole model's steps.make_evaluation_step, traced once for the run:
@@ -174,12 +185,18 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
         collector: the data-quality report's collector (quality.Collector), given when this process sees every
             image: the train and validation passes also hand it each image's unaugmented features and thumbnail
             (cached_feature_data), so the report needs no backbone pass of its own over them.
+        activations: phase 2's cache (activations.plan chose a cut), or None. Phase 1's feature pass fills it;
+            a phase 2 that finds it empty (phase 1 ran before a restart, or not on cached features) fills it first.
     """
+    views = schedule.feature_views if augmented else 1
     if phase.fine_tune_at is None and schedule.cache_features and classifier.get_backbones(model):
         return cached_feature_data(
-            model=model, splits=splits, views=schedule.feature_views if augmented else 1, augmented=augmented, seed=seed,
-            budget=schedule.feature_cache, collector=collector,
+            model=model, splits=splits, views=views, augmented=augmented, seed=seed,
+            budget=schedule.feature_cache, collector=collector, activations=activations,
         )
+    if phase.fine_tune_at is not None and activations is not None:
+        return cached_activation_data(model=model, splits=splits, views=views, augmented=augmented, seed=seed,
+                                      budget=schedule.feature_cache, activations=activations)
     return PhaseData(
         model=model,
         train_dataset=splits.images("train", training=True),
@@ -190,65 +207,126 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
 
 def cached_feature_data(
     *, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget, collector=None,
+    activations: activations_lib.ActivationCache | None = None,
 ) -> PhaseData:
     """Computes phase 1's features once; the head then trains on them (features.py).
 
     With a collector, one of each training image's `views` is its unaugmented evaluation view (central crop,
     no flip), computed in order over the split with its thumbnail, which the collector also gets; the other
     views are augmented as usual. Without augmentation that one view is all phase 1 trains on.
+    With an activation cache, the same pass also fills it with the cut activations of the same views.
     """
-    feature_model, head = features_lib.split_model(model)
-    strategy, batch_size, manifest = splits.strategy, splits.batch_size, splits.manifest
-    width = feature_model.output.shape[-1]
-    num_train = manifest["splits"]["train"]["num_examples"]
-    augmented_views = views - (collector is not None)
-    augmented_batches = max(1, augmented_views * num_train // batch_size) if augmented_views else 0
-    started = time.perf_counter()
-    train_writer = budget.writer(rows=num_train * (collector is not None) + augmented_batches * batch_size, width=width)
-    if collector is not None:
-        _evaluation_pass(feature_model, splits, "train", writer=train_writer, collector=collector, drop_padding=True)
-    if augmented_batches:
-        features_lib.compute_features(
-            feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
-            num_batches=augmented_batches, training=augmented, writer=train_writer,
-        )
-    train_features = train_writer.finish()
-    train_features.shuffle_rows = budget.shuffle_rows(width)
-    features_lib.log_cached("training", train_features, views=views, seconds=time.perf_counter() - started, budget=budget)
-    started = time.perf_counter()
-    # Evaluation batches are padded to whole global batches (data.make_dataset).
-    padded_rows = -(-manifest["splits"]["validation"]["num_examples"] // batch_size) * batch_size
-    validation_writer = budget.writer(rows=padded_rows, width=width)
-    _evaluation_pass(feature_model, splits, "validation", writer=validation_writer, collector=collector)
-    validation_features = validation_writer.finish()
-    features_lib.log_cached("validation", validation_features, views=1, seconds=time.perf_counter() - started,
-                            budget=budget)
+    _, head = features_lib.split_model(model)
+    cut_models = activations_lib.split_at_cut(model, activations.cut) if activations is not None else None
+    feature_model = cut_models.pass_model if cut_models else features_lib.split_model(model)[0]
+    width = head.input.shape[-1]
+    train_features, train_activations = _cached_pass(
+        feature_model, splits, views=views, augmented=augmented, budget=budget, collector=collector, width=width,
+        second_shape=activations.cut.shape if activations is not None else None,
+    )
+    validation_features, validation_activations = _cached_pass(
+        feature_model, splits, views=1, augmented=False, budget=budget, collector=collector, width=width,
+        second_shape=activations.cut.shape if activations is not None else None, split="validation",
+    )
+    if activations is not None:
+        activations.fill(train_activations, validation_activations, views=views)
+        _log_activations(activations)
 
     def delete_spilled():
         for cached in (train_features, validation_features):
             cached.delete()
 
-    train_dataset = strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
-        cached=train_features, batch_size=batch_size, training=True, seed=seed, input_context=context,
-    ))
-    evaluation_step = steps.make_evaluation_step(model=head, strategy=strategy)
     return PhaseData(
         model=head,
-        train_dataset=train_dataset,
-        validation_dataset=strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
-            cached=validation_features, batch_size=batch_size, training=False, seed=seed, input_context=context,
-        )),
-        evaluation_step=evaluation_step,
+        train_dataset=_cached_dataset(splits, train_features, training=True, seed=seed),
+        validation_dataset=_cached_dataset(splits, validation_features, training=False, seed=seed),
+        evaluation_step=steps.make_evaluation_step(model=head, strategy=splits.strategy),
         finish=delete_spilled,
     )
 
 
-def _evaluation_pass(feature_model, splits, split: str, *, writer, collector=None, drop_padding: bool = False) -> None:
-    """The feature model over one evaluation pass of a split: rows to the writer, and to the collector if any."""
-    num_examples = splits.manifest["splits"][split]["num_examples"]
-    features_lib.compute_features(
-        feature_model=feature_model, strategy=splits.strategy,
-        dataset=splits.images(split, training=False, thumbnail_side=collector.thumbnail_side if collector else 0),
-        num_batches=-(-num_examples // splits.batch_size), training=False, writer=writer,
-        collect=collector.add_function(split) if collector else None, drop_padding=drop_padding,
+def cached_activation_data(*, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget,
+                           activations: activations_lib.ActivationCache) -> PhaseData:
+    """Phase 2's top trains on the cut activations (activations.py), computed first if phase 1's pass did not."""
+    cut_models = activations_lib.split_at_cut(model, activations.cut)
+    if not activations.filled:
+        started = time.perf_counter()
+        width = int(np.prod(activations.cut.shape))
+        train, _ = _cached_pass(cut_models.bottom, splits, views=views, augmented=augmented, budget=budget, width=width,
+                                shape=activations.cut.shape)
+        validation, _ = _cached_pass(cut_models.bottom, splits, views=1, augmented=False, budget=budget, width=width,
+                                     shape=activations.cut.shape, split="validation")
+        activations.fill(train, validation, views=views, seconds=time.perf_counter() - started)
+        _log_activations(activations)
+
+    return PhaseData(
+        model=cut_models.top,
+        train_dataset=_cached_dataset(splits, activations.train, training=True, seed=seed),
+        validation_dataset=_cached_dataset(splits, activations.validation, training=False, seed=seed),
+        evaluation_step=steps.make_evaluation_step(model=cut_models.top, strategy=splits.strategy),
+        checkpoint_model=model,
     )
+
+
+def _cached_dataset(splits, cached: features_lib.CachedFeatures, *, training: bool, seed):
+    """A cache as a distributed dataset: endless shuffled (rows, labels) batches, or one pass with weights."""
+    return splits.strategy.distribute_datasets_from_function(lambda context: features_lib.make_feature_dataset(
+        cached=cached, batch_size=splits.batch_size, training=training, seed=seed, input_context=context,
+    ))
+
+
+def _cached_pass(feature_model, splits, *, views: int, augmented: bool, budget: features_lib.CacheBudget, width: int,
+                 collector=None, split: str = "train", shape: tuple = (), second_shape: tuple | None = None):
+    """One split through the feature model into caches: (first output's, second output's or None).
+
+    train: `views` rows per image (one of them the unaugmented evaluation view when there is a collector, in order,
+    handed to it too); validation: one evaluation pass, padded to whole global batches (data.make_dataset).
+    shape: of the first output's rows as the model takes them; second_shape: of the second output's (pass_model's
+    activations), None when the feature model has one output.
+    """
+    strategy, batch_size = splits.strategy, splits.batch_size
+    num_examples = splits.manifest["splits"][split]["num_examples"]
+    started = time.perf_counter()
+    if split == "train":
+        augmented_views = views - (collector is not None)
+        augmented_batches = max(1, augmented_views * num_examples // batch_size) if augmented_views else 0
+        rows = num_examples * (collector is not None) + augmented_batches * batch_size
+    else:
+        augmented_batches, rows = 0, -(-num_examples // batch_size) * batch_size
+    writer = budget.writer(rows=rows, width=width)
+    second_writer = budget.writer(rows=rows, width=int(np.prod(second_shape))) if second_shape else None
+    evaluation_pass = collector is not None or split != "train"
+    if evaluation_pass:
+        features_lib.compute_features(
+            feature_model=feature_model, strategy=strategy,
+            dataset=splits.images(split, training=False, thumbnail_side=collector.thumbnail_side if collector else 0),
+            num_batches=-(-num_examples // batch_size), training=False, writer=writer, second_writer=second_writer,
+            collect=collector.add_function(split) if collector else None, drop_padding=split == "train",
+        )
+    if augmented_batches:
+        features_lib.compute_features(
+            feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
+            num_batches=augmented_batches, training=augmented, writer=writer, second_writer=second_writer,
+        )
+    first = writer.finish()
+    second = second_writer.finish() if second_writer else None
+    for cached, row_shape in ((first, shape), (second, second_shape)):
+        if cached is not None:
+            cached.shape = tuple(row_shape or ())
+            cached.shuffle_rows = budget.shuffle_rows(cached.width)
+    if not shape:
+        training = split == "train"
+        features_lib.log_cached("training" if training else split, first, views=views if training else 1,
+                                seconds=time.perf_counter() - started, budget=budget)
+    return first, second
+
+
+def _log_activations(activations: activations_lib.ActivationCache) -> None:
+    cut = activations.cut
+    for name, cached in (("training", activations.train), ("validation", activations.validation)):
+        logging.info(
+            "phase2: cached %d %s activations at layer %s (%s, %.0f KiB each%s), %.0f MiB%s", cached.count, name,
+            cut.layer, "x".join(map(str, cut.shape)), cut.bytes_per_image / 1024,
+            f", {activations.views} view(s) per image" if name == "training" else "", cached.nbytes / 2**20,
+            f", spilled to {len(cached.paths)} file(s) in {cached.folder}" if cached.paths else " in memory",
+        )

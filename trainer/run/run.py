@@ -19,6 +19,7 @@ from absl import logging
 
 from tfrecords import schema
 from trainer.exports import export
+from trainer.fit import activations as activations_lib
 from trainer.fit import checkpoints
 from trainer.fit import distribute
 from trainer.fit import loop
@@ -129,6 +130,8 @@ class _Run:
     loop_options: loop.LoopOptions
     evaluation_step: object
     phases: list
+    phase2_cache: activations_lib.Decision
+    activations: activations_lib.ActivationCache | None
 
     @property
     def chief(self) -> bool:
@@ -192,12 +195,38 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
                                        augmentation=device_augmentation)
     if distribute.is_chief(strategy) and options.augmented:
         write_augmented_images(options.model_dir, splits, device_augmentation)
+    phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
+    decision = plan_phase2_cache(options, model=model, manifest=manifest, phases=phases)
     return _Run(
         options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
         model=model, loop_options=loop_options,
         evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
-        phases=transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model),
+        phases=phases, phase2_cache=decision,
+        activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None,
     )
+
+
+def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict,
+                      phases: list) -> activations_lib.Decision:
+    """Whether phase 2 trains on cached activations at the cut (activations.plan), said in one line of the log.
+
+    Not when every fine-tuning phase has already finished (a rerun): nothing would read the cache.
+    """
+    fine_tuning = [phase for phase in phases if phase.fine_tune_at is not None]
+    if fine_tuning and all(checkpoints.epochs_done(options.model_dir, phase.name) >= phase.last_epoch
+                           for phase in fine_tuning):
+        return activations_lib.Decision(None, "phase 2 already finished")
+    views = options.schedule.feature_views if options.augmented else 1
+    decision = activations_lib.plan(
+        model, mode=options.schedule.phase2_cache, fine_tune_at=fine_tuning[-1].fine_tune_at if fine_tuning else None,
+        image_size=options.model.image_size, rows=manifest["splits"]["train"]["num_examples"] * views,
+        budget=options.schedule.feature_cache,
+    )
+    if fine_tuning:
+        where = (f"on cached activations at layer {decision.cut.layer} ({'x'.join(map(str, decision.cut.shape))}, "
+                 f"{decision.cut.bytes_per_image / 1024:.0f} KiB per image)" if decision.cut else "on images")
+        logging.info("phase2 trains %s: %s (--phase2_cache=%s)", where, decision.reason, options.schedule.phase2_cache)
+    return decision
 
 
 def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_phase1: bool) -> dict:
@@ -206,6 +235,18 @@ def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_pha
     loss_function = options.recipe.loss_function(run.manifest)
     # A resumed run skips finished phases: their results come from the metrics.json of the run before.
     phase_results = read_metrics(options.model_dir).get("phases", {})
+    try:
+        _train_each_phase(run, reporter=reporter, shares_phase1=shares_phase1, phase_results=phase_results,
+                          loss_function=loss_function)
+    finally:  # spilled activations are removed whatever stopped the phases (preemption, a lost lock, an error)
+        if run.activations is not None:
+            run.activations.delete()
+    return phase_results
+
+
+def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results: dict, loss_function) -> None:
+    """_train_phases' loop: each phase's data (its caches), its training, its result into phase_results."""
+    options, model = run.options, run.model
     with checkpoints.PreemptionWatcher() as preemption:
         for index, phase in enumerate(run.phases):
             if transfer.replaced_by_later_checkpoint(options.model_dir, run.phases, index):
@@ -217,9 +258,12 @@ def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_pha
                          if shares_phase1 and index == 0 else None)
             trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
-                                          collector=collector)
-            if trained.model is not model:
+                                          collector=collector, activations=run.activations)
+            if trained.model is not model and phase.fine_tune_at is None:
                 run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+            if run.activations is not None and run.activations.seconds:  # phase 2's own pass (phase 1's did not run)
+                run.stopwatch.add(f"{phase.name}: caching activations at the cut", run.activations.seconds)
+                run.activations.seconds = 0.0
             if collector is not None:
                 with run.stopwatch.stage("data-quality report"):
                     write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
@@ -239,7 +283,6 @@ def _train_phases(run: _Run, *, reporter: training_log.EpochReporter, shares_pha
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
                                          **({"stopped_early": result["stopped_early"]} if result.get("stopped_early") else {})}
             logging.info("%s done: validation accuracy %.4f", phase.name, result["validation_accuracy"])
-    return phase_results
 
 
 def _optimizer(run: _Run, phase: transfer.Phase, trained_model: keras.Model):
@@ -262,6 +305,10 @@ def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> di
         evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False))
     metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
                            restored=restored, history=history, strategy=run.strategy)
+    metrics["phase2_cache"] = {
+        "used": run.activations is not None, "reason": run.phase2_cache.reason,
+        **(run.activations.describe() if run.activations is not None else {}),
+    }
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))

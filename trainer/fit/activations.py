@@ -1,0 +1,272 @@
+"""Phase 2 on cached activations at the cut: the frozen bottom of the backbone runs once per image and view.
+
+In phase 2 only the top of the backbone (from --fine_tune_at up) trains; the frozen bottom, in inference mode,
+computes the same function of the same augmented pixels every epoch. Here the model is cut at a single-tensor
+boundary of the backbone at or below its first unfrozen layer (every path from the input to the output passes
+through it: a residual block cannot be cut inside):
+
+    full model = bottom (input -> [augmentation] -> preprocess -> backbone up to the cut)
+                 + top (backbone from the cut -> pooling -> dropout -> classifier),
+
+the bottom's output (the cut activations) is cached like phase 1's features (features.py: in memory under
+--feature_cache_memory_mb, spilled to files past it, under any strategy), and phase 2 trains the top on it,
+validating on cached validation activations too. The top's layers are the full model's own layers, so training
+the top trains the full model; BatchNormalization stays in inference mode. Phase 1's feature pass computes the
+activations at the same time as its pooled features (one pass model with two outputs), so the bottom costs
+phase 2 nothing beyond the pass phase 1 already makes. With augmentation, phase 2 then trains on the same
+--feature_views views per image as phase 1, instead of a new view each epoch.
+
+--phase2_cache=auto decides with plan(): the cache pays where the bottom holds a fair share of the backbone's
+multiply-adds and reading its activations back costs less than recomputing them (docs/training.md has the
+measurements behind the two thresholds below), and where a cache past the memory budget fits in half the free
+space of a local spill folder; always / never force it.
+"""
+
+import dataclasses
+import shutil
+import tempfile
+import weakref
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from trainer.fit import features as features_lib
+from trainer.models import classifier
+
+MODES = ("auto", "always", "never")
+# auto caches only when the frozen bottom holds at least this share of the backbone's multiply-adds ...
+MIN_BOTTOM_SHARE = 0.25
+# ... and at least this many multiply-adds per cached byte: reading a byte back (memory or a local spill file)
+# costs about what 20 multiply-adds of the bottom cost on a CPU (benchmarks/phase2.py measures both).
+MIN_MACS_PER_BYTE = 20
+
+_SPLITS = weakref.WeakKeyDictionary()
+
+
+@dataclasses.dataclass(frozen=True)
+class Cut:
+    """Where the backbone is cut for phase 2.
+
+    layer: the backbone layer whose output is cached; index: its position in backbone.layers.
+    shape: the activations of one image (height, width, channels).
+    bottom_macs, total_macs: multiply-adds of the backbone below the cut and in all (per image, estimated from
+        the convolution and dense kernels and their output sizes).
+    """
+
+    layer: str
+    index: int
+    shape: tuple
+    bottom_macs: int
+    total_macs: int
+
+    @property
+    def bytes_per_image(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    @property
+    def bottom_share(self) -> float:
+        return self.bottom_macs / max(self.total_macs, 1)
+
+    def describe(self) -> dict:
+        """What metrics.json and the log say about the cut."""
+        return {
+            "layer": self.layer, "shape": list(self.shape), "bytes_per_image": self.bytes_per_image,
+            "bottom_share_of_multiply_adds": round(self.bottom_share, 3),
+        }
+
+
+def _graph_nodes(model: keras.Model) -> dict:
+    """{layer: its node in model's graph} (a layer called elsewhere too has other nodes, not of this graph)."""
+    in_graph = {node for nodes in model._nodes_by_depth.values() for node in nodes}
+    return {node.operation: node for node in in_graph}
+
+
+def boundaries(backbone: keras.Model) -> list[int]:
+    """Indices of the backbone's layers whose one output tensor every path from input to output passes through.
+
+    A layer j is such a boundary when no layer after it reads a tensor made before it. [] when the layers are not
+    in topological order or the graph is not a plain one-input, one-output chain of blocks (then nothing is cut).
+    """
+    layers = backbone.layers
+    nodes = _graph_nodes(backbone)
+    position = {layer: index for index, layer in enumerate(layers)}
+    if len(backbone.outputs) != 1 or position.get(backbone.outputs[0]._keras_history.operation) != len(layers) - 1:
+        return []
+    earliest_source = []
+    for index, layer in enumerate(layers):
+        node = nodes.get(layer)
+        if node is None or len(node.outputs) != 1:
+            return []
+        sources = [position.get(tensor._keras_history.operation) for tensor in node.arguments.keras_tensors]
+        if None in sources or any(source >= index for source in sources):
+            return []
+        earliest_source.append(min(sources, default=index))
+    found, earliest_after = [], len(layers)
+    for index in range(len(layers) - 1, -1, -1):
+        if earliest_after >= index:
+            found.append(index)
+        earliest_after = min(earliest_after, earliest_source[index])
+    return sorted(found)
+
+
+def layer_macs(backbone: keras.Model, image_size: int) -> list[int]:
+    """Estimated multiply-adds per image of each backbone layer: kernel size x output positions (convolutions,
+    depthwise convolutions, dense layers; the rest is counted as 0)."""
+    nodes = _graph_nodes(backbone)
+    outputs = [nodes[layer].outputs[0] for layer in backbone.layers]
+    probe = keras.Model(backbone.inputs, outputs)
+    specs = probe.compute_output_spec(keras.KerasTensor((1, image_size, image_size, 3)))
+    macs = []
+    for layer, spec in zip(backbone.layers, specs):
+        kernel = sum(int(np.prod(weight.shape)) for weight in layer.weights if "kernel" in weight.path.split("/")[-1])
+        positions = int(np.prod(spec.shape[1:-1])) if len(spec.shape) == 4 else 1
+        macs.append(kernel * positions)
+    return macs
+
+
+def find_cut(backbone: keras.Model, *, first_trainable: int, image_size: int) -> Cut | None:
+    """The boundary nearest below layer `first_trainable` (the first unfrozen one), or None when there is none
+    above the input."""
+    candidates = [index for index in boundaries(backbone) if 1 <= index < first_trainable]
+    if not candidates:
+        return None
+    index = candidates[-1]
+    macs = layer_macs(backbone, image_size)
+    node = _graph_nodes(backbone)[backbone.layers[index]]
+    spec = keras.Model(backbone.inputs, node.outputs[0]).compute_output_spec(
+        keras.KerasTensor((1, image_size, image_size, 3)))
+    return Cut(layer=backbone.layers[index].name, index=index, shape=tuple(int(size) for size in spec.shape[1:]),
+               bottom_macs=sum(macs[: index + 1]), total_macs=sum(macs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """plan()'s answer: cut (None: phase 2 trains on images) and why, in one line for the log."""
+
+    cut: Cut | None
+    reason: str
+
+
+def plan(model: keras.Model, *, mode: str, fine_tune_at: str | None, image_size: int, rows: int,
+         budget: features_lib.CacheBudget) -> Decision:
+    """Decides whether phase 2 trains on cached activations, and at which cut.
+
+    Args:
+        mode: --phase2_cache: "auto", "always" or "never".
+        fine_tune_at: the deepest phase-2 stage's --fine_tune_at; None: no phase 2.
+        rows: training rows the cache would hold (images x views).
+        budget: where the cache is kept (features.CacheBudget).
+    """
+    if mode not in MODES:
+        raise ValueError(f"--phase2_cache {mode!r} is not one of {MODES}")
+    if fine_tune_at is None:
+        return Decision(None, "no phase 2")
+    if mode == "never":
+        return Decision(None, "--phase2_cache=never")
+    backbones = classifier.get_backbones(model)
+    if len(backbones) != 1:
+        return Decision(None, "an ensemble fine-tunes on images (one cut per backbone is not supported)")
+    backbone = backbones[0]
+    first_trainable = classifier.resolve_fine_tune_at(backbone, fine_tune_at)
+    cut = find_cut(backbone, first_trainable=first_trainable, image_size=image_size)
+    if cut is None:
+        return Decision(None, f"backbone {backbone.name!r} has no single-tensor boundary below layer {first_trainable}")
+    if mode == "always":
+        return Decision(cut, "--phase2_cache=always")
+    size = rows * cut.bytes_per_image
+    if cut.bottom_share < MIN_BOTTOM_SHARE:
+        return Decision(None, f"the frozen bottom holds only {cut.bottom_share:.0%} of the backbone's multiply-adds "
+                              f"(auto caches from {MIN_BOTTOM_SHARE:.0%})")
+    if cut.bottom_macs < MIN_MACS_PER_BYTE * cut.bytes_per_image:
+        return Decision(None, f"reading {cut.bytes_per_image / 1024:.0f} KiB per image back would cost more than "
+                              f"recomputing its {cut.bottom_macs / 1e6:.0f} M multiply-adds")
+    if size > budget.memory_mb * 2**20:
+        if budget.directory.startswith("gs://"):
+            return Decision(None, f"{size / 2**20:.0f} MiB of activations would be spilled to {budget.directory} and "
+                                  "read back from it every epoch")
+        folder = budget.directory or tempfile.gettempdir()
+        free = shutil.disk_usage(folder).free
+        if size > free / 2:
+            return Decision(None, f"{size / 2**30:.1f} GiB of activations would be spilled to {folder}, more than half "
+                                  f"its {free / 2**30:.1f} GiB free (--feature_cache_dir chooses the folder)")
+    return Decision(cut, f"the frozen bottom holds {cut.bottom_share:.0%} of the backbone's multiply-adds")
+
+
+@dataclasses.dataclass(frozen=True)
+class CutModels:
+    """The full model split at a cut; every part shares the full model's layers.
+
+    pass_model: images -> [pooled features, cut activations] (phase 1's pass, with both outputs).
+    bottom: images -> cut activations.
+    top: cut activations -> probabilities (what phase 2 trains).
+    """
+
+    pass_model: keras.Model
+    bottom: keras.Model
+    top: keras.Model
+
+
+def split_at_cut(model: keras.Model, cut: Cut) -> CutModels:
+    """Splits a single-backbone classifier at the cut; the same models for every call with the same model and cut."""
+    splits = _SPLITS.setdefault(model, {})
+    if cut.layer in splits:
+        return splits[cut.layer]
+    backbone = classifier.get_backbone(model)
+    inner_cut = _graph_nodes(backbone)[backbone.get_layer(cut.layer)].outputs[0]
+    backbone_bottom = keras.Model(backbone.input, inner_cut, name=f"{backbone.name}_bottom")
+    backbone_top = keras.Model(inner_cut, backbone.output, name=f"{backbone.name}_top")
+    outer = _graph_nodes(model)[backbone]
+    before = keras.Model(model.input, outer.arguments.keras_tensors[0], name="before_backbone")
+    dropout, dense = (model.get_layer(name) for name in features_lib.HEAD_LAYERS)
+    after = keras.Model(outer.outputs[0], dropout.input, name="after_backbone")
+
+    activations = backbone_bottom(before(model.input), training=False)
+    pooled = after(backbone_top(activations, training=False))
+    cut_input = keras.Input(shape=cut.shape, name="activations")
+    top = keras.Model(cut_input, dense(dropout(after(backbone_top(cut_input, training=False)))), name="top")
+    splits[cut.layer] = CutModels(
+        pass_model=keras.Model(model.input, [pooled, activations], name="pass_model"),
+        bottom=keras.Model(model.input, activations, name="bottom"),
+        top=top,
+    )
+    return splits[cut.layer]
+
+
+@dataclasses.dataclass
+class ActivationCache:
+    """Phase 2's cached activations, filled by phase 1's pass or by phase 2's own, kept until the run's phases end.
+
+    cut: where the model is cut. train, validation: features.CachedFeatures of the activations (flattened rows).
+    views: the views per training image. seconds: time phase 2 spent computing them itself (0 when phase 1's pass
+    made them). sizes: what describe() adds once filled (rows, MiB, spilled), kept after delete().
+    """
+
+    cut: Cut
+    train: features_lib.CachedFeatures | None = None
+    validation: features_lib.CachedFeatures | None = None
+    views: int = 1
+    seconds: float = 0.0
+    sizes: dict = dataclasses.field(default_factory=dict)
+
+    def fill(self, train: features_lib.CachedFeatures, validation: features_lib.CachedFeatures, *, views: int,
+             seconds: float = 0.0) -> None:
+        self.train, self.validation, self.views, self.seconds = train, validation, views, seconds
+        self.sizes = {"train_rows": train.count, "validation_rows": validation.count,
+                      "cache_mib": round((train.nbytes + validation.nbytes) / 2**20, 1),
+                      "spilled": bool(train.paths or validation.paths)}
+
+    @property
+    def filled(self) -> bool:
+        return self.train is not None and self.validation is not None
+
+    def delete(self) -> None:
+        """Removes spilled files and lets go of the arrays."""
+        for cached in (self.train, self.validation):
+            if cached is not None:
+                cached.delete()
+        self.train = self.validation = None
+
+    def describe(self) -> dict:
+        """What metrics.json says about the cache."""
+        return {**self.cut.describe(), "views_per_image": self.views, **self.sizes}
