@@ -76,7 +76,7 @@ def train(data_dir: str, model_dir: str, mode: str) -> dict:
     """One run; returns the numbers of its metrics.json this benchmark prints."""
     command = [
         sys.executable, "-m", "trainer.train", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
-        f"--backbone={FLAGS.backbone_file}", f"--image_size={FLAGS.image_size}", "--epochs=1",
+        f"--backbone={FLAGS.backbone_file}", "--preprocess=tf", f"--image_size={FLAGS.image_size}", "--epochs=1",
         f"--fine_tune_epochs={FLAGS.epochs2}", "--fine_tune_patience=0", "--nodata_quality",
         f"--phase2_cache={mode}",
     ]
