@@ -110,17 +110,21 @@ def boundaries(backbone: keras.Model) -> list[int]:
     return sorted(found)
 
 
-def layer_macs(backbone: keras.Model, image_size: int) -> list[int]:
-    """Estimated multiply-adds per image of each backbone layer: kernel size x output positions (convolutions,
-    depthwise convolutions, dense layers; the rest is counted as 0)."""
+def output_shapes(backbone: keras.Model, image_size: int) -> list[tuple]:
+    """Each backbone layer's output shape for one image of image_size (symbolic: nothing is computed)."""
     nodes = _graph_nodes(backbone)
-    outputs = [nodes[layer].outputs[0] for layer in backbone.layers]
-    probe = keras.Model(backbone.inputs, outputs)
+    probe = keras.Model(backbone.inputs, [nodes[layer].outputs[0] for layer in backbone.layers])
     specs = probe.compute_output_spec(keras.KerasTensor((1, image_size, image_size, 3)))
+    return [tuple(int(size) for size in spec.shape[1:]) for spec in specs]
+
+
+def layer_macs(backbone: keras.Model, shapes: list[tuple]) -> list[int]:
+    """Estimated multiply-adds per image of each backbone layer: kernel size x output positions (convolutions,
+    depthwise convolutions, dense layers; the rest is counted as 0). shapes: from output_shapes."""
     macs = []
-    for layer, spec in zip(backbone.layers, specs):
+    for layer, shape in zip(backbone.layers, shapes):
         kernel = sum(int(np.prod(weight.shape)) for weight in layer.weights if "kernel" in weight.path.split("/")[-1])
-        positions = int(np.prod(spec.shape[1:-1])) if len(spec.shape) == 4 else 1
+        positions = int(np.prod(shape[:-1])) if len(shape) == 3 else 1
         macs.append(kernel * positions)
     return macs
 
@@ -132,11 +136,9 @@ def find_cut(backbone: keras.Model, *, first_trainable: int, image_size: int) ->
     if not candidates:
         return None
     index = candidates[-1]
-    macs = layer_macs(backbone, image_size)
-    node = _graph_nodes(backbone)[backbone.layers[index]]
-    spec = keras.Model(backbone.inputs, node.outputs[0]).compute_output_spec(
-        keras.KerasTensor((1, image_size, image_size, 3)))
-    return Cut(layer=backbone.layers[index].name, index=index, shape=tuple(int(size) for size in spec.shape[1:]),
+    shapes = output_shapes(backbone, image_size)
+    macs = layer_macs(backbone, shapes)
+    return Cut(layer=backbone.layers[index].name, index=index, shape=shapes[index],
                bottom_macs=sum(macs[: index + 1]), total_macs=sum(macs))
 
 

@@ -216,9 +216,9 @@ def cached_feature_data(
     views are augmented as usual. Without augmentation that one view is all phase 1 trains on.
     With an activation cache, the same pass also fills it with the cut activations of the same views.
     """
-    _, head = features_lib.split_model(model)
-    cut_models = activations_lib.split_at_cut(model, activations.cut) if activations is not None else None
-    feature_model = cut_models.pass_model if cut_models else features_lib.split_model(model)[0]
+    feature_model, head = features_lib.split_model(model)
+    if activations is not None:  # the same pass, with the cut activations as a second output
+        feature_model = activations_lib.split_at_cut(model, activations.cut).pass_model
     width = head.input.shape[-1]
     train_features, train_activations = _cached_pass(
         feature_model, splits, views=views, augmented=augmented, budget=budget, collector=collector, width=width,
