@@ -341,10 +341,24 @@ def training_with_a_backbone_file_holding_code(context: dict) -> list:
                                 "--weights=imagenet"])
 
 
+def training_with_a_file_as_the_cache_folder(context: dict) -> list:
+    # Before (issue 29's attack), a spill into it ended in a traceback, after phase 1's pass.
+    (context["folder"] / "a_file").write_text("not a folder")
+    arguments = [f"--data_dir={context['odd_data']}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+    return replaced(arguments, [f"--feature_cache_dir={context['folder'] / 'a_file' / 'spill'}"])
+
+
+def training_with_a_fine_tune_at_beyond_the_backbone(context: dict) -> list:
+    # Before (issue 29's attack), a ValueError traceback.
+    arguments = [f"--data_dir={context['odd_data']}", f"--model_dir={context['folder'] / 'model'}", *TINY_TRAINING]
+    return replaced(arguments, ["--fine_tune_at=999"])
+
+
 REFUSED_TRAININGS = [
     rerun_with_another_backbone, rerun_with_other_data, training_of_a_shard_cut_at_a_record_boundary,
     training_with_a_flipped_bit, training_with_reordered_class_names, training_at_a_too_small_image_size,
-    training_with_a_backbone_file_holding_code,
+    training_with_a_backbone_file_holding_code, training_with_a_file_as_the_cache_folder,
+    training_with_a_fine_tune_at_beyond_the_backbone,
 ]
 
 
@@ -533,7 +547,9 @@ def test_weights_flag_with_a_backbone_file_is_refused(backbone_files):
     (training_at_a_too_small_image_size, r"--backbone 'mobilenet_v2' cannot be built at --image_size 16: .*32"),
     (training_with_a_backbone_file_holding_code,
      r"--backbone file '.*with_code.keras' cannot be loaded: Keras safe mode refused it"),
-], ids=["image_size_16", "backbone_with_code"])
+    (training_with_a_file_as_the_cache_folder, r"--feature_cache_dir '.*a_file/spill': '.*a_file' is a file, not a folder"),
+    (training_with_a_fine_tune_at_beyond_the_backbone, r"--fine_tune_at '999' is outside the backbone 'mobilenetv2.*'"),
+], ids=["image_size_16", "backbone_with_code", "cache_folder_is_a_file", "fine_tune_at_beyond"])
 def test_bad_model_input_is_a_one_line_error(refused, case, message):
     context, result = refused[case.__name__]
     assert_one_line_error(result, message)

@@ -130,8 +130,9 @@ flags.DEFINE_float(
 )
 flags.DEFINE_string(
     "feature_cache_dir", "",
-    "Where features past --feature_cache_memory_mb are spilled (a new subfolder per worker and split, deleted after "
-    "phase 1), local or gs://; empty is the system's temporary folder (TMPDIR).",
+    "Where features and phase 2's activations past --feature_cache_memory_mb are spilled (a subfolder per model_dir "
+    "and worker, deleted when the phases end, or by the next run of the same --model_dir if this one is killed), "
+    "local or gs://; empty is the system's temporary folder (TMPDIR).",
 )
 flags.DEFINE_enum(
     "phase2_cache", "auto", list(activations.MODES),
@@ -401,7 +402,7 @@ def main(argv: list[str]) -> None:
         sys.exit(PREEMPTED_EXIT_CODE)
     except FloatingPointError as error:
         fail(error, exit_code=1)
-    except (classifier.BackboneError, data.DataError, run_dir.LockLost) as error:
+    except (classifier.BackboneError, data.DataError, run_dir.LockLost, features.CacheError) as error:
         fail(error)
     finally:
         if lock is not None:
@@ -412,6 +413,7 @@ def main(argv: list[str]) -> None:
 
 def check_data(options: run_lib.RunOptions, manifest: dict) -> None:
     """Checks the data against the run's options before anything is written (ValueError naming the problem)."""
+    features.check_cache_directory(options.schedule.feature_cache.directory)
     if len(manifest["classes"]) < 2:
         raise ValueError(f"--data_dir {options.data_dir!r} has {len(manifest['classes'])} class; need at least 2")
     for split in ("train", "validation"):

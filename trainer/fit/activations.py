@@ -23,6 +23,7 @@ space of a local spill folder; always / never force it.
 """
 
 import dataclasses
+import os
 import shutil
 import tempfile
 import weakref
@@ -131,8 +132,9 @@ def layer_macs(backbone: keras.Model, shapes: list[tuple]) -> list[int]:
 
 def find_cut(backbone: keras.Model, *, first_trainable: int, image_size: int) -> Cut | None:
     """The boundary nearest below layer `first_trainable` (the first unfrozen one), or None when there is none
-    above the input."""
-    candidates = [index for index in boundaries(backbone) if 1 <= index < first_trainable]
+    above the input (the backbone's output layer is never a cut: the top would have no layer of the backbone)."""
+    last = len(backbone.layers) - 1
+    candidates = [index for index in boundaries(backbone) if 1 <= index < min(first_trainable, last)]
     if not candidates:
         return None
     index = candidates[-1]
@@ -151,7 +153,7 @@ class Decision:
 
 
 def plan(model: keras.Model, *, mode: str, fine_tune_at: str | None, image_size: int, rows: int,
-         budget: features_lib.CacheBudget) -> Decision:
+         budget: features_lib.CacheBudget, unaugmented_only: bool = False) -> Decision:
     """Decides whether phase 2 trains on cached activations, and at which cut.
 
     Args:
@@ -159,6 +161,8 @@ def plan(model: keras.Model, *, mode: str, fine_tune_at: str | None, image_size:
         fine_tune_at: the deepest phase-2 stage's --fine_tune_at; None: no phase 2.
         rows: training rows the cache would hold (images x views).
         budget: where the cache is kept (features.CacheBudget).
+        unaugmented_only: the cache's one view per training image would be the unaugmented one (--feature_views=1
+            with the data-quality report sharing phase 1's pass), while training images are augmented.
     """
     if mode not in MODES:
         raise ValueError(f"--phase2_cache {mode!r} is not one of {MODES}")
@@ -171,28 +175,52 @@ def plan(model: keras.Model, *, mode: str, fine_tune_at: str | None, image_size:
         return Decision(None, "an ensemble fine-tunes on images (one cut per backbone is not supported)")
     backbone = backbones[0]
     first_trainable = classifier.resolve_fine_tune_at(backbone, fine_tune_at)
+    if first_trainable >= len(backbone.layers):
+        return Decision(None, f"--fine_tune_at={fine_tune_at} unfreezes no layer of the backbone")
     cut = find_cut(backbone, first_trainable=first_trainable, image_size=image_size)
     if cut is None:
+        if not boundaries(backbone):
+            return Decision(None, f"backbone {backbone.name!r} cannot be cut: its graph is not a chain of Keras layers "
+                                  "listed in order (e.g. operations outside layers, as in MobileNetV3)")
         return Decision(None, f"backbone {backbone.name!r} has no single-tensor boundary below layer {first_trainable}")
+    refusal = _refusal(cut, rows=rows, budget=budget, unaugmented_only=unaugmented_only)
     if mode == "always":
-        return Decision(cut, "--phase2_cache=always")
-    size = rows * cut.bytes_per_image
+        return Decision(cut, "--phase2_cache=always" + (f" (auto would not cache: {refusal})" if refusal else ""))
+    if refusal:
+        return Decision(None, refusal)
+    return Decision(cut, f"the frozen bottom holds {cut.bottom_share:.0%} of the backbone's multiply-adds")
+
+
+def _refusal(cut: Cut, *, rows: int, budget: features_lib.CacheBudget, unaugmented_only: bool) -> str:
+    """Why auto does not cache at this cut, or "" when it does."""
+    if unaugmented_only:
+        return ("its one view per training image (--feature_views=1) is the unaugmented one the data-quality report "
+                "reads: phase 2 would train without augmentation (--feature_views=2 caches an augmented view too)")
     if cut.bottom_share < MIN_BOTTOM_SHARE:
-        return Decision(None, f"the frozen bottom holds only {cut.bottom_share:.0%} of the backbone's multiply-adds "
-                              f"(auto caches from {MIN_BOTTOM_SHARE:.0%})")
+        return (f"the frozen bottom holds only {cut.bottom_share:.0%} of the backbone's multiply-adds "
+                f"(auto caches from {MIN_BOTTOM_SHARE:.0%})")
     if cut.bottom_macs < MIN_MACS_PER_BYTE * cut.bytes_per_image:
-        return Decision(None, f"reading {cut.bytes_per_image / 1024:.0f} KiB per image back would cost more than "
-                              f"recomputing its {cut.bottom_macs / 1e6:.0f} M multiply-adds")
+        return (f"reading {cut.bytes_per_image / 1024:.0f} KiB per image back would cost more than recomputing its "
+                f"{cut.bottom_macs / 1e6:.0f} M multiply-adds")
+    size = rows * cut.bytes_per_image
     if size > budget.memory_mb * 2**20:
         if budget.directory.startswith("gs://"):
-            return Decision(None, f"{size / 2**20:.0f} MiB of activations would be spilled to {budget.directory} and "
-                                  "read back from it every epoch")
+            return (f"{size / 2**20:.0f} MiB of activations would be spilled to {budget.directory} and read back from "
+                    "it every epoch")
         folder = budget.directory or tempfile.gettempdir()
-        free = shutil.disk_usage(folder).free
+        free = shutil.disk_usage(_nearest_existing(folder)).free
         if size > free / 2:
-            return Decision(None, f"{size / 2**30:.1f} GiB of activations would be spilled to {folder}, more than half "
-                                  f"its {free / 2**30:.1f} GiB free (--feature_cache_dir chooses the folder)")
-    return Decision(cut, f"the frozen bottom holds {cut.bottom_share:.0%} of the backbone's multiply-adds")
+            return (f"{size / 2**30:.1f} GiB of activations would be spilled to {folder}, more than half its "
+                    f"{free / 2**30:.1f} GiB free (--feature_cache_dir chooses the folder)")
+    return ""
+
+
+def _nearest_existing(folder: str) -> str:
+    """The folder, or its nearest parent that exists (a --feature_cache_dir is created when first written)."""
+    folder = os.path.abspath(folder)
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    return folder
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,14 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
+def worker_name(strategy: tf.distribute.Strategy) -> str:
+    """This process's task in a cluster ("worker:1"); "" outside one."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return ""
+    return f"{resolver.task_type}:{resolver.task_id}"
+
+
 def num_workers(strategy: tf.distribute.Strategy) -> int:
     """Processes that train together, each reading its own share of the data: the hosts of a multi_worker
     cluster; 1 for every other strategy (a TPU's hosts feed one program, which sees every replica's results)."""

@@ -160,6 +160,7 @@ class PhaseData:
     finish(): called once the phase is trained (removes spilled feature files).
     checkpoint_model: what the phase's checkpoints hold; None: `model`. Phase 2 on cached activations checkpoints
         the whole classifier, so a rerun may resume it either way (cached or not).
+    pass_model: the feature model phase 1's pass ran (its traced step is reused by the data-quality report).
     """
 
     model: keras.Model
@@ -168,6 +169,7 @@ class PhaseData:
     evaluation_step: object
     finish: object = lambda: None
     checkpoint_model: keras.Model | None = None
+    pass_model: keras.Model | None = None
 
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
@@ -224,10 +226,16 @@ def cached_feature_data(
         feature_model, splits, views=views, augmented=augmented, budget=budget, collector=collector, width=width,
         second_shape=activations.cut.shape if activations is not None else None,
     )
-    validation_features, validation_activations = _cached_pass(
-        feature_model, splits, views=1, augmented=False, budget=budget, collector=collector, width=width,
-        second_shape=activations.cut.shape if activations is not None else None, split="validation",
-    )
+    try:
+        validation_features, validation_activations = _cached_pass(
+            feature_model, splits, views=1, augmented=False, budget=budget, collector=collector, width=width,
+            second_shape=activations.cut.shape if activations is not None else None, split="validation",
+        )
+    except BaseException:
+        for cached in (train_features, train_activations):
+            if cached is not None:
+                cached.delete()
+        raise
     if activations is not None:
         activations.fill(train_activations, validation_activations, views=views)
         _log_activations(activations)
@@ -242,6 +250,7 @@ def cached_feature_data(
         validation_dataset=_cached_dataset(splits, validation_features, training=False, seed=seed),
         evaluation_step=steps.make_evaluation_step(model=head, strategy=splits.strategy),
         finish=delete_spilled,
+        pass_model=feature_model,
     )
 
 
@@ -254,8 +263,12 @@ def cached_activation_data(*, model, splits, views: int, augmented: bool, seed, 
         width = int(np.prod(activations.cut.shape))
         train, _ = _cached_pass(cut_models.bottom, splits, views=views, augmented=augmented, budget=budget, width=width,
                                 shape=activations.cut.shape)
-        validation, _ = _cached_pass(cut_models.bottom, splits, views=1, augmented=False, budget=budget, width=width,
-                                     shape=activations.cut.shape, split="validation")
+        try:
+            validation, _ = _cached_pass(cut_models.bottom, splits, views=1, augmented=False, budget=budget,
+                                         width=width, shape=activations.cut.shape, split="validation")
+        except BaseException:
+            train.delete()
+            raise
         activations.fill(train, validation, views=views, seconds=time.perf_counter() - started)
         _log_activations(activations)
 
@@ -293,23 +306,30 @@ def _cached_pass(feature_model, splits, *, views: int, augmented: bool, budget: 
         rows = num_examples * (collector is not None) + augmented_batches * batch_size
     else:
         augmented_batches, rows = 0, -(-num_examples // batch_size) * batch_size
-    writer = budget.writer(rows=rows, width=width)
-    second_writer = budget.writer(rows=rows, width=int(np.prod(second_shape))) if second_shape else None
-    evaluation_pass = collector is not None or split != "train"
-    if evaluation_pass:
-        features_lib.compute_features(
-            feature_model=feature_model, strategy=strategy,
-            dataset=splits.images(split, training=False, thumbnail_side=collector.thumbnail_side if collector else 0),
-            num_batches=-(-num_examples // batch_size), training=False, writer=writer, second_writer=second_writer,
-            collect=collector.add_function(split) if collector else None, drop_padding=split == "train",
-        )
-    if augmented_batches:
-        features_lib.compute_features(
-            feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
-            num_batches=augmented_batches, training=augmented, writer=writer, second_writer=second_writer,
-        )
-    first = writer.finish()
-    second = second_writer.finish() if second_writer else None
+    kind = "phase1_features" if not shape else "phase2_activations"
+    writers = [budget.writer(rows=rows, width=width, kind=kind)]
+    if second_shape:
+        writers.append(budget.writer(rows=rows, width=int(np.prod(second_shape)), kind="phase2_activations"))
+    writer, second_writer = writers[0], writers[1] if second_shape else None
+    try:
+        if collector is not None or split != "train":  # the evaluation views, in order
+            features_lib.compute_features(
+                feature_model=feature_model, strategy=strategy,
+                dataset=splits.images(split, training=False, thumbnail_side=collector.thumbnail_side if collector else 0),
+                num_batches=-(-num_examples // batch_size), training=False, writer=writer, second_writer=second_writer,
+                collect=collector.add_function(split) if collector else None, drop_padding=split == "train",
+            )
+        if augmented_batches:
+            features_lib.compute_features(
+                feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
+                num_batches=augmented_batches, training=augmented, writer=writer, second_writer=second_writer,
+            )
+        finished = [each.finish() for each in writers]
+    except BaseException:  # a full disk, an interrupt: nothing half-written stays behind
+        for each in writers:
+            each.delete()
+        raise
+    first, second = finished[0], finished[1] if second_shape else None
     for cached, row_shape in ((first, shape), (second, second_shape)):
         if cached is not None:
             cached.shape = tuple(row_shape or ())

@@ -268,7 +268,8 @@ def make_backbone(backbone: str, *, image_size: int, weights: str, layer_name: s
 
 
 class BackboneError(ValueError):
-    """A backbone that cannot be built from the flags given (image size, file refused): a user error."""
+    """A backbone that cannot be built from the flags given (image size, file refused), or a --fine_tune_at it does
+    not have: a user error."""
 
 
 def _first_line(error: Exception) -> str:
@@ -442,7 +443,7 @@ def resolve_fine_tune_at(backbone: keras.Model, fine_tune_at: str) -> int:
     except ValueError:
         names = [layer.name for layer in backbone.layers]
         if text not in names:
-            raise ValueError(
+            raise BackboneError(
                 f"--fine_tune_at {fine_tune_at!r} is not a layer of backbone {backbone.name!r} "
                 f"(it has {num_layers} layers, e.g. {names[num_layers // 2]!r}); give a name, an index or a fraction"
             ) from None
@@ -451,12 +452,12 @@ def resolve_fine_tune_at(backbone: keras.Model, fine_tune_at: str) -> int:
         index = int(text)
         index = index + num_layers if index < 0 else index
         if not 0 <= index <= num_layers:
-            raise ValueError(
+            raise BackboneError(
                 f"--fine_tune_at {fine_tune_at!r} is outside the backbone {backbone.name!r} ({num_layers} layers)"
             )
         return index
     if not 0.0 <= number <= 1.0:
-        raise ValueError(f"--fine_tune_at {fine_tune_at!r}: a fraction must be within [0, 1]")
+        raise BackboneError(f"--fine_tune_at {fine_tune_at!r}: a fraction must be within [0, 1]")
     return int(round(number * num_layers))
 
 

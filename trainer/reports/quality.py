@@ -233,9 +233,14 @@ def _unit_rows(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 
 
-def embed_splits(*, model: keras.Model, splits: data.DistributedSplits, collector: Collector, names: list) -> None:
-    """The report's own pass: embeds the images of the named splits with the model's feature extractor."""
-    feature_model, _ = features.split_model(model)
+def embed_splits(*, model: keras.Model, splits: data.DistributedSplits, collector: Collector, names: list,
+                 feature_model: keras.Model | None = None) -> None:
+    """The report's own pass: embeds the images of the named splits with the model's feature extractor.
+
+    feature_model: one whose first output is the pooled features, already traced by phase 1's pass (the pass model
+    of phase 2's cut, activations.py): its traced step is reused; default: features.split_model's.
+    """
+    feature_model = feature_model or features.split_model(model)[0]
     for split in names:
         collect = collector.add_function(split)
         features.compute_features(

@@ -132,6 +132,8 @@ class _Run:
     phases: list
     phase2_cache: activations_lib.Decision
     activations: activations_lib.ActivationCache | None
+    report_pending: bool  # the data-quality report is still to be written (by this worker, the chief)
+    shares_phase1: bool  # ... from phase 1's feature pass (shares_phase1_pass)
 
     @property
     def chief(self) -> bool:
@@ -160,13 +162,7 @@ def train_and_evaluate(
     """
     run = _set_up(options, strategy=strategy, manifest=manifest, stopwatch=stopwatch or training_log.Stopwatch(),
                   lock=lock)
-    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
-    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
-    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own now.
-    report_pending = bool(run.chief and options.quality and classifier.get_backbones(run.model)
-                          and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
-    shares_phase1 = report_pending and shares_phase1_pass(options, phases=run.phases, strategy=strategy)
-    if report_pending and not shares_phase1:
+    if run.report_pending and not run.shares_phase1:  # the report makes a pass of its own, now
         with run.stopwatch.stage("data-quality report"):
             collector = quality.Collector.for_model(run.model, manifest=manifest, max_images=options.quality.max_images)
             write_quality_report(options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
@@ -174,12 +170,19 @@ def train_and_evaluate(
         model_dir=options.model_dir, chief=run.chief,
         class_names=manifest["classes"] if run.loop_options.confusion_matrix_images else None,
     )
-    phase_results = _train_phases(run, reporter=reporter, shares_phase1=shares_phase1)
+    phase_results = _train_phases(run, reporter=reporter, shares_phase1=run.shares_phase1)
     return _evaluate_and_export(run, phase_results=phase_results, history=reporter.history.epochs)
 
 
 def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -> _Run:
     """Seeds, precision, the datasets, the model (with its on-device augmentation) and the phases."""
+    # Spilled caches go to a folder of this model_dir and worker: what a killed run left there goes first.
+    budget = options.schedule.feature_cache.owned_by(options.model_dir, worker=distribute.worker_name(strategy))
+    removed = budget.remove_stale()
+    if removed:
+        logging.warning("removed %.0f MiB of cached features that an earlier run of this --model_dir left in %s "
+                        "(it was stopped before it could delete them)", removed / 2**20, budget.spill_parent)
+    options = dataclasses.replace(options, schedule=dataclasses.replace(options.schedule, feature_cache=budget))
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(options.precision)
     loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(
@@ -193,24 +196,33 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
         device_augmentation = options.augmentation.make_layers(on="device", seed=options.seed)
         model = classifier.build_model(options.model, num_classes=len(manifest["classes"]),
                                        augmentation=device_augmentation)
+    phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)  # checks --fine_tune_at
     if distribute.is_chief(strategy) and options.augmented:
         write_augmented_images(options.model_dir, splits, device_augmentation)
-    phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)
-    decision = plan_phase2_cache(options, model=model, manifest=manifest, phases=phases)
+    # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
+    # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
+    # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own.
+    report_pending = bool(distribute.is_chief(strategy) and options.quality and classifier.get_backbones(model)
+                          and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
+    shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
+    decision = plan_phase2_cache(options, model=model, manifest=manifest, phases=phases, shares_phase1=shares_phase1)
     return _Run(
         options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
         model=model, loop_options=loop_options,
         evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
         phases=phases, phase2_cache=decision,
         activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None,
+        report_pending=report_pending, shares_phase1=shares_phase1,
     )
 
 
-def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict,
-                      phases: list) -> activations_lib.Decision:
+def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict, phases: list,
+                      shares_phase1: bool = False) -> activations_lib.Decision:
     """Whether phase 2 trains on cached activations at the cut (activations.plan), said in one line of the log.
 
     Not when every fine-tuning phase has already finished (a rerun): nothing would read the cache.
+    shares_phase1: the data-quality report takes its features from phase 1's pass (then one of the views cached
+    per training image is the unaugmented one).
     """
     fine_tuning = [phase for phase in phases if phase.fine_tune_at is not None]
     if fine_tuning and all(checkpoints.epochs_done(options.model_dir, phase.name) >= phase.last_epoch
@@ -220,12 +232,15 @@ def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict
     decision = activations_lib.plan(
         model, mode=options.schedule.phase2_cache, fine_tune_at=fine_tuning[-1].fine_tune_at if fine_tuning else None,
         image_size=options.model.image_size, rows=manifest["splits"]["train"]["num_examples"] * views,
-        budget=options.schedule.feature_cache,
+        budget=options.schedule.feature_cache, unaugmented_only=options.augmented and views == 1 and shares_phase1,
     )
     if fine_tuning:
         where = (f"on cached activations at layer {decision.cut.layer} ({'x'.join(map(str, decision.cut.shape))}, "
                  f"{decision.cut.bytes_per_image / 1024:.0f} KiB per image)" if decision.cut else "on images")
-        logging.info("phase2 trains %s: %s (--phase2_cache=%s)", where, decision.reason, options.schedule.phase2_cache)
+        mode = f"--phase2_cache={options.schedule.phase2_cache}"
+        line = f"phase2 trains {where}: {decision.reason}" + ("" if decision.reason.startswith(mode) else f" ({mode})")
+        # Forced against auto's judgement: said as a warning.
+        (logging.warning if "auto would not cache" in decision.reason else logging.info)("%s", line)
     return decision
 
 
@@ -250,6 +265,10 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
     with checkpoints.PreemptionWatcher() as preemption:
         for index, phase in enumerate(run.phases):
             if transfer.replaced_by_later_checkpoint(options.model_dir, run.phases, index):
+                # A run killed before it wrote metrics.json: the phase's last epoch is in the history.
+                earlier = loop.phase_result(phase, reporter.history.epochs)
+                if phase.name not in phase_results and earlier["validation_accuracy"] is not None:
+                    phase_results[phase.name] = {"validation_accuracy": earlier["validation_accuracy"]}
                 continue
             if phase.fine_tune_at is not None:
                 transfer.unfreeze(model, phase, strategy=run.strategy)
@@ -259,25 +278,28 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
             trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
                                           collector=collector, activations=run.activations)
-            if trained.model is not model and phase.fine_tune_at is None:
-                run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
-            if run.activations is not None and run.activations.seconds:  # phase 2's own pass (phase 1's did not run)
-                run.stopwatch.add(f"{phase.name}: caching activations at the cut", run.activations.seconds)
-                run.activations.seconds = 0.0
-            if collector is not None:
-                with run.stopwatch.stage("data-quality report"):
-                    write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
-                                         collector=collector)
-                collector = None  # its arrays are not kept through training
-            with run.stopwatch.stage(f"{phase.name}: training and validation"):
-                result = loop.train_phase(
-                    phase, trained, optimizer=_optimizer(run, phase, trained.model), loss_function=loss_function,
-                    global_batch_size=options.batch_size, strategy=run.strategy, model_dir=options.model_dir,
-                    reporter=reporter, preemption=preemption, weights_model=model, lock=run.lock,
-                    # Profiling traces steps of the first phase only.
-                    options=run.loop_options if index == 0 else dataclasses.replace(run.loop_options, profile_steps=None),
-                )
-            trained.finish()
+            try:
+                if trained.model is not model and phase.fine_tune_at is None:
+                    run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+                if run.activations is not None and run.activations.seconds:  # phase 2's own pass (phase 1's did not run)
+                    run.stopwatch.add(f"{phase.name}: caching activations at the cut", run.activations.seconds)
+                    run.activations.seconds = 0.0
+                if collector is not None:
+                    with run.stopwatch.stage("data-quality report"):
+                        write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
+                                             collector=collector, feature_model=trained.pass_model)
+                    collector = None  # its arrays are not kept through training
+                with run.stopwatch.stage(f"{phase.name}: training and validation"):
+                    result = loop.train_phase(
+                        phase, trained, optimizer=_optimizer(run, phase, trained.model), loss_function=loss_function,
+                        global_batch_size=options.batch_size, strategy=run.strategy, model_dir=options.model_dir,
+                        reporter=reporter, preemption=preemption, weights_model=model, lock=run.lock,
+                        # Profiling traces steps of the first phase only.
+                        options=(run.loop_options if index == 0
+                                 else dataclasses.replace(run.loop_options, profile_steps=None)),
+                    )
+            finally:  # spilled features are removed whatever stopped the phase
+                trained.finish()
             # The validation accuracy of the phase's last epoch. The evaluation split is measured once, after the
             # phases, on the weights kept: numbers per phase on it would invite choosing a phase by the split we report.
             phase_results[phase.name] = {"validation_accuracy": result["validation_accuracy"],
@@ -340,8 +362,9 @@ def shares_phase1_pass(options: RunOptions, *, phases: list, strategy: tf.distri
 
 
 def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict, splits: data.DistributedSplits,
-                         collector: quality.Collector) -> None:
+                         collector: quality.Collector, feature_model: keras.Model | None = None) -> None:
     """The chief's data-quality report (quality.py): embeds the splits the collector lacks, then writes it.
+    feature_model: phase 1's pass model, when the collector came from that pass (its traced step is reused).
 
     One worker embeds them with the run's own strategy and pipelines; the chief of several (whose pipelines
     read only its share) reads every image through a pipeline of its own.
@@ -354,7 +377,8 @@ def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: d
                 strategy=tf.distribute.get_strategy(), data_dir=options.data_dir, manifest=manifest,
                 image_size=options.model.image_size, batch_size=options.quality.batch_size, options=options.pipeline,
             )
-        quality.embed_splits(model=model, splits=splits, collector=collector, names=missing)
+        quality.embed_splits(model=model, splits=splits, collector=collector, names=missing,
+                             feature_model=feature_model if distribute.num_workers(splits.strategy) == 1 else None)
         logging.info("data-quality report: embedded the %s split(s) in %.1fs", ", ".join(missing),
                      time.perf_counter() - started)
     report = quality.make_report(collector=collector, data_dir=options.data_dir, manifest=manifest,

@@ -234,3 +234,54 @@ def test_a_checkpoint_of_either_path_resumes_in_the_other(tmp_path):
         assert names(restored_optimizer.variables) == names(optimizer.variables)
         for variable in restored_optimizer.variables[2:]:  # iterations and learning rate first, then the slots
             np.testing.assert_array_equal(keras.ops.convert_to_numpy(variable), 3)
+
+
+def test_plan_never_breaks_a_run_the_images_path_would_finish(tmp_path):
+    """Fault injection (issue 29's attack): the default crashed where phase 2 on images ran."""
+    model = build(residual_backbone_file(tmp_path))
+    budget = features.CacheBudget()
+    # --fine_tune_at=1.0 (or the number of layers) unfreezes nothing: the cut landed on the output layer.
+    for nothing in ("1.0", "9"):
+        for mode in ("auto", "always"):
+            decided = activations.plan(model, mode=mode, fine_tune_at=nothing, image_size=IMAGE_SIZE, rows=10,
+                                       budget=budget)
+            assert decided.cut is None and "unfreezes no layer" in decided.reason
+    # The last layer unfrozen: the cut is below it, never the output layer itself.
+    assert activations.plan(model, mode="always", fine_tune_at="-1", image_size=IMAGE_SIZE, rows=10,
+                            budget=budget).cut.layer == "top_bn"
+    # A --feature_cache_dir that does not exist yet (it is created when first written) and a spill.
+    mobilenet = classifier.build_model(classifier.ModelSpec(backbone="mobilenet_v2", image_size=64, weights="none"),
+                                       num_classes=3)
+    missing = features.CacheBudget(memory_mb=1, directory=str(tmp_path / "no" / "such" / "folder"))
+    assert activations.plan(mobilenet, mode="auto", fine_tune_at="0.7", image_size=64, rows=10_000,
+                            budget=missing).cut is not None
+    assert not (tmp_path / "no").exists()
+
+
+def test_plan_says_when_a_cache_would_train_without_augmentation_or_is_forced_against_auto(tmp_path):
+    mobilenet = classifier.build_model(classifier.ModelSpec(backbone="mobilenet_v2", image_size=64, weights="none"),
+                                       num_classes=3)
+    budget = features.CacheBudget()
+    # --feature_views=1 with the data-quality report: the one cached view is the unaugmented one.
+    auto = activations.plan(mobilenet, mode="auto", fine_tune_at="0.7", image_size=64, rows=100, budget=budget,
+                            unaugmented_only=True)
+    assert auto.cut is None and "--feature_views=1" in auto.reason and "without augmentation" in auto.reason
+    forced = activations.plan(mobilenet, mode="always", fine_tune_at="0.7", image_size=64, rows=100, budget=budget,
+                              unaugmented_only=True)
+    assert forced.cut is not None and "auto would not cache" in forced.reason
+    cheap = activations.plan(build(residual_backbone_file(tmp_path)), mode="always", fine_tune_at="3",
+                             image_size=IMAGE_SIZE, rows=100, budget=budget)
+    assert cheap.cut is not None and "auto would not cache" in cheap.reason and "multiply-adds" in cheap.reason
+
+
+def test_a_backbone_with_operations_outside_layers_is_not_cut_and_says_why(tmp_path):
+    """MobileNetV3's hard-swish is `x + 3` on tensors, not a layer: no boundary can be trusted in such a graph."""
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", name="stem")(inputs)
+    x = keras.layers.ReLU(name="relu")(x + 3.0)
+    x = keras.layers.Conv2D(16, 3, strides=2, padding="same", name="top_conv")(x)
+    path = str(tmp_path / "with_op.keras")
+    keras.Model(inputs, x, name="with_op").save(path)
+    decided = activations.plan(build(path), mode="always", fine_tune_at="-1", image_size=IMAGE_SIZE, rows=10,
+                               budget=features.CacheBudget())
+    assert decided.cut is None and "cannot be cut" in decided.reason and "outside layers" in decided.reason

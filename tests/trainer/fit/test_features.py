@@ -147,3 +147,72 @@ def test_features_that_fit_the_budget_but_not_the_available_memory_are_spilled(t
         writer = budget.writer(rows=10_000, width=1280)
     assert isinstance(writer, features._SpillWriter) and writer.folder.startswith(str(tmp_path))
     assert "--feature_cache_memory_mb" in caplog.text and "available" in caplog.text
+
+
+def write_until_refused(writer, *, batches: int = 64) -> None:
+    rows = np.ones((64, 1024), np.float32)  # 256 KiB a batch
+    for _ in range(batches):
+        writer.write(rows, np.zeros(64, np.int32), np.ones(64, np.float32))
+    writer.finish()
+
+
+def test_a_full_disk_while_spilling_is_a_one_line_error_and_leaves_nothing(tmp_path):
+    """Fault injection (issue 29's attack: a full disk left a traceback and the partial files). The disk fills at
+    1 MiB: the process's file size limit (as `ulimit -f`), so the real write fails as on a full disk."""
+    import resource
+    import signal
+
+    budget = features.CacheBudget(memory_mb=1, directory=str(tmp_path / "spill")).owned_by("/models/a", worker="")
+    writer = budget.writer(rows=4096, width=1024, kind="phase2_activations")
+    assert isinstance(writer, features._SpillWriter) and "phase2_activations-" in writer.folder
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails with EFBIG instead of a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, limits[1]))
+    try:
+        with pytest.raises(features.CacheError) as raised:
+            write_until_refused(writer)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    message = str(raised.value)
+    assert "\n" not in message and writer.folder in message and "--feature_cache_dir" in message, message
+    assert any((tmp_path / "spill").rglob("*.tfrecord"))
+    writer.delete()  # what transfer._cached_pass does when its pass fails
+    assert not any((tmp_path / "spill").rglob("*.tfrecord"))
+
+
+def test_what_a_killed_run_spilled_is_removed_by_the_next_run_of_its_model_dir_only(tmp_path):
+    """Fault injection (issue 29's attack: after a SIGKILL in phase 2 the spill stayed in TMPDIR for good)."""
+    spill = str(tmp_path / "spill")
+    killed = features.CacheBudget(memory_mb=1, directory=spill).owned_by("/models/a", worker="")
+    other_model = features.CacheBudget(memory_mb=1, directory=spill).owned_by("/models/b", worker="")
+    other_worker = features.CacheBudget(memory_mb=1, directory=spill).owned_by("/models/a", worker="worker:1")
+    for budget in (killed, other_model, other_worker):
+        writer = budget.writer(rows=4096, width=1024)
+        writer.write(np.ones((64, 1024), np.float32), np.zeros(64, np.int32), np.ones(64, np.float32))
+        writer.close()  # ... and the process is killed: nothing deletes the folder
+    assert len({killed.spill_parent, other_model.spill_parent, other_worker.spill_parent}) == 3
+    rerun = features.CacheBudget(memory_mb=1, directory=spill).owned_by("/models/a", worker="")
+    assert rerun.remove_stale() >= 64 * 1024 * 4
+    assert not tf.io.gfile.exists(killed.spill_parent)
+    assert tf.io.gfile.exists(other_model.spill_parent) and tf.io.gfile.exists(other_worker.spill_parent)
+    assert rerun.remove_stale() == 0
+
+
+@pytest.mark.parametrize("case", ["file", "missing_nested", "read_only"])
+def test_the_cache_folder_is_checked_before_anything_is_written(tmp_path, case):
+    if case == "file":
+        (tmp_path / "a_file").write_text("x")
+        with pytest.raises(ValueError, match=r"--feature_cache_dir '.*a_file/sub': '.*a_file' is a file, not a folder"):
+            features.check_cache_directory(str(tmp_path / "a_file" / "sub"))
+    elif case == "missing_nested":  # created when first written
+        features.check_cache_directory(str(tmp_path / "no" / "such" / "folder"))
+        assert not (tmp_path / "no").exists()
+    else:
+        import os
+
+        if os.geteuid() == 0:
+            pytest.skip("root may write anywhere")
+        (tmp_path / "locked").mkdir(mode=0o500)
+        with pytest.raises(ValueError, match="no permission to write"):
+            features.check_cache_directory(str(tmp_path / "locked" / "spill"))
