@@ -23,11 +23,13 @@ Both rows run once per training seed (--train_seeds, default 1,2,3: weights, shu
 stays --seed's), then the summary gives each recipe's mean, standard deviation and range of the final test
 accuracy and wall time: a default changes only on a difference larger than that spread. Results of row 1 are
 saved to <work_dir>/seeds_results_seed<N>.json; --skip_seeds reuses them, so our recipe can be tuned without
-re-running the slow baseline. Logs of the subprocesses: <work_dir>/build.log, train_seed<N>.log.
+re-running the slow baseline. Logs of the subprocesses: <work_dir>/build.log, train_seed<N>.log; ours trains into
+<work_dir>/ours_seed<N> (ours_<hash of --ours_flags>_seed<N> with flags, so each variant's runs are kept apart).
 Not a test: accuracies on ~75 test images move by a few points from run to run.
 """
 
 import datetime
+import hashlib
 import json
 import os
 import shlex
@@ -328,7 +330,9 @@ def baseline_results(data_dir: str, seed: int) -> dict:
 
 def train_ours(data_dir: str, ours_flags: list[str], seed: int) -> tuple:
     """Trains ours with `seed` (from scratch); returns (results, training seconds)."""
-    model_dir = os.path.join(FLAGS.work_dir, f"ours_seed{seed}")
+    # Each set of --ours_flags trains into its own folders: a rerun with other flags keeps the earlier runs.
+    variant = "" if not ours_flags else "_" + hashlib.sha256(shlex.join(ours_flags).encode()).hexdigest()[:8]
+    model_dir = os.path.join(FLAGS.work_dir, f"ours{variant}_seed{seed}")
     # A model_dir with checkpoints would make the trainer resume instead of training from scratch.
     shutil.rmtree(model_dir, ignore_errors=True)
     train_command = [
@@ -336,7 +340,7 @@ def train_ours(data_dir: str, ours_flags: list[str], seed: int) -> tuple:
         f"--backbone={FLAGS.backbone_file}", "--preprocess=tf", f"--seed={seed}", *ours_flags,
     ]
     print(f"ours, seed {seed}: {shlex.join(train_command)}", flush=True)
-    seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, f"train_seed{seed}.log"))
+    seconds = run_logged(train_command, os.path.join(FLAGS.work_dir, f"train{variant}_seed{seed}.log"))
     results = read_our_results(model_dir)
     if results["final_test_accuracy"] is not None:
         results["flip_averaged_test_accuracy"] = flip_averaged_test_accuracy(data_dir, model_dir)
