@@ -29,6 +29,7 @@ from trainer.fit import activations
 from trainer.fit import checkpoints
 from trainer.fit import distribute
 from trainer.fit import features
+from trainer.fit import lite_pass
 from trainer.fit import loop
 from trainer.fit import recipe
 from trainer.fit import run_dir
@@ -141,6 +142,13 @@ flags.DEFINE_enum(
     "phase 1's features: --feature_cache_memory_mb, --feature_cache_dir). auto: when the bottom holds a fair share "
     "of the backbone's work and reading the cache back is cheaper than recomputing it (the log says which and why); "
     "always / never force it. Same model as without it when augmentation is off.",
+)
+flags.DEFINE_enum(
+    "frozen_pass_engine", "auto", list(lite_pass.MODES),
+    "What runs the frozen backbone in phase 1's pass (and the data-quality report's): keras, or litert (the frozen "
+    "part converted once per run to a float32 LiteRT model, XNNPACK kernels; checked against Keras first, which it "
+    "falls back to with a warning where it cannot run or does not agree). auto: LiteRT on a host without GPU or TPU "
+    "when the pass has enough images and views to repay the conversion (the log says which and why).",
 )
 flags.DEFINE_bool(
     "data_quality", True,
@@ -322,6 +330,7 @@ def options_from_flags(strategy: tf.distribute.Strategy) -> run_lib.RunOptions:
             feature_views=FLAGS.feature_views,
             feature_cache=features.CacheBudget(memory_mb=FLAGS.feature_cache_memory_mb, directory=FLAGS.feature_cache_dir),
             phase2_cache=FLAGS.phase2_cache,
+            frozen_pass_engine=FLAGS.frozen_pass_engine,
             learning_rate_scaling=FLAGS.learning_rate_scaling,
             base_batch_size=FLAGS.base_batch_size,
         ),

@@ -34,6 +34,7 @@ import tensorflow as tf
 from tfrecords import schema
 from trainer.exports import onnx_model
 from trainer.fit import distribute
+from trainer.fit import lite_pass
 from trainer.input import data
 from trainer.models import classifier
 
@@ -345,15 +346,7 @@ def load_tflite_interpreter(tflite_path: str, num_threads: int | None = None):
                          f"({', '.join(f'{kind}: {name}' for kind, name in TFLITE_FILES.items())})")
     with tf.io.gfile.GFile(tflite_path, "rb") as file:
         tflite_model = file.read()
-    try:  # Optional: LiteRT is where the interpreter lives now; tf.lite.Interpreter warns it is deprecated.
-        from ai_edge_litert import interpreter as litert
-
-        interpreter_class = litert.Interpreter
-    except ImportError:
-        interpreter_class = tf.lite.Interpreter
-    interpreter = interpreter_class(model_content=tflite_model, num_threads=num_threads)
-    interpreter.allocate_tensors()
-    return interpreter
+    return lite_pass.make_interpreter(tflite_model, num_threads=num_threads)
 
 
 def predict_tflite(*, interpreter, images: np.ndarray) -> np.ndarray:

@@ -230,11 +230,15 @@ class CutModels:
     pass_model: images -> [pooled features, cut activations] (phase 1's pass, with both outputs).
     bottom: images -> cut activations.
     top: cut activations -> probabilities (what phase 2 trains).
+    front, frozen: pass_model in two, at the backbone's input: images -> [augmentation] -> preprocessed pixels, and
+        preprocessed pixels -> [pooled features, cut activations] (the part lite_pass.py converts).
     """
 
     pass_model: keras.Model
     bottom: keras.Model
     top: keras.Model
+    front: keras.Model
+    frozen: keras.Model
 
 
 def split_at_cut(model: keras.Model, cut: Cut) -> CutModels:
@@ -255,12 +259,31 @@ def split_at_cut(model: keras.Model, cut: Cut) -> CutModels:
     pooled = after(backbone_top(activations, training=False))
     cut_input = keras.Input(shape=cut.shape, name="activations")
     top = keras.Model(cut_input, dense(dropout(after(backbone_top(cut_input, training=False)))), name="top")
+    pixels = keras.Input(shape=before.output.shape[1:], name="pixels")
+    frozen_activations = backbone_bottom(pixels, training=False)
     splits[cut.layer] = CutModels(
         pass_model=keras.Model(model.input, [pooled, activations], name="pass_model"),
         bottom=keras.Model(model.input, activations, name="bottom"),
         top=top,
+        front=before,
+        frozen=keras.Model(pixels, [after(backbone_top(frozen_activations, training=False)), frozen_activations],
+                           name="frozen"),
     )
     return splits[cut.layer]
+
+
+def split_front(model: keras.Model) -> tuple[keras.Model, keras.Model]:
+    """features.split_model's feature model in two at the backbone's input (a single-backbone classifier):
+    (front: images -> [augmentation] -> preprocessed pixels, frozen: preprocessed pixels -> pooled features)."""
+    splits = _SPLITS.setdefault(model, {})
+    if None not in splits:
+        backbone = classifier.get_backbone(model)
+        outer = _graph_nodes(model)[backbone]
+        front = keras.Model(model.input, outer.arguments.keras_tensors[0], name="before_backbone")
+        after = keras.Model(outer.outputs[0], model.get_layer(features_lib.HEAD_LAYERS[0]).input, name="after_backbone")
+        pixels = keras.Input(shape=front.output.shape[1:], name="pixels")
+        splits[None] = (front, keras.Model(pixels, after(backbone(pixels, training=False)), name="frozen"))
+    return splits[None]
 
 
 @dataclasses.dataclass

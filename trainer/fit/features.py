@@ -197,7 +197,8 @@ def compute_features(
     """Runs the feature model over a distributed dataset, handing this worker's rows to a writer and a collector.
 
     Args:
-        feature_model: from split_model.
+        feature_model: from split_model, activations.split_at_cut (its pass_model), or a lite_pass.LitePass (its
+            Keras front runs here, its frozen part in LiteRT).
         strategy: the tf.distribute strategy (the dataset is distributed by it).
         dataset: distributed (images, labels) or (images, labels, weights, *more) batches; weights are kept
             (evaluation padding weighs 0), or are 1 when the dataset has none; `more` (thumbnails and positions,
@@ -211,14 +212,16 @@ def compute_features(
             output's rows go, flattened (the first goes to `writer` and `collect`).
     """
 
-    step = _feature_step(feature_model, strategy, training)
-    num_outputs = len(feature_model.outputs)
+    lite = feature_model if hasattr(feature_model, "front") else None  # a lite_pass.LitePass
+    step = _feature_step(lite.front if lite else feature_model, strategy, training)
+    num_outputs = 1 if lite else len(feature_model.outputs)
     for index, batch in enumerate(dataset):
         if index >= num_batches:
             break
         per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
         for values in zip(*per_replica):
             outputs, (labels, weights, *more) = values[:num_outputs], values[num_outputs:]
+            outputs = lite.run(keras.ops.convert_to_numpy(outputs[0])) if lite else outputs
             features, *second = (keras.ops.convert_to_numpy(output) for output in outputs)
             labels, weights, *more = (keras.ops.convert_to_numpy(value) for value in (labels, weights, *more))
             labels, weights = labels.astype(np.int32), weights.astype(np.float32)

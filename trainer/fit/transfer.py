@@ -19,6 +19,7 @@ from absl import logging
 from trainer.fit import activations as activations_lib
 from trainer.fit import checkpoints
 from trainer.fit import features as features_lib
+from trainer.fit import lite_pass
 from trainer.fit import recipe
 from trainer.fit import steps
 from trainer.models import classifier
@@ -37,6 +38,7 @@ class PhaseSchedule:
         per image cached when training images are augmented. feature_cache: features.CacheBudget, where
         they are kept (in memory, or spilled to files past its budget).
     phase2_cache: phase 2 on cached activations at the cut (activations.py): "auto", "always" or "never".
+    frozen_pass_engine: what runs phase 1's frozen pass (lite_pass.py): "auto", "keras" or "litert".
     learning_rate_scaling: "linear" multiplies both rates by batch_size / base_batch_size; "none" not.
     """
 
@@ -52,6 +54,7 @@ class PhaseSchedule:
     feature_views: int = 2
     feature_cache: features_lib.CacheBudget = features_lib.CacheBudget()
     phase2_cache: str = "auto"
+    frozen_pass_engine: str = "auto"
     learning_rate_scaling: str = "none"
     base_batch_size: int = 32
 
@@ -63,6 +66,8 @@ class PhaseSchedule:
                 raise ValueError(f"--{flag} {name!r} is not one of {recipe.OPTIMIZERS}")
         if self.phase2_cache not in activations_lib.MODES:
             raise ValueError(f"--phase2_cache {self.phase2_cache!r} is not one of {activations_lib.MODES}")
+        if self.frozen_pass_engine not in lite_pass.MODES:
+            raise ValueError(f"--frozen_pass_engine {self.frozen_pass_engine!r} is not one of {lite_pass.MODES}")
         if self.feature_views < 1 or self.unfreeze_stages < 1:
             raise ValueError("--feature_views and --unfreeze_stages must be at least 1")
         if self.learning_rate_scaling not in ("none", "linear") or self.base_batch_size < 1:
@@ -174,7 +179,7 @@ class PhaseData:
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
                augmented: bool, seed, collector=None, activations: activations_lib.ActivationCache | None = None,
-               ) -> PhaseData:
+               frozen_pass: lite_pass.Decision | None = None) -> PhaseData:
     """The whole model on images, (phase 1 with --cache_features) its head on cached backbone features, or
     (phase 2 given an activation cache) its top on cached activations at the cut.
 
@@ -189,12 +194,13 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
             (cached_feature_data), so the report needs no backbone pass of its own over them.
         activations: phase 2's cache (activations.plan chose a cut), or None. Phase 1's feature pass fills it;
             a phase 2 that finds it empty (phase 1 ran before a restart, or not on cached features) fills it first.
+        frozen_pass: which engine runs phase 1's pass (lite_pass.plan); None: Keras.
     """
     views = schedule.feature_views if augmented else 1
     if phase.fine_tune_at is None and schedule.cache_features and classifier.get_backbones(model):
         return cached_feature_data(
             model=model, splits=splits, views=views, augmented=augmented, seed=seed,
-            budget=schedule.feature_cache, collector=collector, activations=activations,
+            budget=schedule.feature_cache, collector=collector, activations=activations, frozen_pass=frozen_pass,
         )
     if phase.fine_tune_at is not None and activations is not None:
         return cached_activation_data(model=model, splits=splits, views=views, augmented=augmented, seed=seed,
@@ -209,7 +215,7 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
 
 def cached_feature_data(
     *, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget, collector=None,
-    activations: activations_lib.ActivationCache | None = None,
+    activations: activations_lib.ActivationCache | None = None, frozen_pass: lite_pass.Decision | None = None,
 ) -> PhaseData:
     """Computes phase 1's features once; the head then trains on them (features.py).
 
@@ -217,10 +223,15 @@ def cached_feature_data(
     no flip), computed in order over the split with its thumbnail, which the collector also gets; the other
     views are augmented as usual. Without augmentation that one view is all phase 1 trains on.
     With an activation cache, the same pass also fills it with the cut activations of the same views.
+    frozen_pass: the engine of the pass (lite_pass.plan): with LiteRT, its frozen part runs converted.
     """
-    feature_model, head = features_lib.split_model(model)
-    if activations is not None:  # the same pass, with the cut activations as a second output
-        feature_model = activations_lib.split_at_cut(model, activations.cut).pass_model
+    head = features_lib.split_model(model)[1]
+    # With an activation cache, the same pass emits the cut activations as a second output.
+    feature_model = lite_pass.pass_model(
+        model, cut=activations.cut if activations is not None else None,
+        decision=frozen_pass or lite_pass.Decision("keras", ""),
+        batch_size=splits.batch_size // splits.strategy.num_replicas_in_sync,
+    )
     width = head.input.shape[-1]
     train_features, train_activations = _cached_pass(
         feature_model, splits, views=views, augmented=augmented, budget=budget, collector=collector, width=width,

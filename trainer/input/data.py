@@ -122,12 +122,16 @@ def augmentation_place(choice: str, strategy: tf.distribute.Strategy) -> str:
     """
     if choice != "auto":
         return choice
+    return "device" if has_accelerator(strategy) else "host"
+
+
+def has_accelerator(strategy: tf.distribute.Strategy) -> bool:
+    """Whether the strategy's devices are GPUs or TPUs (False: a CPU host)."""
     try:
         devices = strategy.extended.worker_devices
     except RuntimeError:  # the default strategy runs on TensorFlow's default device: a GPU when there is one
         devices = [device.name for device in tf.config.list_logical_devices()]
-    devices = [device.upper() for device in devices]
-    return "device" if any("GPU" in device or "TPU" in device for device in devices) else "host"
+    return any("GPU" in device.upper() or "TPU" in device.upper() for device in devices)
 
 
 def check_data(data_dir: str, manifest: dict) -> None:

@@ -20,6 +20,7 @@ from absl import logging
 from tfrecords import schema
 from trainer.exports import export
 from trainer.fit import activations as activations_lib
+from trainer.fit import lite_pass
 from trainer.fit import checkpoints
 from trainer.fit import distribute
 from trainer.fit import loop
@@ -132,8 +133,10 @@ class _Run:
     phases: list
     phase2_cache: activations_lib.Decision
     activations: activations_lib.ActivationCache | None
+    frozen_pass: lite_pass.Decision  # which engine runs phase 1's pass (lite_pass.plan)
     report_pending: bool  # the data-quality report is still to be written (by this worker, the chief)
     shares_phase1: bool  # ... from phase 1's feature pass (shares_phase1_pass)
+    frozen_pass_ran: dict = dataclasses.field(default_factory=dict)  # lite_pass.describe of phase 1's pass, once run
 
     @property
     def chief(self) -> bool:
@@ -206,12 +209,14 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
                           and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
     shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
     decision = plan_phase2_cache(options, model=model, manifest=manifest, phases=phases, shares_phase1=shares_phase1)
+    frozen_pass = plan_frozen_pass(options, model=model, manifest=manifest, strategy=strategy,
+                                   shares_phase1=shares_phase1)
     return _Run(
         options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
         model=model, loop_options=loop_options,
         evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
         phases=phases, phase2_cache=decision,
-        activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None,
+        activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None, frozen_pass=frozen_pass,
         report_pending=report_pending, shares_phase1=shares_phase1,
     )
 
@@ -241,6 +246,24 @@ def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict
         line = f"phase2 trains {where}: {decision.reason}" + ("" if decision.reason.startswith(mode) else f" ({mode})")
         # Forced against auto's judgement: said as a warning.
         (logging.warning if "auto would not cache" in decision.reason else logging.info)("%s", line)
+    return decision
+
+
+def plan_frozen_pass(options: RunOptions, *, model: keras.Model, manifest: dict, strategy: tf.distribute.Strategy,
+                     shares_phase1: bool) -> lite_pass.Decision:
+    """Which engine runs phase 1's frozen pass (lite_pass.plan), from the images and views that pass sees: the
+    training views, the validation images, and the test images when the data-quality report shares it."""
+    counts = {split: manifest["splits"].get(split, {}).get("num_examples", 0) for split in ("train", "validation")}
+    views = counts["train"] * (options.schedule.feature_views if options.augmented else 1) + counts["validation"]
+    if shares_phase1:
+        views += sum(manifest["splits"][split]["num_examples"] for split in manifest["splits"]
+                     if split not in ("train", "validation"))
+    decision = lite_pass.plan(options.schedule.frozen_pass_engine, model=model, strategy=strategy, views=views,
+                              image_size=options.model.image_size)
+    if options.schedule.cache_features and classifier.get_backbones(model):
+        engine = "LiteRT" if decision.engine == "litert" else "Keras"
+        (logging.warning if "cannot run" in decision.reason else logging.info)(
+            "frozen pass: %s: %s", engine, decision.reason)
     return decision
 
 
@@ -277,10 +300,16 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
                          if shares_phase1 and index == 0 else None)
             trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
-                                          collector=collector, activations=run.activations)
+                                          collector=collector, activations=run.activations,
+                                          frozen_pass=run.frozen_pass)
             try:
                 if trained.model is not model and phase.fine_tune_at is None:
-                    run.stopwatch.add(f"{phase.name}: caching backbone features", time.perf_counter() - started)
+                    conversion = lite_pass.conversion_seconds(trained.pass_model)
+                    if conversion:
+                        run.stopwatch.add(f"{phase.name}: LiteRT conversion of the frozen pass", conversion)
+                    run.stopwatch.add(f"{phase.name}: caching backbone features",
+                                      time.perf_counter() - started - conversion)
+                    run.frozen_pass_ran = lite_pass.describe(trained.pass_model, run.frozen_pass)
                 if run.activations is not None and run.activations.seconds:  # phase 2's own pass (phase 1's did not run)
                     run.stopwatch.add(f"{phase.name}: caching activations at the cut", run.activations.seconds)
                     run.activations.seconds = 0.0
@@ -327,6 +356,8 @@ def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> di
         evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False))
     metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
                            restored=restored, history=history, strategy=run.strategy)
+    if run.frozen_pass_ran:
+        metrics["frozen_pass"] = run.frozen_pass_ran
     metrics["phase2_cache"] = {
         "used": run.activations is not None, "reason": run.phase2_cache.reason,
         **(run.activations.describe() if run.activations is not None else {}),
