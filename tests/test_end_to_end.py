@@ -205,7 +205,18 @@ def test_sigterm_checkpoints_and_exits_for_a_retry_and_a_killed_run_resumes_wher
         stdout, stderr = process.communicate()
     assert process.returncode == -signal.SIGKILL
     assert first_epoch(stdout) > preempted_at >= 2 and "restored" in stderr, stdout[:2000]
-    # The same command once more resumes from the killed run's last checkpoint and ends with every epoch once.
+    # Ctrl-C: one line and exit 130, no traceback; what was checkpointed stays.
+    killed_at = len(json.loads((model_dir / "history.json").read_text()))
+    process = start_training(converted, model_dir)
+    try:
+        wait_for_epochs(process, model_dir, killed_at + 1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.strip().splitlines()[-1].startswith("interrupted: rerun the same")
+    # The same command once more resumes from the last checkpoint and ends with every epoch once.
     assert resume_and_check(converted, model_dir) > preempted_at + 1
 
 

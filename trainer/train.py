@@ -42,6 +42,7 @@ from trainer.reports import training_log
 from trainer.run import run as run_lib
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "try again"; launchers retry on it
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports a program stopped by Ctrl-C
 
 flags.DEFINE_string("data_dir", None, "Output folder of `python -m tfrecords.build` (local or gs://).")
 flags.DEFINE_string("model_dir", None, "Where checkpoints, logs, metrics and the exported model go (local or gs://).")
@@ -409,6 +410,9 @@ def main(argv: list[str]) -> None:
     except checkpoints.Preempted as stop:
         print(f"preempted: {stop}; rerun the same command to resume", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C: caches were removed on the way out (finally blocks); checkpoints stay
+        print("interrupted: rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT_CODE)
     except FloatingPointError as error:
         fail(error, exit_code=1)
     except (classifier.BackboneError, data.DataError, run_dir.LockLost, features.CacheError) as error:
