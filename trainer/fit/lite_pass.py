@@ -41,6 +41,8 @@ MIN_VIEWS = 1500
 REFERENCE_SIZE = 224
 # Largest difference of LiteRT's outputs from Keras's, relative to the largest Keras output, accepted.
 TOLERANCE = 1e-4
+# Random images of the check. Few: Keras runs them eagerly, and an eager pass of 32 images at 224 px kept 2.4 GB.
+CHECK_IMAGES = 4
 SIGNATURE = "serve"
 
 _CONVERTED = weakref.WeakKeyDictionary()
@@ -118,10 +120,13 @@ class LitePass:
         return [np.concatenate(parts) for parts in zip(*results)]
 
 
-def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision: Decision, batch_size: int):
+def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision: Decision, batch_size: int,
+               scratch_dir: str = ""):
     """The pass model for phase 1's pass: a LitePass when the decision is LiteRT and the conversion agrees with
     Keras, else the Keras model (activations.split_at_cut's pass_model with a cut, else features.split_model's
-    feature model). Converted once per model, cut and batch size."""
+    feature model). Converted once per model, cut and batch size. scratch_dir: a local folder of the run's, for
+    the SavedModel the conversion writes and deletes (features.CacheBudget.local_parent: a run killed meanwhile
+    leaves it to the next run's remove_stale); "" is the system's temporary folder."""
     keras_model = (activations_lib.split_at_cut(model, cut).pass_model if cut is not None
                    else features_lib.split_model(model)[0])
     if decision.engine != "litert":
@@ -134,7 +139,7 @@ def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision:
     converted = _CONVERTED.setdefault(model, {})
     key = (cut.layer if cut else None, batch_size)
     if key not in converted:
-        converted[key] = _convert_or_explain(front, frozen, batch_size=batch_size)
+        converted[key] = _convert_or_explain(front, frozen, batch_size=batch_size, scratch_dir=scratch_dir)
     if isinstance(converted[key], str):
         _FALLBACKS[keras_model] = converted[key]
         return keras_model
@@ -160,28 +165,32 @@ def describe(feature_model, decision: Decision) -> dict:
             else decision.reason}
 
 
-def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> "LitePass | str":
+def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: int,
+                        scratch_dir: str) -> "LitePass | str":
     """Converts and checks the frozen part; where it fails or disagrees with Keras, the reason (also warned)."""
     try:
-        lite = convert(front, frozen, batch_size=batch_size)
+        lite = convert(front, frozen, batch_size=batch_size, scratch_dir=scratch_dir)
     except Exception as error:  # the converter's errors are many and long: one line, then Keras
         reason = "conversion failed: " + (str(error).strip().splitlines()[0] if str(error).strip()
                                           else type(error).__name__)
     else:
-        if lite.difference <= TOLERANCE:
+        if lite.difference is None:
+            reason = "could not be checked: Keras's outputs on random images are all zero"
+        elif lite.difference <= TOLERANCE:
             logging.info("frozen pass: LiteRT float32 (XNNPACK, %d threads), converted in %.1fs; agrees with Keras "
                          "to %.1e of the outputs' scale", _threads(), lite.seconds, lite.difference)
             return lite
-        reason = f"its outputs differ from Keras's by {lite.difference:.1e} of their scale (more than {TOLERANCE:.0e})"
+        else:
+            reason = (f"its outputs differ from Keras's by {lite.difference:.1e} of their scale "
+                      f"(more than {TOLERANCE:.0e})")
     logging.warning("frozen pass: LiteRT %s; the pass runs in Keras", reason)
     return reason
-    logging.info("frozen pass: LiteRT float32 (XNNPACK, %d threads), converted in %.1fs; agrees with Keras to %.1e "
-                 "of the outputs' scale", _threads(), lite.seconds, lite.difference)
-    return lite
 
 
-def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> LitePass:
-    """Converts `frozen` to a float32 LiteRT model of a fixed batch and checks it on random pixels.
+def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int, scratch_dir: str = "") -> LitePass:
+    """Converts `frozen` to a float32 LiteRT model of a fixed batch and checks it on CHECK_IMAGES random images:
+    its `difference` is the largest of LiteRT's outputs' differences from Keras's relative to their scale, None
+    when Keras's outputs are all zero (nothing to compare).
 
     As trainer/exports/export.py converts: through a SavedModel written by keras.export.ExportArchive (converted
     from a concrete function instead, the weights stay variables the interpreter never initialises).
@@ -194,7 +203,9 @@ def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> Lite
     def serve(pixels):
         return dict(zip(names, tf.nest.flatten(frozen(pixels, training=False))))
 
-    with tempfile.TemporaryDirectory(prefix="imagefolder-transfer-litert-") as folder:
+    if scratch_dir:
+        os.makedirs(scratch_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="litert-pass-", dir=scratch_dir or None) as folder:
         archive = keras.export.ExportArchive()
         archive.track(frozen)
         archive.add_endpoint(name=SIGNATURE, fn=serve)
@@ -203,11 +214,12 @@ def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> Lite
     interpreter = make_interpreter(tflite, num_threads=_threads())
     lite = LitePass(front=front, interpreter=interpreter, batch_size=batch_size, names=names, seconds=0.0,
                     difference=float("nan"))
-    images = np.random.default_rng(0).uniform(0, 255, (batch_size, *front.input.shape[1:])).astype(np.float32)
+    images = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *front.input.shape[1:])).astype(np.float32)
     pixels = np.asarray(front(images, training=False), np.float32)
     expected = [np.asarray(output) for output in tf.nest.flatten(frozen(pixels, training=False))]
-    lite.difference = max(float(np.abs(got - want).max() / max(np.abs(want).max(), 1e-12))
-                          for got, want in zip(lite.run(pixels), expected))
+    scales = [float(np.abs(want).max()) for want in expected]
+    lite.difference = None if min(scales) == 0 else max(
+        float(np.abs(got - want).max()) / scale for got, want, scale in zip(lite.run(pixels), expected, scales))
     lite.seconds = time.perf_counter() - started
     return lite
 

@@ -209,7 +209,7 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
                           and not tf.io.gfile.exists(tf.io.gfile.join(options.model_dir, quality.QUALITY_JSON)))
     shares_phase1 = report_pending and shares_phase1_pass(options, phases=phases, strategy=strategy)
     decision = plan_phase2_cache(options, model=model, manifest=manifest, phases=phases, shares_phase1=shares_phase1)
-    frozen_pass = plan_frozen_pass(options, model=model, manifest=manifest, strategy=strategy,
+    frozen_pass = plan_frozen_pass(options, model=model, manifest=manifest, strategy=strategy, phases=phases,
                                    shares_phase1=shares_phase1)
     return _Run(
         options=options, strategy=strategy, manifest=manifest, stopwatch=stopwatch, lock=lock, splits=splits,
@@ -250,9 +250,10 @@ def plan_phase2_cache(options: RunOptions, *, model: keras.Model, manifest: dict
 
 
 def plan_frozen_pass(options: RunOptions, *, model: keras.Model, manifest: dict, strategy: tf.distribute.Strategy,
-                     shares_phase1: bool) -> lite_pass.Decision:
+                     phases: list, shares_phase1: bool) -> lite_pass.Decision:
     """Which engine runs phase 1's frozen pass (lite_pass.plan), from the images and views that pass sees: the
-    training views, the validation images, and the test images when the data-quality report shares it."""
+    training views, the validation images, and the test images when the data-quality report shares it. Said in
+    the log when that pass will run (not on a rerun past phase 1); a forced litert that has no pass, warned."""
     counts = {split: manifest["splits"].get(split, {}).get("num_examples", 0) for split in ("train", "validation")}
     views = counts["train"] * (options.schedule.feature_views if options.augmented else 1) + counts["validation"]
     if shares_phase1:
@@ -260,10 +261,16 @@ def plan_frozen_pass(options: RunOptions, *, model: keras.Model, manifest: dict,
                      if split not in ("train", "validation"))
     decision = lite_pass.plan(options.schedule.frozen_pass_engine, model=model, strategy=strategy, views=views,
                               image_size=options.model.image_size)
-    if options.schedule.cache_features and classifier.get_backbones(model):
+    pass_runs = (options.schedule.cache_features and bool(classifier.get_backbones(model)) and bool(phases)
+                 and phases[0].fine_tune_at is None
+                 and not transfer.replaced_by_later_checkpoint(options.model_dir, phases, 0))
+    if pass_runs:
         engine = "LiteRT" if decision.engine == "litert" else "Keras"
         (logging.warning if "cannot run" in decision.reason else logging.info)(
             "frozen pass: %s: %s", engine, decision.reason)
+    elif options.schedule.frozen_pass_engine == "litert" and not options.schedule.cache_features:
+        logging.warning("--frozen_pass_engine=litert has no frozen pass to run: with --nocache_features phase 1 "
+                        "trains on images (in Keras)")
     return decision
 
 

@@ -1,5 +1,8 @@
 """trainer/fit/lite_pass.py: the frozen pass in LiteRT gives Keras's features and activations, or says why not."""
 
+import os
+import tempfile
+
 import keras
 import numpy as np
 import pytest
@@ -54,7 +57,8 @@ def test_plan_refuses_what_litert_cannot_run(tmp_path):
     assert decision.engine == "keras" and "single-backbone" in decision.reason
 
 
-def phase1_pass(tmp_path, demo_data_dir, backbone_file, decision, *, cut_at: str | None = "6"):
+def phase1_pass(tmp_path, demo_data_dir, backbone_file, decision, *, cut_at: str | None = "6",
+                budget=features.CacheBudget()):
     """Phase 1's pass (no augmentation, validation too) with an activation cache: (PhaseData, cache or None)."""
     manifest = schema.read_manifest(str(demo_data_dir))
     strategy = tf.distribute.get_strategy()
@@ -70,7 +74,7 @@ def phase1_pass(tmp_path, demo_data_dir, backbone_file, decision, *, cut_at: str
                                budget=features.CacheBudget()).cut
         cache = activations.ActivationCache(cut)
     phase = transfer.Phase("phase1", 0, 1, 0.01, "adam", None)
-    trained = transfer.phase_data(phase, model=model, splits=splits, schedule=transfer.PhaseSchedule(),
+    trained = transfer.phase_data(phase, model=model, splits=splits, schedule=transfer.PhaseSchedule(feature_cache=budget),
                                   augmented=False, seed=3, activations=cache, frozen_pass=decision,
                                   evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy))
     return trained, cache
@@ -84,7 +88,10 @@ def rows(dataset) -> np.ndarray:
 def test_litert_pass_caches_what_the_keras_pass_caches(tmp_path, demo_data_dir, cut_at):
     backbone_file = residual_backbone_file(tmp_path)
     keras_data, keras_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, KERAS, cut_at=cut_at)
-    lite_data, lite_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, LITERT, cut_at=cut_at)
+    budget = features.CacheBudget(directory=str(tmp_path / "cache")).owned_by(str(tmp_path / "model"), "chief")
+    lite_data, lite_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, LITERT, cut_at=cut_at, budget=budget)
+    # The conversion's SavedModel went to the run's own scratch folder, and is gone.
+    assert os.path.isdir(budget.local_parent) and os.listdir(budget.local_parent) == []
     assert isinstance(lite_data.pass_model, lite_pass.LitePass)
     assert not isinstance(keras_data.pass_model, lite_pass.LitePass)
     described = lite_pass.describe(lite_data.pass_model, LITERT)
@@ -123,3 +130,29 @@ def test_a_conversion_that_disagrees_or_fails_falls_back_to_keras_and_says_why(t
     assert reason.endswith("LiteRT not used: conversion failed: 'tfl.custom' op is neither a custom op nor a flex op")
     assert any("the pass runs in Keras" in record.getMessage() for record in caplog.records)
     cache.delete()
+
+
+def test_a_check_with_nothing_to_compare_falls_back_to_keras(tmp_path, demo_data_dir):
+    """A backbone whose outputs are zero whatever the image (here every weight zero; in practice dead ReLUs of a
+    random one): LiteRT agreeing with it proves nothing, so the pass stays in Keras and says why."""
+    backbone = keras.saving.load_model(residual_backbone_file(tmp_path), compile=False)
+    backbone.set_weights([np.zeros_like(weight) for weight in backbone.get_weights()])
+    backbone.save(tmp_path / "zero_backbone.keras")
+    trained, cache = phase1_pass(tmp_path, demo_data_dir, str(tmp_path / "zero_backbone.keras"), LITERT)
+    assert not isinstance(trained.pass_model, lite_pass.LitePass)
+    assert lite_pass.describe(trained.pass_model, LITERT)["reason"].endswith(
+        "LiteRT not used: could not be checked: Keras's outputs on random images are all zero")
+    cache.delete()
+
+
+def test_the_conversions_scratch_folder_is_the_runs_own_and_a_killed_runs_is_removed(tmp_path):
+    budget = features.CacheBudget(directory=str(tmp_path / "cache")).owned_by("/models/a", worker="chief")
+    assert budget.local_parent == budget.spill_parent
+    leftover = os.path.join(budget.local_parent, "litert-pass-abc")  # a run killed while converting
+    os.makedirs(leftover)
+    with open(os.path.join(leftover, "saved_model.pb"), "wb") as file:
+        file.write(b"x" * 100)
+    assert budget.remove_stale() == 100 and not os.path.exists(budget.local_parent)
+    # Spills to gs://: the SavedModel still goes to a local folder of the run's, found by the same name.
+    remote = features.CacheBudget(directory="gs://bucket/cache").owned_by("/models/a", worker="chief")
+    assert remote.local_parent == os.path.join(tempfile.gettempdir(), os.path.basename(remote.spill_parent))
