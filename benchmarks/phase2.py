@@ -8,7 +8,8 @@ For each size N, N distinct photos are made from --image_dir (each a different c
 `python -m tfrecords.build` (default splits), then trained twice by `python -m trainer.train` with our defaults
 except --epochs=1 --fine_tune_epochs=--epochs2 --fine_tune_patience=0 --nodata_quality (the report is another
 stage's cost), once with --phase2_cache=always and once with never. From each run's metrics.json: phase 1's pass
-(which computes the cut activations too when cached), phase 2's seconds per epoch (training and validation) and
+(which computes the cut activations too when cached; with its LiteRT conversion, and which engine ran it),
+phase 2's seconds per epoch (training and validation) and
 training images/s, the cache's size and whether it was spilled, and the run's total. "x faster" = phase 2's epoch
 time on images / on cached activations, from the same N in the same benchmark run.
 The machine's time varies (FINDINGS.md): the two modes of a size run back to back, in alternating order per size.
@@ -90,7 +91,10 @@ def train(data_dir: str, model_dir: str, mode: str) -> dict:
     phase2 = [entry for entry in metrics["history"] if entry["phase"] == "phase2"]
     cache = metrics.get("phase2_cache", {})
     return {
-        "phase1 pass s": table.get("phase1: caching backbone features", 0.0),
+        # With LiteRT (--frozen_pass_engine=auto picks it past its threshold) the pass includes its conversion.
+        "phase1 pass s": table.get("phase1: caching backbone features", 0.0)
+        + table.get("phase1: LiteRT conversion of the frozen pass", 0.0),
+        "engine": metrics.get("frozen_pass", {}).get("engine", "-"),
         "phase2 s/epoch": table.get("phase2: training and validation", 0.0) / max(len(phase2), 1),
         "phase2 img/s": sum(entry["images_per_second"] for entry in phase2) / max(len(phase2), 1),
         "cache MiB": cache.get("cache_mib", 0.0),
@@ -104,7 +108,7 @@ def main(argv):
     del argv
     sizes = [int(size) for size in FLAGS.sizes.split(",")]
     print(f"{'images':>7} {'train':>6} {'mode':>7} {'phase1 pass s':>14} {'phase2 s/epoch':>15} {'phase2 img/s':>13} "
-          f"{'cache MiB':>10} {'spilled':>8} {'run s':>7} {'x faster':>9}", flush=True)
+          f"{'cache MiB':>10} {'spilled':>8} {'run s':>7} {'x faster':>9} {'pass engine':>12}", flush=True)
     for position, size in enumerate(sizes):
         photos = make_photos(FLAGS.image_dir, os.path.join(FLAGS.work_dir, f"photos_{size}"), count=size,
                              side=FLAGS.photo_side)
@@ -121,7 +125,8 @@ def main(argv):
             row = results[mode]
             print(f"{size:>7} {manifest['splits']['train']['num_examples']:>6} {mode:>7} {row['phase1 pass s']:>14.1f} "
                   f"{row['phase2 s/epoch']:>15.1f} {row['phase2 img/s']:>13.0f} {row['cache MiB']:>10.0f} "
-                  f"{str(row['spilled']):>8} {row['run s']:>7.0f} {speedup if mode == 'always' else 1.0:>9.2f}",
+                  f"{str(row['spilled']):>8} {row['run s']:>7.0f} {speedup if mode == 'always' else 1.0:>9.2f} "
+                  f"{row['engine']:>12}",
                   flush=True)
 
 
