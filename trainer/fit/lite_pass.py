@@ -9,9 +9,9 @@ pass model is cut in two at the backbone's input,
     pass model = front  (images -> [augmentation] -> preprocess: Keras, so random layers act as in training)
                  + frozen (preprocessed pixels -> backbone [-> cut activations] -> pooled features: LiteRT),
 
-the frozen part is converted once per run (kept in memory, nothing written but a temporary folder), checked
-against Keras on a batch of random images (its outputs must agree to TOLERANCE of their scale, else the run goes
-on with Keras and says why), and then runs every batch of the pass. plan() decides which engine runs: auto picks
+the frozen part is converted once per run (kept in memory; the SavedModel it is converted from is written to the
+run's scratch folder and deleted), checked against Keras on CHECK_IMAGES random images (its outputs must agree to
+TOLERANCE of their scale, else the run goes on with Keras and says why), and then runs every batch of the pass. plan() decides which engine runs: auto picks
 LiteRT on a CPU host when the pass has enough views to repay the conversion (MIN_VIEWS, measured in
 docs/training.md); keras and litert force either (litert still falls back to Keras, with a warning, where it
 cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 was done) runs in Keras.
@@ -35,8 +35,9 @@ from trainer.models import classifier
 
 MODES = ("auto", "keras", "litert")
 # auto converts only for a pass of at least this many images and views at 224 px (more at smaller sizes: a view
-# saves time in proportion to its pixels): converting EfficientNet-Lite0 and checking it took 12-13 s, and LiteRT
-# saved about 12 ms per 224 px view of phase 1's pass on this 2-core CPU (docs/training.md): even at about 1,000.
+# saves time in proportion to its pixels): converting EfficientNet-Lite0 and checking it took about 9 s, and LiteRT
+# saved about 7.5 ms per 224 px view of phase 1's pass in the trainer on a 2-core CPU (3 runs per engine,
+# docs/training.md): it repays itself from about 1,200.
 MIN_VIEWS = 1500
 REFERENCE_SIZE = 224
 # Largest difference of LiteRT's outputs from Keras's, relative to the largest Keras output, accepted.
@@ -101,7 +102,7 @@ class LitePass:
     """
 
     def __init__(self, *, front: keras.Model, interpreter, batch_size: int, names: list, seconds: float,
-                 difference: float):
+                 difference: float | None):
         self.front = front
         self.outputs = names
         self.batch_size = batch_size
