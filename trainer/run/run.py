@@ -20,9 +20,9 @@ from absl import logging
 from tfrecords import schema
 from trainer.exports import export
 from trainer.fit import activations as activations_lib
-from trainer.fit import lite_pass
 from trainer.fit import checkpoints
 from trainer.fit import distribute
+from trainer.fit import lite_pass
 from trainer.fit import loop
 from trainer.fit import recipe
 from trainer.fit import run_dir
