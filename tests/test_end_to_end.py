@@ -152,7 +152,10 @@ LONG_TRAINING = [
 
 def start_training(converted, model_dir) -> subprocess.Popen:
     command = [sys.executable, "-m", "trainer.train", f"--data_dir={converted}", f"--model_dir={model_dir}", *LONG_TRAINING]
-    return subprocess.Popen(command, cwd=REPO_ROOT, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal delivers it: pytest-xdist's workers ignore SIGINT, and an ignored signal is inherited
+    # (Python then installs no KeyboardInterrupt handler), so the child gets the default disposition back.
+    return subprocess.Popen(command, cwd=REPO_ROOT, env=ENVIRONMENT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_epochs(process: subprocess.Popen, model_dir: Path, count: int) -> None:
