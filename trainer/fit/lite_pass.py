@@ -128,15 +128,14 @@ def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision:
     feature model). Converted once per model, cut and batch size. scratch_dir: a local folder of the run's, for
     the SavedModel the conversion writes and deletes (features.CacheBudget.local_parent: a run killed meanwhile
     leaves it to the next run's remove_stale); "" is the system's temporary folder."""
-    keras_model = (activations_lib.split_at_cut(model, cut).pass_model if cut is not None
-                   else features_lib.split_model(model)[0])
-    if decision.engine != "litert":
-        return keras_model
     if cut is not None:
         cut_models = activations_lib.split_at_cut(model, cut)
-        front, frozen = cut_models.front, cut_models.frozen
+        keras_model = cut_models.pass_model
     else:
-        front, frozen = activations_lib.split_front(model)
+        keras_model = features_lib.split_model(model)[0]
+    if decision.engine != "litert":
+        return keras_model
+    front, frozen = (cut_models.front, cut_models.frozen) if cut is not None else activations_lib.split_front(model)
     converted = _CONVERTED.setdefault(model, {})
     key = (cut.layer if cut else None, batch_size)
     if key not in converted:
@@ -240,4 +239,4 @@ def make_interpreter(tflite_model: bytes, num_threads: int | None = None):
 
 
 def _threads() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return data.usable_cores()

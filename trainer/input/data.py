@@ -593,8 +593,12 @@ def default_private_threads() -> int:
     pool made the default-policy pipeline a few percent faster alone and phase-1 fit() fed by it about 4%
     faster (benchmarks/, medians). Two per core leave slack for threads that wait on reads (gs:// shards).
     """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return 2 * cores
+    return 2 * usable_cores()
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cache(dataset: tf.data.Dataset, cache: str, split: str, input_context) -> tf.data.Dataset:
