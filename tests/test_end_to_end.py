@@ -140,6 +140,10 @@ def test_mirrored_over_two_logical_cpus_in_mixed_precision(converted, tmp_path):
     )
     metrics = json.loads((model_dir / "metrics.json").read_text())
     assert metrics["num_replicas"] == 2
+    # The evaluation report, collected from both replicas' shares of the evaluation pass, counts every image once.
+    report = json.loads((model_dir / "evaluation.json").read_text())
+    assert report["num_examples"] == metrics["num_examples"] == sum(map(sum, report["confusion_matrix"]))
+    assert report["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
     assert (model_dir / export.SAVED_MODEL_DIR / "saved_model.pb").exists()
 
 

@@ -73,7 +73,8 @@ def make_train_step(
 
 def make_evaluation_step(*, model: keras.Model, strategy: tf.distribute.Strategy):
     """Returns a tf.function of one batch giving ([weighted loss sum, weighted correct, weight sum],
-    the batch's [num_classes, num_classes] confusion matrix (rows: true class; padding not counted))."""
+    the batch's [num_classes, num_classes] confusion matrix (rows: true class; padding not counted),
+    each replica's probabilities (a per-replica value: evaluate's on_batch reads them))."""
     loss_function = keras.losses.SparseCategoricalCrossentropy(reduction=None)
     num_classes = model.output_shape[-1]
 
@@ -85,12 +86,13 @@ def make_evaluation_step(*, model: keras.Model, strategy: tf.distribute.Strategy
         matrix = tf.math.confusion_matrix(labels, predictions, num_classes=num_classes, weights=counted, dtype=tf.float32)
         sums = batch_sums(loss_function(labels, probabilities), probabilities, labels, weights)
         # One flat vector: MultiWorkerMirroredStrategy packs what it all-reduces, and cannot pack mixed ranks.
-        return tf.concat([sums, tf.reshape(matrix, [-1])], axis=0)
+        return tf.concat([sums, tf.reshape(matrix, [-1])], axis=0), probabilities
 
     @tf.function
     def evaluation_step(images, labels, weights):
-        values = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(replica_step, args=(images, labels, weights)), axis=None)
-        return values[:3], tf.reshape(values[3:], [num_classes, num_classes])
+        values, probabilities = strategy.run(replica_step, args=(images, labels, weights))
+        values = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None)
+        return values[:3], tf.reshape(values[3:], [num_classes, num_classes]), probabilities
 
     return evaluation_step
 
@@ -106,17 +108,26 @@ def batch_sums(per_example_loss, probabilities, labels, weights):
     ])
 
 
-def evaluate(evaluation_step, distributed_dataset) -> dict:
+def evaluate(evaluation_step, distributed_dataset, *, strategy: tf.distribute.Strategy | None = None,
+             on_batch=None) -> dict:
     """One pass over a distributed (images, labels, weights) dataset.
+
+    on_batch: called with (images, labels, weights, probabilities) of each replica's share of each batch, as
+    tensors on this host (strategy: the dataset's, needed with it): evaluation.ReportCollector.add, so the
+    run's evaluation report comes from this same pass.
 
     Returns {"loss", "accuracy", "confusion_matrix"} (the matrix a [num_classes, num_classes] int list of
     lists, rows true classes). Padding examples weigh 0, so the ratios are exact over the real examples.
     """
     totals, matrix = tf.zeros([3]), None
     for images, labels, weights in distributed_dataset:
-        sums, batch_matrix = evaluation_step(images, labels, weights)
+        sums, batch_matrix, probabilities = evaluation_step(images, labels, weights)
         totals += sums
         matrix = batch_matrix if matrix is None else matrix + batch_matrix
+        if on_batch is not None:
+            for values in zip(*(strategy.experimental_local_results(value)
+                                for value in (images, labels, weights, probabilities))):
+                on_batch(*values)
     loss_sum, correct, count = totals.numpy().tolist()
     return {
         "loss": loss_sum / max(count, 1e-12),

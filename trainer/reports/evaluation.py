@@ -37,7 +37,8 @@ def evaluate_model(
 ) -> dict:
     """Runs a model over one split and writes its report and plots into output_dir.
 
-    Runs in this process on its default device, outside any tf.distribute strategy; only the counts
+    Runs in this process on its default device, outside any tf.distribute strategy (a training run of one
+    worker instead collects the report in its own evaluation pass: ReportCollector). Only the counts
     (metrics.Counts: the confusion matrix and top-k hits) and the worst `max_error_images` misclassified images
     are kept in memory, never the whole split's predictions.
 
@@ -57,23 +58,43 @@ def evaluate_model(
     Returns:
         metrics.classification_report's dict, plus split and data_dir (what evaluation.json holds).
     """
-    if top_k < 1:
-        raise ValueError(f"--top_k {top_k} must be at least 1")
+    collector = ReportCollector(num_classes=len(class_names), top_k=top_k, max_error_images=max_error_images)
     dataset = data.make_dataset(
         data_dir=data_dir, manifest=manifest, split=split, image_size=image_size, batch_size=batch_size,
         training=False,
     )
     # One trace: every batch has the same shape (the last one is padded).
     predict = tf.function(lambda images: model(images, training=False))
-    worst_errors = metrics.WorstErrors(max_error_images)
-    counts = metrics.Counts(num_classes=len(class_names), top_k=top_k)
     for images, labels, sample_weights in dataset:
-        real = sample_weights.numpy() > 0  # weight 0: padding that fills the last batch
-        probabilities = np.asarray(predict(images), dtype=np.float32)[real]
-        labels = labels.numpy()[real]
-        counts.add(labels, probabilities)
-        worst_errors.add(images.numpy()[real], labels, probabilities)
-    result = {"split": split, "data_dir": data_dir, **counts.report(class_names)}
+        collector.add(images, labels, sample_weights, predict(images))
+    return write_report(collector, split=split, data_dir=data_dir, class_names=class_names, output_dir=output_dir)
+
+
+class ReportCollector:
+    """What the report keeps of a pass over a split: the counts (metrics.Counts) and the `max_error_images` worst
+    misclassified images (metrics.WorstErrors); memory does not grow with the split."""
+
+    def __init__(self, *, num_classes: int, top_k: int, max_error_images: int = 16):
+        if top_k < 1:
+            raise ValueError(f"--top_k {top_k} must be at least 1")
+        self.counts = metrics.Counts(num_classes=num_classes, top_k=top_k)
+        self.worst_errors = metrics.WorstErrors(max_error_images)
+
+    def add(self, images, labels, weights, probabilities) -> None:
+        """One batch: [b, h, w, 3] images, [b] labels, [b] weights (0: padding, left out) and [b, classes]
+        probabilities, as numpy arrays or tensors."""
+        real = np.asarray(weights) > 0
+        probabilities = np.asarray(probabilities, dtype=np.float32)[real]
+        labels = np.asarray(labels)[real]
+        self.counts.add(labels, probabilities)
+        self.worst_errors.add(np.asarray(images)[real], labels, probabilities)
+
+
+def write_report(collector: ReportCollector, *, split: str, data_dir: str, class_names: list[str],
+                 output_dir: str) -> dict:
+    """Writes evaluation.json, evaluation.txt, confusion_matrix.png and errors.png of a collected pass into
+    output_dir (created if missing); returns what evaluation.json holds."""
+    result = {"split": split, "data_dir": data_dir, **collector.counts.report(class_names)}
     tf.io.gfile.makedirs(output_dir)
     schema.write_text(tf.io.gfile.join(output_dir, EVALUATION_JSON), json.dumps(result, indent=2))
     schema.write_text(tf.io.gfile.join(output_dir, EVALUATION_TEXT), metrics.format_report(result))
@@ -81,9 +102,10 @@ def evaluate_model(
         matrix=result["confusion_matrix"], class_names=class_names,
         path=tf.io.gfile.join(output_dir, CONFUSION_MATRIX_PNG),
     )
+    worst = collector.worst_errors
     metrics.plot_errors(
-        images=worst_errors.images, labels=worst_errors.labels, probabilities=worst_errors.probabilities,
-        class_names=class_names, path=tf.io.gfile.join(output_dir, ERRORS_PNG), max_images=max_error_images,
+        images=worst.images, labels=worst.labels, probabilities=worst.probabilities, class_names=class_names,
+        path=tf.io.gfile.join(output_dir, ERRORS_PNG), max_images=worst.capacity,
     )
     return result
 

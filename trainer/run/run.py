@@ -358,9 +358,14 @@ def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> di
     """The best weights on the evaluation split, the exports, metrics.json and the reports."""
     options, model, manifest, model_dir = run.options, run.model, run.manifest, run.options.model_dir
     eval_split = data.evaluation_split(manifest)
+    # The evaluation report comes from this same pass where this process sees the whole split on its host.
+    report = evaluation.ReportCollector(num_classes=len(manifest["classes"]), top_k=options.export.top_k) if (
+        run.chief and distribute.num_workers(run.strategy) == 1
+        and not isinstance(run.strategy, tf.distribute.TPUStrategy)) else None
     with run.stopwatch.stage(f"{eval_split} evaluation"):
         restored = checkpoints.restore_best_weights(model=model, model_dir=model_dir, epochs=history)
-        evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False))
+        evaluated = steps.evaluate(run.evaluation_step, run.splits.images(eval_split, training=False),
+                                   strategy=run.strategy, on_batch=report.add if report else None)
     metrics = make_metrics(options, manifest=manifest, evaluated=evaluated, split=eval_split, phases=phase_results,
                            restored=restored, history=history, strategy=run.strategy)
     if run.frozen_pass_ran:
@@ -384,7 +389,7 @@ def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> di
     if run.chief:
         write_metrics(model_dir, metrics)
         with run.stopwatch.stage("reports (evaluation report, plots, model card)"):
-            write_reports(options, model=model, manifest=manifest, metrics=metrics)
+            write_reports(options, model=model, manifest=manifest, metrics=metrics, collected=report)
         metrics["time_seconds"] = run.stopwatch.summary()
         write_metrics(model_dir, metrics)  # again, with the time of everything
     return metrics
@@ -427,15 +432,21 @@ def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: d
     logging.info("data-quality report: written with its PNG in %.1fs; %s", time.perf_counter() - started, summary)
 
 
-def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict) -> None:
+def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict,
+                  collected: evaluation.ReportCollector | None = None) -> None:
     """The chief's reports of a finished run: the evaluation report and plots, the learning curves, the
-    HParams entry and MODEL_CARD.md."""
+    HParams entry and MODEL_CARD.md. collected: the report collected in the run's evaluation pass; None: the
+    report makes a pass of its own (several workers, each of which saw a share of the split, or a TPU)."""
     split = metrics["evaluated_split"]
-    report = evaluation.evaluate_model(
-        model=model, data_dir=options.data_dir, manifest=manifest, split=split,
-        image_size=options.model.image_size, batch_size=options.batch_size, class_names=manifest["classes"],
-        top_k=options.export.top_k, output_dir=options.model_dir,
-    )
+    if collected is not None:
+        report = evaluation.write_report(collected, split=split, data_dir=options.data_dir,
+                                         class_names=manifest["classes"], output_dir=options.model_dir)
+    else:
+        report = evaluation.evaluate_model(
+            model=model, data_dir=options.data_dir, manifest=manifest, split=split,
+            image_size=options.model.image_size, batch_size=options.batch_size, class_names=manifest["classes"],
+            top_k=options.export.top_k, output_dir=options.model_dir,
+        )
     evaluation.write_learning_curves(options.model_dir)
     final_metrics = {f"{split}_accuracy": metrics["accuracy"], f"{split}_loss": metrics["loss"],
                      f"{split}_top_{report['top_k']}_accuracy": report["top_k_accuracy"]}

@@ -14,6 +14,7 @@ from trainer.fit import loop
 from trainer.fit import transfer
 from trainer.input import data
 from trainer.models import classifier
+from trainer.reports import evaluation
 from trainer.reports import model_card
 from trainer.run import run
 
@@ -53,6 +54,17 @@ def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
     assert "| `serving_default` | `image_bytes`: string [None] |" in card
     assert "| `serving_images` | `images`: uint8 [None, None, None, 3] |" in card
     assert f"`probabilities`: float32 [None, {len(manifest['classes'])}]" in card
+    # The evaluation report comes from the run's own evaluation pass: metrics.json's numbers, and those of a pass
+    # of its own over the model as saved.
+    report = json.loads((tmp_path / "model" / evaluation.EVALUATION_JSON).read_text())
+    assert report["num_examples"] == metrics["num_examples"] and report["accuracy"] == pytest.approx(metrics["accuracy"])
+    alone = evaluation.evaluate_model(
+        model=evaluation.load_model(str(tmp_path / "model")), data_dir=str(demo_data_dir), manifest=manifest,
+        split="test", image_size=32, batch_size=8, class_names=manifest["classes"], top_k=options.export.top_k,
+        output_dir=str(tmp_path / "alone"),
+    )
+    assert alone["confusion_matrix"] == report["confusion_matrix"]
+    assert alone["top_k_accuracy"] == pytest.approx(report["top_k_accuracy"])
     # A rerun of the finished run trains nothing and reports the same numbers, phase results included.
     again = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
     assert again["history"] == metrics["history"] and again["phases"] == metrics["phases"]
