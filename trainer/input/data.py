@@ -561,6 +561,17 @@ def make_augmentation(
     return keras.Sequential(augment_layers, name="augmentation")
 
 
+# The layer types make_augmentation uses: random only when called with training=True.
+AUGMENTATION_LAYER_TYPES = (keras.layers.RandomFlip, keras.layers.RandomRotation, keras.layers.RandomZoom,
+                            keras.layers.RandomTranslation, keras.layers.RandomContrast, keras.layers.RandomBrightness)
+
+
+def has_augmentation_layers(model: keras.Model) -> bool:
+    """Whether a model (or a model nested in it) holds make_augmentation's layers (augment_on=device)."""
+    return any(isinstance(layer, AUGMENTATION_LAYER_TYPES)
+               or (isinstance(layer, keras.Model) and has_augmentation_layers(layer)) for layer in model.layers)
+
+
 def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_threads: int = 0) -> tf.data.Options:
     """The tf.data options every dataset of make_dataset gets.
 

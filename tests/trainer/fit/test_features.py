@@ -47,6 +47,21 @@ def test_split_model_shares_weights_and_gives_the_full_models_output(tmp_path):
     assert {id(weight) for weight in head.weights} <= {id(weight) for weight in model.weights}
 
 
+def test_both_modes_share_one_trace_unless_the_model_augments(tmp_path):
+    spec = classifier.ModelSpec(backbone=tiny_backbone_file(tmp_path), image_size=IMAGE_SIZE, weights="imagenet",
+                                preprocess="tf", dropout=0.0)
+    strategy = tf.distribute.get_strategy()
+    images = np.random.default_rng(0).uniform(0, 255, (8, IMAGE_SIZE, IMAGE_SIZE, 3)).astype("float32")
+    batch = (tf.constant(images), tf.zeros([8], tf.int32))
+    for augmentation in (None, data.make_augmentation(flip=True, seed=1)):
+        feature_model = features.split_model(classifier.build_model(spec, num_classes=3, augmentation=augmentation))[0]
+        training, inference = (features._feature_step(feature_model, strategy, mode) for mode in (True, False))
+        # Only the model's augmentation layers act on `training` (the backbone runs in inference mode).
+        assert (training is inference) == (augmentation is None)
+        flipped = np.abs(training(batch)[0].numpy() - inference(batch)[0].numpy()).max() > 1e-3
+        assert flipped == (augmentation is not None)
+
+
 def train_phase1(tmp_path, demo_data_dir, backbone_file, cache_features: bool, budget=features.CacheBudget()) -> keras.Model:
     """Phase 1 on the whole train split as one batch (order-free), no augmentation, no dropout."""
     manifest = schema.read_manifest(str(demo_data_dir))
