@@ -163,25 +163,15 @@ class CacheBudget:
         parent = self.directory or tempfile.gettempdir()
         return tf.io.gfile.join(parent, SPILL_FOLDER_PREFIX + self.owner) if self.owner else parent
 
-    @property
-    def local_parent(self) -> str:
-        """A local folder of this run's scratch files (lite_pass.py's SavedModel): spill_parent, or one of the same
-        name in the system's temporary folder when spills go to gs://."""
-        if not self.spill_parent.startswith("gs://"):
-            return self.spill_parent
-        return os.path.join(tempfile.gettempdir(), SPILL_FOLDER_PREFIX + self.owner) if self.owner else ""
-
     def remove_stale(self) -> int:
-        """Removes what an earlier run of the same model_dir and worker spilled (or left in local_parent) and
-        could not delete (it was killed); returns the bytes removed. Safe: the model_dir's lock lets one run at a
-        time own the folders."""
-        size = 0
-        for folder in dict.fromkeys((self.spill_parent, self.local_parent)):
-            if not self.owner or not folder or not tf.io.gfile.exists(folder):
-                continue
-            size += sum(tf.io.gfile.stat(tf.io.gfile.join(root, name)).length
-                        for root, _, files in tf.io.gfile.walk(folder) for name in files)
-            tf.io.gfile.rmtree(folder)
+        """Removes what an earlier run of the same model_dir and worker spilled and could not delete (it was
+        killed); returns the bytes removed. Safe: the model_dir's lock lets one run at a time own the folder."""
+        folder = self.spill_parent
+        if not self.owner or not tf.io.gfile.exists(folder):
+            return 0
+        size = sum(tf.io.gfile.stat(tf.io.gfile.join(root, name)).length
+                   for root, _, files in tf.io.gfile.walk(folder) for name in files)
+        tf.io.gfile.rmtree(folder)
         return size
 
     def writer(self, rows: int, width: int, kind: str = "phase1_features"):

@@ -9,8 +9,8 @@ pass model is cut in two at the backbone's input,
     pass model = front  (images -> [augmentation] -> preprocess: Keras, so random layers act as in training)
                  + frozen (preprocessed pixels -> backbone [-> cut activations] -> pooled features: LiteRT),
 
-the frozen part is converted once per run (kept in memory; the SavedModel it is converted from is written to the
-run's scratch folder and deleted), checked against Keras on CHECK_IMAGES random images (its outputs must agree to
+the frozen part is converted once per run (from its traced function, weights frozen into constants: nothing is
+written to disk; kept in memory), checked against Keras on CHECK_IMAGES random images (its outputs must agree to
 TOLERANCE of their scale, else the run goes on with Keras and says why), and then runs every batch of the pass. plan() decides which engine runs: auto picks
 LiteRT on a CPU host when the pass has enough views to repay the conversion (MIN_VIEWS, measured in
 docs/training.md); keras and litert force either (litert still falls back to Keras, with a warning, where it
@@ -18,8 +18,6 @@ cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 w
 """
 
 import dataclasses
-import os
-import tempfile
 import time
 import weakref
 
@@ -35,16 +33,15 @@ from trainer.models import classifier
 
 MODES = ("auto", "keras", "litert")
 # auto converts only for a pass of at least this many images and views at 224 px (more at smaller sizes: a view
-# saves time in proportion to its pixels): converting EfficientNet-Lite0 and checking it took about 9 s, and LiteRT
-# saved about 7.5 ms per 224 px view of phase 1's pass in the trainer on a 2-core CPU (3 runs per engine,
-# docs/training.md): it repays itself from about 1,200.
-MIN_VIEWS = 1500
+# saves time in proportion to its pixels): converting EfficientNet-Lite0 and checking it took 1.5 +- 0.2 s, and
+# LiteRT saved about 5.4 ms per 224 px view of phase 1's pass in the trainer on a 2-core CPU (flowers_small, 3 runs
+# per engine, docs/training.md): it repays itself from about 300.
+MIN_VIEWS = 400
 REFERENCE_SIZE = 224
 # Largest difference of LiteRT's outputs from Keras's, relative to the largest Keras output, accepted.
 TOLERANCE = 1e-4
 # Random images of the check. Few: Keras runs them eagerly, and an eager pass of 32 images at 224 px kept 2.4 GB.
 CHECK_IMAGES = 4
-SIGNATURE = "serve"
 
 _CONVERTED = weakref.WeakKeyDictionary()
 _FALLBACKS = weakref.WeakKeyDictionary()  # Keras pass model -> why LiteRT, chosen, did not run it
@@ -96,38 +93,38 @@ def _refusal(model: keras.Model, strategy: tf.distribute.Strategy) -> str:
 class LitePass:
     """A pass model whose frozen part runs in LiteRT: what features.compute_features takes as its feature model.
 
-    front: the Keras part before the backbone (traced and run by compute_features). outputs: one entry per output
-    of the pass model (pooled features first). run(pixels): the frozen part's outputs, as numpy arrays, for a batch
-    of the front's output of any size (padded to, or cut in, the converted batch).
+    front: the Keras part before the backbone (traced and run by compute_features). run(pixels): the frozen part's
+    outputs (pooled features first), as numpy arrays, for a batch of the front's output of any size (padded to, or
+    cut in, the converted batch). output_indices: the interpreter's output tensors in the frozen model's order.
     """
 
-    def __init__(self, *, front: keras.Model, interpreter, batch_size: int, names: list, seconds: float,
+    def __init__(self, *, front: keras.Model, interpreter, batch_size: int, output_indices: list, seconds: float,
                  difference: float | None):
         self.front = front
-        self.outputs = names
         self.batch_size = batch_size
         self.seconds = seconds
         self.difference = difference
         self.counted = False  # conversion_seconds handed the conversion's time to the run's time table
-        self._runner = interpreter.get_signature_runner(SIGNATURE)
+        self._interpreter = interpreter
+        self._input_index = interpreter.get_input_details()[0]["index"]
+        self._output_indices = output_indices
 
     def run(self, pixels: np.ndarray) -> list:
         results = []
         for start in range(0, len(pixels), self.batch_size):
             chunk = np.asarray(pixels[start:start + self.batch_size], np.float32)
             padding = np.zeros((self.batch_size - len(chunk), *chunk.shape[1:]), np.float32)
-            outputs = self._runner(pixels=np.concatenate([chunk, padding]) if len(padding) else chunk)
-            results.append([outputs[name][:len(chunk)] for name in self.outputs])
+            self._interpreter.set_tensor(self._input_index, np.concatenate([chunk, padding]) if len(padding) else chunk)
+            self._interpreter.invoke()
+            # get_tensor copies: the next invoke overwrites the interpreter's buffers.
+            results.append([self._interpreter.get_tensor(index)[:len(chunk)] for index in self._output_indices])
         return [np.concatenate(parts) for parts in zip(*results)]
 
 
-def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision: Decision, batch_size: int,
-               scratch_dir: str = ""):
+def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision: Decision, batch_size: int):
     """The pass model for phase 1's pass: a LitePass when the decision is LiteRT and the conversion agrees with
     Keras, else the Keras model (activations.split_at_cut's pass_model with a cut, else features.split_model's
-    feature model). Converted once per model, cut and batch size. scratch_dir: a local folder of the run's, for
-    the SavedModel the conversion writes and deletes (features.CacheBudget.local_parent: a run killed meanwhile
-    leaves it to the next run's remove_stale); "" is the system's temporary folder."""
+    feature model). Converted once per model, cut and batch size."""
     if cut is not None:
         cut_models = activations_lib.split_at_cut(model, cut)
         keras_model = cut_models.pass_model
@@ -139,7 +136,7 @@ def pass_model(model: keras.Model, *, cut: activations_lib.Cut | None, decision:
     converted = _CONVERTED.setdefault(model, {})
     key = (cut.layer if cut else None, batch_size)
     if key not in converted:
-        converted[key] = _convert_or_explain(front, frozen, batch_size=batch_size, scratch_dir=scratch_dir)
+        converted[key] = _convert_or_explain(front, frozen, batch_size=batch_size)
     if isinstance(converted[key], str):
         _FALLBACKS[keras_model] = converted[key]
         return keras_model
@@ -165,11 +162,10 @@ def describe(feature_model, decision: Decision) -> dict:
             else decision.reason}
 
 
-def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: int,
-                        scratch_dir: str) -> "LitePass | str":
+def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> "LitePass | str":
     """Converts and checks the frozen part; where it fails or disagrees with Keras, the reason (also warned)."""
     try:
-        lite = convert(front, frozen, batch_size=batch_size, scratch_dir=scratch_dir)
+        lite = convert(front, frozen, batch_size=batch_size)
     except Exception as error:  # the converter's errors are many and long: one line, then Keras
         reason = "conversion failed: " + (str(error).strip().splitlines()[0] if str(error).strip()
                                           else type(error).__name__)
@@ -187,33 +183,44 @@ def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: 
     return reason
 
 
-def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int, scratch_dir: str = "") -> LitePass:
+def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> LitePass:
     """Converts `frozen` to a float32 LiteRT model of a fixed batch and checks it on CHECK_IMAGES random images:
     its `difference` is the largest of LiteRT's outputs' differences from Keras's relative to their scale, None
     when Keras's outputs are all zero (nothing to compare).
 
-    As trainer/exports/export.py converts: through a SavedModel written by keras.export.ExportArchive (converted
-    from a concrete function instead, the weights stay variables the interpreter never initialises).
+    From the traced function alone: without a trackable object the converter freezes the weights into constants
+    (given one, it lowers the function through a SavedModel it writes to the system's temporary folder, and took
+    6-7 s for EfficientNet-Lite0 where this takes about 1 s; the exports, which keep their SavedModel, go that way).
+    `frozen` stays referenced by the caller while this runs.
     """
     started = time.perf_counter()
-    names = [f"output_{index}" for index in range(len(frozen.outputs))]
     spec = tf.TensorSpec([batch_size, *frozen.input.shape[1:]], tf.float32)
 
     @tf.function(input_signature=[spec])
     def serve(pixels):
-        return dict(zip(names, tf.nest.flatten(frozen(pixels, training=False))))
+        return tf.nest.flatten(frozen(pixels, training=False))
 
-    if scratch_dir:
-        os.makedirs(scratch_dir, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="litert-pass-", dir=scratch_dir or None) as folder:
-        archive = keras.export.ExportArchive()
-        archive.track(frozen)
-        archive.add_endpoint(name=SIGNATURE, fn=serve)
-        archive.write_out(folder, verbose=False)
-        tflite = tf.lite.TFLiteConverter.from_saved_model(folder, signature_keys=[SIGNATURE]).convert()
+    concrete = serve.get_concrete_function()
+    # TensorFlow logs a warning that this path (no trackable object) is deprecated: it is the one that freezes the
+    # weights, and the check below catches a conversion gone wrong, so the warning is kept out of the run's log.
+    def not_the_deprecation_notice(record):
+        return "trackable_obj argument" not in record.getMessage()
+
+    tf.get_logger().addFilter(not_the_deprecation_notice)
+    try:
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
+        converter.experimental_lower_to_saved_model = False  # said outright: without a trackable object it is not tried
+        tflite = converter.convert()
+    finally:
+        tf.get_logger().removeFilter(not_the_deprecation_notice)
     interpreter = make_interpreter(tflite, num_threads=_threads())
-    lite = LitePass(front=front, interpreter=interpreter, batch_size=batch_size, names=names, seconds=0.0,
-                    difference=float("nan"))
+    # The interpreter's outputs carry the names of the function's output tensors ("Identity", "Identity_1", ...).
+    index_of = {detail["name"]: detail["index"] for detail in interpreter.get_output_details()}
+    names = [tensor.name.split(":")[0] for tensor in concrete.outputs]
+    if sorted(names) != sorted(index_of):
+        raise ValueError(f"the converted model's outputs {sorted(index_of)} are not the function's {names}")
+    lite = LitePass(front=front, interpreter=interpreter, batch_size=batch_size,
+                    output_indices=[index_of[name] for name in names], seconds=0.0, difference=float("nan"))
     images = np.random.default_rng(0).uniform(0, 255, (CHECK_IMAGES, *front.input.shape[1:])).astype(np.float32)
     pixels = np.asarray(front(images, training=False), np.float32)
     expected = [np.asarray(output) for output in tf.nest.flatten(frozen(pixels, training=False))]

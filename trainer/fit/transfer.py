@@ -230,7 +230,7 @@ def cached_feature_data(
     feature_model = lite_pass.pass_model(
         model, cut=activations.cut if activations is not None else None,
         decision=frozen_pass or lite_pass.Decision("keras", ""),
-        batch_size=splits.batch_size // splits.strategy.num_replicas_in_sync, scratch_dir=budget.local_parent,
+        batch_size=splits.batch_size // splits.strategy.num_replicas_in_sync,
     )
     width = head.input.shape[-1]
     train_features, train_activations = _cached_pass(

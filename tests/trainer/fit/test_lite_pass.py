@@ -1,6 +1,5 @@
 """trainer/fit/lite_pass.py: the frozen pass in LiteRT gives Keras's features and activations, or says why not."""
 
-import os
 import tempfile
 
 import keras
@@ -85,13 +84,16 @@ def rows(dataset) -> np.ndarray:
 
 
 @pytest.mark.parametrize("cut_at", ["6", None], ids=["features_and_activations", "features_only"])
-def test_litert_pass_caches_what_the_keras_pass_caches(tmp_path, demo_data_dir, cut_at):
+def test_litert_pass_caches_what_the_keras_pass_caches(tmp_path, demo_data_dir, cut_at, monkeypatch):
     backbone_file = residual_backbone_file(tmp_path)
     keras_data, keras_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, KERAS, cut_at=cut_at)
-    budget = features.CacheBudget(directory=str(tmp_path / "cache")).owned_by(str(tmp_path / "model"), "chief")
-    lite_data, lite_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, LITERT, cut_at=cut_at, budget=budget)
-    # The conversion's SavedModel went to the run's own scratch folder, and is gone.
-    assert os.path.isdir(budget.local_parent) and os.listdir(budget.local_parent) == []
+
+    def no_disk(*args, **kwargs):
+        raise AssertionError("the conversion wrote a temporary folder (a SavedModel)")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_disk)  # converted from the traced function, in memory
+    lite_data, lite_cache = phase1_pass(tmp_path, demo_data_dir, backbone_file, LITERT, cut_at=cut_at)
+    monkeypatch.undo()
     assert isinstance(lite_data.pass_model, lite_pass.LitePass)
     assert not isinstance(keras_data.pass_model, lite_pass.LitePass)
     described = lite_pass.describe(lite_data.pass_model, LITERT)
@@ -143,16 +145,3 @@ def test_a_check_with_nothing_to_compare_falls_back_to_keras(tmp_path, demo_data
     assert lite_pass.describe(trained.pass_model, LITERT)["reason"].endswith(
         "LiteRT not used: could not be checked: Keras's outputs on random images are all zero")
     cache.delete()
-
-
-def test_the_conversions_scratch_folder_is_the_runs_own_and_a_killed_runs_is_removed(tmp_path):
-    budget = features.CacheBudget(directory=str(tmp_path / "cache")).owned_by("/models/a", worker="chief")
-    assert budget.local_parent == budget.spill_parent
-    leftover = os.path.join(budget.local_parent, "litert-pass-abc")  # a run killed while converting
-    os.makedirs(leftover)
-    with open(os.path.join(leftover, "saved_model.pb"), "wb") as file:
-        file.write(b"x" * 100)
-    assert budget.remove_stale() == 100 and not os.path.exists(budget.local_parent)
-    # Spills to gs://: the SavedModel still goes to a local folder of the run's, found by the same name.
-    remote = features.CacheBudget(directory="gs://bucket/cache").owned_by("/models/a", worker="chief")
-    assert remote.local_parent == os.path.join(tempfile.gettempdir(), os.path.basename(remote.spill_parent))
