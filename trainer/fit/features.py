@@ -200,7 +200,7 @@ class CacheBudget:
 
 def compute_features(
     *, feature_model: keras.Model, strategy: tf.distribute.Strategy, dataset, num_batches: int, training: bool,
-    writer=None, collect=None, drop_padding: bool = False, second_writer=None,
+    writer=None, collect=None, drop_padding: bool = False, second_writer=None, on_first_batch=None,
 ) -> None:
     """Runs the feature model over a distributed dataset, handing this worker's rows to a writer and a collector.
 
@@ -218,6 +218,8 @@ def compute_features(
         drop_padding: leave rows of weight 0 (evaluation padding) out of the writers (for training rows).
         second_writer: of a feature model with two outputs (activations.CutModels.pass_model): where the second
             output's rows go, flattened (the first goes to `writer` and `collect`).
+        on_first_batch: called once with the first replica's images of the first batch, as the pipeline gave them
+            (the run's TensorBoard sample of augmented training images).
     """
 
     lite = feature_model if hasattr(feature_model, "front") else None  # a lite_pass.LitePass
@@ -226,6 +228,8 @@ def compute_features(
     for index, batch in enumerate(dataset):
         if index >= num_batches:
             break
+        if index == 0 and on_first_batch is not None:
+            on_first_batch(strategy.experimental_local_results(batch[0])[0])
         per_replica = [strategy.experimental_local_results(values) for values in step(batch)]
         for values in zip(*per_replica):
             outputs, (labels, weights, *more) = values[:num_outputs], values[num_outputs:]

@@ -179,7 +179,7 @@ class PhaseData:
 
 def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, schedule: PhaseSchedule,
                augmented: bool, seed, collector=None, activations: activations_lib.ActivationCache | None = None,
-               frozen_pass: lite_pass.Decision | None = None) -> PhaseData:
+               frozen_pass: lite_pass.Decision | None = None, on_augmented_sample=None) -> PhaseData:
     """The whole model on images, (phase 1 with --cache_features) its head on cached backbone features, or
     (phase 2 given an activation cache) its top on cached activations at the cut.
 
@@ -195,12 +195,15 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
         activations: phase 2's cache (activations.plan chose a cut), or None. Phase 1's feature pass fills it;
             a phase 2 that finds it empty (phase 1 ran before a restart, or not on cached features) fills it first.
         frozen_pass: which engine runs phase 1's pass (lite_pass.plan); None: Keras.
+        on_augmented_sample: called with the first batch of augmented training images phase 1's pass decodes (as
+            the pipeline gives them), when it decodes any; the caller sees whether it was.
     """
     views = schedule.feature_views if augmented else 1
     if phase.fine_tune_at is None and schedule.cache_features and classifier.get_backbones(model):
         return cached_feature_data(
             model=model, splits=splits, views=views, augmented=augmented, seed=seed,
             budget=schedule.feature_cache, collector=collector, activations=activations, frozen_pass=frozen_pass,
+            on_augmented_sample=on_augmented_sample,
         )
     if phase.fine_tune_at is not None and activations is not None:
         return cached_activation_data(model=model, splits=splits, views=views, augmented=augmented, seed=seed,
@@ -216,6 +219,7 @@ def phase_data(phase: Phase, *, model: keras.Model, evaluation_step, splits, sch
 def cached_feature_data(
     *, model, splits, views: int, augmented: bool, seed, budget: features_lib.CacheBudget, collector=None,
     activations: activations_lib.ActivationCache | None = None, frozen_pass: lite_pass.Decision | None = None,
+    on_augmented_sample=None,
 ) -> PhaseData:
     """Computes phase 1's features once; the head then trains on them (features.py).
 
@@ -236,6 +240,7 @@ def cached_feature_data(
     train_features, train_activations = _cached_pass(
         feature_model, splits, views=views, augmented=augmented, budget=budget, collector=collector, width=width,
         second_shape=activations.cut.shape if activations is not None else None,
+        on_augmented_sample=on_augmented_sample,
     )
     try:
         validation_features, validation_activations = _cached_pass(
@@ -300,7 +305,8 @@ def _cached_dataset(splits, cached: features_lib.CachedFeatures, *, training: bo
 
 
 def _cached_pass(feature_model, splits, *, views: int, augmented: bool, budget: features_lib.CacheBudget, width: int,
-                 collector=None, split: str = "train", shape: tuple = (), second_shape: tuple | None = None):
+                 collector=None, split: str = "train", shape: tuple = (), second_shape: tuple | None = None,
+                 on_augmented_sample=None):
     """One split through the feature model into caches: (first output's, second output's or None).
 
     train: `views` rows per image (one of them the unaugmented evaluation view when there is a collector, in order,
@@ -334,6 +340,7 @@ def _cached_pass(feature_model, splits, *, views: int, augmented: bool, budget: 
             features_lib.compute_features(
                 feature_model=feature_model, strategy=strategy, dataset=splits.images("train", training=True),
                 num_batches=augmented_batches, training=augmented, writer=writer, second_writer=second_writer,
+                on_first_batch=on_augmented_sample if augmented else None,
             )
         finished = [each.finish() for each in writers]
     except BaseException:  # a full disk, an interrupt: nothing half-written stays behind

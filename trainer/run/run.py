@@ -135,6 +135,8 @@ class _Run:
     activations: activations_lib.ActivationCache | None
     frozen_pass: lite_pass.Decision  # which engine runs phase 1's pass (lite_pass.plan)
     report_pending: bool  # the data-quality report is still to be written (by this worker, the chief)
+    device_augmentation: object  # the model's augmentation layers (augment_on=device), or None
+    sample_pending: bool  # TensorBoard's augmented training images are still to be written (the chief, augmented)
     shares_phase1: bool  # ... from phase 1's feature pass (shares_phase1_pass)
     frozen_pass_ran: dict = dataclasses.field(default_factory=dict)  # lite_pass.describe of phase 1's pass, once run
 
@@ -200,8 +202,6 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
         model = classifier.build_model(options.model, num_classes=len(manifest["classes"]),
                                        augmentation=device_augmentation)
     phases = transfer.plan_phases(options.schedule, batch_size=options.batch_size, model=model)  # checks --fine_tune_at
-    if distribute.is_chief(strategy) and options.augmented:
-        write_augmented_images(options.model_dir, splits, device_augmentation)
     # The data-quality report, once per model_dir (a resumed run's backbone may be fine-tuned by now), before
     # any training: a backbone fine-tuned on the labels would learn the wrong ones too and hide them. It shares
     # phase 1's feature pass when that pass runs here and sees every image; else it makes a pass of its own.
@@ -217,7 +217,8 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
         evaluation_step=steps.make_evaluation_step(model=model, strategy=strategy),  # traced once per run
         phases=phases, phase2_cache=decision,
         activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None, frozen_pass=frozen_pass,
-        report_pending=report_pending, shares_phase1=shares_phase1,
+        report_pending=report_pending, shares_phase1=shares_phase1, device_augmentation=device_augmentation,
+        sample_pending=distribute.is_chief(strategy) and options.augmented,
     )
 
 
@@ -308,7 +309,10 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
             trained = transfer.phase_data(phase, model=model, evaluation_step=run.evaluation_step, splits=run.splits,
                                           schedule=options.schedule, augmented=options.augmented, seed=options.seed,
                                           collector=collector, activations=run.activations,
-                                          frozen_pass=run.frozen_pass)
+                                          frozen_pass=run.frozen_pass,
+                                          on_augmented_sample=lambda images: _write_sample(run, images))
+            if run.sample_pending:  # phase 1's pass decoded no augmented batch: one of its own
+                _write_sample(run, run.splits.sample(8))
             try:
                 if trained.model is not model and phase.fine_tune_at is None:
                     conversion = lite_pass.conversion_seconds(trained.pass_model)
@@ -500,9 +504,13 @@ def weights_fingerprint(model: keras.Model) -> str:
     return digest.hexdigest()[:16]
 
 
-def write_augmented_images(model_dir: str, splits: data.DistributedSplits, device_augmentation) -> None:
-    """Puts a few augmented training images in TensorBoard (step 0), so users see what the model sees."""
-    images = splits.sample(8)
-    if device_augmentation is not None:
-        images = device_augmentation(images, training=True)
-    training_log.write_image_summary(model_dir=model_dir, name="augmented_training_images", images=images)
+def _write_sample(run: _Run, images) -> None:
+    """Puts a few augmented training images in TensorBoard (step 0), so users see what the model sees: the first
+    batch of phase 1's pass when it decodes augmented views (the images cost nothing more), else a sample of its
+    own (data.DistributedSplits.sample: about 1 s on flowers_small). Once per run, by the chief."""
+    if not run.sample_pending:
+        return
+    run.sample_pending = False
+    if run.device_augmentation is not None:
+        images = run.device_augmentation(images, training=True)
+    training_log.write_image_summary(model_dir=run.options.model_dir, name="augmented_training_images", images=images)

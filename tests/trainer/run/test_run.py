@@ -54,6 +54,8 @@ def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
     assert "| `serving_default` | `image_bytes`: string [None] |" in card
     assert "| `serving_images` | `images`: uint8 [None, None, None, 3] |" in card
     assert f"`probabilities`: float32 [None, {len(manifest['classes'])}]" in card
+    # TensorBoard's sample of augmented training images: taken from phase 1's pass (it decodes augmented views).
+    assert augmented_image_summaries(tmp_path / "model") == [8]
     # The evaluation report comes from the run's own evaluation pass: metrics.json's numbers, and those of a pass
     # of its own over the model as saved.
     report = json.loads((tmp_path / "model" / evaluation.EVALUATION_JSON).read_text())
@@ -69,6 +71,24 @@ def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
     again = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
     assert again["history"] == metrics["history"] and again["phases"] == metrics["phases"]
     assert again["accuracy"] == pytest.approx(metrics["accuracy"])
+
+
+def augmented_image_summaries(model_dir) -> list:
+    """The number of images in each augmented_training_images summary of the run's TensorBoard train log."""
+    counts = []
+    for path in (model_dir / "logs" / "train").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            counts += [len(value.tensor.string_val) - 2 for value in event.summary.value
+                       if value.tag == "augmented_training_images"]
+    return counts
+
+
+def test_without_phase1s_pass_the_augmented_sample_is_read_on_its_own(demo_data_dir, tmp_path):
+    options = tiny_options(demo_data_dir, tmp_path / "model")
+    options = dataclasses.replace(options, schedule=dataclasses.replace(options.schedule, cache_features=False,
+                                                                         fine_tune_epochs=0))
+    run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=schema.read_manifest(str(demo_data_dir)))
+    assert augmented_image_summaries(tmp_path / "model") == [8]
 
 
 def test_options_check_their_flags_and_the_identity_names_the_model(demo_data_dir, tmp_path):
