@@ -201,18 +201,22 @@ def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> Lite
         return tf.nest.flatten(frozen(pixels, training=False))
 
     concrete = serve.get_concrete_function()
-    # TensorFlow logs a warning that this path (no trackable object) is deprecated: it is the one that freezes the
-    # weights, and the check below catches a conversion gone wrong, so the warning is kept out of the run's log.
+    # The converter warns (through absl's logger) that this path, without a trackable object, is deprecated: it is
+    # the one that freezes the weights, and the check below catches a conversion gone wrong, so the warning is kept
+    # out of the run's log.
     def not_the_deprecation_notice(record):
         return "trackable_obj argument" not in record.getMessage()
 
-    tf.get_logger().addFilter(not_the_deprecation_notice)
+    loggers = (logging.get_absl_logger(), tf.get_logger())
+    for logger in loggers:
+        logger.addFilter(not_the_deprecation_notice)
     try:
         converter = tf.lite.TFLiteConverter.from_concrete_functions([concrete])
         converter.experimental_lower_to_saved_model = False  # said outright: without a trackable object it is not tried
         tflite = converter.convert()
     finally:
-        tf.get_logger().removeFilter(not_the_deprecation_notice)
+        for logger in loggers:
+            logger.removeFilter(not_the_deprecation_notice)
     interpreter = make_interpreter(tflite, num_threads=_threads())
     # The interpreter's outputs carry the names of the function's output tensors ("Identity", "Identity_1", ...).
     index_of = {detail["name"]: detail["index"] for detail in interpreter.get_output_details()}
