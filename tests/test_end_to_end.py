@@ -95,7 +95,7 @@ def test_a_run_prints_and_writes_its_results(trained):
     assert all(0.0 <= entry["input_wait_fraction"] <= 1.0 for entry in metrics["history"])
     assert (model_dir / "labels.txt").read_text().split() == ["circle", "square", "triangle"]
     assert "--backbone=mobilenet_v2" in (model_dir / "flags.txt").read_text()
-    assert (model_dir / "model.keras").exists() and (model_dir / "checkpoints" / "best.weights.h5").exists()
+    assert (model_dir / "model.keras").exists() and list((model_dir / "checkpoints").glob("best_epoch_*.weights.h5"))
     assert list((model_dir / "logs" / "train").glob("events.out.tfevents.*"))
     # The evaluation report written at the end of training agrees with metrics.json.
     evaluation = json.loads((model_dir / "evaluation.json").read_text())

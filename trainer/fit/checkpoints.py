@@ -1,7 +1,7 @@
 """Checkpoints that resume mid-epoch, the SIGTERM watcher of preemptible jobs, and the best weights.
 
     <model_dir>/checkpoints/<phase>/ckpt-N   model, optimizer, epoch and step within the epoch (two kept)
-    <model_dir>/checkpoints/best.weights.h5  the weights of the best validation accuracy so far
+    <model_dir>/checkpoints/best_epoch_N.weights.h5  the weights of the best validation accuracy so far (epoch N)
 
 Each phase has its own checkpoint folder; a rerun skips every phase before the last one that has a
 checkpoint (a later checkpoint holds the whole model). At the end the weights with the best validation
@@ -17,7 +17,8 @@ from absl import logging
 from trainer.fit import distribute
 
 CHECKPOINT_DIR = "checkpoints"
-BEST_WEIGHTS = "best.weights.h5"
+BEST_WEIGHTS = "best_epoch_{epoch}.weights.h5"
+PARTIAL_PREFIX = "partial_"  # a best-weights file being written (Keras needs the .weights.h5 ending)
 
 
 class Preempted(Exception):
@@ -90,9 +91,27 @@ class PhaseCheckpoint:
         distribute.remove_write_dir(self.manager.directory, self.strategy)
 
 
-def save_best_weights(model: keras.Model, model_dir: str) -> None:
-    tf.io.gfile.makedirs(tf.io.gfile.join(model_dir, CHECKPOINT_DIR))
-    model.save_weights(tf.io.gfile.join(model_dir, CHECKPOINT_DIR, BEST_WEIGHTS))
+def best_weights_path(model_dir: str, epoch: int) -> str:
+    return tf.io.gfile.join(model_dir, CHECKPOINT_DIR, BEST_WEIGHTS.format(epoch=epoch))
+
+
+def save_best_weights(model: keras.Model, model_dir: str, *, epoch: int) -> None:
+    """Saves the weights of `epoch` (of the run's history) as the best so far, then removes earlier ones.
+
+    Written under a temporary name and renamed: a run killed meanwhile leaves no half-written file under a best
+    name. Named after its epoch: a rerun restores only the best epoch its history holds, never weights of an epoch
+    the killed run saved but did not checkpoint (restore_best_weights).
+    """
+    folder = tf.io.gfile.join(model_dir, CHECKPOINT_DIR)
+    tf.io.gfile.makedirs(folder)
+    path = best_weights_path(model_dir, epoch)
+    partial = tf.io.gfile.join(folder, PARTIAL_PREFIX + BEST_WEIGHTS.format(epoch=epoch))
+    model.save_weights(partial)
+    tf.io.gfile.rename(partial, path, overwrite=True)
+    for name in tf.io.gfile.listdir(folder):
+        earlier = name.startswith(PARTIAL_PREFIX) or (name.startswith("best_epoch_") and name.endswith(".weights.h5"))
+        if earlier and tf.io.gfile.join(folder, name) != path:
+            tf.io.gfile.remove(tf.io.gfile.join(folder, name))
 
 
 def restore_best_weights(*, model: keras.Model, model_dir: str, epochs: list[dict]) -> dict | None:
@@ -108,8 +127,15 @@ def restore_best_weights(*, model: keras.Model, model_dir: str, epochs: list[dic
         return None
     best = max(epochs, key=lambda entry: entry["val_accuracy"])
     last = epochs[-1]
-    path = tf.io.gfile.join(model_dir, CHECKPOINT_DIR, BEST_WEIGHTS)
-    if last["val_accuracy"] >= best["val_accuracy"] or not tf.io.gfile.exists(path):
+    if last["val_accuracy"] >= best["val_accuracy"]:
+        return None
+    path = best_weights_path(model_dir, best["epoch"])
+    if not tf.io.gfile.exists(path):
+        logging.warning(
+            "validation accuracy ended at %.4f (epoch %d), below its best %.4f (epoch %d), but the weights of epoch %d "
+            "are not on disk (a run stopped while saving them, or one of an earlier version): the last epoch's weights "
+            "are kept", last["val_accuracy"], last["epoch"], best["val_accuracy"], best["epoch"], best["epoch"],
+        )
         return None
     if best["phase"] == "phase1" and last["phase"] != "phase1":
         cause = (

@@ -135,7 +135,7 @@ def train_phase(
         reporter.record(entry, confusion_matrix=validation["confusion_matrix"], epochs=phase.last_epoch,
                         steps=steps_per_epoch, elapsed=elapsed)
         if improved and distribute.is_chief(strategy):
-            checkpoints.save_best_weights(weights_model or model, model_dir)
+            checkpoints.save_best_weights(weights_model or model, model_dir, epoch=entry["epoch"])
         checkpoint.step.assign(0)
         checkpoint.epoch.assign_add(1)
         if stop:

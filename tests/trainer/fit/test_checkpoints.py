@@ -12,8 +12,7 @@ from trainer.fit import checkpoints
 
 def test_best_weights_are_restored_with_a_warning_naming_the_cause(tmp_path, caplog):
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_initializer="ones")])
-    (tmp_path / checkpoints.CHECKPOINT_DIR).mkdir()
-    model.save_weights(str(tmp_path / checkpoints.CHECKPOINT_DIR / checkpoints.BEST_WEIGHTS))
+    checkpoints.save_best_weights(model, str(tmp_path), epoch=2)
     model.layers[0].kernel.assign(np.zeros((3, 2), "float32"))
     epochs = [
         {"epoch": 1, "phase": "phase1", "val_accuracy": 0.6},
@@ -27,6 +26,45 @@ def test_best_weights_are_restored_with_a_warning_naming_the_cause(tmp_path, cap
     # When the last epoch is the best, nothing is restored.
     epochs.append({"epoch": 4, "phase": "phase2", "val_accuracy": 0.9})
     assert checkpoints.restore_best_weights(model=model, model_dir=str(tmp_path), epochs=epochs) is None
+
+
+def test_best_weights_of_an_epoch_the_history_lost_are_not_restored(tmp_path, caplog):
+    """A run killed after saving an epoch's best weights but before its checkpoint: the rerun's history is cut back
+    to the checkpoint, so those weights are not of any epoch it knows, and must not be restored as its best."""
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_initializer="ones")])
+    checkpoints.save_best_weights(model, str(tmp_path), epoch=3)  # the killed run's epoch 3
+    model.layers[0].kernel.assign(np.zeros((3, 2), "float32"))
+    epochs = [{"epoch": 1, "phase": "phase1", "val_accuracy": 0.8}, {"epoch": 2, "phase": "phase1", "val_accuracy": 0.5}]
+    assert checkpoints.restore_best_weights(model=model, model_dir=str(tmp_path), epochs=epochs) is None
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.layers[0].kernel), np.zeros((3, 2)))
+    assert "the weights of epoch 1 are not on disk" in caplog.text
+
+
+def test_a_best_weights_save_killed_half_way_leaves_the_earlier_best(tmp_path, monkeypatch):
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_initializer="ones")])
+    checkpoints.save_best_weights(model, str(tmp_path), epoch=1)
+    model.layers[0].kernel.assign(np.zeros((3, 2), "float32"))
+
+    def killed_while_writing(path):
+        with open(path, "wb") as file:
+            file.write(b"\x89HDF half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "save_weights", killed_while_writing)
+    try:
+        checkpoints.save_best_weights(model, str(tmp_path), epoch=2)
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    epochs = [{"epoch": 1, "phase": "phase1", "val_accuracy": 0.8}, {"epoch": 2, "phase": "phase1", "val_accuracy": 0.9},
+              {"epoch": 3, "phase": "phase1", "val_accuracy": 0.5}]
+    # Epoch 2's file never got its name: not restored (one warning), and epoch 1's is intact.
+    assert checkpoints.restore_best_weights(model=model, model_dir=str(tmp_path), epochs=epochs) is None
+    assert checkpoints.restore_best_weights(model=model, model_dir=str(tmp_path), epochs=epochs[:1] + epochs[2:])["epoch"] == 1
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model.layers[0].kernel), np.ones((3, 2)))
+    # The next save removes the half-written file and the older best.
+    checkpoints.save_best_weights(model, str(tmp_path), epoch=4)
+    assert sorted(os.listdir(tmp_path / checkpoints.CHECKPOINT_DIR)) == ["best_epoch_4.weights.h5"]
 
 
 def test_phase_checkpoint_restores_epoch_step_and_weights(tmp_path):
