@@ -17,7 +17,8 @@ from absl import logging
 from trainer.fit import distribute
 
 CHECKPOINT_DIR = "checkpoints"
-BEST_WEIGHTS = "best_epoch_{epoch}.weights.h5"
+BEST_PREFIX = "best_epoch_"
+BEST_WEIGHTS = BEST_PREFIX + "{epoch}.weights.h5"
 PARTIAL_PREFIX = "partial_"  # a best-weights file being written (Keras needs the .weights.h5 ending)
 
 
@@ -109,7 +110,7 @@ def save_best_weights(model: keras.Model, model_dir: str, *, epoch: int) -> None
     model.save_weights(partial)
     tf.io.gfile.rename(partial, path, overwrite=True)
     for name in tf.io.gfile.listdir(folder):
-        earlier = name.startswith(PARTIAL_PREFIX) or (name.startswith("best_epoch_") and name.endswith(".weights.h5"))
+        earlier = name.startswith((PARTIAL_PREFIX, BEST_PREFIX))
         if earlier and tf.io.gfile.join(folder, name) != path:
             tf.io.gfile.remove(tf.io.gfile.join(folder, name))
 

@@ -11,10 +11,10 @@ pass model is cut in two at the backbone's input,
 
 the frozen part is converted once per run (from its traced function, weights frozen into constants: nothing is
 written to disk; kept in memory), checked against Keras on CHECK_IMAGES random images (its outputs must agree to
-TOLERANCE of their scale, else the run goes on with Keras and says why), and then runs every batch of the pass. plan() decides which engine runs: auto picks
-LiteRT on a CPU host when the pass has enough views to repay the conversion (MIN_VIEWS, measured in
-docs/training.md); keras and litert force either (litert still falls back to Keras, with a warning, where it
-cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 was done) runs in Keras.
+TOLERANCE of their scale, else the run goes on with Keras and says why), and then runs every batch of the pass.
+plan() decides which engine runs: auto picks LiteRT on a CPU host when the pass has enough views to repay the
+conversion (MIN_VIEWS, measured in docs/training.md); keras and litert force either (litert still falls back to
+Keras, with a warning, where it cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 was done) runs in Keras.
 """
 
 import dataclasses
@@ -156,7 +156,7 @@ def describe(feature_model, decision: Decision) -> dict:
     """What metrics.json says about the engine that ran a pass."""
     if isinstance(feature_model, LitePass):
         return {"engine": "litert", "reason": decision.reason, "conversion_seconds": round(feature_model.seconds, 1),
-                "largest_difference": float(f"{feature_model.difference:.2e}"), "threads": _threads()}
+                "largest_difference": float(f"{feature_model.difference:.2e}"), "threads": data.usable_cores()}
     fallback = _FALLBACKS.get(feature_model) if feature_model is not None else None
     return {"engine": "keras", "reason": f"{decision.reason}; LiteRT not used: {fallback}" if fallback
             else decision.reason}
@@ -174,7 +174,7 @@ def _convert_or_explain(front: keras.Model, frozen: keras.Model, *, batch_size: 
             reason = "could not be checked: Keras's outputs on random images are all zero"
         elif lite.difference <= TOLERANCE:
             logging.info("frozen pass: LiteRT float32 (XNNPACK, %d threads), converted in %.1fs; agrees with Keras "
-                         "to %.1e of the outputs' scale", _threads(), lite.seconds, lite.difference)
+                         "to %.1e of the outputs' scale", data.usable_cores(), lite.seconds, lite.difference)
             return lite
         else:
             reason = (f"its outputs differ from Keras's by {lite.difference:.1e} of their scale "
@@ -217,7 +217,7 @@ def convert(front: keras.Model, frozen: keras.Model, *, batch_size: int) -> Lite
     finally:
         for logger in loggers:
             logger.removeFilter(not_the_deprecation_notice)
-    interpreter = make_interpreter(tflite, num_threads=_threads())
+    interpreter = make_interpreter(tflite, num_threads=data.usable_cores())
     # The interpreter's outputs carry the names of the function's output tensors ("Identity", "Identity_1", ...).
     index_of = {detail["name"]: detail["index"] for detail in interpreter.get_output_details()}
     names = [tensor.name.split(":")[0] for tensor in concrete.outputs]
@@ -247,7 +247,3 @@ def make_interpreter(tflite_model: bytes, num_threads: int | None = None):
     interpreter = interpreter_class(model_content=tflite_model, num_threads=num_threads)
     interpreter.allocate_tensors()
     return interpreter
-
-
-def _threads() -> int:
-    return data.usable_cores()

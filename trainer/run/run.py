@@ -37,6 +37,7 @@ from trainer.reports import quality
 from trainer.reports import training_log
 
 METRICS_FILE = "metrics.json"
+SAMPLE_IMAGES = 8  # augmented training images shown in TensorBoard
 PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
 
 
@@ -312,7 +313,7 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
                                           frozen_pass=run.frozen_pass,
                                           on_augmented_sample=lambda images: _write_sample(run, images))
             if run.sample_pending:  # phase 1's pass decoded no augmented batch: one of its own
-                _write_sample(run, run.splits.sample(8))
+                _write_sample(run, run.splits.sample(SAMPLE_IMAGES))
             try:
                 if trained.model is not model and phase.fine_tune_at is None:
                     conversion = lite_pass.conversion_seconds(trained.pass_model)
@@ -511,6 +512,7 @@ def _write_sample(run: _Run, images) -> None:
     if not run.sample_pending:
         return
     run.sample_pending = False
+    images = images[:SAMPLE_IMAGES]  # a pass's batch holds more: only these are augmented and written
     if run.device_augmentation is not None:
         images = run.device_augmentation(images, training=True)
     training_log.write_image_summary(model_dir=run.options.model_dir, name="augmented_training_images", images=images)
