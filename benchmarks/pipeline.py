@@ -97,6 +97,8 @@ def small_photo_rows(size: int, batch: int) -> list:
         rows.append((f"2. ours, flip + rotation(0.2), TFRecords {name}", ours(data_dir, size, batch, "baseline augmentation")))
     for name, data_dir in converted.items():
         rows.append((f"3. ours, default policy (crop + flip), TFRecords {name}", ours(data_dir, size, batch, "default policy")))
+    rows.append(("   ours, default policy, max_side, autotune off (the default on CPU hosts)",
+                 ours(max_side_dir, size, batch, "default policy", autotune=False)))
     rows.append(("   ours, default policy, max_side, on TF's shared inter-op pool",
                  common.on_shared_pool(ours(max_side_dir, size, batch, "default policy"))))
     rows.append(("   ours, default policy, max_side, --jpeg_quality=95 shards", ours(quality_95_dir, size, batch, "default policy")))
@@ -125,6 +127,8 @@ def large_photo_rows(size: int, batch: int) -> list:
         ("   ours, flip + rotation(0.2) on the device: the host's part", ours(as_is, size, batch, "device rotation")),
         ("3. ours, default policy, as is, DCT-scaled decode", ours(as_is, size, batch, "default policy")),
         ("   ours, default policy, as is, full-size decode", ours(as_is, size, batch, "default policy", dct_scale=False)),
+        ("   ours, default policy, as is, DCT-scaled, autotune off (the default on CPU hosts)",
+         ours(as_is, size, batch, "default policy", autotune=False)),
         (f"   ours, default policy, TFRecords max_side {FLAGS.max_side}", ours(max_side, size, batch, "default policy")),
         ("4. decode ceiling: read + decode + resize, original files", decode_ceiling(photos, size, batch)),
     ]

@@ -48,7 +48,7 @@ class PipelineOptions:
     crop_min_area: smallest share of the image a training crop covers; 1.0 turns random crops off.
     flip: random left-right flips of training images, done in the decode (see decode_random_crop).
     dct_scale: decode large training JPEGs at a reduced scale in the DCT (see decode_random_crop).
-    ram_budget_gb, private_threads: see dataset_options.
+    ram_budget_gb, private_threads, autotune: see dataset_options.
     data_service: "grpc://host:port" of a tf.data service dispatcher that runs the training pipeline on
         its workers; "" runs it here. Evaluation always runs here.
     data_service_mode: "parallel_epochs" (every worker runs the whole pipeline) or "distributed_epoch"
@@ -64,6 +64,7 @@ class PipelineOptions:
     dct_scale: bool = True
     ram_budget_gb: float = 0.0
     private_threads: int = 0
+    autotune: bool = True
     data_service: str = ""
     data_service_mode: str = "parallel_epochs"
 
@@ -572,17 +573,24 @@ def has_augmentation_layers(model: keras.Model) -> bool:
                or (isinstance(layer, keras.Model) and has_augmentation_layers(layer)) for layer in model.layers)
 
 
-def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_threads: int = 0) -> tf.data.Options:
+def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_threads: int = 0,
+                    autotune: bool = True) -> tf.data.Options:
     """The tf.data options every dataset of make_dataset gets.
 
     Args:
         deterministic: keep element order fixed (slower: a slow element holds up the ones behind it).
         ram_budget_gb: memory AUTOTUNE may spend on buffers; 0 keeps TensorFlow's default (half the RAM).
         private_threads: threads of the pipeline's own pool; 0 picks default_private_threads().
+        autotune: tf.data's autotuning of the parallel calls and buffers. Without it each AUTOTUNE
+            parallelism is fixed at min(16, private_threads) and prefetch buffers still grow on demand
+            (TensorFlow's legacy prefetch autotuner). Off on hosts without an accelerator (run.py,
+            autotune_on_host): there the model is the slower side, and TensorFlow 2.21 makes deleting an
+            autotuned iterator wait for up to about 2.4 s (idle; measured at the end of each pass, 3-4 s of a
+            flowers_small run; docs/input-pipeline.md).
     """
     options = tf.data.Options()
     options.deterministic = deterministic
-    options.autotune.enabled = True
+    options.autotune.enabled = autotune
     if ram_budget_gb > 0:
         options.autotune.ram_budget = int(ram_budget_gb * 2**30)
     optimization = options.experimental_optimization
@@ -708,7 +716,8 @@ def _feed(dataset: tf.data.Dataset, options: PipelineOptions, *, training: bool,
     """The last steps of make_dataset: threading and memory options, the tf.data service (training with
     --data_service), prefetch."""
     dataset = dataset.with_options(
-        dataset_options(deterministic=ordered, ram_budget_gb=options.ram_budget_gb, private_threads=options.private_threads)
+        dataset_options(deterministic=ordered, ram_budget_gb=options.ram_budget_gb, private_threads=options.private_threads,
+                        autotune=options.autotune)
     )
     if training and options.data_service:
         # Everything above runs on the service's workers; only the finished batches travel here.

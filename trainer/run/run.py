@@ -171,7 +171,7 @@ def train_and_evaluate(
     if run.report_pending and not run.shares_phase1:  # the report makes a pass of its own, now
         with run.stopwatch.stage("data-quality report"):
             collector = quality.Collector.for_model(run.model, manifest=manifest, max_images=options.quality.max_images)
-            write_quality_report(options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
+            write_quality_report(run.options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
     reporter = training_log.EpochReporter(
         model_dir=options.model_dir, chief=run.chief,
         class_names=manifest["classes"] if run.loop_options.confusion_matrix_images else None,
@@ -188,7 +188,10 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
     if removed:
         logging.warning("removed %.0f MiB of cached features that an earlier run of this --model_dir left in %s "
                         "(it was stopped before it could delete them)", removed / 2**20, budget.spill_parent)
-    options = dataclasses.replace(options, schedule=dataclasses.replace(options.schedule, feature_cache=budget))
+    # On a host without an accelerator the pipelines run without tf.data's autotuning (data.dataset_options).
+    pipeline = dataclasses.replace(options.pipeline, autotune=data.has_accelerator(strategy))
+    options = dataclasses.replace(options, pipeline=pipeline,
+                                  schedule=dataclasses.replace(options.schedule, feature_cache=budget))
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(options.precision)
     loop_options = dataclasses.replace(options.loop, steps_per_epoch=options.loop.steps_per_epoch or max(

@@ -251,6 +251,7 @@ def test_options_reach_the_dataset(demo_data_dir):
     # By default the pipeline still gets a pool of its own, off TensorFlow's inter-op pool.
     assert training_dataset(demo_data_dir).options().threading.private_threadpool_size == data.default_private_threads()
     assert data.default_private_threads() >= 2
+    assert not training_dataset(demo_data_dir, autotune=False).options().autotune.enabled
 
 
 @pytest.mark.parametrize("cache", ["memory", "file"])

@@ -31,10 +31,16 @@ def tiny_options(demo_data_dir, model_dir) -> run.RunOptions:
     )
 
 
-def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path):
+def test_a_run_trains_each_phase_evaluates_and_exports(demo_data_dir, tmp_path, monkeypatch):
     options = tiny_options(demo_data_dir, tmp_path / "model")
     manifest = schema.read_manifest(str(demo_data_dir))
+    make_dataset, autotuned = data.make_dataset, []
+    monkeypatch.setattr(data, "make_dataset",
+                        lambda **kwargs: autotuned.append(kwargs["options"].autotune) or make_dataset(**kwargs))
     metrics = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
+    monkeypatch.undo()
+    # On a host without an accelerator every image pipeline of the run runs without tf.data's autotuning.
+    assert autotuned and not any(autotuned)
     assert metrics["evaluated_split"] == "test" and metrics["num_examples"] == manifest["splits"]["test"]["num_examples"]
     assert list(metrics["phases"]) == ["phase1", "phase2"]
     assert [(entry["epoch"], entry["phase"]) for entry in metrics["history"]] == [(1, "phase1"), (2, "phase1"), (3, "phase2")]
