@@ -12,6 +12,7 @@ signal, a crash of the interpreter) keep running the real command.
 """
 
 import contextlib
+import gc
 import importlib
 import io
 import json
@@ -52,6 +53,9 @@ def _run_once(entry_point, module: str, arguments: list[str]) -> dict:
     # Each run starts as a new process would: flags at their defaults, absl's start-up (which sets the log level
     # from the flags) done again.
     flags.FLAGS.unparse_flags()
+    # run() froze the heap (cli.frozen_heap): what the run before left is garbage to collect now.
+    gc.unfreeze()
+    gc.collect()
     if "keras" in sys.modules:  # no model, layer name or precision policy left from the run before
         sys.modules["keras"].backend.clear_session()
         sys.modules["keras"].mixed_precision.set_global_policy("float32")

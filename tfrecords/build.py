@@ -98,7 +98,7 @@ def main(argv: list) -> int:
 
 def run() -> None:
     """Entry point of `python -m tfrecords.build` and of the `tfrecords.build` console script."""
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.frozen_heap(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

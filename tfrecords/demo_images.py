@@ -125,4 +125,4 @@ if __name__ == "__main__":
     # Defined only when run as a program: tests import write_demo_images next to tfrecords.build,
     # whose --output_dir and --seed flags would otherwise clash with these.
     _define_flags()
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.frozen_heap(main), flags_parser=cli.parse_flags)

@@ -39,7 +39,7 @@ def main(argv: list) -> int:
 
 def run() -> None:
     """Entry point of `python -m tfrecords.verify`."""
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.frozen_heap(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

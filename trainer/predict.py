@@ -94,7 +94,7 @@ def main(argv: list[str]) -> None:
 
 def run() -> None:
     """Entry point of `python -m` and of the console script."""
-    app.run(main, flags_parser=cli.parse_flags)
+    app.run(cli.frozen_heap(main), flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

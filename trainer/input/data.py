@@ -583,10 +583,10 @@ def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_
         private_threads: threads of the pipeline's own pool; 0 picks default_private_threads().
         autotune: tf.data's autotuning of the parallel calls and buffers. Without it each AUTOTUNE
             parallelism is fixed at min(16, private_threads) and prefetch buffers still grow on demand
-            (TensorFlow's legacy prefetch autotuner). Off on hosts without an accelerator (run.py,
-            autotune_on_host): there the model is the slower side, and TensorFlow 2.21 makes deleting an
-            autotuned iterator wait for up to about 2.4 s (idle; measured at the end of each pass, 3-4 s of a
-            flowers_small run; docs/input-pipeline.md).
+            (TensorFlow's legacy prefetch autotuner). Off on hosts without an accelerator (trainer/run/run.py):
+            there the model is the slower side, and TensorFlow 2.21 makes deleting an autotuned iterator wait for
+            up to about 2.4 s (idle; measured at the end of each pass, 3-4 s of a flowers_small run;
+            docs/input-pipeline.md).
     """
     options = tf.data.Options()
     options.deterministic = deterministic
