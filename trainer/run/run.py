@@ -8,7 +8,6 @@ are its own module's small frozen dataclass (data.PipelineOptions, model.ModelSp
 # The options' fields are named after their modules (recipe: recipe.Recipe): annotations stay unevaluated.
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -141,7 +140,6 @@ class _Run:
     sample_pending: bool  # TensorBoard's augmented training images are still to be written (the chief, augmented)
     shares_phase1: bool  # ... from phase 1's feature pass (shares_phase1_pass)
     frozen_pass_ran: dict = dataclasses.field(default_factory=dict)  # lite_pass.describe of phase 1's pass, once run
-    quality_written: concurrent.futures.Future | None = None  # the data-quality report being written (the chief)
 
     @property
     def chief(self) -> bool:
@@ -173,8 +171,7 @@ def train_and_evaluate(
     if run.report_pending and not run.shares_phase1:  # the report makes a pass of its own, now
         with run.stopwatch.stage("data-quality report"):
             collector = quality.Collector.for_model(run.model, manifest=manifest, max_images=options.quality.max_images)
-            run.quality_written = write_quality_report(run.options, model=run.model, manifest=manifest,
-                                                       splits=run.splits, collector=collector)
+            write_quality_report(run.options, model=run.model, manifest=manifest, splits=run.splits, collector=collector)
     reporter = training_log.EpochReporter(
         model_dir=options.model_dir, chief=run.chief,
         class_names=manifest["classes"] if run.loop_options.confusion_matrix_images else None,
@@ -333,9 +330,8 @@ def _train_each_phase(run: _Run, *, reporter, shares_phase1: bool, phase_results
                     run.activations.seconds = 0.0
                 if collector is not None:
                     with run.stopwatch.stage("data-quality report"):
-                        run.quality_written = write_quality_report(
-                            options, model=model, manifest=run.manifest, splits=run.splits, collector=collector,
-                            feature_model=trained.pass_model)
+                        write_quality_report(options, model=model, manifest=run.manifest, splits=run.splits,
+                                             collector=collector, feature_model=trained.pass_model)
                     collector = None  # its arrays are not kept through training
                 with run.stopwatch.stage(f"{phase.name}: training and validation"):
                     result = loop.train_phase(
@@ -389,9 +385,6 @@ def _evaluate_and_export(run: _Run, *, phase_results: dict, history: list) -> di
     logging.info("%s accuracy %.4f, loss %.4f", eval_split, metrics["accuracy"], metrics["loss"])
     # Every worker logs this; under multi_worker they must agree (the tests compare them).
     logging.info("weights fingerprint %s", weights_fingerprint(model))
-    if run.quality_written is not None:
-        with run.stopwatch.stage("data-quality report"):
-            run.quality_written.result()  # written by now (raises what writing it raised)
     run.check_lock()
     with run.stopwatch.stage("export"):
         calibration_images = export.read_calibration_images(
@@ -420,11 +413,8 @@ def shares_phase1_pass(options: RunOptions, *, phases: list, strategy: tf.distri
 
 
 def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: dict, splits: data.DistributedSplits,
-                         collector: quality.Collector, feature_model: keras.Model | None = None) -> concurrent.futures.Future:
-    """The chief's data-quality report (quality.py): embeds the splits the collector lacks and scores the images here,
-    then writes the report on a thread of its own while the run goes on (reading the listed images back and drawing
-    the PNG took 2-2.5 s of a 40 s flowers_small run; training overlaps it). Returns that writing's future: its
-    result() is the one-line summary, or raises what the writing raised (the run waits for it before its export).
+                         collector: quality.Collector, feature_model: keras.Model | None = None) -> None:
+    """The chief's data-quality report (quality.py): embeds the splits the collector lacks, then writes it.
     feature_model: phase 1's pass model, when the collector came from that pass (its traced step is reused).
 
     One worker embeds them with the run's own strategy and pipelines; the chief of several (whose pipelines
@@ -444,20 +434,10 @@ def write_quality_report(options: RunOptions, *, model: keras.Model, manifest: d
                      time.perf_counter() - started)
     report = quality.make_report(collector=collector, data_dir=options.data_dir, manifest=manifest,
                                  options=options.quality)
-
-    def write() -> str:
-        started = time.perf_counter()
-        summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
-                                       manifest=manifest, image_size=options.model.image_size)
-        logging.info("data-quality report: written with its PNG in %.1fs, while training; %s",
-                     time.perf_counter() - started, summary)
-        return summary
-
-    writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="data_quality_report")
-    try:
-        return writer.submit(write)
-    finally:
-        writer.shutdown(wait=False)  # its thread ends with its one task (and the interpreter waits for it at exit)
+    started = time.perf_counter()
+    summary = quality.write_report(quality=report, output_dir=options.model_dir, data_dir=options.data_dir,
+                                   manifest=manifest, image_size=options.model.image_size)
+    logging.info("data-quality report: written with its PNG in %.1fs; %s", time.perf_counter() - started, summary)
 
 
 def write_reports(options: RunOptions, *, model: keras.Model, manifest: dict, metrics: dict,

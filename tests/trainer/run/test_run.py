@@ -16,7 +16,6 @@ from trainer.input import data
 from trainer.models import classifier
 from trainer.reports import evaluation
 from trainer.reports import model_card
-from trainer.reports import quality
 from trainer.run import run
 
 
@@ -96,20 +95,6 @@ def test_without_phase1s_pass_the_augmented_sample_is_read_on_its_own(demo_data_
                                                                          fine_tune_epochs=0))
     run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=schema.read_manifest(str(demo_data_dir)))
     assert augmented_image_summaries(tmp_path / "model") == [8]
-
-
-def test_a_failure_writing_the_data_quality_report_fails_the_run_before_its_metrics(demo_data_dir, tmp_path,
-                                                                                      monkeypatch):
-    # The report is written on a thread of its own while training goes on: what it raised is raised by the run.
-    def no_space(**_):
-        raise OSError("No space left on device")
-
-    monkeypatch.setattr(quality, "write_report", no_space)
-    options = tiny_options(demo_data_dir, tmp_path / "model")
-    with pytest.raises(OSError, match="No space left on device"):
-        run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(),
-                               manifest=schema.read_manifest(str(demo_data_dir)))
-    assert not (tmp_path / "model" / run.METRICS_FILE).exists()
 
 
 def test_options_check_their_flags_and_the_identity_names_the_model(demo_data_dir, tmp_path):
