@@ -204,7 +204,9 @@ flags.DEFINE_float("crop_min_area", 0.25, "Smallest share of an image a random t
 flags.DEFINE_bool("deterministic", False, "Fixed element order in training (slower); with --seed, runs repeat exactly.")
 flags.DEFINE_string("cache", "", "Cache the encoded examples: '' (none), 'memory', or a local folder for cache files.")
 flags.DEFINE_float(
-    "autotune_ram_budget_gb", 0.0, "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM)."
+    "autotune_ram_budget_gb", 0.0,
+    "RAM tf.data AUTOTUNE may use for buffers; 0 = TensorFlow's default (half the RAM). With a GPU or TPU only: on "
+    "hosts without one the pipelines run without autotuning (docs/input-pipeline.md).",
 )
 flags.DEFINE_integer(
     "data_threads", 0, "Threads of the input pipeline's own tf.data thread pool; 0 = two per available core."
