@@ -6,8 +6,9 @@ Without --split it evaluates the split training reports: test when the data has 
 Loads <model_dir>/model.keras, streams the split once (central crops, as in training's evaluation), and writes
 into --output_dir (default <model_dir>/evaluation_<split>): evaluation.json (accuracy, top-k accuracy,
 per-class precision/recall/F1, macro and weighted averages, confusion matrix), evaluation.txt (the same as a
-table, also printed), confusion_matrix.png and errors.png (the most confident misclassifications). When
-<model_dir>/history.json exists it also writes <model_dir>/learning_curves.png. Paths may be local or gs://.
+table, also printed), confusion_matrix.png and errors.png (the most confident misclassifications), and when
+<model_dir>/history.json exists learning_curves.png. Nothing is written into --model_dir itself (it may be a
+finished run's, or read-only). Paths may be local or gs://.
 The work is trainer/reports/evaluation.py's; this module reads the flags.
 """
 
@@ -69,7 +70,7 @@ def main(argv: list[str]) -> None:
                 output_dir=output_dir,
                 max_error_images=FLAGS.max_error_images,
             )
-        learning_curves = evaluation.write_learning_curves(FLAGS.model_dir)
+        learning_curves = evaluation.write_learning_curves(FLAGS.model_dir, output_dir=output_dir)
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

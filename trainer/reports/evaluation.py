@@ -61,7 +61,7 @@ def evaluate_model(
     collector = ReportCollector(num_classes=len(class_names), top_k=top_k, max_error_images=max_error_images)
     dataset = data.make_dataset(
         data_dir=data_dir, manifest=manifest, split=split, image_size=image_size, batch_size=batch_size,
-        training=False,
+        training=False, options=data.standalone_options(),
     )
     # One trace: every batch has the same shape (the last one is padded).
     predict = tf.function(lambda images: model(images, training=False))
@@ -110,8 +110,8 @@ def write_report(collector: ReportCollector, *, split: str, data_dir: str, class
     return result
 
 
-def write_learning_curves(model_dir: str) -> str | None:
-    """Plots <model_dir>/history.json into <model_dir>/learning_curves.png.
+def write_learning_curves(model_dir: str, output_dir: str | None = None) -> str | None:
+    """Plots <model_dir>/history.json into <output_dir>/learning_curves.png (output_dir: default model_dir).
 
     Returns:
         The PNG's path, or None when the model_dir has no (or an empty) history.
@@ -123,7 +123,7 @@ def write_learning_curves(model_dir: str) -> str | None:
         history = json.load(file)
     if not history:
         return None
-    path = tf.io.gfile.join(model_dir, LEARNING_CURVES_PNG)
+    path = tf.io.gfile.join(output_dir or model_dir, LEARNING_CURVES_PNG)
     metrics.plot_learning_curves(history=history, path=path)
     return path
 

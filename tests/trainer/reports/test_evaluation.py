@@ -133,7 +133,11 @@ def test_cli_writes_report_and_plots(tiny_model, demo_data_dir, manifest, tmp_pa
     for name in REPORT_FILES:
         assert (output_dir / name).exists()
         assert f"wrote {output_dir / name}" in result.stdout
-    assert (model_dir / evaluation.LEARNING_CURVES_PNG).exists()
+    # Into --output_dir with the rest: the run's own folder is left as the run wrote it.
+    assert (output_dir / evaluation.LEARNING_CURVES_PNG).exists()
+    assert f"wrote {output_dir / evaluation.LEARNING_CURVES_PNG}" in result.stdout
+    assert sorted(path.name for path in model_dir.iterdir()) == sorted(
+        [export.KERAS_MODEL_FILE, training_log.HISTORY_FILE, "evaluation_test"])
     assert "top-2 accuracy" in result.stdout and all(name in result.stdout for name in manifest["classes"])
     report = json.loads((output_dir / evaluation.EVALUATION_JSON).read_text())
     assert report["num_examples"] == manifest["splits"]["test"]["num_examples"]
