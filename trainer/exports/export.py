@@ -157,7 +157,7 @@ def read_calibration_images(*, data_dir: str, manifest: dict, image_size: int, c
     split are a sample of every class, not the first class's.
     """
     dataset = data.make_dataset(data_dir=data_dir, manifest=manifest, split="train", image_size=image_size,
-                                batch_size=min(count, 64), training=False)
+                                batch_size=min(count, 64), training=False, options=data.standalone_options())
     images = []
     for batch, _, weights in dataset:
         images.extend(batch.numpy()[weights.numpy() > 0])

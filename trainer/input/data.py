@@ -135,6 +135,12 @@ def has_accelerator(strategy: tf.distribute.Strategy) -> bool:
     return any("GPU" in device.upper() or "TPU" in device.upper() for device in devices)
 
 
+def standalone_options() -> PipelineOptions:
+    """The PipelineOptions of a pass outside a training run (trainer.evaluate, trainer.data_quality, the int8 export's
+    calibration images): the defaults, with tf.data's autotuning only where an accelerator waits (dataset_options)."""
+    return PipelineOptions(autotune=has_accelerator(tf.distribute.get_strategy()))
+
+
 def check_data(data_dir: str, manifest: dict) -> None:
     """Checks cheaply (no shard is read) that data_dir holds what its manifest says.
 

@@ -257,7 +257,7 @@ def make_folder_report(*, model: keras.Model, data_dir: str, manifest: dict, ima
     collector = Collector.for_model(model, manifest=manifest, max_images=options.max_images)
     splits = data.DistributedSplits(
         strategy=tf.distribute.get_strategy(), data_dir=data_dir, manifest=manifest, image_size=image_size,
-        batch_size=options.batch_size, options=data.PipelineOptions(),
+        batch_size=options.batch_size, options=data.standalone_options(),
     )
     embed_splits(model=model, splits=splits, collector=collector, names=collector.missing_splits())
     return make_report(collector=collector, data_dir=data_dir, manifest=manifest, options=options)

@@ -252,6 +252,8 @@ def test_options_reach_the_dataset(demo_data_dir):
     assert training_dataset(demo_data_dir).options().threading.private_threadpool_size == data.default_private_threads()
     assert data.default_private_threads() >= 2
     assert not training_dataset(demo_data_dir, autotune=False).options().autotune.enabled
+    # Outside a run (trainer.evaluate, ...) too: autotuning only where an accelerator waits; this host has none.
+    assert data.standalone_options() == data.PipelineOptions(autotune=False)
 
 
 @pytest.mark.parametrize("cache", ["memory", "file"])
