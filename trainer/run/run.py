@@ -222,7 +222,9 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
         phases=phases, phase2_cache=decision,
         activations=activations_lib.ActivationCache(decision.cut) if decision.cut else None, frozen_pass=frozen_pass,
         report_pending=report_pending, shares_phase1=shares_phase1, device_augmentation=device_augmentation,
-        sample_pending=distribute.is_chief(strategy) and options.augmented,
+        # Once per model_dir: a resumed run (its first phase has a checkpoint) wrote its sample before.
+        sample_pending=(distribute.is_chief(strategy) and options.augmented
+                        and not (phases and checkpoints.epochs_done(options.model_dir, phases[0].name))),
     )
 
 

@@ -97,6 +97,17 @@ def test_without_phase1s_pass_the_augmented_sample_is_read_on_its_own(demo_data_
     assert augmented_image_summaries(tmp_path / "model") == [8]
 
 
+def test_a_resumed_run_does_not_write_the_augmented_sample_again(demo_data_dir, tmp_path):
+    options = tiny_options(demo_data_dir, tmp_path / "model")
+    manifest = schema.read_manifest(str(demo_data_dir))
+    # Phase 1 only, then the same model_dir with a phase 2 more (as a run stopped after phase 1 resumes).
+    first = dataclasses.replace(options, schedule=dataclasses.replace(options.schedule, fine_tune_epochs=0))
+    run.train_and_evaluate(first, strategy=tf.distribute.get_strategy(), manifest=manifest)
+    metrics = run.train_and_evaluate(options, strategy=tf.distribute.get_strategy(), manifest=manifest)
+    assert [entry["phase"] for entry in metrics["history"]] == ["phase1", "phase1", "phase2"]
+    assert augmented_image_summaries(tmp_path / "model") == [8]
+
+
 def test_options_check_their_flags_and_the_identity_names_the_model(demo_data_dir, tmp_path):
     options = tiny_options(demo_data_dir, tmp_path / "model")
     with pytest.raises(ValueError, match="--precision 'float16' is not one of"):
