@@ -14,7 +14,8 @@ written to disk; kept in memory), checked against Keras on CHECK_IMAGES random i
 TOLERANCE of their scale, else the run goes on with Keras and says why), and then runs every batch of the pass.
 plan() decides which engine runs: auto picks LiteRT on a CPU host when the pass has enough views to repay the
 conversion (MIN_VIEWS, measured in docs/training.md); keras and litert force either (litert still falls back to
-Keras, with a warning, where it cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 was done) runs in Keras.
+Keras, with a warning, where it cannot run or does not agree). Phase 2's own pass (a resumed run whose phase 1 was
+done) runs in Keras.
 """
 
 import dataclasses

@@ -78,6 +78,10 @@ class PipelineOptions:
         if self.shuffle_buffer < 1:
             raise ValueError(f"--shuffle_buffer {self.shuffle_buffer} must be at least 1")
 
+    def for_host(self, strategy: tf.distribute.Strategy) -> "PipelineOptions":
+        """These options with tf.data's autotuning on only where the strategy runs on GPUs or TPUs (dataset_options)."""
+        return dataclasses.replace(self, autotune=has_accelerator(strategy))
+
     @property
     def augments(self) -> bool:
         """True when the decode itself augments (random crops or flips)."""
@@ -137,8 +141,8 @@ def has_accelerator(strategy: tf.distribute.Strategy) -> bool:
 
 def standalone_options() -> PipelineOptions:
     """The PipelineOptions of a pass outside a training run (trainer.evaluate, trainer.data_quality, the int8 export's
-    calibration images): the defaults, with tf.data's autotuning only where an accelerator waits (dataset_options)."""
-    return PipelineOptions(autotune=has_accelerator(tf.distribute.get_strategy()))
+    calibration images): the defaults, for this host (PipelineOptions.for_host)."""
+    return PipelineOptions().for_host(tf.distribute.get_strategy())
 
 
 def check_data(data_dir: str, manifest: dict) -> None:
@@ -589,7 +593,7 @@ def dataset_options(*, deterministic: bool, ram_budget_gb: float = 0.0, private_
         private_threads: threads of the pipeline's own pool; 0 picks default_private_threads().
         autotune: tf.data's autotuning of the parallel calls and buffers. Without it each AUTOTUNE
             parallelism is fixed at min(16, private_threads) and prefetch buffers still grow on demand
-            (TensorFlow's legacy prefetch autotuner). Off on hosts without an accelerator (trainer/run/run.py):
+            (TensorFlow's legacy prefetch autotuner). Off on hosts without an accelerator (for_host):
             there the model is the slower side, and TensorFlow 2.21 makes deleting an autotuned iterator wait for
             up to about 2.4 s (idle; measured at the end of each pass, 3-4 s of a flowers_small run;
             docs/input-pipeline.md).

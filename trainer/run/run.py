@@ -188,9 +188,7 @@ def _set_up(options: RunOptions, *, strategy, manifest: dict, stopwatch, lock) -
     if removed:
         logging.warning("removed %.0f MiB of cached features that an earlier run of this --model_dir left in %s "
                         "(it was stopped before it could delete them)", removed / 2**20, budget.spill_parent)
-    # On a host without an accelerator the pipelines run without tf.data's autotuning (data.dataset_options).
-    pipeline = dataclasses.replace(options.pipeline, autotune=data.has_accelerator(strategy))
-    options = dataclasses.replace(options, pipeline=pipeline,
+    options = dataclasses.replace(options, pipeline=options.pipeline.for_host(strategy),
                                   schedule=dataclasses.replace(options.schedule, feature_cache=budget))
     keras.utils.set_random_seed(options.seed)
     keras.mixed_precision.set_global_policy(options.precision)
