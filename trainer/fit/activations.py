@@ -78,8 +78,12 @@ class Cut:
 
 
 def _graph_nodes(model: keras.Model) -> dict:
-    """{layer: its node in model's graph} (a layer called elsewhere too has other nodes, not of this graph)."""
-    in_graph = {node for nodes in model._nodes_by_depth.values() for node in nodes}
+    """{layer: its node in model's graph} (a layer called elsewhere too has other nodes, not of this graph); {} for a
+    model without a graph of layers (then boundaries finds none)."""
+    graph = getattr(model, "_functional", None) or model  # a keras.Sequential keeps its graph in a Functional
+    if not hasattr(graph, "_nodes_by_depth"):
+        return {}
+    in_graph = {node for nodes in graph._nodes_by_depth.values() for node in nodes}
     return {node.operation: node for node in in_graph}
 
 

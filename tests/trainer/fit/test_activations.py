@@ -285,3 +285,18 @@ def test_a_backbone_with_operations_outside_layers_is_not_cut_and_says_why(tmp_p
     decided = activations.plan(build(path), mode="always", fine_tune_at="-1", image_size=IMAGE_SIZE, rows=10,
                                budget=features.CacheBudget())
     assert decided.cut is None and "cannot be cut" in decided.reason and "outside layers" in decided.reason
+
+
+def test_a_sequential_backbone_file_does_not_break_the_plan(tmp_path):
+    """Fault injection: a backbone saved as a keras.Sequential (benchmarks/scale.py's) crashed every default run in
+    the plan (AttributeError: 'Sequential' object has no attribute '_nodes_by_depth'); phase 2 then trains on images."""
+    path = str(tmp_path / "sequential.keras")
+    keras.Sequential([
+        keras.Input((None, None, 3)),
+        keras.layers.Conv2D(8, 3, strides=2, name="stem"),
+        keras.layers.Conv2D(16, 1, name="top_conv"),
+    ], name="sequential_backbone").save(path)
+    for mode in ("auto", "always"):
+        decided = activations.plan(build(path), mode=mode, fine_tune_at="-1", image_size=IMAGE_SIZE, rows=10,
+                                   budget=features.CacheBudget())
+        assert decided.cut is None and "cannot be cut" in decided.reason
